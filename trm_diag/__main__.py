@@ -1,0 +1,3 @@
+from trm_diag.cli import main
+
+main()

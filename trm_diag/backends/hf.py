@@ -1,0 +1,216 @@
+"""Hugging Face transformers backend: sampling loop with KV cache and teacher-forced scoring.
+
+Why a hand-written sampling loop instead of ``model.generate``: generate merges the
+checkpoint's generation_config (top_k=50, repetition penalties, suppressed tokens ...)
+into the sampler, so the distribution actually sampled from is hard to pin down. Here
+every step samples from :func:`processed_logprobs` and records the sampled token's
+log-prob at that decode step, which is exactly what an RL pipeline's engine reports.
+
+Scoring runs the decoder once per batch and applies the output projection lazily, in
+row chunks, to the response positions only: [T, V] logits are never materialised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from trm_diag.backends.base import Progress, Rollout, no_progress
+from trm_diag.checkpoint import check_checkpoint
+from trm_diag.config import BackendSpec, SamplingConfig
+from trm_diag.errors import BackendFailure, ModelError, UsageError
+from trm_diag.sampling import processed_logprobs
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for src in (gen_eos, model.config.get_text_config().eos_token_id, tokenizer.eos_token_id):
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, (list, tuple)):
+            ids.update(int(x) for x in src)
+    return ids
+
+
+@dataclass
+class HiddenRows:
+    """Response hidden states [T, H]; rows() applies the head and the sampling processing."""
+
+    hidden: torch.Tensor  # (T, H)
+    backend: HFBackend
+    sampling: SamplingConfig
+
+    @property
+    def length(self) -> int:
+        return int(self.hidden.shape[0])
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        with torch.inference_mode():
+            logits = self.backend.logits_from_hidden(self.hidden[start:stop])  # (n, V)
+            return processed_logprobs(logits, self.sampling)
+
+
+class HFBackend:
+    """transformers AutoModelForCausalLM; spec keys: model, dtype, attn, device, batch_size, seed."""
+
+    name = "hf"
+
+    def __init__(self, spec: BackendSpec, *, trust_remote_code: bool = False, allow_pickle: bool = False):
+        if not spec.model:
+            raise UsageError("no model given for the hf backend", "pass --model PATH or model=PATH in the spec")
+        self.spec = spec
+        self.model_path = spec.model
+        self.config_dict = check_checkpoint(spec.model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        device = spec.options.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        kwargs: dict[str, Any] = {
+            "dtype": TORCH_DTYPES.get(spec.dtype, "auto"),
+            "trust_remote_code": trust_remote_code,
+            "use_safetensors": None if allow_pickle else True,
+        }
+        if "attn" in spec.options:
+            kwargs["attn_implementation"] = spec.options["attn"]
+        if device == "auto":
+            kwargs["device_map"] = "auto"
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(spec.model, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(spec.model, **kwargs)
+        except (OSError, ValueError, ImportError, KeyError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(
+                f"transformers could not load '{spec.model}': {first}", "check the folder and the spec keys"
+            ) from None
+        if device != "auto":
+            model = model.to(device)
+        model.eval()
+        self.model = model
+        self.device = next(model.parameters()).device
+        text_cfg = model.config.get_text_config()
+        self.vocab_width = int(text_cfg.vocab_size)
+        self.batch_size = spec.get_int("batch_size", 8)
+        self.seed_override = spec.options.get("seed")
+        self.eos_ids = _eos_ids(model, self.tokenizer)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else (min(self.eos_ids) if self.eos_ids else 0))
+        self._decoder = getattr(model, model.base_model_prefix, None)
+        self._head = model.get_output_embeddings()
+        if self._decoder is None or self._head is None:
+            raise ModelError(
+                f"'{spec.model}' is not a causal LM with a separate output head", "use a *ForCausalLM checkpoint"
+            )
+        # Final logit transforms some architectures apply after the head (kept explicit).
+        self._softcap = getattr(text_cfg, "final_logit_softcapping", None)
+        self._logit_scale = getattr(text_cfg, "logit_scale", None)
+        self._logits_scaling = getattr(text_cfg, "logits_scaling", None)
+        self.description = spec.describe()
+
+    # ------------------------------------------------------------------ helpers
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [n, V] from final hidden states [n, H], cut to config.vocab_size columns."""
+        logits = self._head(hidden)
+        if self._logit_scale:
+            logits = logits * self._logit_scale
+        if self._logits_scaling:
+            logits = logits / self._logits_scaling
+        if self._softcap:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        return logits[..., : self.vocab_width]
+
+    def _seed(self, sampling: SamplingConfig) -> int:
+        return int(self.seed_override) if self.seed_override is not None else sampling.seed
+
+    # ------------------------------------------------------------------ generate
+    def generate(
+        self, prompts: Sequence[list[int]], sampling: SamplingConfig, progress: Progress = no_progress
+    ) -> list[Rollout]:
+        jobs = [(pi, si) for pi in range(len(prompts)) for si in range(sampling.samples_per_prompt)]
+        gen = torch.Generator(device=self.device).manual_seed(self._seed(sampling))
+        out: list[Rollout] = []
+        for s in range(0, len(jobs), self.batch_size):
+            chunk = jobs[s : s + self.batch_size]
+            ids, lps, reasons = self._generate_batch([prompts[pi] for pi, _ in chunk], sampling, gen)
+            for (pi, si), resp, lp, why in zip(chunk, ids, lps, reasons):
+                out.append(Rollout(len(out), pi, si, list(prompts[pi]), resp, lp, why))
+            progress(len(chunk))
+        return out
+
+    @torch.inference_mode()
+    def _generate_batch(
+        self, prompts: list[list[int]], sampling: SamplingConfig, gen: torch.Generator
+    ) -> tuple[list[list[int]], list[list[float]], list[str]]:
+        b, width = len(prompts), max(len(p) for p in prompts)
+        ids = torch.full((b, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((b, width), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        resp: list[list[int]] = [[] for _ in range(b)]
+        lps: list[list[float]] = [[] for _ in range(b)]
+        done = [False] * b
+        for step in range(sampling.max_new_tokens):
+            logits = out.logits[:, -1, : self.vocab_width]  # forward() already applied softcap/scales
+            logp = processed_logprobs(logits, sampling)  # (B, V)
+            if not torch.isfinite(logp).any(dim=-1).all():
+                raise BackendFailure("the hf backend produced NaN logits while generating", "try dtype=float32")
+            if sampling.greedy:
+                tok = logp.argmax(dim=-1)
+            else:
+                tok = torch.multinomial(logp.exp(), 1, generator=gen).squeeze(-1)
+            lp = logp.gather(-1, tok[:, None]).squeeze(-1)
+            tok_l, lp_l = tok.tolist(), lp.tolist()
+            for i in range(b):
+                if not done[i]:
+                    resp[i].append(tok_l[i])
+                    lps[i].append(lp_l[i])
+                    done[i] = tok_l[i] in self.eos_ids
+            if all(done) or step == sampling.max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones((b, 1))], dim=-1)
+            pos = pos[:, -1:] + 1
+            out = self.model(
+                input_ids=tok[:, None],
+                attention_mask=mask,
+                position_ids=pos,
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
+        reasons = ["stop" if d else "length" for d in done]
+        return resp, lps, reasons
+
+    # ------------------------------------------------------------------ score
+    def score(self, seqs: Sequence[tuple[list[int], list[int]]], sampling: SamplingConfig) -> list[HiddenRows]:
+        rows: list[HiddenRows] = []
+        for s in range(0, len(seqs), self.batch_size):
+            rows.extend(self._score_batch(seqs[s : s + self.batch_size], sampling))
+        return rows
+
+    @torch.inference_mode()
+    def _score_batch(self, seqs: Sequence[tuple[list[int], list[int]]], sampling: SamplingConfig) -> list[HiddenRows]:
+        full = [list(p) + list(r) for p, r in seqs]
+        b, width = len(full), max(len(x) for x in full)
+        ids = torch.full((b, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((b, width), dtype=torch.long)
+        for i, x in enumerate(full):  # right padding: pads never precede a scored position
+            ids[i, : len(x)] = torch.tensor(x)
+            mask[i, : len(x)] = 1
+        hidden = self._decoder(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+        out = []
+        for i, (p, r) in enumerate(seqs):
+            # hidden state at position j predicts token j+1: response token t uses len(p)-1+t
+            out.append(HiddenRows(hidden[i, len(p) - 1 : len(p) - 1 + len(r)], self, sampling))
+        return out
+
+    def close(self) -> None:
+        self.model = None
+        self._decoder = None
+        self._head = None

@@ -1,0 +1,204 @@
+"""trm-diag command line: parse options, call the core, render. No math here.
+
+Heavy modules (torch, transformers, vllm, pandas) are imported inside the commands that
+need them, so `trm-diag --help`, `bounds` and `gate` start fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+
+from trm_diag.errors import ExitCode, TrmDiagError, UsageError
+
+app = typer.Typer(
+    name="trm-diag",
+    help=(
+        "Audit the mismatch between the policy that samples rollouts (pi_roll) and the policy "
+        "that is trained (pi_theta), with the bounds and masks of Trust Region Masking "
+        "(arXiv 2512.23075)."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out_console = Console()  # data
+err_console = Console(stderr=True)  # progress, tables, messages
+
+SAMPLE_HELP = "Default: the bundled sample."
+
+
+def _horizons(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(float(x)) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UsageError(
+            f"--horizons '{text}' is not a list of integers", "write e.g. --horizons 256,1024,4096"
+        ) from None
+    if not values or any(v < 1 for v in values):
+        raise UsageError(f"--horizons '{text}' must hold positive integers", "write e.g. --horizons 256,1024,4096")
+    return values
+
+
+class RichReporter:
+    """Progress bars and warnings on stderr for the pipeline."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+
+    @contextmanager
+    def phase(self, name: str, total: int):
+        if self.quiet:
+            yield lambda n: None
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err_console,
+            transient=False,
+        ) as progress:
+            task = progress.add_task(name, total=total)
+            yield lambda n: progress.advance(task, n)
+
+    def warn(self, message: str) -> None:
+        err_console.print(f"[yellow]warning:[/yellow] {message}")
+
+
+# ------------------------------------------------------------------ compare
+@app.command()
+def compare(
+    model: Annotated[
+        str, typer.Option(help="Model folder for both sides (a spec's model=PATH overrides one side). " + SAMPLE_HELP)
+    ] = "",
+    prompts: Annotated[
+        str, typer.Option(help="Prompt file: .jsonl ('prompt' or 'messages'), .parquet or .txt. " + SAMPLE_HELP)
+    ] = "",
+    rollout: Annotated[
+        str, typer.Option(help="Rollout backend spec, e.g. 'hf:dtype=bfloat16,attn=sdpa'.")
+    ] = "hf:dtype=bfloat16",
+    train: Annotated[
+        str, typer.Option(help="Training backend spec, e.g. 'hf:dtype=float32,attn=eager'.")
+    ] = "hf:dtype=float32",
+    out: Annotated[str, typer.Option(help="Report folder.")] = "trm-report",
+    overwrite: Annotated[bool, typer.Option(help="Replace a report already in --out.")] = False,
+    num_prompts: Annotated[int | None, typer.Option(help="Use only the first N prompts.")] = None,
+    samples: Annotated[int, typer.Option(help="Responses sampled per prompt.")] = 1,
+    max_new_tokens: Annotated[int, typer.Option(help="Maximum response length.")] = 96,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling (1 = off).")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Top-k sampling (0 = off).")] = 0,
+    min_p: Annotated[float, typer.Option(help="Min-p sampling (0 = off).")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    trm_max: Annotated[float, typer.Option(help="TRM-Max threshold on max_t KL (paper: 0.05).")] = 0.05,
+    trm_avg: Annotated[float, typer.Option(help="TRM-Avg threshold on mean_t KL (paper: 0.001).")] = 0.001,
+    ln_trm: Annotated[float, typer.Option(help="LN-TRM threshold on the weighted mean of |rho-1|.")] = 0.05,
+    ser: Annotated[float, typer.Option(help="SER threshold on mean_t |rho-1| (suggested 0.03-0.10).")] = 0.05,
+    dppo_tv: Annotated[float, typer.Option(help="DPPO binary-TV token threshold (paper: 0.2).")] = 0.2,
+    dppo_kl: Annotated[float, typer.Option(help="DPPO binary-KL token threshold (paper: 0.05).")] = 0.05,
+    horizons: Annotated[
+        str, typer.Option(help="Horizons T for bounds.parquet (the observed max length is added).")
+    ] = "1024,4096,16384",
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow checkpoints that ship their own model code.")] = False,
+    allow_pickle: Annotated[
+        bool, typer.Option(help="Allow pickle (.bin) weights; safetensors only by default.")
+    ] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print summary.json to stdout instead of tables.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Generate rollouts with one backend, rescore the same tokens with another, and write a report.
+
+    Writes tokens.parquet, sequences.parquet, bounds.parquet and summary.json to --out.
+    Example: trm-diag compare --model ./Qwen3-8B --rollout hf:dtype=bfloat16 --train hf:dtype=float32
+    """
+    from trm_diag.backends import parse_spec
+    from trm_diag.config import SamplingConfig, Thresholds
+    from trm_diag.pipeline import DEFAULT_MODEL, DEFAULT_PROMPTS, CompareConfig, run_compare
+
+    cfg = CompareConfig(
+        rollout=parse_spec(rollout),
+        train=parse_spec(train),
+        model=model or str(DEFAULT_MODEL),
+        prompts=prompts or str(DEFAULT_PROMPTS),
+        out=out,
+        sampling=SamplingConfig(temperature, top_p, top_k, min_p, max_new_tokens, samples, seed),
+        thresholds=Thresholds(trm_max, trm_avg, ln_trm, trm_max, ser, dppo_tv, dppo_kl),
+        num_prompts=num_prompts,
+        overwrite=overwrite,
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+        horizons=_horizons(horizons),
+    )
+    if num_prompts is not None and num_prompts < 1:
+        raise UsageError(f"--num-prompts {num_prompts} must be >= 1", "use a positive integer")
+    result = run_compare(cfg, RichReporter(quiet or json_out))
+    if json_out:
+        from trm_diag.report import to_json
+
+        print(to_json(result.summary))
+        return
+    from trm_diag.summary import render_compare
+
+    render_compare(err_console, result.summary)
+    err_console.print(f"report written to [bold]{result.out_dir}/[/bold]")
+
+
+# ------------------------------------------------------------------ bounds
+@app.command()
+def bounds(
+    delta: Annotated[float | None, typer.Option(help="D_KL^{tok,max}: max token-level KL(p||q).")] = None,
+    eps: Annotated[
+        float | None, typer.Option(help="D_TV^{tok,max}: max token-level TV (default: Pinsker sqrt(delta/2)).")
+    ] = None,
+    kl_seq: Annotated[float | None, typer.Option(help="D_KL^seq: sequence-level KL (used at every T).")] = None,
+    tv_seq: Annotated[
+        float | None, typer.Option(help="D_TV^seq: sequence-level TV (default: Pinsker from --kl-seq).")
+    ] = None,
+    kl_rate: Annotated[float | None, typer.Option(help="Mean per-token KL: models D_KL^seq(T) = T * rate.")] = None,
+    report: Annotated[
+        str | None, typer.Option(help="Measured mode: read the inputs from a compare report folder.")
+    ] = None,
+    horizons: Annotated[str, typer.Option(help="Comma-separated horizons T.")] = "256,1024,4096,16384",
+    budget: Annotated[float | None, typer.Option(help="Inverse view: largest delta with B* <= budget, per T.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON to stdout.")] = False,
+    plot: Annotated[
+        str | None, typer.Option(help="Write a log-log plot of the bounds versus T (needs matplotlib).")
+    ] = None,
+) -> None:
+    """Tables of every bound of the paper versus horizon T, from parameters or from a report.
+
+    Example (the paper's table): trm-diag bounds --delta 1e-4 --eps 5e-3 --kl-seq 0.01 --tv-seq 0.05 --horizons 4096
+    """
+    from trm_diag.bounds_command import run_bounds
+
+    run_bounds(
+        delta=delta, eps=eps, kl_seq=kl_seq, tv_seq=tv_seq, kl_rate=kl_rate, report=report,
+        horizons=_horizons(horizons), budget=budget, json_out=json_out, plot=plot,
+        out_console=out_console, err_console=err_console,
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app, turn TrmDiagError into one line and its exit code."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except TrmDiagError as e:
+        err_console.print(f"[bold red]error:[/bold red] {e.one_line()}", highlight=False, soft_wrap=True)
+        sys.exit(int(e.exit_code))
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        err_console.print("[red]interrupted[/red]")
+        sys.exit(130)
+    except click.ClickException as e:  # bad options arrive here in non-standalone mode
+        e.show(file=sys.stderr)
+        sys.exit(int(ExitCode.USAGE))
+    sys.exit(0)

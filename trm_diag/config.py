@@ -1,0 +1,189 @@
+"""Configuration dataclasses: backend specs, sampling settings and masking thresholds.
+
+Everything here is plain data, validated in ``__post_init__`` with one-line errors,
+and serialised into the report metadata with :func:`as_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trm_diag.errors import UsageError
+
+# Keys every backend understands; each backend adds its own (see backends/__init__.py).
+COMMON_KEYS = ("model", "dtype", "batch_size", "seed")
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """One side of a comparison: ``name:key=value,key=value`` (e.g. ``hf:dtype=bfloat16``)."""
+
+    name: str
+    options: dict[str, str] = field(default_factory=dict)
+    text: str = ""
+
+    @property
+    def model(self) -> str | None:
+        return self.options.get("model")
+
+    @property
+    def dtype(self) -> str:
+        return self.options.get("dtype", "float32")
+
+    def get_int(self, key: str, default: int) -> int:
+        raw = self.options.get(key)
+        if raw is None:
+            return default
+        try:
+            return int(raw)
+        except ValueError:
+            raise UsageError(
+                f"backend spec '{self.text}': {key}={raw} is not an integer",
+                f"write {key}=<integer>",
+            ) from None
+
+    def get_bool(self, key: str, default: bool) -> bool:
+        raw = self.options.get(key)
+        if raw is None:
+            return default
+        low = raw.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise UsageError(
+            f"backend spec '{self.text}': {key}={raw} is not a boolean", f"write {key}=true or {key}=false"
+        )
+
+    def with_model(self, model: str) -> BackendSpec:
+        """This spec with ``model`` filled in, unless the spec already names one."""
+        if self.model:
+            return self
+        opts = {"model": model, **self.options}
+        return BackendSpec(self.name, opts, self.text)
+
+    def describe(self) -> str:
+        """Canonical text form, as recorded in reports."""
+        if not self.options:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={v}" for k, v in self.options.items())
+
+
+def parse_backend_spec(text: str, known: dict[str, tuple[str, ...]]) -> BackendSpec:
+    """Parse ``name[:k=v,...]``; ``known`` maps backend name -> accepted keys."""
+    text = text.strip()
+    name, _, rest = text.partition(":")
+    name = name.strip().lower()
+    if name not in known:
+        raise UsageError(f"unknown backend '{name}' in spec '{text}'", f"use one of: {', '.join(sorted(known))}")
+    options: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if not eq or not key or not value:
+            raise UsageError(
+                f"backend spec '{text}': '{part}' is not key=value", "write e.g. hf:dtype=bfloat16,attn=sdpa"
+            )
+        accepted = known[name]
+        if key not in accepted and not any(a.endswith(".*") and key.startswith(a[:-1]) for a in accepted):
+            raise UsageError(
+                f"backend spec '{text}': unknown key '{key}' for backend '{name}'",
+                f"valid keys: {', '.join(accepted)}",
+            )
+        if key == "dtype":
+            value = DTYPE_ALIASES.get(value.lower(), value.lower())
+            if value not in DTYPES:
+                raise UsageError(
+                    f"backend spec '{text}': dtype={value} is not supported", f"use one of: {', '.join(DTYPES)}"
+                )
+        options[key] = value
+    return BackendSpec(name, options, text)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How rollouts are sampled; the same processing defines both sides' distributions.
+
+    Order of processing (vLLM's): temperature -> min_p -> top_k -> top_p, then
+    renormalisation. temperature=0 means greedy decoding; the compared distributions
+    are then the untempered (temperature 1) ones, and the report says so.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    max_new_tokens: int = 64
+    samples_per_prompt: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise UsageError(f"--temperature {self.temperature} is invalid", "use a value >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            raise UsageError(f"--top-p {self.top_p} is out of range", "use 0 < top-p <= 1")
+        if self.top_k < 0:
+            raise UsageError(f"--top-k {self.top_k} is negative", "use 0 (off) or a positive integer")
+        if not 0 <= self.min_p < 1:
+            raise UsageError(f"--min-p {self.min_p} is out of range", "use 0 <= min-p < 1")
+        if self.max_new_tokens < 1:
+            raise UsageError(f"--max-new-tokens {self.max_new_tokens} must be >= 1", "use a positive integer")
+        if self.samples_per_prompt < 1:
+            raise UsageError(f"--samples {self.samples_per_prompt} must be >= 1", "use a positive integer")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def truncated(self) -> bool:
+        """True when top-k / top-p / min-p change the support of the distribution."""
+        return self.top_k > 0 or self.top_p < 1 or self.min_p > 0
+
+    def compared_distribution(self) -> str:
+        """Which distribution the report compares, in words (recorded in summary.json)."""
+        if self.greedy:
+            return "untempered full softmax (greedy decoding: temperature 1 distributions compared)"
+        text = f"softmax(logits / {self.temperature:g})"
+        if self.truncated:
+            text += f" truncated by min_p={self.min_p:g}, top_k={self.top_k}, top_p={self.top_p:g} and renormalised"
+        return text
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Masking thresholds (DESIGN.md section 4); defaults are the paper's values."""
+
+    trm_max: float = 0.05  # TRM-Max on max_t kl
+    trm_avg: float = 0.001  # TRM-Avg on mean_t kl
+    ln_trm: float = 0.05  # LN-TRM on W~ (weighted mean of |rho-1|)
+    ln_delta: float = 0.05  # delta inside the LN-TRM weights w_t
+    ser: float = 0.05  # SER on mean_t |rho-1|
+    dppo_tv: float = 0.2  # DPPO binary-TV token threshold
+    dppo_kl: float = 0.05  # DPPO binary-KL token threshold
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if not (v > 0 and math.isfinite(v)):
+                raise UsageError(
+                    f"threshold {f.name}={v} is out of range", "thresholds must be positive finite numbers"
+                )
+        if self.dppo_tv > 1:
+            raise UsageError(f"threshold dppo_tv={self.dppo_tv} exceeds 1", "binary TV lies in [0, 1]")
+
+
+def as_dict(obj: Any) -> Any:
+    """JSON-ready form of a config dataclass (recursively)."""
+    if dataclasses.is_dataclass(obj):
+        return {k: as_dict(v) for k, v in dataclasses.asdict(obj).items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj

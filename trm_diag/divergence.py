@@ -1,0 +1,102 @@
+"""Per-token divergences between the rollout policy p and the training policy q.
+
+Pure tensor functions, no I/O (DESIGN.md section 2). Sign convention everywhere:
+log_ratio l_t = log q(y_t) - log p(y_t) = lp_train - lp_roll, rho_t = exp(l_t).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Rows of a [rows, V] chunk are chosen so one chunk holds about this many elements;
+# memory of exact_divergences is then bounded independently of N.
+DEFAULT_CHUNK_ELEMENTS = 1 << 22  # 4M floats = 16 MB per temporary
+
+EXACT_KEYS = ("kl", "kl_rev", "tv", "ent_roll", "ent_train")
+
+
+def _kl_terms(lp: torch.Tensor, lq: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Row sums of KL(p||q) [n], written as sum_{p>0} p (r - 1 - log r) + q(p = 0), r = q/p.
+
+    Each term is non-negative, so rounding never makes KL negative, and supports that
+    differ (top-k / top-p truncation) give the exact value, +inf when q = 0 < p.
+    """
+    d = lq - lp  # (n, V) log r; nan where both are -inf
+    big = d > 40.0  # exp would overflow: use q - p - p d directly
+    phi = torch.expm1(d.clamp(max=40.0)) - d
+    term = torch.where(big, q - p - p * d, p * phi)
+    term = torch.where(p > 0, term, q)  # q mass outside the support of p
+    return term.sum(dim=-1)
+
+
+def _entropy(lp: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Row entropies -sum p log p [n]."""
+    return -torch.where(p > 0, p * lp, torch.zeros((), dtype=p.dtype)).sum(dim=-1)
+
+
+def exact_divergences(
+    logp_roll: torch.Tensor, logp_train: torch.Tensor, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+) -> dict[str, torch.Tensor]:
+    """Exact kl = KL(p||q), kl_rev = KL(q||p), tv = 1/2 sum|p-q| and both entropies, each [N].
+
+    Paper eq. for D_KL^tok and D_TV^tok (DESIGN.md section 2); inputs are normalised
+    log-probs [N, V] of the two sides. Works in row chunks so extra memory is bounded.
+    """
+    if logp_roll.shape != logp_train.shape:
+        raise ValueError(f"shape mismatch {tuple(logp_roll.shape)} vs {tuple(logp_train.shape)}")
+    n, v = logp_roll.shape
+    rows = max(1, chunk_elements // max(v, 1))
+    dtype = torch.float64 if logp_roll.dtype == torch.float64 else torch.float32
+    out = {k: torch.empty(n, dtype=dtype) for k in EXACT_KEYS}
+    for s in range(0, n, rows):
+        lp = logp_roll[s : s + rows].to(dtype)  # (n, V)
+        lq = logp_train[s : s + rows].to(dtype)  # (n, V)
+        p, q = lp.exp(), lq.exp()
+        out["kl"][s : s + rows] = _kl_terms(lp, lq, p, q)
+        out["kl_rev"][s : s + rows] = _kl_terms(lq, lp, q, p)
+        out["tv"][s : s + rows] = 0.5 * (p - q).abs().sum(dim=-1)
+        out["ent_roll"][s : s + rows] = _entropy(lp, p)
+        out["ent_train"][s : s + rows] = _entropy(lq, q)
+    out["tv"].clamp_(0.0, 1.0)
+    return out
+
+
+def _log1mexp(lp: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(lp)) for lp <= 0, accurate near 0 and near -inf."""
+    return torch.where(lp > -math.log(2.0), torch.log(-torch.expm1(lp)), torch.log1p(-torch.exp(lp)))
+
+
+def sampled_token_metrics(lp_roll: torch.Tensor, lp_train: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Quantities from the sampled token's two log-probs alone, each [N] (float64).
+
+    log_ratio = l_t, k1 = -l_t, k2 = l_t^2/2, k3 = rho_t - 1 - l_t, abs_rho_m1 = |rho_t - 1|
+    (DESIGN.md section 2), and the binary (DPPO) divergences on the partition {y_t, rest}:
+    tv_bin = |p(y_t) - q(y_t)|, kl_bin = KL(Bern(p(y_t)) || Bern(q(y_t))).
+    """
+    a = lp_roll.double()
+    b = lp_train.double()
+    lr = b - a
+    rho_m1 = torch.expm1(lr)
+    k3 = rho_m1 - lr
+    pa, pb = a.exp(), b.exp()
+    tv_bin = (pa - pb).abs()
+    la, lb = _log1mexp(a), _log1mexp(b)
+    t1 = torch.where(pa > 0, pa * (a - b), torch.zeros_like(pa))
+    t2 = torch.where(pa < 1, (1 - pa) * (la - lb), torch.zeros_like(pa))
+    kl_bin = (t1 + t2).clamp_min(0.0)  # rounding only; exact value is >= 0
+    return {
+        "log_ratio": lr,
+        "k1": -lr,
+        "k2": 0.5 * lr * lr,
+        "k3": k3,
+        "abs_rho_m1": rho_m1.abs(),
+        "tv_bin": tv_bin,
+        "kl_bin": kl_bin,
+    }
+
+
+def gather_logprobs(logp: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Log-prob of each row's token: logp [N, V], token_ids [N] -> [N]."""
+    return logp.gather(-1, token_ids.long().unsqueeze(-1)).squeeze(-1)

@@ -1,0 +1,132 @@
+"""Batch-level metrics: the headline numbers and the vocabulary of verl / slime rollout correction.
+
+Sign convention (as verl's rollout-correction metrics): log_ratio = lp_train - lp_roll,
+rho = exp(log_ratio) = pi_theta / pi_roll, the importance weight of the sampled token.
+Pure numpy; DataFrames in, plain dicts of floats out.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from trm_diag.bounds import BoundInputs
+from trm_diag.config import Thresholds
+from trm_diag.sequences import CRITERIA
+
+QUANTILES = {"mean": None, "p50": 0.5, "p90": 0.9, "p99": 0.99, "p999": 0.999, "max": 1.0}
+
+
+def describe(x: np.ndarray) -> dict[str, float]:
+    """mean, p50, p90, p99, p999, max of the finite values (NaN when there are none)."""
+    x = np.asarray(x, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return dict.fromkeys(QUANTILES, math.nan)
+    out = {"mean": float(x.mean())}
+    for k, q in QUANTILES.items():
+        if q is not None:
+            out[k] = float(np.quantile(x, q))
+    return out
+
+
+def _ess(log_w: np.ndarray) -> float:
+    """Normalised effective sample size (sum w)^2 / (n sum w^2) in (0, 1], from log-weights."""
+    log_w = log_w[np.isfinite(log_w)]
+    if log_w.size == 0:
+        return math.nan
+    w = np.exp(log_w - log_w.max())  # scale-free
+    return float(w.sum() ** 2 / (log_w.size * (w * w).sum()))
+
+
+def batch_metrics(tokens: pd.DataFrame, seqs: pd.DataFrame, exact: bool, thresholds: Thresholds) -> dict[str, float]:
+    """Flat dict of batch metrics (names are stable: the gate and summary.json use them)."""
+    lr = tokens["log_ratio"].to_numpy(dtype=np.float64)
+    rho = np.exp(lr)
+    m: dict[str, float] = {"n_tokens": int(len(tokens)), "n_sequences": int(len(seqs))}
+    m["abs_log_ratio_mean"] = float(np.mean(np.abs(lr))) if lr.size else math.nan
+    m["abs_log_ratio_max"] = float(np.max(np.abs(lr))) if lr.size else math.nan
+    m["k1_mean"] = float(tokens["k1"].mean())  # mean log p_roll - log p_train: verl's KL (k1)
+    m["k3_mean"] = float(tokens["k3"].mean())
+    m["chi2_token"] = float(np.mean(rho * rho) - 1.0) if lr.size else math.nan
+    seq_lr = seqs["log_seq_ratio"].to_numpy(dtype=np.float64)
+    with np.errstate(over="ignore"):
+        m["chi2_seq"] = float(np.mean(np.exp(2.0 * seq_lr)) - 1.0) if seq_lr.size else math.nan
+    m["ess_token"] = _ess(lr)
+    m["ess_seq"] = _ess(seq_lr)
+    for c in (2.0, 5.0):
+        m[f"frac_ratio_outside_{c:g}"] = float(np.mean((rho > c) | (rho < 1.0 / c))) if lr.size else math.nan
+    # perplexities per sequence, then averaged (verl: rollout_ppl, training_ppl, ppl_ratio)
+    ppl_roll = np.exp(-seqs["lp_roll_mean"].to_numpy())
+    ppl_train = np.exp(-seqs["lp_train_mean"].to_numpy())
+    m["ppl_roll"] = float(np.nanmean(ppl_roll)) if len(seqs) else math.nan
+    m["ppl_train"] = float(np.nanmean(ppl_train)) if len(seqs) else math.nan
+    m["ppl_ratio"] = float(np.nanmean(ppl_train / ppl_roll)) if len(seqs) else math.nan
+    m["log_ppl_diff"] = float(np.nanmean(seqs["lp_roll_mean"] - seqs["lp_train_mean"])) if len(seqs) else math.nan
+    m["log_ppl_abs_diff"] = float(np.nanmean(seqs["ppl_gap"])) if len(seqs) else math.nan
+    for col in ("kl", "kl_rev", "tv", "abs_log_ratio", "k2", "k3", "tv_bin", "kl_bin"):
+        if col == "abs_log_ratio":
+            values = np.abs(lr)
+        elif col in tokens and (exact or col not in ("kl", "kl_rev", "tv")):
+            values = tokens[col].to_numpy(dtype=np.float64)
+        else:
+            continue
+        for stat, v in describe(values).items():
+            m[f"token_{col}_{stat}"] = v
+    if "prefill_gap" in tokens:
+        gap = np.abs(tokens["prefill_gap"].to_numpy(dtype=np.float64))
+        m["prefill_gap_abs_mean"] = float(np.nanmean(gap)) if gap.size else math.nan
+        m["prefill_gap_abs_max"] = float(np.nanmax(gap)) if gap.size else math.nan
+    for name in CRITERIA:
+        m[f"accept_{name}"] = float(seqs[f"accept_{name}"].mean()) if len(seqs) else math.nan
+    # DPPO (no rewards here): fraction of tokens whose binary divergence exceeds its threshold
+    m["dppo_tv_token_frac"] = float(np.mean(tokens["tv_bin"] > thresholds.dppo_tv)) if lr.size else math.nan
+    m["dppo_kl_token_frac"] = float(np.mean(tokens["kl_bin"] > thresholds.dppo_kl)) if lr.size else math.nan
+    return m
+
+
+def bound_inputs(tokens: pd.DataFrame, seqs: pd.DataFrame, exact: bool) -> BoundInputs:
+    """Estimate delta, eps, D_KL^seq, D_TV^seq and Dbar_t from a report (DESIGN.md section 2).
+
+    With exact distributions: delta = max kl, eps = max tv (empirical maxima over the
+    sampled positions), D_KL^seq = mean_i sum_t kl, D_TV^seq = mean_i max(0, 1 - prod_t rho_t)
+    (unbiased Monte-Carlo), Dbar_t = mean_i tv_{i,t} (0 after a response ended).
+    Without them, k2 max and k3 sums stand in for delta and D_KL^seq ('heuristic'), and
+    no TV input is produced: binary / lower-bound values never feed a bound.
+    """
+    n_seq, n_tok = len(seqs), len(tokens)
+    inp = BoundInputs(samples={"sequences": n_seq, "tokens": n_tok})
+    if n_seq == 0 or n_tok == 0:
+        return inp
+    lengths = seqs["length"].to_numpy()
+    inp.seq_T = int(lengths.max())
+    seq_lr = seqs["log_seq_ratio"].to_numpy(dtype=np.float64)
+    with np.errstate(over="ignore"):
+        inp.tv_seq = float(np.mean(np.maximum(0.0, 1.0 - np.exp(seq_lr))))
+    inp.source["tv_seq"] = f"measured (Monte-Carlo over {n_seq} rollouts)"
+    if exact:
+        kl = tokens["kl"].to_numpy(dtype=np.float64)
+        tv = tokens["tv"].to_numpy(dtype=np.float64)
+        inp.delta = float(np.nanmax(kl))
+        inp.eps = float(np.nanmax(tv))
+        inp.kl_seq = float(np.nansum(kl) / n_seq)
+        inp.kl_rate = float(np.nanmean(kl))
+        inp.tv_rate = float(np.nanmean(tv))
+        pos = tokens["pos"].to_numpy()
+        inp.dbar = np.bincount(pos, weights=np.nan_to_num(tv), minlength=inp.seq_T) / n_seq
+        inp.source.update(
+            delta=f"measured (empirical max over {n_tok} tokens)",
+            eps=f"measured (empirical max over {n_tok} tokens)",
+            kl_seq=f"measured (mean over {n_seq} rollouts)",
+            dbar=f"measured (mean over {n_seq} rollouts)",
+        )
+    else:
+        k2 = tokens["k2"].to_numpy(dtype=np.float64)
+        k3 = tokens["k3"].to_numpy(dtype=np.float64)
+        inp.delta = float(np.nanmax(k2))
+        inp.kl_seq = float(np.nansum(k3) / n_seq)
+        inp.kl_rate = float(np.nanmean(k3))
+        inp.source.update(delta="heuristic (k2 max; exact KL needs full logits)", kl_seq="heuristic (k3 mean)")
+    return inp

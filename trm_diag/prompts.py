@@ -1,0 +1,119 @@
+"""Prompt files (JSONL, Parquet, plain text) and their tokenisation with chat templates.
+
+Formats:
+- ``.jsonl``: one JSON object per line with ``"prompt": "text"`` or
+  ``"messages": [{"role": ..., "content": ...}, ...]`` (chat-style; rendered with the
+  model's chat template and the generation prompt); a bare JSON string is a prompt too.
+- ``.parquet``: a ``prompt`` or ``messages`` column.
+- ``.txt``: one prompt per line; ``\\n`` inside a line stands for a newline.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trm_diag.errors import InputError, ModelError
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt: plain text or a chat message list."""
+
+    text: str | None = None
+    messages: tuple[tuple[str, str], ...] | None = None
+
+    @property
+    def is_chat(self) -> bool:
+        return self.messages is not None
+
+    def as_messages(self) -> list[dict[str, str]]:
+        return [{"role": r, "content": c} for r, c in (self.messages or ())]
+
+
+def _from_obj(obj: Any, where: str) -> Prompt:
+    if isinstance(obj, str):
+        return Prompt(text=obj)
+    if not isinstance(obj, dict):
+        raise InputError(f"{where}: expected an object with 'prompt' or 'messages'", "see README 'Prompt files'")
+    if "messages" in obj and obj["messages"] is not None:
+        msgs = obj["messages"]
+        if hasattr(msgs, "tolist"):
+            msgs = msgs.tolist()
+        if not isinstance(msgs, list) or not msgs:
+            raise InputError(
+                f"{where}: 'messages' must be a non-empty list", 'write [{"role": "user", "content": "..."}]'
+            )
+        pairs = []
+        for m in msgs:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise InputError(f"{where}: each message needs string 'role' and 'content'", "fix the message list")
+            pairs.append((m["role"], m["content"]))
+        return Prompt(messages=tuple(pairs))
+    for key in ("prompt", "text"):
+        if isinstance(obj.get(key), str):
+            return Prompt(text=obj[key])
+    raise InputError(f"{where}: no 'prompt' (string) or 'messages' (list) field", "see README 'Prompt files'")
+
+
+def load_prompts(path: str | Path) -> list[Prompt]:
+    """Read a prompt file; raises InputError naming the file and line of any problem."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"prompt file '{path}' does not exist", "pass --prompts with a .jsonl, .parquet or .txt file")
+    suffix = p.suffix.lower()
+    prompts: list[Prompt] = []
+    if suffix in (".jsonl", ".json"):
+        try:
+            lines = p.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(
+                f"cannot read prompt file '{path}': {e}", "check the file's permissions and encoding"
+            ) from None
+        for n, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{n}: not valid JSON ({e.msg})", "write one JSON object per line") from None
+            prompts.append(_from_obj(obj, f"{path}:{n}"))
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(p)
+        except Exception as e:  # pyarrow raises several types for corrupt files
+            raise InputError(
+                f"cannot read Parquet file '{path}': {e}", "check that the file is valid Parquet"
+            ) from None
+        if "messages" not in table.column_names and "prompt" not in table.column_names:
+            raise InputError(f"'{path}' has no 'prompt' or 'messages' column", "rename the prompt column")
+        for n, row in enumerate(table.to_pylist()):
+            prompts.append(_from_obj(row, f"{path} row {n}"))
+    elif suffix == ".txt":
+        text = p.read_text(encoding="utf-8", errors="strict")
+        prompts = [Prompt(text=line.replace("\\n", "\n")) for line in text.splitlines() if line.strip()]
+    else:
+        raise InputError(f"unsupported prompt file type '{suffix}' ({path})", "use .jsonl, .parquet or .txt")
+    if not prompts:
+        raise InputError(f"prompt file '{path}' holds no prompts", "add at least one prompt")
+    return prompts
+
+
+def encode_prompt(prompt: Prompt, tokenizer: Any) -> list[int]:
+    """Token ids of a prompt; chat prompts go through the tokenizer's chat template."""
+    if prompt.is_chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ModelError(
+                "the prompt file has chat-style prompts but the model's tokenizer has no chat template",
+                "use plain 'prompt' entries, or a model with a chat template",
+            )
+        ids = tokenizer.apply_chat_template(prompt.as_messages(), add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):  # transformers may return a BatchEncoding
+            ids = ids["input_ids"]
+        return [int(x) for x in ids]
+    ids = tokenizer(prompt.text)["input_ids"]
+    return [int(x) for x in ids]

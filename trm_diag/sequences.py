@@ -1,0 +1,124 @@
+"""Per-sequence statistics and the masking criteria (DESIGN.md sections 2 and 4).
+
+Pure numpy over the flat per-token arrays of a batch plus the sequence offsets, so the
+same code serves any number of sequences without Python loops over tokens.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from trm_diag.config import Thresholds
+
+CRITERIA = ("trm_max", "trm_avg", "combined", "ln_trm", "ser")
+
+
+def _segments(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start offsets and segment ids for flat arrays laid out sequence after sequence."""
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    seg = np.repeat(np.arange(len(lengths)), lengths)
+    return starts, seg
+
+
+def _seg_reduce(x: np.ndarray, lengths: np.ndarray, op: str) -> np.ndarray:
+    """sum / mean / max of x over each sequence; NaN for empty sequences."""
+    out = np.full(len(lengths), np.nan)
+    nonempty = lengths > 0
+    if not nonempty.any():
+        return out
+    starts, _ = _segments(lengths)
+    s = starts[nonempty]
+    if op == "sum" or op == "mean":
+        sums = np.add.reduceat(x, s)
+        out[nonempty] = sums / lengths[nonempty] if op == "mean" else sums
+    elif op == "max":
+        out[nonempty] = np.maximum.reduceat(x, s)
+    else:
+        raise ValueError(op)
+    return out
+
+
+def _seg_argmax(x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Position (within its sequence) of each sequence's max of x; -1 for empty sequences."""
+    starts, seg = _segments(lengths)
+    mx = _seg_reduce(x, lengths, "max")
+    out = np.full(len(lengths), -1, dtype=np.int64)
+    if len(x) == 0:
+        return out
+    hit = np.where(x == mx[seg])[0]
+    first = np.full(len(lengths), np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first, seg[hit], hit - starts[seg[hit]])  # earliest position of the max
+    found = first != np.iinfo(np.int64).max
+    out[found] = first[found]
+    return out
+
+
+def ln_trm_weights(length: int, delta: float) -> np.ndarray:
+    """w_t = min(1, sqrt((T - t) delta / 2)) for t = 1..T (DESIGN.md section 4, LN-TRM)."""
+    t = np.arange(1, length + 1, dtype=np.float64)
+    return np.minimum(1.0, np.sqrt((length - t) * delta / 2.0))
+
+
+def ln_trm_scores(abs_rho_m1: np.ndarray, lengths: np.ndarray, delta: float) -> np.ndarray:
+    """W~ = sum_t |rho_t - 1| w_t / sum_t w_t per sequence (0 when every weight is 0, T = 1)."""
+    starts, seg = _segments(lengths)
+    pos = np.arange(len(abs_rho_m1)) - starts[seg]  # 0-based t - 1
+    t_len = lengths[seg].astype(np.float64)
+    w = np.minimum(1.0, np.sqrt((t_len - (pos + 1)) * delta / 2.0))
+    num = _seg_reduce(abs_rho_m1 * w, lengths, "sum")
+    den = _seg_reduce(w, lengths, "sum")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.where(lengths > 0, 0.0, np.nan))
+
+
+def sequence_stats(tok: dict[str, np.ndarray], lengths: np.ndarray, th: Thresholds) -> dict[str, np.ndarray]:
+    """Aggregates of one row per sequence from flat token columns.
+
+    ``tok`` needs log_ratio, k2, k3, abs_rho_m1, lp_roll, lp_train, tv_bin, kl_bin and,
+    when exact distributions exist, kl and tv (else those entries are NaN arrays).
+    TRM-Max / TRM-Avg use exact kl when present and the k2 max / k3 mean otherwise.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    lr = tok["log_ratio"]
+    out: dict[str, np.ndarray] = {"length": lengths}
+    for col in ("kl", "tv", "kl_rev"):
+        if col in tok:
+            out[f"{col}_sum"] = _seg_reduce(tok[col], lengths, "sum")
+            out[f"{col}_mean"] = _seg_reduce(tok[col], lengths, "mean")
+            out[f"{col}_max"] = _seg_reduce(tok[col], lengths, "max")
+    out["kl_argmax"] = _seg_argmax(tok["kl"], lengths) if "kl" in tok else _seg_argmax(tok["k2"], lengths)
+    out["k1_mean"] = _seg_reduce(tok["k1"], lengths, "mean")
+    out["k2_max"] = _seg_reduce(tok["k2"], lengths, "max")
+    out["k3_mean"] = _seg_reduce(tok["k3"], lengths, "mean")
+    out["abs_log_ratio_max"] = _seg_reduce(np.abs(lr), lengths, "max")
+    out["log_seq_ratio"] = _seg_reduce(lr, lengths, "sum")  # log prod rho_t
+    mean_lr = _seg_reduce(lr, lengths, "mean")
+    out["geo_mean_ratio"] = np.exp(mean_lr)
+    out["ppl_gap"] = np.abs(mean_lr)  # |log PPL_roll - log PPL_train| (the paper's Delta_PPL)
+    out["ser"] = _seg_reduce(tok["abs_rho_m1"], lengths, "mean")
+    out["ln_trm"] = ln_trm_scores(tok["abs_rho_m1"], lengths, th.ln_delta)
+    out["lp_roll_mean"] = _seg_reduce(tok["lp_roll"], lengths, "mean")
+    out["lp_train_mean"] = _seg_reduce(tok["lp_train"], lengths, "mean")
+    out["dppo_tv_frac"] = _seg_reduce((tok["tv_bin"] > th.dppo_tv).astype(np.float64), lengths, "mean")
+    out["dppo_kl_frac"] = _seg_reduce((tok["kl_bin"] > th.dppo_kl).astype(np.float64), lengths, "mean")
+    out.update(accept_flags(out, th, exact="kl" in tok))
+    return out
+
+
+def accept_flags(seq: dict[str, np.ndarray], th: Thresholds, exact: bool) -> dict[str, np.ndarray]:
+    """One boolean per sequence and criterion (DESIGN.md section 4); empty sequences pass."""
+    max_score = seq["kl_max"] if exact else seq["k2_max"]
+    avg_score = seq["kl_mean"] if exact else seq["k3_mean"]
+    empty = seq["length"] == 0
+
+    def ok(score: np.ndarray, limit: float) -> np.ndarray:
+        return empty | (score <= limit)  # NaN scores (non-finite inputs) fail
+
+    flags = {
+        "accept_trm_max": ok(max_score, th.trm_max),
+        "accept_trm_avg": ok(avg_score, th.trm_avg),
+        "accept_ln_trm": ok(seq["ln_trm"], th.ln_trm),
+        "accept_ser": ok(seq["ser"], th.ser),
+    }
+    flags["accept_combined"] = flags["accept_trm_max"] & flags["accept_trm_avg"]
+    return flags

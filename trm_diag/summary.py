@@ -1,0 +1,144 @@
+"""Rich terminal rendering of reports and bound tables. Reads dicts, computes nothing new."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from trm_diag.bounds import LABEL
+
+CRITERIA_LABELS = {
+    "trm_max": "TRM-Max",
+    "trm_avg": "TRM-Avg",
+    "combined": "TRM Max+Avg",
+    "ln_trm": "LN-TRM",
+    "ser": "SER",
+}
+
+
+def fmt(x: Any, digits: int = 3) -> str:
+    """Compact number: scientific for small/large magnitudes, '-' for missing."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if isinstance(x, (int,)) and not isinstance(x, bool):
+        return f"{x:,}"
+    x = float(x)
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    if x == 0:
+        return "0"
+    if 1e-2 <= abs(x) < 1e5:
+        return f"{x:.{digits}g}"
+    return f"{x:.{max(digits - 1, 1)}e}"
+
+
+def _bound_cell(v: float | None, best: bool) -> Text:
+    if v is None:
+        return Text("-", style="dim")
+    style = "bold green" if best else ""
+    if v >= 1.0:
+        return Text(fmt(v) + " (vacuous)", style="red" if not best else "bold red")
+    return Text(fmt(v), style=style)
+
+
+def bounds_rich_table(rows: list[dict], title: str = "Bounds on |J(pi_theta) - J(pi_roll) - L| (R in [0,1])") -> Table:
+    """Rows: bounds; columns: horizons; tightest bound per horizon bold; vacuous (>= 1) red."""
+    horizons = sorted({r["T"] for r in rows})
+    by = {(r["bound"], r["T"]): r["value"] for r in rows}
+    names = list(dict.fromkeys(r["bound"] for r in rows))
+    table = Table(title=title, title_justify="left")
+    table.add_column("bound")
+    for T in horizons:
+        table.add_column(f"T={T:,}", justify="right")
+    best = {}
+    for T in horizons:
+        vals = [(by[(n, T)], n) for n in names if n != "unified" and by.get((n, T)) is not None]
+        best[T] = min(vals)[1] if vals else None
+    for n in names:
+        cells = [_bound_cell(by.get((n, T)), best[T] == n or n == "unified") for T in horizons]
+        table.add_row(Text(LABEL.get(n, n), style="bold" if n == "unified" else ""), *cells)
+    return table
+
+
+def render_compare(console: Console, summary: dict[str, Any]) -> None:
+    """Headline table, acceptance, bounds at the observed length and the worst sequences."""
+    m = summary["metrics"]
+    console.print(
+        f"[bold]trm-diag compare[/bold]  rollout [cyan]{summary['rollout']['spec']}[/cyan]  vs  "
+        f"train [cyan]{summary['train']['spec']}[/cyan]  ({summary['fidelity']} fidelity)"
+    )
+    head = Table(title="Token-level mismatch", title_justify="left")
+    head.add_column("metric")
+    for c in ("mean", "p99", "max"):
+        head.add_column(c, justify="right")
+    for col, label in (
+        ("kl", "KL(p||q)"),
+        ("tv", "TV"),
+        ("abs_log_ratio", "|log ratio|"),
+        ("k3", "k3"),
+        ("tv_bin", "binary TV"),
+    ):
+        if f"token_{col}_mean" in m:
+            head.add_row(label, *(fmt(m.get(f"token_{col}_{s}")) for s in ("mean", "p99", "max")))
+    console.print(head)
+
+    batch = Table(title="Batch (verl / slime names; log_ratio = lp_train - lp_roll)", title_justify="left")
+    batch.add_column("metric")
+    batch.add_column("value", justify="right")
+    batch.add_row("tokens / sequences", f"{m['n_tokens']:,} / {m['n_sequences']:,}")
+    for key in ("k1_mean", "k3_mean", "log_ppl_abs_diff", "ppl_ratio", "chi2_token", "chi2_seq", "ess_token",
+                "ess_seq", "frac_ratio_outside_2", "frac_ratio_outside_5", "prefill_gap_abs_max"):  # fmt: skip
+        if key in m:
+            batch.add_row(key, fmt(m[key]))
+    console.print(batch)
+
+    acc = Table(title="Masking: acceptance rate (paper advises > 70%)", title_justify="left")
+    acc.add_column("criterion")
+    acc.add_column("threshold", justify="right")
+    acc.add_column("accepted", justify="right")
+    th = summary["thresholds"]
+    th_of = {"trm_max": th["trm_max"], "trm_avg": th["trm_avg"], "combined": f"{th['trm_max']:g} & {th['trm_avg']:g}",
+             "ln_trm": th["ln_trm"], "ser": th["ser"]}  # fmt: skip
+    for key, label in CRITERIA_LABELS.items():
+        rate = m.get(f"accept_{key}")
+        style = "red" if rate is not None and rate < 0.7 else "green"
+        acc.add_row(label, str(th_of[key]), Text(f"{100 * rate:.1f}%" if rate is not None else "-", style=style))
+    acc.add_row("DPPO binary TV (tokens over)", str(th["dppo_tv"]), f"{100 * m['dppo_tv_token_frac']:.2f}% of tokens")
+    acc.add_row("DPPO binary KL (tokens over)", str(th["dppo_kl"]), f"{100 * m['dppo_kl_token_frac']:.2f}% of tokens")
+    console.print(acc)
+
+    bi = summary["bound_inputs"]
+    b = summary.get("bounds_at_observed_T") or {}
+    if b:
+        T = bi["observed_T"]
+        unified = b.get("unified")
+        verdict = "[red]vacuous[/red]" if unified is None or unified >= 1 else "[green]non-vacuous[/green]"
+        console.print(
+            f"[bold]Bounds at the observed max length T={T}[/bold]: delta={fmt(bi['delta'])} eps={fmt(bi['eps'])} "
+            f"D_KL^seq={fmt(bi['kl_seq'])} D_TV^seq={fmt(bi['tv_seq'])}  ->  B* = {fmt(unified)} ({verdict}); "
+            f"members: {', '.join(f'{LABEL[k]} {fmt(v)}' for k, v in b.items() if k in ('pm_kl', 'mix_kl', 'mix_tv', 'adaptive_hybrid') and v is not None)}"
+        )
+        console.print(
+            "[dim]delta and eps are empirical maxima over the sampled positions; see bounds.parquet for other horizons.[/dim]"
+        )
+
+    worst = summary.get("worst_sequences") or []
+    if worst:
+        wt = Table(title="Worst sequences (where the backends disagree most)", title_justify="left")
+        wt.add_column("seq", justify="right")
+        wt.add_column(worst[0]["score_name"], justify="right")
+        wt.add_column("pos / T", justify="right")
+        wt.add_column("context (worst token in red, between \u00ab \u00bb)")
+        for w in worst:
+            ctx = Text(w["before"][-60:].replace("\n", "\\n"))
+            ctx.append("\u00ab" + w["token"].replace("\n", "\\n") + "\u00bb", style="bold red")
+            ctx.append(w["after"][:40].replace("\n", "\\n"))
+            wt.add_row(str(w["seq_id"]), fmt(w["score"]), f"{w['pos']}/{w['length']}", ctx)
+        console.print(wt)
+    t = summary.get("timings", {})
+    if t:
+        console.print("[dim]" + "  ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in t.items()) + "[/dim]")
