@@ -1,0 +1,72 @@
+"""The transformers backend on the bundled sample models: scoring rows, sampling, padding, seeds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trm_diag.backends import load_backend, parse_spec
+from trm_diag.config import SamplingConfig
+from trm_diag.prompts import encode_prompt, load_prompts
+from trm_diag.sampling import processed_logprobs
+
+
+@pytest.fixture(scope="module")
+def fp32(dense_model):
+    return load_backend(parse_spec(f"hf:dtype=float32,model={dense_model},batch_size=4"))
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(fp32, prompts_file):
+    return [encode_prompt(p, fp32.tokenizer) for p in load_prompts(prompts_file)[:6]]
+
+
+def test_score_rows_equal_full_forward(fp32, prompt_ids):
+    s = SamplingConfig(temperature=0.8, top_k=40, max_new_tokens=12, seed=1)
+    rolls = fp32.generate(prompt_ids, s)
+    rows = fp32.score([(r.prompt_ids, r.response_ids) for r in rolls], s)
+    for r, rw in zip(rolls, rows):
+        full = torch.tensor([r.prompt_ids + r.response_ids])
+        with torch.no_grad():
+            logits = fp32.model(full).logits[0, len(r.prompt_ids) - 1 : -1, : fp32.vocab_width]
+        ref = processed_logprobs(logits, s)
+        got = rw.rows(0, rw.length)
+        assert got.shape == (len(r.response_ids), 2048)
+        assert torch.equal(torch.isinf(got), torch.isinf(ref))
+        fin = torch.isfinite(ref)
+        torch.testing.assert_close(got[fin], ref[fin], rtol=1e-4, atol=1e-4)
+        # decode-step log-probs agree with the teacher-forced pass in float32
+        lp_prefill = got.gather(-1, torch.tensor(r.response_ids)[:, None]).squeeze(-1)
+        torch.testing.assert_close(lp_prefill.double(), torch.tensor(r.lp_roll, dtype=torch.float64), rtol=0, atol=1e-4)
+
+
+def test_same_seed_same_rollouts(fp32, prompt_ids):
+    s = SamplingConfig(max_new_tokens=16, seed=7, samples_per_prompt=2)
+    a, b = fp32.generate(prompt_ids, s), fp32.generate(prompt_ids, s)
+    assert [r.response_ids for r in a] == [r.response_ids for r in b]
+    c = fp32.generate(prompt_ids, SamplingConfig(max_new_tokens=16, seed=8, samples_per_prompt=2))
+    assert [r.response_ids for r in a] != [r.response_ids for r in c]
+    assert len(a) == 12 and {r.sample_idx for r in a} == {0, 1}
+
+
+def test_left_padding_does_not_change_greedy_rollouts(fp32, prompt_ids):
+    s = SamplingConfig(temperature=0, max_new_tokens=16)
+    batched = fp32.generate(prompt_ids, s)  # prompts of different lengths, left padded
+    for i, ids in enumerate(prompt_ids):
+        alone = fp32.generate([ids], s)[0]
+        assert alone.response_ids == batched[i].response_ids
+        torch.testing.assert_close(torch.tensor(alone.lp_roll), torch.tensor(batched[i].lp_roll), rtol=0, atol=1e-4)
+
+
+def test_responses_stop_at_eos(fp32, prompt_ids):
+    rolls = fp32.generate(prompt_ids, SamplingConfig(max_new_tokens=80, seed=0))
+    for r in rolls:
+        if r.finish_reason == "stop":
+            assert r.response_ids[-1] in fp32.eos_ids and not set(r.response_ids[:-1]) & fp32.eos_ids
+        else:
+            assert len(r.response_ids) == 80
+    assert any(r.finish_reason == "stop" for r in rolls), "the trained sample model should finish its traces"
+
+
+def test_padded_vocab_is_explicit(fp32):
+    assert fp32.vocab_width == 2048 and len(fp32.tokenizer) == 2000  # logits wider than the tokenizer

@@ -1,0 +1,49 @@
+"""Shared fixtures: the bundled sample models, and tiny models built locally once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "sample_data"
+
+
+@pytest.fixture(scope="session")
+def dense_model() -> Path:
+    return SAMPLE / "tiny-llama"
+
+
+@pytest.fixture(scope="session")
+def moe_model() -> Path:
+    return SAMPLE / "tiny-qwen3-moe"
+
+
+@pytest.fixture(scope="session")
+def prompts_file() -> Path:
+    return SAMPLE / "prompts.jsonl"
+
+
+@pytest.fixture(scope="session")
+def wide_vocab_model(tmp_path_factory, dense_model) -> Path:
+    """Random-init tiny Llama whose logits are 151,936 wide (Qwen's padded vocabulary) with the
+    sample tokenizer (2,000 tokens): the 'logits wider than the tokenizer' case at real scale."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("wide-vocab")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=151_936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=256,
+        tie_word_embeddings=True, eos_token_id=0, pad_token_id=0, bos_token_id=None,
+    )  # fmt: skip
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # peak the distributions like a trained model's
+        model.model.embed_tokens.weight.mul_(40.0)
+    model.save_pretrained(path, safe_serialization=True)
+    AutoTokenizer.from_pretrained(dense_model).save_pretrained(path)
+    return path

@@ -1,0 +1,155 @@
+"""`trm-diag compare` end to end on the sample model, through the real CLI entry point."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from trm_diag.cli import main
+
+TOKEN_COLS = {
+    "seq_id",
+    "pos",
+    "token_id",
+    "lp_roll",
+    "lp_train",
+    "log_ratio",
+    "k1",
+    "k2",
+    "k3",
+    "kl",
+    "kl_rev",
+    "tv",
+    "tv_bin",
+    "kl_bin",
+}
+SEQ_COLS = {"seq_id", "prompt_idx", "sample_idx", "prompt_token_ids", "response_token_ids", "length", "kl_max",
+            "kl_mean", "tv_max", "k2_max", "k3_mean", "ser", "accept_trm_max", "accept_trm_avg", "accept_combined",
+            "accept_ln_trm", "accept_ser"}  # fmt: skip
+FAST = ["--num-prompts", "8", "--max-new-tokens", "24", "-q"]
+
+
+def run(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    cap = capsys.readouterr()
+    return e.value.code, cap.out, cap.err
+
+
+@pytest.fixture(scope="module")
+def bf16_report(tmp_path_factory, dense_model):
+    out = tmp_path_factory.mktemp("r") / "bf16"
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "--model", str(dense_model), "--out", str(out), "--samples", "2", *FAST])
+    assert e.value.code == 0
+    return out
+
+
+def test_identical_specs_give_zero_mismatch(tmp_path, dense_model, capsys):
+    out = tmp_path / "same"
+    code, _, err = run(["compare", "--model", str(dense_model), "--out", str(out), "--rollout", "hf:dtype=float32,batch_size=3",
+                        "--train", "hf:dtype=float32", *FAST], capsys)  # fmt: skip
+    assert code == 0, err
+    tok = pd.read_parquet(out / "tokens.parquet")
+    assert len(tok) > 50
+    for col in ("kl", "kl_rev", "tv"):
+        assert tok[col].abs().max() < 1e-6, col
+    for col in ("log_ratio", "k1", "k3", "tv_bin", "kl_bin"):
+        assert tok[col].abs().max() < 1e-4, col
+    seqs = pd.read_parquet(out / "sequences.parquet")
+    assert seqs["accept_combined"].all()
+
+
+def test_bf16_vs_fp32_shows_mismatch_and_schema(bf16_report):
+    tok = pd.read_parquet(bf16_report / "tokens.parquet")
+    seqs = pd.read_parquet(bf16_report / "sequences.parquet")
+    assert TOKEN_COLS <= set(tok.columns) and SEQ_COLS <= set(seqs.columns)
+    assert tok["kl"].max() > 1e-5 and tok["kl"].mean() > 1e-7 and tok["tv"].max() > 1e-3
+    assert len(seqs) == 16 and set(seqs["sample_idx"]) == {0, 1}
+    assert (seqs["length"] == seqs["response_token_ids"].map(len)).all()
+    assert tok.groupby("seq_id").size().sum() == seqs["length"].sum()
+    summary = json.loads((bf16_report / "summary.json").read_text())
+    assert summary["rollout"]["spec"].startswith("hf:") and "dtype=bfloat16" in summary["rollout"]["spec"]
+    assert summary["sampling"]["max_new_tokens"] == 24 and summary["complete"]
+    b = pd.read_parquet(bf16_report / "bounds.parquet")
+    assert {"T", "bound", "value", "vacuous"} <= set(b.columns) and 4096 in set(b["T"])
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(bf16_report / "tokens.parquet").metadata[b"trm_diag"]
+    assert json.loads(meta)["train"]["spec"] == summary["train"]["spec"]
+
+
+def test_summary_is_printed(tmp_path, dense_model, capsys):
+    code, out, err = run(["compare", "--model", str(dense_model), "--out", str(tmp_path / "x"), "--num-prompts", "4",
+                          "--max-new-tokens", "16"], capsys)  # fmt: skip
+    assert code == 0
+    assert "Token-level mismatch" in err and "TRM-Max" in err and "Worst sequences" in err and "report written" in err
+
+
+def test_json_output_goes_to_stdout(tmp_path, dense_model, capsys):
+    code, out, err = run(
+        ["compare", "--model", str(dense_model), "--out", str(tmp_path / "j"), "--json", *FAST], capsys
+    )
+    assert code == 0
+    assert json.loads(out)["metrics"]["n_sequences"] == 8
+
+
+def test_wide_vocabulary_model(tmp_path, wide_vocab_model, capsys):
+    code, _, err = run(["compare", "--model", str(wide_vocab_model), "--out", str(tmp_path / "w"), "--num-prompts", "2",
+                        "--max-new-tokens", "6", "-q"], capsys)  # fmt: skip
+    assert code == 0, err
+    s = json.loads((tmp_path / "w" / "summary.json").read_text())
+    assert s["vocab"] == {"logits_width": 151_936, "tokenizer_size": 2000}
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--model", "/nonexistent/model"], "does not exist"),
+        (["--rollout", "hf:dtyp=bf16"], "unknown key 'dtyp'"),
+        (["--rollout", "sglang"], "unknown backend 'sglang'"),
+        (["--rollout", "hf:dtype=int3"], "dtype=int3 is not supported"),
+        (["--top-p", "0"], "--top-p 0.0 is out of range"),
+        (["--trm-max", "-1"], "threshold trm_max=-1.0 is out of range"),
+        (["--horizons", "a,b"], "--horizons 'a,b'"),
+    ],
+)
+def test_user_errors_are_one_line_exit_2(tmp_path, argv, needle, capsys):
+    code, _, err = run(["compare", "--out", str(tmp_path / "e"), *argv], capsys)
+    assert code == 2
+    assert needle in err and "Traceback" not in err
+    assert not (tmp_path / "e" / "summary.json").exists()
+
+
+def test_bad_prompt_file_names_line(tmp_path, capsys):
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"prompt": broken}\n')
+    code, _, err = run(["compare", "--prompts", str(bad), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and f"{bad}:2: not valid JSON" in err
+    empty = tmp_path / "e.jsonl"
+    empty.write_text("\n")
+    code, _, err = run(["compare", "--prompts", str(empty), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "holds no prompts" in err
+
+
+def test_existing_report_needs_overwrite(bf16_report, capsys):
+    code, _, err = run(["compare", "--out", str(bf16_report), *FAST], capsys)
+    assert code == 2 and "already holds a report" in err and "--overwrite" in err
+
+
+def test_vocab_mismatch_between_checkpoints(tmp_path, dense_model, wide_vocab_model, capsys):
+    code, _, err = run(["compare", "--rollout", f"hf:model={dense_model}", "--train", f"hf:model={wide_vocab_model}",
+                        "--out", str(tmp_path / "v")], capsys)  # fmt: skip
+    assert code == 2 and "vocab mismatch between backends" in err
+
+
+def test_pickle_weights_refused(tmp_path, dense_model, capsys):
+    import shutil
+
+    ck = tmp_path / "pickled"
+    shutil.copytree(dense_model, ck)
+    (ck / "model.safetensors").rename(ck / "pytorch_model.bin")
+    code, _, err = run(["compare", "--model", str(ck), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "--allow-pickle" in err

@@ -1,0 +1,142 @@
+"""divergence.py against an independent float64 reference, plus the properties of DESIGN.md s.2."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from trm_diag.divergence import exact_divergences, gather_logprobs, sampled_token_metrics
+
+
+def ref_exact(lp: np.ndarray, lq: np.ndarray) -> dict[str, np.ndarray]:
+    """Plain float64 definitions, row by row: KL(p||q) = sum p log(p/q), TV = 1/2 sum |p - q|."""
+    out = {k: [] for k in ("kl", "kl_rev", "tv", "ent_roll", "ent_train")}
+    for a, b in zip(lp.astype(np.float64), lq.astype(np.float64)):
+        p, q = np.exp(a), np.exp(b)
+
+        def kl(p, q, a, b):
+            s = 0.0
+            for pv, qv, av, bv in zip(p, q, a, b):
+                if pv > 0:
+                    s += math.inf if qv == 0 else pv * (av - bv)
+            return s
+
+        out["kl"].append(kl(p, q, a, b))
+        out["kl_rev"].append(kl(q, p, b, a))
+        out["tv"].append(0.5 * np.abs(p - q).sum())
+        out["ent_roll"].append(-sum(pv * av for pv, av in zip(p, a) if pv > 0))
+        out["ent_train"].append(-sum(qv * bv for qv, bv in zip(q, b) if qv > 0))
+    return {k: np.array(v) for k, v in out.items()}
+
+
+def random_logits(seed: int, n: int, v: int, scale: float, noise: float):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, v, generator=g, dtype=torch.float64) * scale
+    y = x + torch.randn(n, v, generator=g, dtype=torch.float64) * noise
+    return x, y
+
+
+def random_pair(seed: int, n: int, v: int, scale: float, noise: float):
+    """float32 log-probs, as the backends produce them."""
+    x, y = random_logits(seed, n, v, scale, noise)
+    return torch.log_softmax(x.float(), -1), torch.log_softmax(y.float(), -1)
+
+
+CASES = [  # (scale of logits: 0.5 flat ... 40 near one-hot, noise between the sides)
+    (0.5, 1e-3), (0.5, 0.5), (3.0, 1e-2), (3.0, 1.0), (10.0, 1e-3), (10.0, 0.3), (40.0, 1e-2), (40.0, 2.0),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("scale,noise", CASES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_exact_matches_float64_reference(scale, noise, seed):
+    lp, lq = random_pair(seed, 6, 300, scale, noise)
+    got = exact_divergences(lp, lq)
+    # reference: the distributions the float32 inputs represent, renormalised in float64
+    ref = ref_exact(torch.log_softmax(lp.double(), -1).numpy(), torch.log_softmax(lq.double(), -1).numpy())
+    for k in ref:
+        np.testing.assert_allclose(got[k].double().numpy(), ref[k], rtol=2e-4, atol=2e-7, err_msg=k)
+
+
+def test_float64_inputs_give_float64_precision():
+    x, y = random_logits(3, 4, 500, 5.0, 1e-3)
+    lp, lq = torch.log_softmax(x, -1), torch.log_softmax(y, -1)
+    got = exact_divergences(lp, lq)
+    ref = ref_exact(lp.numpy(), lq.numpy())
+    for k in ref:
+        np.testing.assert_allclose(got[k].numpy(), ref[k], rtol=1e-9, atol=1e-15, err_msg=k)
+
+
+def test_properties_on_random_inputs():
+    for seed in range(20):
+        scale = [0.3, 2, 8, 30][seed % 4]
+        lp, lq = random_pair(seed, 16, 257, scale, [1e-3, 0.2, 3.0][seed % 3])
+        d = exact_divergences(lp, lq)
+        st = sampled_token_metrics(gather_logprobs(lp, torch.arange(16)), gather_logprobs(lq, torch.arange(16)))
+        kl, tv = d["kl"].double(), d["tv"].double()
+        assert (kl >= 0).all() and (d["kl_rev"] >= 0).all()
+        assert ((tv >= 0) & (tv <= 1)).all()
+        assert (tv <= torch.sqrt(kl / 2) + 1e-6).all(), "Pinsker"
+        assert (st["tv_bin"] <= tv + 1e-6).all(), "binary TV is a lower bound"
+        assert (st["kl_bin"] <= kl * (1 + 1e-4) + 1e-7).all(), "binary KL is a lower bound"
+
+
+def test_identical_inputs_give_exact_zero():
+    lp, _ = random_pair(0, 8, 1000, 10.0, 0.0)
+    d = exact_divergences(lp, lp.clone())
+    for k in ("kl", "kl_rev", "tv"):
+        assert torch.count_nonzero(d[k]) == 0, k
+    st = sampled_token_metrics(lp[:, 0], lp[:, 0].clone())
+    for k in ("log_ratio", "k1", "k2", "k3", "abs_rho_m1", "tv_bin", "kl_bin"):
+        assert torch.count_nonzero(st[k]) == 0, k
+
+
+def test_chunked_equals_unchunked():
+    lp, lq = random_pair(5, 37, 999, 4.0, 0.3)
+    whole = exact_divergences(lp, lq, chunk_elements=10**9)
+    tiny = exact_divergences(lp, lq, chunk_elements=999 * 3)  # 3 rows per chunk
+    for k in whole:
+        torch.testing.assert_close(whole[k], tiny[k], rtol=0, atol=0)
+
+
+def test_truncated_supports():
+    # p puts mass where q has none -> KL(p||q) = inf; q's extra mass is counted in KL(q||p) = inf too
+    lp = torch.log(torch.tensor([[0.5, 0.5, 0.0]]))
+    lq = torch.log(torch.tensor([[0.5, 0.25, 0.25]]))
+    d = exact_divergences(lp, lq)
+    assert math.isinf(d["kl_rev"].item()) and d["kl_rev"].item() > 0
+    assert d["kl"].item() == pytest.approx(0.5 * math.log(2.0), rel=1e-6)
+    assert d["tv"].item() == pytest.approx(0.25, rel=1e-6)
+
+
+def test_sampled_token_metrics_reference():
+    g = torch.Generator().manual_seed(0)
+    a = -torch.rand(200, generator=g, dtype=torch.float64) * 6  # log p(y_t)
+    b = a + torch.randn(200, generator=g, dtype=torch.float64) * 0.3
+    b = b.clamp(max=-1e-9)  # log q(y_t) <= 0
+    st = sampled_token_metrics(a, b)
+    for i in range(200):
+        pa, pb = math.exp(a[i]), math.exp(b[i])
+        lr = b[i].item() - a[i].item()
+        assert st["log_ratio"][i] == pytest.approx(lr, abs=1e-12)
+        assert st["k1"][i] == pytest.approx(-lr, abs=1e-12)
+        assert st["k2"][i] == pytest.approx(lr * lr / 2, abs=1e-12)
+        assert st["k3"][i] == pytest.approx(math.exp(lr) - 1 - lr, rel=1e-6, abs=1e-12)
+        assert st["abs_rho_m1"][i] == pytest.approx(abs(pb / pa - 1), rel=1e-9)
+        assert st["tv_bin"][i] == pytest.approx(abs(pa - pb), rel=1e-9, abs=1e-15)
+        klb = pa * math.log(pa / pb) + (1 - pa) * math.log((1 - pa) / (1 - pb))
+        assert st["kl_bin"][i] == pytest.approx(max(klb, 0.0), rel=1e-6, abs=1e-12)
+
+
+def test_wide_vocabulary_row():
+    x, y = random_logits(9, 3, 151_936, 6.0, 0.05)
+    got = exact_divergences(torch.log_softmax(x.float(), -1), torch.log_softmax(y.float(), -1))
+    lp, lq = torch.log_softmax(x, -1), torch.log_softmax(y, -1)
+    p, q = lp.exp(), lq.exp()
+    ref_kl = (p * (lp - lq)).sum(-1)
+    ref_tv = 0.5 * (p - q).abs().sum(-1)
+    torch.testing.assert_close(got["kl"].double(), ref_kl, rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(got["tv"].double(), ref_tv, rtol=1e-4, atol=1e-6)
