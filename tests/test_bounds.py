@@ -59,11 +59,14 @@ def test_bounds_against_direct_definitions():
         d, e = 10 ** rng.uniform(-6, 0), 10 ** rng.uniform(-4, 0)
         dbar = rng.uniform(0, e, Tn)
         assert math.isclose(
-            B.coupling(Tn, e), 4 * min(1, e) * brute(Tn, lambda t: min(1, (t - 1) * e)), rel_tol=1e-9, abs_tol=1e-12
+            B.coupling(Tn, e),
+            4 * min(1, e) * brute(Tn, lambda t, e=e: min(1, (t - 1) * e)),
+            rel_tol=1e-9,
+            abs_tol=1e-12,
         )
         assert math.isclose(
             B.pm_kl(Tn, d),
-            4 * min(1, math.sqrt(d / 2)) * brute(Tn, lambda t: min(1, math.sqrt((t - 1) * d / 2))),
+            4 * min(1, math.sqrt(d / 2)) * brute(Tn, lambda t, d=d: min(1, math.sqrt((t - 1) * d / 2))),
             rel_tol=1e-9,
             abs_tol=1e-12,
         )
