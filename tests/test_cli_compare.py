@@ -71,7 +71,9 @@ def test_bf16_vs_fp32_shows_mismatch_and_schema(bf16_report):
     assert (seqs["length"] == seqs["response_token_ids"].map(len)).all()
     assert tok.groupby("seq_id").size().sum() == seqs["length"].sum()
     summary = json.loads((bf16_report / "summary.json").read_text())
-    assert summary["rollout"]["spec"].startswith("hf:") and "dtype=bfloat16" in summary["rollout"]["spec"]
+    # the default pair: vLLM bf16 rollout (vLLM is installed) vs transformers fp32 training
+    assert summary["rollout"]["spec"].startswith("vllm:") and "dtype=bfloat16" in summary["rollout"]["spec"]
+    assert summary["train"]["spec"].startswith("hf:") and "dtype=float32" in summary["train"]["spec"]
     assert summary["sampling"]["max_new_tokens"] == 24 and summary["complete"]
     b = pd.read_parquet(bf16_report / "bounds.parquet")
     assert {"T", "bound", "value", "vacuous"} <= set(b.columns) and 4096 in set(b["T"])

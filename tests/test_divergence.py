@@ -140,3 +140,45 @@ def test_wide_vocabulary_row():
     ref_tv = 0.5 * (p - q).abs().sum(-1)
     torch.testing.assert_close(got["kl"].double(), ref_kl, rtol=1e-3, atol=1e-6)
     torch.testing.assert_close(got["tv"].double(), ref_tv, rtol=1e-4, atol=1e-6)
+
+
+def _topk_inputs(lp: torch.Tensor, k: int, sampled: torch.Tensor):
+    """The rollout side's view: its top-k log-probs plus the sampled token (as vLLM returns them)."""
+    top_lp, top_ids = lp.topk(k, dim=-1)
+    extra_lp = gather_logprobs(lp, sampled)[:, None]
+    in_top = (top_ids == sampled[:, None]).any(-1, keepdim=True)
+    ids = torch.cat([top_ids, sampled[:, None]], -1)
+    lps = torch.cat([top_lp, torch.where(in_top, torch.full_like(extra_lp, -torch.inf), extra_lp)], -1)
+    member = torch.cat([torch.ones_like(top_ids, dtype=torch.bool), torch.zeros_like(in_top)], -1)
+    return lps, ids, member
+
+
+@pytest.mark.parametrize("k", [1, 3, 20, 299])
+@pytest.mark.parametrize("scale,noise", [(1.0, 0.3), (5.0, 0.05), (30.0, 1.0), (3.0, 2.0)])
+def test_topk_interval_contains_exact_value(k, scale, noise):
+    from trm_diag.divergence import topk_intervals
+
+    lp, lq = random_pair(k, 8, 300, scale, noise)
+    lp64, lq64 = torch.log_softmax(lp.double(), -1), torch.log_softmax(lq.double(), -1)
+    sampled = torch.multinomial(lp64.exp(), 1, generator=torch.Generator().manual_seed(0)).squeeze(-1)
+    iv = topk_intervals(*_topk_inputs(lp64, k, sampled), lq64)
+    ex = exact_divergences(lp64, lq64)
+    tol = 1e-9
+    assert (iv["kl_lo"] <= ex["kl"] + tol).all() and (ex["kl"] <= iv["kl_hi"] + tol).all()
+    assert (iv["tv_lo"] <= ex["tv"] + tol).all() and (ex["tv"] <= iv["tv_hi"] + tol).all()
+    if k == 299:  # S covers the whole vocabulary but one token: the interval collapses
+        torch.testing.assert_close(iv["tv_lo"], ex["tv"], rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(iv["kl_hi"], ex["kl"], rtol=1e-6, atol=1e-9)
+
+
+def test_topk_interval_narrows_as_k_grows():
+    from trm_diag.divergence import topk_intervals
+
+    lp, lq = random_pair(4, 6, 400, 4.0, 0.2)
+    lp64, lq64 = torch.log_softmax(lp.double(), -1), torch.log_softmax(lq.double(), -1)
+    sampled = lp64.argmax(-1)
+    widths = []
+    for k in (2, 10, 50, 200):
+        iv = topk_intervals(*_topk_inputs(lp64, k, sampled), lq64)
+        widths.append(float((iv["kl_hi"] - iv["kl_lo"]).mean()))
+    assert widths == sorted(widths, reverse=True) and widths[-1] < widths[0] / 10

@@ -26,7 +26,7 @@ def frames(lengths, seed=0):
 def test_batch_metrics_reference():
     lengths = [3, 9, 4, 12]
     tokens, seqs, th = frames(lengths)
-    m = batch_metrics(tokens, seqs, exact=True, thresholds=th)
+    m = batch_metrics(tokens, seqs, fidelity="exact", thresholds=th)
     lr = tokens["log_ratio"].to_numpy()
     rho = np.exp(lr)
     assert math.isclose(m["k1_mean"], float(np.mean(-lr)), rel_tol=1e-12)
@@ -45,7 +45,7 @@ def test_batch_metrics_reference():
 def test_bound_inputs_reference():
     lengths = [3, 9, 4]
     tokens, seqs, _ = frames(lengths, seed=2)
-    inp = bound_inputs(tokens, seqs, exact=True)
+    inp = bound_inputs(tokens, seqs, fidelity="exact")
     assert inp.delta == tokens["kl"].max() and inp.eps == tokens["tv"].max()
     assert math.isclose(inp.kl_seq, tokens["kl"].sum() / 3)
     seq_ratio = [np.exp(tokens["log_ratio"][tokens["seq_id"] == i].sum()) for i in range(3)]
@@ -54,6 +54,6 @@ def test_bound_inputs_reference():
     for t in range(9):
         vals = [tokens["tv"][(tokens["seq_id"] == i) & (tokens["pos"] == t)].sum() for i in range(3)]
         assert math.isclose(inp.dbar[t], float(np.mean(vals)), abs_tol=1e-15)
-    heur = bound_inputs(tokens.drop(columns=["kl", "tv"]), seqs, exact=False)
+    heur = bound_inputs(tokens.drop(columns=["kl", "tv"]), seqs, fidelity="sampled")
     assert heur.delta == tokens["k2"].max() and heur.eps is None
     assert "heuristic" in heur.source["delta"]

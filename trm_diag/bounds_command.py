@@ -46,8 +46,7 @@ def report_inputs(report: str) -> BoundInputs:
     data = load_report(report)
     if "tokens" not in data or "sequences" not in data:
         raise UsageError(f"'{report}' lacks tokens.parquet or sequences.parquet", "re-run trm-diag compare")
-    exact = data["summary"].get("fidelity") == "exact"
-    return bound_inputs(data["tokens"], data["sequences"], exact=exact)
+    return bound_inputs(data["tokens"], data["sequences"], fidelity=data["summary"].get("fidelity", "exact"))
 
 
 def bounds_json(rows: list[dict], inp: BoundInputs, inverse: dict[int, dict] | None) -> dict[str, Any]:

@@ -83,14 +83,26 @@ def compare(
         str, typer.Option(help="Prompt file: .jsonl ('prompt' or 'messages'), .parquet or .txt. " + SAMPLE_HELP)
     ] = "",
     rollout: Annotated[
-        str, typer.Option(help="Rollout backend spec, e.g. 'hf:dtype=bfloat16,attn=sdpa'.")
-    ] = "hf:dtype=bfloat16",
+        str,
+        typer.Option(
+            help="Rollout backend spec, e.g. 'vllm:dtype=bfloat16' or 'hf:dtype=bfloat16,attn=sdpa'. "
+            "Default: vllm:dtype=bfloat16 when vLLM is installed, else hf:dtype=bfloat16."
+        ),
+    ] = "",
     train: Annotated[
         str, typer.Option(help="Training backend spec, e.g. 'hf:dtype=float32,attn=eager'.")
     ] = "hf:dtype=float32",
     out: Annotated[str, typer.Option(help="Report folder.")] = "trm-report",
     overwrite: Annotated[bool, typer.Option(help="Replace a report already in --out.")] = False,
     num_prompts: Annotated[int | None, typer.Option(help="Use only the first N prompts.")] = None,
+    fidelity: Annotated[
+        str,
+        typer.Option(
+            help="exact: full next-token distributions of both sides (kl, tv); topk: certified [lo, hi] "
+            "intervals from the rollout's top-K log-probs; sampled: only the sampled token's log-probs."
+        ),
+    ] = "exact",
+    topk: Annotated[int, typer.Option(help="Top-K log-probs recorded per sampled token (top-K intervals).")] = 20,
     samples: Annotated[int, typer.Option(help="Responses sampled per prompt.")] = 1,
     max_new_tokens: Annotated[int, typer.Option(help="Maximum response length.")] = 96,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 1.0,
@@ -121,15 +133,16 @@ def compare(
     """
     from trm_diag.backends import parse_spec
     from trm_diag.config import SamplingConfig, Thresholds
-    from trm_diag.pipeline import DEFAULT_MODEL, DEFAULT_PROMPTS, CompareConfig, run_compare
+    from trm_diag.pipeline import DEFAULT_MODEL, DEFAULT_PROMPTS, CompareConfig, default_rollout_spec, run_compare
 
     cfg = CompareConfig(
-        rollout=parse_spec(rollout),
+        rollout=parse_spec(rollout or default_rollout_spec()),
         train=parse_spec(train),
         model=model or str(DEFAULT_MODEL),
         prompts=prompts or str(DEFAULT_PROMPTS),
         out=out,
-        sampling=SamplingConfig(temperature, top_p, top_k, min_p, max_new_tokens, samples, seed),
+        sampling=SamplingConfig(temperature, top_p, top_k, min_p, max_new_tokens, samples, seed, topk),
+        fidelity=fidelity,
         thresholds=Thresholds(trm_max, trm_avg, ln_trm, trm_max, ser, dppo_tv, dppo_kl),
         num_prompts=num_prompts,
         overwrite=overwrite,

