@@ -28,6 +28,7 @@ from trm_diag.bounds import bounds_table
 from trm_diag.checkpoint import read_config, vocab_size
 from trm_diag.config import BackendSpec, SamplingConfig, Thresholds, as_dict
 from trm_diag.errors import BackendFailure, InputError, ModelError, UsageError
+from trm_diag.masking import acceptance_by_length, threshold_sweep, token_violation_rate
 from trm_diag.metrics import batch_metrics, bound_inputs
 from trm_diag.report import prepare_out_dir, write_report
 from trm_diag.scoring import FIDELITIES, TOKEN_COLUMNS, token_columns
@@ -342,6 +343,11 @@ def run_compare(cfg: CompareConfig, reporter: Reporter | None = None) -> Compare
             "samples": inp.samples,
         },  # fmt: skip
         "bounds_at_observed_T": at_obs,
+        "masking": {
+            "token_violation_rate": token_violation_rate(tokens, th, fidelity),
+            "by_length": acceptance_by_length(tokens, seqs, th, fidelity),
+            "sweep": threshold_sweep(seqs, th, fidelity),
+        },
         "worst_sequences": _worst_sequences(seqs, tokenizer, fidelity),
         "hardware": _hardware(),
         "versions": _versions(),

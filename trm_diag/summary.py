@@ -114,6 +114,8 @@ def render_compare(console: Console, summary: dict[str, Any]) -> None:
     acc.add_row("DPPO binary KL (tokens over)", str(th["dppo_kl"]), f"{100 * m['dppo_kl_token_frac']:.2f}% of tokens")
     console.print(acc)
 
+    render_masking(console, summary)
+
     bi = summary["bound_inputs"]
     b = summary.get("bounds_at_observed_T") or {}
     if b:
@@ -145,3 +147,34 @@ def render_compare(console: Console, summary: dict[str, Any]) -> None:
     t = summary.get("timings", {})
     if t:
         console.print("[dim]" + "  ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in t.items()) + "[/dim]")
+
+
+def render_masking(console: Console, summary: dict[str, Any]) -> None:
+    """Acceptance by length bucket next to (1-p)^T, and acceptance versus threshold."""
+    mk = summary.get("masking") or {}
+    if mk.get("by_length"):
+        p = mk.get("token_violation_rate")
+        t = Table(
+            title=f"Acceptance by length (TRM-Max predicted = (1-p)^T, p = {fmt(p)} tokens over the threshold)",
+            title_justify="left",
+        )
+        for c in ("lengths", "n", "TRM-Max", "predicted", "TRM-Avg", "LN-TRM", "SER"):
+            t.add_column(c, justify="right")
+        for r in mk["by_length"]:
+            t.add_row(
+                r["lengths"],
+                str(r["n"]),
+                *(f"{100 * r[k]:.0f}%" for k in ("trm_max", "trm_max_predicted", "trm_avg", "ln_trm", "ser")),
+            )
+        console.print(t)
+    if mk.get("sweep"):
+        factors = sorted({r["factor"] for r in mk["sweep"]})
+        t = Table(title="Acceptance versus threshold (x the configured value)", title_justify="left")
+        t.add_column("criterion")
+        for f in factors:
+            t.add_column(f"x{f:g}", justify="right")
+        for key, label in CRITERIA_LABELS.items():
+            cells = {r["factor"]: r["acceptance"] for r in mk["sweep"] if r["criterion"] == key}
+            if cells:
+                t.add_row(label, *(f"{100 * cells[f]:.0f}%" for f in factors))
+        console.print(t)
