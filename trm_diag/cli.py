@@ -10,7 +10,6 @@ import sys
 from contextlib import contextmanager
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -200,10 +199,61 @@ def bounds(
     )  # fmt: skip
 
 
+# ------------------------------------------------------------------ gate
+@app.command()
+def gate(
+    report: Annotated[str, typer.Argument(help="Report folder written by `trm-diag compare`.")],
+    rule: Annotated[
+        list[str] | None,
+        typer.Option("--rule", "-r", help="Rule '<metric> <op> <value>', e.g. 'token.kl.p99 <= 1e-3'. Repeatable."),
+    ] = None,
+    config: Annotated[
+        str | None,
+        typer.Option(
+            help="TOML file with rules = [...] (top level, [gate] or [tool.trm-diag.gate]). "
+            "Default: [tool.trm-diag.gate] of ./pyproject.toml when no --rule is given."
+        ),
+    ] = None,  # fmt: skip
+    baseline: Annotated[
+        str | None, typer.Option(help="Older report for relative rules: 'token.kl.p99 <= 1.2 * baseline'.")
+    ] = None,
+    fmt: Annotated[
+        str, typer.Option("--format", help="table, json, junit or github (workflow annotations).")
+    ] = "table",
+    output: Annotated[
+        str | None, typer.Option(help="Also write the result to this file (JSON for table, else the chosen format).")
+    ] = None,
+    list_metrics: Annotated[
+        bool, typer.Option("--list-metrics", help="List every metric name with its value.")
+    ] = False,
+) -> None:
+    """Check rules against a report: exit 0 when all hold, 1 when any fails, 2 on a usage or input error.
+
+    Metric names: token.<column>.<stat>, seq.<column>.<stat> (stat: mean p50 p90 p99 p999 max min),
+    accept.<criterion>, bounds.<bound>@<T>, metrics.<name>, routing.flip_rate.
+    Example: trm-diag gate ./trm-report -r 'token.kl.p99 <= 1e-3' -r 'accept.trm_max >= 0.7'
+    """
+    from pathlib import Path
+
+    from trm_diag.gate_command import run_gate
+
+    code = run_gate(
+        report=report, rules=rule or [], config=Path(config) if config else None,
+        baseline=baseline, fmt=fmt, output=output, list_metrics=list_metrics,
+        out_console=out_console,
+    )  # fmt: skip
+    raise typer.Exit(code)
+
+
+# click's usage errors (typer vendors its own click, so they are matched by name)
+USAGE_EXCEPTIONS = {"UsageError", "BadParameter", "MissingParameter", "NoSuchOption", "BadOptionUsage",
+                    "BadArgumentUsage", "ClickException", "FileError"}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turn TrmDiagError into one line and its exit code."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)  # click returns typer.Exit's code here
     except TrmDiagError as e:
         err_console.print(f"[bold red]error:[/bold red] {escape(e.one_line())}", highlight=False, soft_wrap=True)
         sys.exit(int(e.exit_code))
@@ -212,7 +262,9 @@ def main(argv: list[str] | None = None) -> None:
     except (typer.Abort, KeyboardInterrupt):
         err_console.print("[red]interrupted[/red]")
         sys.exit(130)
-    except click.ClickException as e:  # bad options arrive here in non-standalone mode
-        e.show(file=sys.stderr)
-        sys.exit(int(ExitCode.USAGE))
-    sys.exit(0)
+    except Exception as e:  # bad options arrive here in non-standalone mode (typer's vendored click)
+        if type(e).__name__ in USAGE_EXCEPTIONS and hasattr(e, "show"):
+            e.show(file=sys.stderr)
+            sys.exit(int(ExitCode.USAGE))
+        raise
+    sys.exit(code if isinstance(code, int) else 0)

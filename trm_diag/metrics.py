@@ -8,13 +8,16 @@ Pure numpy; DataFrames in, plain dicts of floats out.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from trm_diag.bounds import BoundInputs
 from trm_diag.config import Thresholds
 from trm_diag.sequences import CRITERIA
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 QUANTILES = {"mean": None, "p50": 0.5, "p90": 0.9, "p99": 0.99, "p999": 0.999, "max": 1.0}
 
@@ -88,7 +91,7 @@ def batch_metrics(tokens: pd.DataFrame, seqs: pd.DataFrame, fidelity: str, thres
     return m
 
 
-def bound_inputs(tokens: pd.DataFrame, seqs: pd.DataFrame, fidelity: str) -> BoundInputs:
+def bound_inputs(tokens: Any, seqs: Any, fidelity: str) -> BoundInputs:
     """Estimate delta, eps, D_KL^seq, D_TV^seq and Dbar_t from a report (DESIGN.md section 2).
 
     exact: delta = max kl, eps = max tv (empirical maxima over the sampled positions),
@@ -98,27 +101,30 @@ def bound_inputs(tokens: pd.DataFrame, seqs: pd.DataFrame, fidelity: str) -> Bou
     TV input is produced: binary and lower-end values never feed a bound.
     D_TV^seq is always the unbiased Monte-Carlo mean_i max(0, 1 - prod_t rho_t).
     """
-    n_seq, n_tok = len(seqs), len(tokens)
+
+    def col(frame, name: str) -> np.ndarray:  # works for DataFrames and dicts of arrays alike
+        return np.asarray(frame[name], dtype=np.float64)
+
+    n_seq, n_tok = len(seqs["length"]), len(tokens["log_ratio"])
     inp = BoundInputs(samples={"sequences": n_seq, "tokens": n_tok})
     if n_seq == 0 or n_tok == 0:
         return inp
-    lengths = seqs["length"].to_numpy()
+    lengths = np.asarray(seqs["length"])
     inp.seq_T = int(lengths.max())
-    seq_lr = seqs["log_seq_ratio"].to_numpy(dtype=np.float64)
+    seq_lr = col(seqs, "log_seq_ratio")
     with np.errstate(over="ignore"):
         inp.tv_seq = float(np.nanmean(np.maximum(0.0, 1.0 - np.exp(seq_lr))))
     inp.source["tv_seq"] = f"measured (Monte-Carlo over {n_seq} rollouts)"
     if fidelity in ("exact", "topk"):
         kl_col, tv_col = ("kl", "tv") if fidelity == "exact" else ("kl_hi", "tv_hi")
         how = "" if fidelity == "exact" else ", certified top-K upper ends"
-        kl = tokens[kl_col].to_numpy(dtype=np.float64)
-        tv = tokens[tv_col].to_numpy(dtype=np.float64)
+        kl, tv = col(tokens, kl_col), col(tokens, tv_col)
         inp.delta = float(np.nanmax(kl))
         inp.eps = float(np.nanmax(tv))
         inp.kl_seq = float(np.nansum(kl) / n_seq)
         inp.kl_rate = float(np.nanmean(kl))
         inp.tv_rate = float(np.nanmean(tv))
-        pos = tokens["pos"].to_numpy()
+        pos = np.asarray(tokens["pos"], dtype=np.int64)
         inp.dbar = np.bincount(pos, weights=np.nan_to_num(tv), minlength=inp.seq_T) / n_seq
         inp.source.update(
             delta=f"measured (empirical max over {n_tok} tokens{how})",
@@ -127,8 +133,7 @@ def bound_inputs(tokens: pd.DataFrame, seqs: pd.DataFrame, fidelity: str) -> Bou
             dbar=f"measured (mean over {n_seq} rollouts{how})",
         )
     else:
-        k2 = tokens["k2"].to_numpy(dtype=np.float64)
-        k3 = tokens["k3"].to_numpy(dtype=np.float64)
+        k2, k3 = col(tokens, "k2"), col(tokens, "k3")
         inp.delta = float(np.nanmax(k2))
         inp.kl_seq = float(np.nansum(k3) / n_seq)
         inp.kl_rate = float(np.nanmean(k3))

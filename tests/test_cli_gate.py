@@ -1,0 +1,155 @@
+"""`trm-diag gate`: pass, fail, baseline, every output format, every error class and its exit code."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from trm_diag.cli import main
+from trm_diag.gate import ReportMetrics
+
+
+def run(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    cap = capsys.readouterr()
+    return e.value.code, cap.out, cap.err
+
+
+def make_report(tmp_path_factory, dense_model, name, rollout):
+    out = tmp_path_factory.mktemp("g") / name
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "--model", str(dense_model), "--rollout", rollout, "--train", "hf:dtype=float32", "--out",
+              str(out), "--num-prompts", "8", "--max-new-tokens", "24", "-q"])  # fmt: skip
+    assert e.value.code == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, dense_model):
+    return make_report(tmp_path_factory, dense_model, "bf16", "hf:dtype=bfloat16")
+
+
+@pytest.fixture(scope="module")
+def clean_report(tmp_path_factory, dense_model):
+    return make_report(tmp_path_factory, dense_model, "fp32", "hf:dtype=float32,batch_size=3")
+
+
+def test_metric_values_match_the_report(report):
+    import numpy as np
+    import pandas as pd
+
+    m = ReportMetrics(report)
+    tok = pd.read_parquet(report / "tokens.parquet")
+    seq = pd.read_parquet(report / "sequences.parquet")
+    assert m.value("token.kl.p99") == pytest.approx(float(np.quantile(tok["kl"], 0.99)))
+    assert m.value("token.tv.max") == pytest.approx(tok["tv"].max())
+    assert m.value("seq.length.mean") == pytest.approx(seq["length"].mean())
+    assert m.value("accept.trm_max") == pytest.approx(seq["accept_trm_max"].mean())
+    s = json.loads((report / "summary.json").read_text())
+    assert m.value("metrics.chi2_token") == pytest.approx(s["metrics"]["chi2_token"])
+    obs = s["bound_inputs"]["observed_T"]
+    assert m.value(f"bounds.unified@{obs}") == pytest.approx(s["bounds_at_observed_T"]["unified"])
+
+
+def test_pass_and_fail_exit_codes(report, capsys):
+    code, out, _ = run(["gate", str(report), "-r", "token.kl.p99 <= 1", "-r", "accept.trm_max >= 0.5"], capsys)
+    assert code == 0 and "2/2 rules passed" in out
+    code, out, _ = run(["gate", str(report), "-r", "token.kl.max <= 0", "-r", "accept.trm_max >= 0.5"], capsys)
+    assert code == 1 and "FAIL" in out and "1/2 rules passed" in out
+
+
+def test_baseline_rules(report, clean_report, capsys):
+    # bf16 is far worse than the fp32 baseline: a relative rule fails; against itself it passes
+    code, *_ = run(
+        ["gate", str(report), "--baseline", str(clean_report), "-r", "token.kl.p99 <= 1.2 * baseline"], capsys
+    )
+    assert code == 1
+    code, *_ = run(["gate", str(report), "--baseline", str(report), "-r", "token.kl.p99 <= 1.2 * baseline",
+                    "-r", "token.tv.mean <= baseline + 0"], capsys)  # fmt: skip
+    assert code == 0
+    code, out, _ = run(
+        ["gate", str(clean_report), "--baseline", str(report), "-r", "token.kl.p99 <= baseline", "--format", "json"],
+        capsys,
+    )
+    data = json.loads(out)
+    assert code == 0 and data["rules"][0]["baseline"] == pytest.approx(ReportMetrics(report).value("token.kl.p99"))
+
+
+def test_json_junit_github_formats(report, tmp_path, capsys):
+    rules = ["-r", "token.kl.p99 <= 1", "-r", "token.kl.max <= 0"]
+    code, out, _ = run(["gate", str(report), *rules, "--format", "json", "--output", str(tmp_path / "g.json")], capsys)
+    data = json.loads(out)
+    assert code == 1 and data["passed"] is False and data["n_failed"] == 1 and len(data["rules"]) == 2
+    assert json.loads((tmp_path / "g.json").read_text()) == data
+    code, out, _ = run(["gate", str(report), *rules, "--format", "junit", "--output", str(tmp_path / "g.xml")], capsys)
+    suite = ET.fromstring(out.split("\n", 1)[1])
+    assert code == 1 and suite.tag == "testsuite" and suite.get("tests") == "2" and suite.get("failures") == "1"
+    cases = suite.findall("testcase")
+    assert [c.find("failure") is not None for c in cases] == [False, True]
+    assert ET.parse(tmp_path / "g.xml").getroot().get("failures") == "1"
+    code, out, _ = run(["gate", str(report), *rules, "--format", "github"], capsys)
+    assert code == 1 and out.count("::error") == 1 and "::notice" in out and "1/2 rules passed" in out
+    code, out, _ = run(["gate", str(report), "-r", "token.kl.p99 <= 1", "--output", str(tmp_path / "t.json")], capsys)
+    assert code == 0 and json.loads((tmp_path / "t.json").read_text())["passed"] is True
+
+
+def test_rules_from_toml_and_pyproject(report, tmp_path, monkeypatch, capsys):
+    cfg = tmp_path / "gate.toml"
+    cfg.write_text('[gate]\nrules = ["token.kl.p99 <= 1", "accept.trm_avg >= 0"]\n')
+    code, out, _ = run(["gate", str(report), "--config", str(cfg)], capsys)
+    assert code == 0 and "2/2" in out
+    (tmp_path / "pyproject.toml").write_text('[tool.trm-diag.gate]\nrules = ["token.kl.max <= 0"]\n')
+    monkeypatch.chdir(tmp_path)
+    code, *_ = run(["gate", str(report)], capsys)
+    assert code == 1
+
+
+def test_list_metrics(report, capsys):
+    code, out, _ = run(["gate", "--list-metrics", str(report), "--format", "json"], capsys)
+    names = json.loads(out)
+    assert code == 0 and "token.kl.p999" in names and "accept.combined" in names and "bounds.unified@4096" in names
+    assert "seq.kl_max.max" in names and "metrics.ess_seq" in names
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["/no/such/report", "-r", "token.kl.p99 <= 1"], "does not exist"),
+        (["{report}", "-r", "token.nope.p99 <= 1"], "unknown metric 'token.nope.p99'"),
+        (["{report}", "-r", "token.kl.p99 =< 1"], "malformed rule"),
+        (["{report}", "-r", "token.kl.p99 <= lots"], "malformed right-hand side"),
+        (["{report}", "-r", "token.kl.p99 <= baseline"], "--baseline"),
+        (["{report}"], "no gate rules given"),
+        (["{report}", "-r", "token.kl.p99 <= 1", "--format", "xml"], "--format xml is unknown"),
+        (["{report}", "--config", "/no/rules.toml"], "does not exist"),
+        (["{report}", "-r", "bounds.unified@0 <= 1"], "unknown metric"),
+    ],
+)
+def test_errors_exit_2(report, tmp_path, monkeypatch, argv, needle, capsys):
+    monkeypatch.chdir(tmp_path)  # no pyproject.toml with rules here
+    argv = [a.replace("{report}", str(report)) for a in argv]
+    code, _, err = run(["gate", *argv], capsys)
+    assert code == 2 and needle in err and "Traceback" not in err
+
+
+def test_incomplete_report_is_an_input_error(report, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(report, broken)
+    (broken / "summary.json").unlink()
+    code, _, err = run(["gate", str(broken), "-r", "token.kl.p99 <= 1"], capsys)
+    assert code == 2 and "no complete report" in err
+
+
+def test_gate_never_imports_torch(report):
+    code = (f"import sys; from trm_diag.cli import main\ntry: main(['gate', {str(report)!r}, '-r', 'token.kl.p99 <= 1', '-r', 'bounds.unified@4096 <= 1e9'])\n"
+            "except SystemExit as e: assert e.code == 0, e.code\n"
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")  # fmt: skip
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr

@@ -1,0 +1,319 @@
+"""`trm-diag gate`: threshold rules over a report, for CI. No torch, no pandas.
+
+Metric names address the report:
+- ``token.<column>.<stat>`` and ``seq.<column>.<stat>``: stat in mean, p50, p90, p99,
+  p999, max, min of any numeric column of tokens.parquet / sequences.parquet (finite
+  values only);
+- ``accept.<criterion>``: acceptance rate of a masking criterion (trm_max, trm_avg,
+  combined, ln_trm, ser);
+- ``bounds.<bound>@<T>``: a bound of the paper at horizon T from the report's measured
+  inputs (e.g. ``bounds.unified@4096``);
+- ``metrics.<name>``: any batch metric of summary.json (e.g. ``metrics.chi2_token``);
+- ``routing.flip_rate``: MoE routing flip rate, when the report has routing data.
+
+Rules: ``<metric> <op> <rhs>`` with op in <=, <, >=, >, == and rhs a number,
+``baseline``, ``<number> * baseline``, ``baseline * <number>`` or ``baseline + <number>``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import operator
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trm_diag.errors import InputError, UsageError
+
+STATS = {"mean": None, "p50": 0.5, "p90": 0.9, "p99": 0.99, "p999": 0.999, "max": 1.0, "min": 0.0}
+OPS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt, "==": operator.eq}
+CRITERIA = ("trm_max", "trm_avg", "combined", "ln_trm", "ser")
+RULE_RE = re.compile(r"^\s*(?P<metric>[A-Za-z0-9_.@]+)\s*(?P<op><=|>=|==|<|>)\s*(?P<rhs>.+?)\s*$")
+NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+RHS_FORMS = [
+    (re.compile(rf"^(?P<a>{NUM})$"), lambda m, b: float(m["a"])),
+    (re.compile(r"^baseline$"), lambda m, b: b),
+    (re.compile(rf"^(?P<a>{NUM})\s*\*\s*baseline$"), lambda m, b: float(m["a"]) * b),
+    (re.compile(rf"^baseline\s*\*\s*(?P<a>{NUM})$"), lambda m, b: float(m["a"]) * b),
+    (re.compile(rf"^baseline\s*\+\s*(?P<a>{NUM})$"), lambda m, b: b + float(m["a"])),
+]
+
+
+@dataclass(frozen=True)
+class Rule:
+    text: str
+    metric: str
+    op: str
+    rhs: str
+
+    @property
+    def uses_baseline(self) -> bool:
+        return "baseline" in self.rhs
+
+
+def parse_rule(text: str) -> Rule:
+    """Parse ``metric op rhs``; raises UsageError naming the malformed part."""
+    m = RULE_RE.match(text)
+    if not m:
+        raise UsageError(f"malformed rule '{text}'", "write '<metric> <op> <value>', e.g. 'token.kl.p99 <= 1e-3'")
+    rhs = m["rhs"]
+    if not any(form.match(rhs) for form, _ in RHS_FORMS):
+        raise UsageError(
+            f"malformed right-hand side '{rhs}' in rule '{text}'",
+            "use a number, 'baseline', 'N * baseline' or 'baseline + N'",
+        )
+    return Rule(text.strip(), m["metric"], m["op"], rhs)
+
+
+def load_rules_toml(path: Path) -> list[str]:
+    """Rules from a TOML file: top-level ``rules``, ``[gate]`` or ``[tool.trm-diag.gate]``."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise InputError(f"cannot read gate config '{path}': {e}", "check the TOML syntax") from None
+    for table in (data.get("tool", {}).get("trm-diag", {}).get("gate"), data.get("gate"), data):
+        if isinstance(table, dict) and "rules" in table:
+            rules = table["rules"]
+            if not isinstance(rules, list) or not all(isinstance(r, str) for r in rules):
+                raise InputError(f"'{path}': rules must be a list of strings", 'write rules = ["token.kl.p99 <= 1e-3"]')
+            return rules
+    return []
+
+
+class ReportMetrics:
+    """Lazily reads a report folder and resolves metric names to floats."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise InputError(f"report folder '{path}' does not exist", "run `trm-diag compare --out DIR` first")
+        marker = self.path / "summary.json"
+        if not marker.is_file():
+            raise InputError(f"'{path}' holds no complete report (no summary.json)", "re-run trm-diag compare")
+        try:
+            self.summary = json.loads(marker.read_text())
+        except json.JSONDecodeError as e:
+            raise InputError(f"{marker} is not valid JSON ({e.msg})", "re-run trm-diag compare") from None
+        self._schemas: dict[str, list[str]] = {}
+        self._cols: dict[tuple[str, str], np.ndarray] = {}
+        self._bound_inputs = None
+
+    # -------------------------------------------------------------- tables
+    def _file(self, table: str) -> Path:
+        return self.path / f"{table}.parquet"
+
+    def numeric_columns(self, table: str) -> list[str]:
+        if table not in self._schemas:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            f = self._file(table)
+            if not f.is_file():
+                self._schemas[table] = []
+            else:
+                schema = pq.read_schema(f)
+                self._schemas[table] = [
+                    fld.name
+                    for fld in schema
+                    if pa.types.is_integer(fld.type) or pa.types.is_floating(fld.type) or pa.types.is_boolean(fld.type)
+                ]
+        return self._schemas[table]
+
+    def column(self, table: str, name: str) -> np.ndarray:
+        key = (table, name)
+        if key not in self._cols:
+            import pyarrow.parquet as pq
+
+            arr = pq.read_table(self._file(table), columns=[name]).column(0).to_numpy(zero_copy_only=False)
+            self._cols[key] = np.asarray(arr, dtype=np.float64)
+        return self._cols[key]
+
+    # -------------------------------------------------------------- names
+    def names(self) -> list[str]:
+        """Every metric name this report can answer."""
+        out = []
+        for prefix, table in (("token", "tokens"), ("seq", "sequences")):
+            for c in self.numeric_columns(table):
+                out += [f"{prefix}.{c}.{s}" for s in STATS]
+        out += [f"accept.{c}" for c in CRITERIA if f"accept_{c}" in self.numeric_columns("sequences")]
+        horizons = sorted({int(r) for r in self._report_horizons()})
+        from trm_diag.bounds import BOUND_NAMES
+
+        out += [f"bounds.{b}@{T}" for T in horizons for b in BOUND_NAMES]
+        out += [
+            f"metrics.{k}"
+            for k, v in self.summary.get("metrics", {}).items()
+            if isinstance(v, (int, float)) or v is None
+        ]
+        if self._file("routing").is_file() or "routing" in self.summary:
+            out.append("routing.flip_rate")
+        return out
+
+    def _report_horizons(self) -> list[int]:
+        f = self._file("bounds")
+        if not f.is_file():
+            return []
+        import pyarrow.parquet as pq
+
+        return list(set(pq.read_table(f, columns=["T"]).column(0).to_pylist()))
+
+    def value(self, name: str) -> float:
+        """The metric's value (NaN when it has no finite data); UsageError for unknown names."""
+        parts = name.split(".")
+        try:
+            if parts[0] in ("token", "seq") and len(parts) == 3 and parts[2] in STATS:
+                table = "tokens" if parts[0] == "token" else "sequences"
+                if parts[1] in self.numeric_columns(table):
+                    return _stat(self.column(table, parts[1]), parts[2])
+            elif parts[0] == "accept" and len(parts) == 2 and f"accept_{parts[1]}" in self.numeric_columns("sequences"):
+                x = self.column("sequences", f"accept_{parts[1]}")
+                return float(x.mean()) if x.size else math.nan
+            elif parts[0] == "bounds" and len(parts) == 2 and "@" in parts[1]:
+                return self._bound(*parts[1].split("@", 1))
+            elif parts[0] == "metrics" and len(parts) == 2 and parts[1] in self.summary.get("metrics", {}):
+                v = self.summary["metrics"][parts[1]]
+                return math.nan if v is None else float(v)
+            elif name == "routing.flip_rate":
+                r = self.summary.get("routing") or {}
+                if "flip_rate" in r:
+                    return float(r["flip_rate"])
+        except ValueError:
+            pass
+        close = difflib.get_close_matches(name, self.names(), n=3)
+        hint = (
+            f"did you mean {', '.join(close)}?" if close else "list the names with `trm-diag gate --list-metrics DIR`"
+        )
+        raise UsageError(f"unknown metric '{name}' for report '{self.path}'", hint)
+
+    def _bound(self, bound: str, horizon: str) -> float:
+        from trm_diag.bounds import BOUND_NAMES, all_bounds
+        from trm_diag.metrics import bound_inputs
+
+        if bound not in BOUND_NAMES:
+            raise ValueError(bound)
+        T = int(horizon)
+        if T < 1:
+            raise ValueError(horizon)
+        if self._bound_inputs is None:
+            tok_cols = ("log_ratio", "pos", "kl", "tv", "kl_hi", "tv_hi", "k2", "k3")
+            tokens = {c: self.column("tokens", c) for c in tok_cols if c in self.numeric_columns("tokens")}
+            seqs = {c: self.column("sequences", c) for c in ("length", "log_seq_ratio")}
+            self._bound_inputs = bound_inputs(tokens, seqs, self.summary.get("fidelity", "exact"))
+        v = all_bounds(T, self._bound_inputs)[0][bound]
+        return math.nan if v is None else float(v)
+
+
+def _stat(x: np.ndarray, stat: str) -> float:
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return math.nan
+    if stat == "mean":
+        return float(x.mean())
+    return float(np.quantile(x, STATS[stat]))
+
+
+@dataclass
+class RuleResult:
+    rule: Rule
+    value: float
+    threshold: float
+    baseline: float | None
+    passed: bool
+    note: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        def clean(v: float | None) -> float | None:
+            return None if v is None or not math.isfinite(v) else v
+
+        return {
+            "rule": self.rule.text, "metric": self.rule.metric, "op": self.rule.op, "value": clean(self.value),
+            "threshold": clean(self.threshold), "baseline": clean(self.baseline), "passed": self.passed, "note": self.note,
+        }  # fmt: skip
+
+
+def evaluate(rules: list[Rule], report: ReportMetrics, baseline: ReportMetrics | None) -> list[RuleResult]:
+    """Evaluate every rule; NaN values fail with a note. Unknown metrics raise UsageError."""
+    results = []
+    for rule in rules:
+        value = report.value(rule.metric)
+        base = None
+        if rule.uses_baseline:
+            if baseline is None:
+                raise UsageError(f"rule '{rule.text}' compares with a baseline", "pass --baseline OLD_REPORT_DIR")
+            base = baseline.value(rule.metric)
+        for form, fn in RHS_FORMS:
+            m = form.match(rule.rhs)
+            if m:
+                threshold = fn(m, base if base is not None else math.nan)
+                break
+        note = ""
+        if math.isnan(value):
+            passed, note = False, "the report has no finite values for this metric"
+        elif math.isnan(threshold):
+            passed, note = False, "the baseline has no finite value for this metric"
+        else:
+            passed = bool(OPS[rule.op](value, threshold))
+        results.append(RuleResult(rule, value, threshold, base, passed, note))
+    return results
+
+
+def to_json(results: list[RuleResult], report: str, baseline: str | None) -> str:
+    return json.dumps(
+        {
+            "report": report,
+            "baseline": baseline,
+            "passed": all(r.passed for r in results),
+            "n_rules": len(results),
+            "n_failed": sum(not r.passed for r in results),
+            "rules": [r.as_dict() for r in results],
+        },
+        indent=2,
+    )
+
+
+def to_junit(results: list[RuleResult], report: str) -> str:
+    """A JUnit XML document: one testcase per rule, a <failure> for each failed rule."""
+    import xml.etree.ElementTree as ET
+
+    suite = ET.Element(
+        "testsuite",
+        name="trm-diag gate",
+        tests=str(len(results)),
+        failures=str(sum(not r.passed for r in results)),
+        errors="0",
+    )
+    ET.SubElement(ET.SubElement(suite, "properties"), "property", name="report", value=report)
+    for r in results:
+        case = ET.SubElement(suite, "testcase", classname="trm_diag.gate", name=r.rule.text)
+        if not r.passed:
+            msg = f"{r.rule.metric} = {r.value:.6g}, required {r.rule.op} {r.threshold:.6g}" + (
+                f" ({r.note})" if r.note else ""
+            )
+            ET.SubElement(case, "failure", message=msg, type="GateRuleFailed").text = msg
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(suite, encoding="unicode") + "\n"
+
+
+def to_github(results: list[RuleResult]) -> str:
+    """GitHub Actions workflow commands: an ::error per failed rule, a ::notice summary."""
+
+    def esc(s: str) -> str:
+        return s.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+    lines = []
+    for r in results:
+        if not r.passed:
+            lines.append(
+                f"::error title=trm-diag gate::{esc(f'{r.rule.text} failed: value {r.value:.6g}, threshold {r.threshold:.6g} {r.note}'.strip())}"
+            )
+    failed = sum(not r.passed for r in results)
+    lines.append(f"::notice title=trm-diag gate::{len(results) - failed}/{len(results)} rules passed")
+    return "\n".join(lines) + "\n"
