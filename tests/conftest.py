@@ -47,3 +47,27 @@ def wide_vocab_model(tmp_path_factory, dense_model) -> Path:
     model.save_pretrained(path, safe_serialization=True)
     AutoTokenizer.from_pretrained(dense_model).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def mixtral_model(tmp_path_factory, dense_model) -> Path:
+    """Random-init tiny Mixtral (4 experts, top-2) with the sample tokenizer: a second MoE architecture."""
+    import torch
+    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-mixtral")
+    torch.manual_seed(0)
+    cfg = MixtralConfig(
+        vocab_size=2048, hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=512,
+        tie_word_embeddings=True, eos_token_id=0, pad_token_id=0, bos_token_id=None,
+    )  # fmt: skip
+    model = MixtralForCausalLM(cfg)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(30.0)
+        for name, w in model.named_parameters():  # decisive routers, like trained ones (few exact bf16 ties)
+            if name.endswith("gate.weight") and w.shape[0] == cfg.num_local_experts:
+                w.mul_(2.0)
+    model.save_pretrained(path, safe_serialization=True)
+    AutoTokenizer.from_pretrained(dense_model).save_pretrained(path)
+    return path

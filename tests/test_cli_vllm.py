@@ -54,11 +54,23 @@ def test_vllm_vs_vllm_runs_engines_one_after_the_other(tmp_path, dense_model):
     assert "engine.max_num_seqs=3" in s["rollout"]["spec"]
 
 
-def test_moe_model_in_vllm(tmp_path, moe_model):
+@pytest.mark.parametrize("which", ["moe_model", "mixtral_model"])
+def test_moe_in_vllm_fp32_routes_like_transformers(tmp_path, request, which):
+    model = request.getfixturevalue(which)
     tok, s = compare(
-        tmp_path, "--model", str(moe_model), "--rollout", f"vllm:dtype=float32,{KV}", "--train", "hf:dtype=float32"
+        tmp_path, "--model", str(model), "--rollout", f"vllm:dtype=float32,{KV}", "--train", "hf:dtype=float32"
     )
     assert len(tok) > 50 and tok["kl"].max() < 1e-4
+    r = s["routing"]
+    assert r["available"] and r["token_any_flip_rate"] <= 0.01  # the same expert sets on (nearly) every token
+
+
+def test_moe_in_vllm_bf16_shows_flips(tmp_path, moe_model):
+    tok, s = compare(
+        tmp_path, "--model", str(moe_model), "--rollout", f"vllm:dtype=bfloat16,{KV}", "--train", "hf:dtype=float32"
+    )
+    assert s["routing"]["available"] and tok["route_flips"].sum() > 0
+    assert s["routing"]["kl_flip"]["n"] == int((tok["route_flips"] > 0).sum())
 
 
 @pytest.mark.parametrize("tier", ["topk", "sampled"])

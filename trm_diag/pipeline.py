@@ -30,6 +30,7 @@ from trm_diag.config import BackendSpec, SamplingConfig, Thresholds, as_dict
 from trm_diag.errors import BackendFailure, InputError, ModelError, UsageError
 from trm_diag.masking import acceptance_by_length, threshold_sweep, token_violation_rate
 from trm_diag.metrics import batch_metrics, bound_inputs
+from trm_diag.moe import routing_summary
 from trm_diag.report import prepare_out_dir, write_report
 from trm_diag.scoring import FIDELITIES, TOKEN_COLUMNS, token_columns
 from trm_diag.sequences import sequence_stats
@@ -253,6 +254,9 @@ def run_compare(cfg: CompareConfig, reporter: Reporter | None = None) -> Compare
     if not same:
         check_tokenizers(tokenizer, train.tokenizer)
 
+    moe = getattr(train, "moe", None)
+    k_experts = moe[1] if moe else None
+    routing_parts: list[tuple[int, Any]] = []
     t = time.perf_counter()
     per_seq: list[dict[str, np.ndarray]] = []
     batch_size = max(1, getattr(train, "batch_size", 8))
@@ -268,12 +272,17 @@ def run_compare(cfg: CompareConfig, reporter: Reporter | None = None) -> Compare
             else:
                 p_rows = q_rows if same else roll.score(pairs, sampling)
             for r, pr, qr in zip(batch, p_rows, q_rows):
-                per_seq.append(token_columns(r, pr, qr, fidelity, width))
+                cols, comp = token_columns(r, pr, qr, fidelity, width, experts_per_token=k_experts)
+                per_seq.append(cols)
+                if comp is not None:
+                    routing_parts.append((r.seq_id, comp))
             advance(len(batch))
     timings["score_s"] = time.perf_counter() - t
     del p_all
 
-    tokens = pd.DataFrame({c: np.concatenate([a[c] for a in per_seq]) if per_seq else [] for c in TOKEN_COLUMNS})
+    columns = TOKEN_COLUMNS + (("route_flips", "route_margin") if routing_parts else ())
+    tokens = pd.DataFrame({c: np.concatenate([a[c] for a in per_seq]) if per_seq else [] for c in columns})
+    routing_table, routing_info = _routing(moe, routing_parts, tokens, fidelity, roll, train)
     n_bad = int(tokens["nonfinite"].sum())
     if n_bad:
         rep.warn(f"{n_bad} token(s) had NaN logits on a side; they are excluded from statistics (column 'nonfinite')")
@@ -354,12 +363,64 @@ def run_compare(cfg: CompareConfig, reporter: Reporter | None = None) -> Compare
     }
     timings["total_s"] = time.perf_counter() - t_start
     summary["timings"] = timings
-    write_report(out_dir, {"tokens": tokens, "sequences": seqs, "bounds": bounds}, summary)
+    if routing_info is not None:
+        summary["routing"] = routing_info
+        if routing_table is not None:
+            worst = seqs.set_index("seq_id")["kl_argmax"]
+            flips_at = tokens.set_index(["seq_id", "pos"])["route_flips"]
+            hits = [int(i) for i, pos in worst.items() if pos >= 0 and flips_at.get((i, int(pos)), 0) > 0]
+            routing_info["worst_token_is_flip"] = {"count": len(hits), "of": len(seqs), "seq_ids": hits[:20]}
+    tables = {"tokens": tokens, "sequences": seqs, "bounds": bounds}
+    if routing_table is not None:
+        tables["routing"] = routing_table
+    write_report(out_dir, tables, summary)
     if coexist:
         roll.close()
     if not same:
         train.close()
     return CompareResult(out_dir, summary, tokens, seqs, bounds)
+
+
+def _routing(moe, parts, tokens: pd.DataFrame, fidelity: str, roll, train) -> tuple[pd.DataFrame | None, dict | None]:
+    """routing.parquet rows and summary.json's 'routing' section (None for dense models)."""
+    if not moe:
+        return None, None
+    if not parts:
+        why = (
+            "routing is compared in the exact tier only (both sides' router logits come from the scoring pass)"
+            if fidelity != "exact"
+            else getattr(roll, "routing_note", None)
+            or getattr(train, "routing_note", None)
+            or "a backend reported no router logits"
+        )
+        return None, {"available": False, "reason": why}
+    cols: dict[str, list] = {
+        k: []
+        for k in ("seq_id", "pos", "layer", "experts_roll", "experts_train", "flip", "margin_roll", "margin_train")
+    }
+    per_layer = np.zeros(parts[0][1].flip.shape[0], dtype=np.int64)
+    for seq_id, comp in parts:
+        layers, T = comp.flip.shape
+        cols["seq_id"].append(np.full(layers * T, seq_id, dtype=np.int64))
+        cols["pos"].append(np.tile(np.arange(T, dtype=np.int64), layers))
+        cols["layer"].append(np.repeat(np.arange(layers, dtype=np.int64), T))
+        cols["experts_roll"].extend(comp.experts_roll.reshape(layers * T, -1).numpy().tolist())
+        cols["experts_train"].extend(comp.experts_train.reshape(layers * T, -1).numpy().tolist())
+        cols["flip"].append(comp.flip.reshape(-1).numpy())
+        cols["margin_roll"].append(comp.margin_roll.reshape(-1).double().numpy())
+        cols["margin_train"].append(comp.margin_train.reshape(-1).double().numpy())
+        per_layer += comp.flip.sum(dim=1).numpy()
+    table = pd.DataFrame({k: (v if k.startswith("experts") else np.concatenate(v)) for k, v in cols.items()})
+    info = routing_summary(
+        tokens["route_flips"].to_numpy(),
+        per_layer,
+        tokens["kl"].to_numpy(dtype=np.float64),
+        tokens["log_ratio"].abs().to_numpy(),
+    )
+    info.update(
+        num_experts=moe[0], experts_per_token=moe[1], margin="k-th minus (k+1)-th router probability, rollout side"
+    )
+    return table, info
 
 
 ROLLOUT_DISTRIBUTIONS = {

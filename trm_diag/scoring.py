@@ -24,6 +24,7 @@ from trm_diag.divergence import (
     sampled_token_metrics,
     topk_intervals,
 )
+from trm_diag.moe import RoutingComparison, compare_routing
 
 FIDELITIES = ("exact", "topk", "sampled")
 INTERVAL_KEYS = ("kl_lo", "kl_hi", "tv_lo", "tv_hi")
@@ -61,8 +62,10 @@ def token_columns(
     fidelity: str,
     vocab_width: int,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-) -> dict[str, np.ndarray]:
-    """One rollout's token columns (see TOKEN_COLUMNS); p_rows is None unless fidelity is exact."""
+    experts_per_token: int | None = None,
+) -> tuple[dict[str, np.ndarray], RoutingComparison | None]:
+    """One rollout's token columns (see TOKEN_COLUMNS) and, for MoE models whose two sides
+    both reported router logits, the routing comparison. p_rows is None unless fidelity is exact."""
     T = len(r.response_ids)
     ids = torch.tensor(r.response_ids, dtype=torch.long)
     nan = np.full(T, np.nan)
@@ -105,4 +108,9 @@ def token_columns(
     out["seq_id"] = np.full(T, r.seq_id, dtype=np.int64)
     out["pos"] = np.arange(T, dtype=np.int64)
     out["token_id"] = np.asarray(r.response_ids, dtype=np.int64)
-    return out
+    routing = None
+    if experts_per_token and p_rows is not None and p_rows.routing is not None and q_rows.routing is not None:
+        routing = compare_routing(p_rows.routing, q_rows.routing, experts_per_token)
+        out["route_flips"] = routing.route_flips
+        out["route_margin"] = routing.route_margin
+    return out, routing

@@ -131,6 +131,8 @@ def render_compare(console: Console, summary: dict[str, Any]) -> None:
             "[dim]delta and eps are empirical maxima over the sampled positions; see bounds.parquet for other horizons.[/dim]"
         )
 
+    render_routing(console, summary.get("routing"))
+
     worst = summary.get("worst_sequences") or []
     if worst:
         wt = Table(title="Worst sequences (where the backends disagree most)", title_justify="left")
@@ -178,3 +180,33 @@ def render_masking(console: Console, summary: dict[str, Any]) -> None:
             if cells:
                 t.add_row(label, *(f"{100 * cells[f]:.0f}%" for f in factors))
         console.print(t)
+
+
+def render_routing(console: Console, r: dict[str, Any] | None) -> None:
+    """MoE section: flip rates, and how much of the mismatch sits on flipped tokens."""
+    if not r:
+        return
+    if not r.get("available"):
+        console.print(f"[yellow]MoE routing not compared: {escape(r.get('reason', 'unknown reason'))}[/yellow]")
+        return
+    layers = ", ".join(f"L{i} {100 * x:.2f}%" for i, x in enumerate(r["per_layer_flip_rate"]))
+    console.print(
+        f"[bold]MoE routing[/bold] ({r['num_experts']} experts, top-{r['experts_per_token']}): "
+        f"{100 * r['token_any_flip_rate']:.2f}% of tokens flip an expert set in some layer; per layer: {layers}"
+    )
+    t = Table(title="Token divergence on routing flips versus the rest", title_justify="left")
+    t.add_column("tokens", no_wrap=True)
+    for c in ("n", "kl mean", "kl p99", "kl max", "|lr| mean", "|lr| max"):
+        t.add_column(c, justify="right")
+    for label, kl, lr in (
+        ("with a flip", r["kl_flip"], r["abs_log_ratio_flip"]),
+        ("no flip", r["kl_no_flip"], r["abs_log_ratio_no_flip"]),
+    ):
+        t.add_row(label, str(kl["n"]), fmt(kl["mean"]), fmt(kl["p99"]), fmt(kl["max"]), fmt(lr["mean"]), fmt(lr["max"]))
+    console.print(t)
+    w = r.get("worst_token_is_flip")
+    if w:
+        ids = ", ".join(map(str, w["seq_ids"][:10]))
+        console.print(
+            f"worst token of {w['count']} of {w['of']} sequences is a routing flip" + (f" (seq {ids})" if ids else "")
+        )

@@ -41,6 +41,7 @@ class TokenRows(Protocol):
     """Processed next-token log-probs of one scored response, computed on demand."""
 
     length: int
+    routing: torch.Tensor | None  # (moe layers, T, E) router logits at the response positions
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         """Log-probs [stop - start, V] (float32) predicting response tokens start..stop-1."""
@@ -52,6 +53,7 @@ class TensorRows:
     """TokenRows over an already materialised [T, V] tensor of log-probs."""
 
     logp: torch.Tensor  # (T, V)
+    routing: torch.Tensor | None = None  # (moe layers, T, E) router logits, MoE models only
 
     @property
     def length(self) -> int:

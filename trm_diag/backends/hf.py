@@ -22,6 +22,7 @@ from trm_diag.backends.base import Progress, Rollout, no_progress
 from trm_diag.checkpoint import check_checkpoint
 from trm_diag.config import BackendSpec, SamplingConfig
 from trm_diag.errors import BackendFailure, ModelError, UsageError
+from trm_diag.moe import moe_shape
 from trm_diag.sampling import processed_logprobs
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -45,6 +46,7 @@ class HiddenRows:
     hidden: torch.Tensor  # (T, H)
     backend: HFBackend
     sampling: SamplingConfig
+    routing: torch.Tensor | None = None  # (moe layers, T, E) router logits, MoE models only
 
     @property
     def length(self) -> int:
@@ -113,6 +115,8 @@ class HFBackend:
         self._logit_scale = getattr(text_cfg, "logit_scale", None)
         self._logits_scaling = getattr(text_cfg, "logits_scaling", None)
         self.description = spec.describe()
+        self.moe = moe_shape(text_cfg)  # (num_experts, experts_per_token) or None
+        self.routing_note: str | None = None
 
     # ------------------------------------------------------------------ helpers
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -215,11 +219,19 @@ class HFBackend:
         for i, x in enumerate(full):  # right padding: pads never precede a scored position
             ids[i, : len(x)] = torch.tensor(x)
             mask[i, : len(x)] = 1
-        hidden = self._decoder(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+        kwargs = {"output_router_logits": True} if self.moe else {}
+        res = self._decoder(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
+        hidden = res.last_hidden_state
+        router = None
+        if self.moe and getattr(res, "router_logits", None):
+            router = torch.stack([x.float().view(b, width, -1) for x in res.router_logits])  # (layers, B, L, E)
+        elif self.moe:
+            self.routing_note = "this transformers model returns no router_logits"
         out = []
         for i, (p, r) in enumerate(seqs):
             # hidden state at position j predicts token j+1: response token t uses len(p)-1+t
-            out.append(HiddenRows(hidden[i, len(p) - 1 : len(p) - 1 + len(r)], self, sampling))
+            sl = slice(len(p) - 1, len(p) - 1 + len(r))
+            out.append(HiddenRows(hidden[i, sl], self, sampling, None if router is None else router[:, i, sl].cpu()))
         return out
 
     def close(self) -> None:

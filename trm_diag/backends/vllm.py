@@ -30,6 +30,7 @@ from trm_diag.backends.base import Progress, Rollout, TensorRows, no_progress
 from trm_diag.checkpoint import check_checkpoint
 from trm_diag.config import BackendSpec, SamplingConfig
 from trm_diag.errors import BackendFailure, ModelError, UsageError
+from trm_diag.moe import moe_shape
 from trm_diag.sampling import processed_logprobs
 
 ENGINE_KEYS = {  # spec key -> LLM(...) argument
@@ -56,6 +57,14 @@ def _coerce(value: str) -> Any:
     return value
 
 
+def _out_features(mod: Any) -> int | None:
+    """Output width of a linear layer; vLLM's CPU build may repack the weight, so prefer output_size."""
+    size = getattr(mod, "output_size", None) or getattr(mod, "out_features", None)
+    if size is None and getattr(mod, "weight", None) is not None and mod.weight.dim() == 2:
+        size = mod.weight.shape[0]
+    return int(size) if size else None
+
+
 class _RowCapture:
     """Hooks that keep the prompt-logit rows of each engine step, in call order.
 
@@ -68,6 +77,7 @@ class _RowCapture:
     def __init__(self) -> None:
         self.active = False
         self.rows: list[torch.Tensor] = []
+        self.router: dict[int, list[torch.Tensor]] = {}  # moe layer -> router logits per forward
         self._first_in_step = True
 
     def on_forward(self, module: Any, args: tuple) -> None:
@@ -81,9 +91,28 @@ class _RowCapture:
             return
         self.rows.append(output.detach().to("cpu", copy=True))
 
-    def install(self, model: Any) -> None:
+    def install(self, model: Any, num_experts: int | None = None) -> int:
+        """Hook the model; with num_experts, also each MoE router (a module named *.gate whose
+        output has num_experts columns). Returns the number of routers hooked."""
         model.register_forward_pre_hook(self.on_forward)
         model.logits_processor.register_forward_hook(self.on_logits)
+        if not num_experts:
+            return 0
+        routers = [
+            (name, mod) for name, mod in model.named_modules()
+            if name.endswith(".gate") and _out_features(mod) == num_experts
+        ]  # fmt: skip
+        for layer, (_, mod) in enumerate(routers):
+            mod.register_forward_hook(self._router_hook(layer))
+        return len(routers)
+
+    def _router_hook(self, layer: int):
+        def hook(module: Any, args: tuple, output: Any) -> None:
+            if self.active:
+                logits = output[0] if isinstance(output, tuple) else output  # GateLinear returns (out, bias)
+                self.router.setdefault(layer, []).append(logits.detach().float().to("cpu", copy=True))
+
+        return hook
 
 
 class VLLMBackend:
@@ -144,7 +173,11 @@ class VLLMBackend:
         self.seed_override = spec.options.get("seed")
         self.description = spec.describe()
         self._capture = _RowCapture()
-        self.llm.apply_model(self._capture.install)
+        self.moe = moe_shape(hf_cfg)
+        n_routers = self.llm.apply_model(lambda m: self._capture.install(m, self.moe[0] if self.moe else None))[0]
+        self.routing_note = None
+        if self.moe and not n_routers:
+            self.routing_note = "no MoE router modules (*.gate) were found in vLLM's model"
 
     # ------------------------------------------------------------------ generate
     def _sampling_params(self, s: SamplingConfig, seed: int, n: int, **extra: Any):
@@ -208,13 +241,15 @@ class VLLMBackend:
         reqs = [TokensPrompt(prompt_token_ids=list(p) + list(r)) for p, r in seqs]
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
         self._capture.rows = []
+        self._capture.router = {}
         self._capture.active = True
         try:
             results = self.llm.generate(reqs, params, use_tqdm=False)
         finally:
             self._capture.active = False
         captured = torch.cat(self._capture.rows) if self._capture.rows else torch.empty(0, self.vocab_width)
-        self._capture.rows = []
+        router = self._router_rows(sum(len(p) + len(r) for p, r in seqs))
+        self._capture.rows, self._capture.router = [], {}
         expected = sum(len(p) + len(r) - 1 for p, r in seqs)
         if captured.shape[0] != expected:
             raise BackendFailure(
@@ -222,15 +257,33 @@ class VLLMBackend:
                 "use batch_size=1 in the vllm spec, or --fidelity sampled",
             )
         out: list[TensorRows] = []
-        offset = 0
+        offset, tok_offset = 0, 0
         for (p, r), res in zip(seqs, results):
             n = len(p) + len(r) - 1
             block = captured[offset : offset + n, : self.vocab_width]  # (L-1, V) rows predict tokens 1..L-1
             offset += n
             self._validate(block, list(p) + list(r), res.prompt_logprobs)
             resp = block[len(p) - 1 :]  # rows predicting the response tokens
-            out.append(TensorRows(processed_logprobs(resp, sampling)))
+            routing = None
+            if router is not None:  # router logits of the input tokens whose outputs predict the response
+                start = tok_offset + len(p) - 1
+                routing = router[:, start : start + len(r)]
+            tok_offset += len(p) + len(r)
+            out.append(TensorRows(processed_logprobs(resp, sampling), routing))
         return out
+
+    def _router_rows(self, expected_tokens: int) -> torch.Tensor | None:
+        """Captured router logits as (layers, tokens, E), or None when they cannot be aligned."""
+        if not self.moe or not self._capture.router:
+            return None
+        layers = [torch.cat(self._capture.router[i]) for i in sorted(self._capture.router)]
+        if any(x.shape[0] != expected_tokens for x in layers):
+            self.routing_note = (
+                f"router capture saw {layers[0].shape[0]} tokens, expected {expected_tokens} "
+                "(padded batches, e.g. CUDA graphs): pass enforce_eager=true to see routing"
+            )
+            return None
+        return torch.stack(layers)
 
     @staticmethod
     def _validate(block: torch.Tensor, ids: list[int], prompt_logprobs: Any) -> None:

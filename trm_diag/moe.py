@@ -1,0 +1,89 @@
+"""Mixture-of-Experts routing: selected experts, routing flips and router margins. Pure torch.
+
+A flip at (token, layer) means the two backends' top-k expert *sets* differ: a tiny
+numerical difference crossed a routing boundary, and the token's probability can jump
+(the paper names this a main source of mismatch). The margin is the gap between the
+k-th and (k+1)-th router probability: how close a token was to flipping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+def moe_shape(config: dict | object) -> tuple[int, int] | None:
+    """(num_experts, experts_per_token) of a model config (dict or object), None for dense models."""
+    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+    n = get("num_experts") or get("num_local_experts") or get("n_routed_experts")
+    k = get("num_experts_per_tok")
+    return (int(n), int(k)) if n and k else None
+
+
+def select_experts(router_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted top-k expert ids [..., k] and the router margin [...] (k-th minus (k+1)-th probability)."""
+    probs = torch.softmax(router_logits.float(), dim=-1)  # (..., E)
+    top = torch.topk(probs, min(k + 1, probs.shape[-1]), dim=-1)
+    experts = top.indices[..., :k].sort(dim=-1).values
+    margin = top.values[..., k - 1] - top.values[..., k] if probs.shape[-1] > k else top.values[..., k - 1]
+    return experts, margin
+
+
+@dataclass
+class RoutingComparison:
+    """Per (layer, token) routing of both sides for one response."""
+
+    experts_roll: torch.Tensor  # (layers, T, k)
+    experts_train: torch.Tensor  # (layers, T, k)
+    margin_roll: torch.Tensor  # (layers, T)
+    margin_train: torch.Tensor  # (layers, T)
+    flip: torch.Tensor  # (layers, T) bool
+
+    @property
+    def route_flips(self) -> np.ndarray:
+        """Number of layers whose expert set differs, per token [T]."""
+        return self.flip.sum(dim=0).numpy().astype(np.int64)
+
+    @property
+    def route_margin(self) -> np.ndarray:
+        """Rollout-side margin at the flipping layer closest to the boundary [T]; NaN without a flip."""
+        m = torch.where(self.flip, self.margin_roll, torch.full_like(self.margin_roll, float("inf"))).min(dim=0).values
+        return torch.where(torch.isinf(m), torch.full_like(m, float("nan")), m).double().numpy()
+
+
+def compare_routing(roll_logits: torch.Tensor, train_logits: torch.Tensor, k: int) -> RoutingComparison:
+    """Compare router logits [layers, T, E] of the two sides for one response."""
+    er, mr = select_experts(roll_logits, k)
+    et, mt = select_experts(train_logits, k)
+    return RoutingComparison(er, et, mr, mt, (er != et).any(dim=-1))
+
+
+def routing_summary(route_flips: np.ndarray, per_layer_flips: np.ndarray, kl: np.ndarray, abs_lr: np.ndarray) -> dict:
+    """Flip rates and the divergence of flipped versus unflipped tokens (summary.json 'routing').
+
+    route_flips [N]: layers flipped per token; per_layer_flips [layers]: flips per layer
+    summed over tokens; kl, abs_lr [N]: token divergences.
+    """
+    n = len(route_flips)
+    flipped = route_flips > 0
+
+    def stats(x: np.ndarray) -> dict:
+        x = x[np.isfinite(x)]
+        if x.size == 0:
+            return {"n": 0, "mean": None, "p99": None, "max": None}
+        return {"n": int(x.size), "mean": float(x.mean()), "p99": float(np.quantile(x, 0.99)), "max": float(x.max())}
+
+    layers = len(per_layer_flips)
+    return {
+        "available": True,
+        "n_layers": layers,
+        "flip_rate": float(per_layer_flips.sum() / (n * layers)) if n and layers else 0.0,
+        "token_any_flip_rate": float(flipped.mean()) if n else 0.0,
+        "per_layer_flip_rate": [float(x / n) if n else 0.0 for x in per_layer_flips],
+        "kl_flip": stats(kl[flipped]),
+        "kl_no_flip": stats(kl[~flipped]),
+        "abs_log_ratio_flip": stats(abs_lr[flipped]),
+        "abs_log_ratio_no_flip": stats(abs_lr[~flipped]),
+    }
