@@ -73,12 +73,60 @@ class RichReporter:
         err_console.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True)
 
 
+# ------------------------------------------------------------------ options shared by compare and score
+ModelOpt = Annotated[
+    str, typer.Option("--model", help="Model folder (a spec's model=PATH overrides one side). " + SAMPLE_HELP)
+]
+TrainOpt = Annotated[str, typer.Option("--train", help="Training backend spec, e.g. 'hf:dtype=float32,attn=eager'.")]
+OutOpt = Annotated[str, typer.Option("--out", help="Report folder.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a report already in --out.")]
+TrmMaxOpt = Annotated[float, typer.Option("--trm-max", help="TRM-Max threshold on max_t KL (paper: 0.05).")]
+TrmAvgOpt = Annotated[float, typer.Option("--trm-avg", help="TRM-Avg threshold on mean_t KL (paper: 0.001).")]
+LnTrmOpt = Annotated[float, typer.Option("--ln-trm", help="LN-TRM threshold on the weighted mean of |rho-1|.")]
+SerOpt = Annotated[float, typer.Option("--ser", help="SER threshold on mean_t |rho-1| (suggested 0.03-0.10).")]
+DppoTvOpt = Annotated[float, typer.Option("--dppo-tv", help="DPPO binary-TV token threshold (paper: 0.2).")]
+DppoKlOpt = Annotated[float, typer.Option("--dppo-kl", help="DPPO binary-KL token threshold (paper: 0.05).")]
+HorizonsOpt = Annotated[
+    str, typer.Option("--horizons", help="Horizons T for bounds.parquet (the observed max length is added).")
+]
+RemoteCodeOpt = Annotated[
+    bool, typer.Option("--trust-remote-code", help="Allow checkpoints that ship their own model code.")
+]
+PickleOpt = Annotated[
+    bool, typer.Option("--allow-pickle", help="Allow pickle (.bin) weights; safetensors only by default.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print summary.json to stdout instead of tables.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+TemperatureOpt = Annotated[float, typer.Option("--temperature", help="Sampling temperature (0 = greedy).")]
+TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus sampling (1 = off).")]
+TopKOpt = Annotated[int, typer.Option("--top-k", help="Top-k sampling (0 = off).")]
+MinPOpt = Annotated[float, typer.Option("--min-p", help="Min-p sampling (0 = off).")]
+
+
+def _thresholds(trm_max: float, trm_avg: float, ln_trm: float, ser: float, dppo_tv: float, dppo_kl: float):
+    from trm_diag.config import Thresholds
+
+    return Thresholds(
+        trm_max=trm_max, trm_avg=trm_avg, ln_trm=ln_trm, ln_delta=trm_max, ser=ser, dppo_tv=dppo_tv, dppo_kl=dppo_kl
+    )
+
+
+def _render(result, json_out: bool) -> None:
+    if json_out:
+        from trm_diag.report import to_json
+
+        print(to_json(result.summary))
+        return
+    from trm_diag.summary import render_compare
+
+    render_compare(err_console, result.summary)
+    err_console.print(f"report written to [bold]{escape(str(result.out_dir))}/[/bold]")
+
+
 # ------------------------------------------------------------------ compare
 @app.command()
 def compare(
-    model: Annotated[
-        str, typer.Option(help="Model folder for both sides (a spec's model=PATH overrides one side). " + SAMPLE_HELP)
-    ] = "",
+    model: ModelOpt = "",
     prompts: Annotated[
         str, typer.Option(help="Prompt file: .jsonl ('prompt' or 'messages'), .parquet or .txt. " + SAMPLE_HELP)
     ] = "",
@@ -89,11 +137,9 @@ def compare(
             "Default: vllm:dtype=bfloat16 when vLLM is installed, else hf:dtype=bfloat16."
         ),
     ] = "",
-    train: Annotated[
-        str, typer.Option(help="Training backend spec, e.g. 'hf:dtype=float32,attn=eager'.")
-    ] = "hf:dtype=float32",
-    out: Annotated[str, typer.Option(help="Report folder.")] = "trm-report",
-    overwrite: Annotated[bool, typer.Option(help="Replace a report already in --out.")] = False,
+    train: TrainOpt = "hf:dtype=float32",
+    out: OutOpt = "trm-report",
+    overwrite: OverwriteOpt = False,
     num_prompts: Annotated[int | None, typer.Option(help="Use only the first N prompts.")] = None,
     fidelity: Annotated[
         str,
@@ -105,36 +151,37 @@ def compare(
     topk: Annotated[int, typer.Option(help="Top-K log-probs recorded per sampled token (top-K intervals).")] = 20,
     samples: Annotated[int, typer.Option(help="Responses sampled per prompt.")] = 1,
     max_new_tokens: Annotated[int, typer.Option(help="Maximum response length.")] = 96,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 1.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling (1 = off).")] = 1.0,
-    top_k: Annotated[int, typer.Option(help="Top-k sampling (0 = off).")] = 0,
-    min_p: Annotated[float, typer.Option(help="Min-p sampling (0 = off).")] = 0.0,
+    temperature: TemperatureOpt = 1.0,
+    top_p: TopPOpt = 1.0,
+    top_k: TopKOpt = 0,
+    min_p: MinPOpt = 0.0,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
-    trm_max: Annotated[float, typer.Option(help="TRM-Max threshold on max_t KL (paper: 0.05).")] = 0.05,
-    trm_avg: Annotated[float, typer.Option(help="TRM-Avg threshold on mean_t KL (paper: 0.001).")] = 0.001,
-    ln_trm: Annotated[float, typer.Option(help="LN-TRM threshold on the weighted mean of |rho-1|.")] = 0.05,
-    ser: Annotated[float, typer.Option(help="SER threshold on mean_t |rho-1| (suggested 0.03-0.10).")] = 0.05,
-    dppo_tv: Annotated[float, typer.Option(help="DPPO binary-TV token threshold (paper: 0.2).")] = 0.2,
-    dppo_kl: Annotated[float, typer.Option(help="DPPO binary-KL token threshold (paper: 0.05).")] = 0.05,
-    horizons: Annotated[
-        str, typer.Option(help="Horizons T for bounds.parquet (the observed max length is added).")
-    ] = "1024,4096,16384",
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow checkpoints that ship their own model code.")] = False,
-    allow_pickle: Annotated[
-        bool, typer.Option(help="Allow pickle (.bin) weights; safetensors only by default.")
-    ] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print summary.json to stdout instead of tables.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    save_rollouts: Annotated[
+        str | None, typer.Option(help="Also write the rollouts (.jsonl or .parquet) in the schema `score` reads.")
+    ] = None,
+    trm_max: TrmMaxOpt = 0.05,
+    trm_avg: TrmAvgOpt = 0.001,
+    ln_trm: LnTrmOpt = 0.05,
+    ser: SerOpt = 0.05,
+    dppo_tv: DppoTvOpt = 0.2,
+    dppo_kl: DppoKlOpt = 0.05,
+    horizons: HorizonsOpt = "1024,4096,16384",
+    trust_remote_code: RemoteCodeOpt = False,
+    allow_pickle: PickleOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Generate rollouts with one backend, rescore the same tokens with another, and write a report.
 
     Writes tokens.parquet, sequences.parquet, bounds.parquet and summary.json to --out.
-    Example: trm-diag compare --model ./Qwen3-8B --rollout hf:dtype=bfloat16 --train hf:dtype=float32
+    Example: trm-diag compare --model ./Qwen3-8B --rollout vllm:dtype=bfloat16 --train hf:dtype=float32
     """
     from trm_diag.backends import parse_spec
-    from trm_diag.config import SamplingConfig, Thresholds
+    from trm_diag.config import SamplingConfig
     from trm_diag.pipeline import DEFAULT_MODEL, DEFAULT_PROMPTS, CompareConfig, default_rollout_spec, run_compare
 
+    if num_prompts is not None and num_prompts < 1:
+        raise UsageError(f"--num-prompts {num_prompts} must be >= 1", "use a positive integer")
     cfg = CompareConfig(
         rollout=parse_spec(rollout or default_rollout_spec()),
         train=parse_spec(train),
@@ -143,25 +190,83 @@ def compare(
         out=out,
         sampling=SamplingConfig(temperature, top_p, top_k, min_p, max_new_tokens, samples, seed, topk),
         fidelity=fidelity,
-        thresholds=Thresholds(trm_max, trm_avg, ln_trm, trm_max, ser, dppo_tv, dppo_kl),
+        thresholds=_thresholds(trm_max, trm_avg, ln_trm, ser, dppo_tv, dppo_kl),
         num_prompts=num_prompts,
+        save_rollouts=save_rollouts,
         overwrite=overwrite,
         trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,
         horizons=_horizons(horizons),
     )
-    if num_prompts is not None and num_prompts < 1:
-        raise UsageError(f"--num-prompts {num_prompts} must be >= 1", "use a positive integer")
-    result = run_compare(cfg, RichReporter(quiet or json_out))
-    if json_out:
-        from trm_diag.report import to_json
+    _render(run_compare(cfg, RichReporter(quiet or json_out)), json_out)
 
-        print(to_json(result.summary))
-        return
-    from trm_diag.summary import render_compare
 
-    render_compare(err_console, result.summary)
-    err_console.print(f"report written to [bold]{result.out_dir}/[/bold]")
+# ------------------------------------------------------------------ score
+@app.command()
+def score(
+    rollouts: Annotated[
+        str, typer.Argument(help="Rollouts with token ids and rollout log-probs (.jsonl or .parquet).")
+    ],
+    train: TrainOpt = "hf:dtype=float32",
+    model: ModelOpt = "",
+    mapping: Annotated[
+        list[str] | None,
+        typer.Option("--map", help="Column mapping canonical=source, e.g. response_ids=output_ids. Repeatable."),
+    ] = None,
+    out: OutOpt = "trm-report",
+    overwrite: OverwriteOpt = False,
+    fidelity: Annotated[
+        str | None, typer.Option(help="topk (needs topk_logprobs) or sampled. Default: topk when the file has it.")
+    ] = None,
+    temperature: Annotated[
+        float | None, typer.Option(help="Rollout temperature (default: the file's, else 1).")
+    ] = None,
+    top_p: Annotated[float | None, typer.Option(help="Rollout top-p (default: the file's, else 1).")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Rollout top-k (default: the file's, else off).")] = None,
+    min_p: Annotated[float | None, typer.Option(help="Rollout min-p (default: the file's, else off).")] = None,
+    trm_max: TrmMaxOpt = 0.05,
+    trm_avg: TrmAvgOpt = 0.001,
+    ln_trm: LnTrmOpt = 0.05,
+    ser: SerOpt = 0.05,
+    dppo_tv: DppoTvOpt = 0.2,
+    dppo_kl: DppoKlOpt = 0.05,
+    horizons: HorizonsOpt = "1024,4096,16384",
+    trust_remote_code: RemoteCodeOpt = False,
+    allow_pickle: PickleOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Audit rollouts you already have: rescore their token ids with the training backend.
+
+    The file needs prompt_ids, response_ids and rollout_logprobs per row (docs/rollout-schema.md);
+    map other column names with --map. Writes the same report as compare (sampled or top-K tier).
+    Example: trm-diag score rollouts.parquet --model ./Qwen3-8B --map rollout_logprobs=old_logprobs
+    """
+    from trm_diag.backends import parse_spec
+    from trm_diag.config import SamplingConfig
+    from trm_diag.pipeline import DEFAULT_MODEL, ScoreConfig, run_score
+    from trm_diag.rollouts_io import parse_mapping
+
+    given = {
+        k: v
+        for k, v in {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p}.items()
+        if v is not None
+    }
+    cfg = ScoreConfig(
+        rollouts=rollouts,
+        train=parse_spec(train),
+        model=model or str(DEFAULT_MODEL),
+        out=out,
+        mapping=parse_mapping(mapping or []),
+        sampling=SamplingConfig(**given) if given else None,
+        thresholds=_thresholds(trm_max, trm_avg, ln_trm, ser, dppo_tv, dppo_kl),
+        fidelity=fidelity,
+        overwrite=overwrite,
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+        horizons=_horizons(horizons),
+    )
+    _render(run_score(cfg, RichReporter(quiet or json_out)), json_out)
 
 
 # ------------------------------------------------------------------ bounds

@@ -68,21 +68,20 @@ def bounds_rich_table(rows: list[dict], title: str = "Bounds on |J(pi_theta) - J
 def render_compare(console: Console, summary: dict[str, Any]) -> None:
     """Headline table, acceptance, bounds at the observed length and the worst sequences."""
     m = summary["metrics"]
+    roll = summary["rollout"]
+    roll_text = roll["spec"] if "spec" in roll else f"file {roll['source']}"
     console.print(
-        f"[bold]trm-diag compare[/bold]  rollout [cyan]{escape(summary['rollout']['spec'])}[/cyan]  vs  "
+        f"[bold]trm-diag {summary['command']}[/bold]  rollout [cyan]{escape(roll_text)}[/cyan]  vs  "
         f"train [cyan]{escape(summary['train']['spec'])}[/cyan]  ({summary['fidelity']} fidelity)"
     )
     head = Table(title="Token-level mismatch", title_justify="left")
     head.add_column("metric")
     for c in ("mean", "p99", "max"):
         head.add_column(c, justify="right")
-    for col, label in (
-        ("kl", "KL(p||q)"),
-        ("tv", "TV"),
-        ("abs_log_ratio", "|log ratio|"),
-        ("k3", "k3"),
-        ("tv_bin", "binary TV"),
-    ):
+    rows = (("kl", "KL(p||q)"), ("tv", "TV"), ("kl_lo", "KL lower (top-K)"), ("kl_hi", "KL upper (top-K)"),
+            ("tv_lo", "TV lower (top-K)"), ("tv_hi", "TV upper (top-K)"), ("abs_log_ratio", "|log ratio|"),
+            ("k3", "k3"), ("tv_bin", "binary TV"), ("kl_bin", "binary KL"))  # fmt: skip
+    for col, label in rows:
         if f"token_{col}_mean" in m:
             head.add_row(label, *(fmt(m.get(f"token_{col}_{s}")) for s in ("mean", "p99", "max")))
     console.print(head)

@@ -1,0 +1,167 @@
+"""`trm-diag score`: round trip with `compare --save-rollouts`, column mapping, and malformed input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from trm_diag.cli import main
+
+SAMPLED = ["lp_roll", "lp_train", "log_ratio", "k1", "k2", "k3", "abs_rho_m1", "tv_bin", "kl_bin"]
+
+
+def run(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    cap = capsys.readouterr()
+    return e.value.code, cap.out, cap.err
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, dense_model):
+    d = tmp_path_factory.mktemp("score")
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "--model", str(dense_model), "--rollout", "hf:dtype=bfloat16", "--out", str(d / "cmp"),
+              "--num-prompts", "10", "--max-new-tokens", "24", "--temperature", "0.8", "--top-k", "50",
+              "--save-rollouts", str(d / "r.jsonl"), "-q"])  # fmt: skip
+    assert e.value.code == 0
+    return d
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_round_trip_reproduces_sampled_columns(saved, dense_model, tmp_path, fmt, capsys):
+    src = saved / "r.jsonl"
+    if fmt == "parquet":
+        rows = [json.loads(x) for x in src.read_text().splitlines()]
+        src = tmp_path / "r.parquet"
+        pd.DataFrame(rows).to_parquet(src)
+    code, _, err = run(["score", str(src), "--model", str(dense_model), "--out", str(tmp_path / "s"), "-q"], capsys)
+    assert code == 0, err
+    a = pd.read_parquet(saved / "cmp" / "tokens.parquet")
+    b = pd.read_parquet(tmp_path / "s" / "tokens.parquet")
+    for c in SAMPLED:
+        assert (a[c].to_numpy() == b[c].to_numpy()).all(), c
+    s = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert s["command"] == "score" and s["fidelity"] == "topk" and s["sampling"]["temperature"] == 0.8
+    assert s["sampling"]["top_k"] == 50 and s["rollout"]["sampling_from"] == "file"
+    assert b["kl"].isna().all() and (b["kl_lo"] <= b["kl_hi"]).all()
+
+
+def test_sampled_tier_and_mapping(saved, dense_model, tmp_path, capsys):
+    rows = [json.loads(x) for x in (saved / "r.jsonl").read_text().splitlines()]
+    renamed = tmp_path / "verl.jsonl"
+    with open(renamed, "w") as f:
+        for r in rows:
+            f.write(json.dumps({"input_ids": r["prompt_ids"], "output_ids": r["response_ids"], "old_log_probs": r["rollout_logprobs"],
+                                "reward": 1.0, "temperature": 0.8, "top_k": 50}) + "\n")  # fmt: skip
+    code, _, err = run(["score", str(renamed), "--model", str(dense_model), "--out", str(tmp_path / "m"), "-q",
+                        "--map", "prompt_ids=input_ids", "--map", "response_ids=output_ids",
+                        "--map", "rollout_logprobs=old_log_probs"], capsys)  # fmt: skip
+    assert code == 0, err
+    a = pd.read_parquet(saved / "cmp" / "tokens.parquet")
+    b = pd.read_parquet(tmp_path / "m" / "tokens.parquet")
+    assert (a["lp_train"].to_numpy() == b["lp_train"].to_numpy()).all()
+    s = json.loads((tmp_path / "m" / "summary.json").read_text())
+    assert s["fidelity"] == "sampled" and "heuristic" in s["bound_inputs"]["source"]["delta"]
+    assert (pd.read_parquet(tmp_path / "m" / "sequences.parquet")["reward"] == 1.0).all()
+
+
+def test_text_only_rows_are_retokenized_with_a_warning(dense_model, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(dense_model)
+    resp = " 3+4=7. So the answer is 7."
+    n = len(tok(resp, add_special_tokens=False)["input_ids"])
+    f = tmp_path / "t.jsonl"
+    f.write_text(json.dumps({"prompt": "Q: What is 3+4?\nA:", "response": resp, "rollout_logprobs": [-0.1] * n}) + "\n")
+    code, _, err = run(["score", str(f), "--model", str(dense_model), "--out", str(tmp_path / "o")], capsys)
+    assert code == 0 and "tokenised with the model's tokenizer" in err
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["rollout"]["retokenized_fields"] == 2
+
+
+def test_empty_response_is_reported_not_fatal(dense_model, tmp_path, capsys):
+    f = tmp_path / "e.jsonl"
+    f.write_text(json.dumps({"prompt_ids": [5, 6, 7], "response_ids": [], "rollout_logprobs": []}) + "\n"
+                 + json.dumps({"prompt_ids": [5, 6], "response_ids": [8, 9], "rollout_logprobs": [-0.5, -1.0]}) + "\n")  # fmt: skip
+    code, _, err = run(["score", str(f), "--model", str(dense_model), "--out", str(tmp_path / "o")], capsys)
+    assert code == 0 and "empty responses" in err
+    seqs = pd.read_parquet(tmp_path / "o" / "sequences.parquet")
+    assert list(seqs["length"]) == [0, 2] and math.isnan(seqs["k2_max"][0]) and seqs["accept_trm_max"][0]
+
+
+BAD = {
+    "length mismatch": (
+        {"prompt_ids": [5], "response_ids": [6, 7], "rollout_logprobs": [-1.0]},
+        "2 response tokens but 1 log-probs",
+    ),
+    "out of vocab": (
+        {"prompt_ids": [5], "response_ids": [6, 99999], "rollout_logprobs": [-1.0, -1.0]},
+        "token id 99999 is outside",
+    ),
+    "positive logprob": (
+        {"prompt_ids": [5], "response_ids": [6], "rollout_logprobs": [0.5]},
+        "invalid rollout log-prob 0.5",
+    ),
+    "nan logprob": (
+        {"prompt_ids": [5], "response_ids": [6], "rollout_logprobs": [float("nan")]},
+        "invalid rollout log-prob nan",
+    ),
+    "no logprobs": ({"prompt_ids": [5], "response_ids": [6]}, "no 'rollout_logprobs'"),
+    "no response": ({"prompt_ids": [5], "rollout_logprobs": [-1.0]}, "no 'response_ids'"),
+    "empty prompt": ({"prompt_ids": [], "response_ids": [6], "rollout_logprobs": [-1.0]}, "empty prompt"),
+    "ids not ints": (
+        {"prompt_ids": [5], "response_ids": ["a"], "rollout_logprobs": [-1.0]},
+        "list of integer token ids",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_malformed_rows_exit_2_without_report(case, dense_model, tmp_path, capsys):
+    row, needle = BAD[case]
+    f = tmp_path / "bad.jsonl"
+    f.write_text(
+        json.dumps({"prompt_ids": [5], "response_ids": [6], "rollout_logprobs": [-1.0]}) + "\n" + json.dumps(row) + "\n"
+    )
+    code, _, err = run(["score", str(f), "--model", str(dense_model), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and needle in err and f"{f}:2" in err and "Traceback" not in err
+    assert not (tmp_path / "o" / "summary.json").exists()
+
+
+@pytest.mark.parametrize(
+    "content,argv,needle",
+    [
+        (None, [], "does not exist"),
+        ("{not json\n", [], "not valid JSON"),
+        ("\n", [], "holds no rollouts"),
+        (
+            '{"prompt_ids": [5], "response_ids": [6], "rollout_logprobs": [-1.0]}\n',
+            ["--fidelity", "topk"],
+            "has no topk_logprobs",
+        ),
+        (
+            '{"prompt_ids": [5], "response_ids": [6], "rollout_logprobs": [-1.0]}\n',
+            ["--fidelity", "exact"],
+            "not available for imported rollouts",
+        ),
+        (
+            '{"prompt_ids": [5], "response_ids": [6], "rollout_logprobs": [-1.0]}\n',
+            ["--map", "nonsense"],
+            "is not canonical=source",
+        ),
+        (
+            '{"prompt_ids": [5], "response_ids": [6], "rollout_logprobs": [-1.0]}\n',
+            ["--map", "foo=bar"],
+            "unknown field 'foo'",
+        ),
+    ],
+)
+def test_file_level_errors(content, argv, needle, dense_model, tmp_path, capsys):
+    f = tmp_path / "r.jsonl"
+    if content is not None:
+        f.write_text(content)
+    code, _, err = run(["score", str(f), "--model", str(dense_model), "--out", str(tmp_path / "o"), *argv], capsys)
+    assert code == 2 and needle in err and "Traceback" not in err

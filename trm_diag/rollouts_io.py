@@ -1,0 +1,242 @@
+"""Rollout files: the schema `trm-diag score` reads and `compare --save-rollouts` writes.
+
+One row per rollout, JSONL or Parquet (docs/rollout-schema.md):
+
+| field | type | required |
+| --- | --- | --- |
+| prompt_ids | list[int] | yes, unless `prompt` text is given |
+| response_ids | list[int] | yes, unless `response` text is given |
+| rollout_logprobs | list[float], log pi_roll(y_t) per response token | yes |
+| topk_logprobs | per position: {token_id: logprob} or [[token_id, logprob], ...] | no (enables the top-K tier) |
+| topk_k | int, K of the top-K (the sampled token may come on top) | no (default: smallest entry count) |
+| prompt_idx, sample_idx | int | no |
+| finish_reason | "stop" / "length" | no |
+| reward, advantage | float | no (carried into sequences.parquet) |
+| prompt, response | str | no (tokenised only when ids are missing) |
+| temperature, top_p, top_k, min_p | sampling settings of the rollout | no |
+
+``mapping`` renames columns of the file to these names (``--map response_ids=output_ids``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trm_diag.backends.base import Rollout
+from trm_diag.config import SamplingConfig
+from trm_diag.errors import InputError, UsageError
+
+FIELDS = (
+    "prompt_ids", "response_ids", "rollout_logprobs", "topk_logprobs", "topk_k", "prompt_idx", "sample_idx",
+    "finish_reason", "reward", "advantage", "prompt", "response", "temperature", "top_p", "top_k", "min_p",
+)  # fmt: skip
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p")
+LOGPROB_SLACK = 1e-4  # engines report log-probs a hair above 0 for near-certain tokens
+
+
+@dataclass
+class RolloutFile:
+    """Rollouts read from a file, and what the report should say about how they were read."""
+
+    rollouts: list[Rollout]
+    sampling_hints: dict[str, float] = field(default_factory=dict)
+    retokenized: int = 0
+    empty: int = 0
+    has_topk: bool = False
+
+
+def parse_mapping(items: list[str]) -> dict[str, str]:
+    """``canonical=source`` pairs -> {source: canonical}."""
+    out = {}
+    for item in items:
+        canon, eq, src = item.partition("=")
+        canon, src = canon.strip(), src.strip()
+        if not eq or not canon or not src:
+            raise UsageError(f"--map '{item}' is not canonical=source", "write e.g. --map response_ids=output_ids")
+        if canon not in FIELDS:
+            raise UsageError(f"--map: unknown field '{canon}'", f"fields: {', '.join(FIELDS)}")
+        out[src] = canon
+    return out
+
+
+def _rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(location, row) pairs from a JSONL or Parquet file."""
+    if not path.is_file():
+        raise InputError(f"rollout file '{path}' does not exist", "pass a .jsonl or .parquet file")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        rows = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{n}: not valid JSON ({e.msg})", "write one JSON object per line") from None
+            if not isinstance(obj, dict):
+                raise InputError(f"{path}:{n}: expected a JSON object", "write one object per rollout")
+            rows.append((f"{path}:{n}", obj))
+        return rows
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow raises several types for corrupt files
+            raise InputError(
+                f"cannot read Parquet file '{path}': {e}", "check that the file is valid Parquet"
+            ) from None
+        return [(f"{path} row {i}", row) for i, row in enumerate(table.to_pylist())]
+    raise InputError(f"unsupported rollout file type '{suffix}' ({path})", "use .jsonl or .parquet")
+
+
+def _int_list(v: Any, where: str, name: str) -> list[int]:
+    if not isinstance(v, (list, tuple)) or not all(isinstance(x, (int, float)) and float(x).is_integer() for x in v):
+        raise InputError(f"{where}: '{name}' must be a list of integer token ids", "check the column mapping (--map)")
+    return [int(x) for x in v]
+
+
+def _topk(v: Any, where: str) -> list[dict[int, float]]:
+    if not isinstance(v, (list, tuple)):
+        raise InputError(
+            f"{where}: 'topk_logprobs' must be a list (one entry per response token)", "see docs/rollout-schema.md"
+        )
+    out = []
+    for pos in v:
+        if isinstance(pos, dict):
+            out.append({int(k): float(x) for k, x in pos.items()})
+        elif isinstance(pos, (list, tuple)):
+            out.append({int(p[0]): float(p[1]) for p in pos})
+        else:
+            raise InputError(
+                f"{where}: a 'topk_logprobs' entry is neither an object nor a list of pairs",
+                "see docs/rollout-schema.md",
+            )
+    return out
+
+
+def read_rollouts(path: str | Path, mapping: dict[str, str], tokenizer: Any, vocab_width: int) -> RolloutFile:
+    """Read and validate a rollout file; every problem names the file and row and how to fix it."""
+    p = Path(path)
+    rows = _rows(p)
+    if not rows:
+        raise InputError(f"rollout file '{path}' holds no rollouts", "add at least one row")
+    result = RolloutFile([])
+    hints: dict[str, set] = {k: set() for k in SAMPLING_FIELDS}
+    for i, (where, raw) in enumerate(rows):
+        row = {mapping.get(k, k): v for k, v in raw.items()}
+        if row.get("prompt_ids") is None:
+            if not isinstance(row.get("prompt"), str):
+                raise InputError(
+                    f"{where}: no 'prompt_ids' (or 'prompt' text)", "map your column with --map prompt_ids=COLUMN"
+                )
+            row["prompt_ids"] = tokenizer(row["prompt"])["input_ids"]
+            result.retokenized += 1
+        if row.get("response_ids") is None:
+            if not isinstance(row.get("response"), str):
+                raise InputError(
+                    f"{where}: no 'response_ids' (or 'response' text)", "map your column with --map response_ids=COLUMN"
+                )
+            row["response_ids"] = tokenizer(row["response"], add_special_tokens=False)["input_ids"]
+            result.retokenized += 1
+        prompt = _int_list(row["prompt_ids"], where, "prompt_ids")
+        resp = _int_list(row["response_ids"], where, "response_ids")
+        if not prompt:
+            raise InputError(f"{where}: empty prompt", "every rollout needs at least one prompt token")
+        lps = row.get("rollout_logprobs")
+        if lps is None:
+            raise InputError(f"{where}: no 'rollout_logprobs'", "map your column with --map rollout_logprobs=COLUMN")
+        if not isinstance(lps, (list, tuple)) or not all(isinstance(x, (int, float)) for x in lps):
+            raise InputError(
+                f"{where}: 'rollout_logprobs' must be a list of numbers", "one log-prob per response token"
+            )
+        lps = [float(x) for x in lps]
+        if len(lps) != len(resp):
+            raise InputError(
+                f"{where}: {len(resp)} response tokens but {len(lps)} log-probs",
+                "give one rollout log-prob per response token (re-tokenised text can differ from the engine's ids)",
+            )
+        bad = next((x for x in lps if math.isnan(x) or x > LOGPROB_SLACK), None)
+        if bad is not None:
+            raise InputError(
+                f"{where}: invalid rollout log-prob {bad} (log-probs are <= 0 and not NaN)",
+                "check the column holds log-probs, not probs or logits",
+            )
+        out_of_vocab = next((t for t in prompt + resp if t < 0 or t >= vocab_width), None)
+        if out_of_vocab is not None:
+            raise InputError(
+                f"{where}: token id {out_of_vocab} is outside the model's vocabulary (0..{vocab_width - 1})",
+                "score with the model the rollouts came from",
+            )
+        extra: dict[str, Any] = {}
+        if row.get("topk_logprobs") is not None:
+            topk = _topk(row["topk_logprobs"], where)
+            if len(topk) != len(resp):
+                raise InputError(
+                    f"{where}: {len(topk)} top-K entries for {len(resp)} response tokens",
+                    "one entry per response token",
+                )
+            k = int(row["topk_k"]) if row.get("topk_k") is not None else min((len(d) for d in topk), default=0)
+            extra.update(topk=topk, topk_k=k)
+            result.has_topk = True
+        for key in ("reward", "advantage"):
+            if row.get(key) is not None:
+                extra[key] = row[key]
+        for key in SAMPLING_FIELDS:
+            if row.get(key) is not None:
+                hints[key].add(float(row[key]))
+        result.empty += not resp
+        reason = row.get("finish_reason") or "unknown"
+        result.rollouts.append(
+            Rollout(
+                i,
+                int(row.get("prompt_idx", i) or 0),
+                int(row.get("sample_idx", 0) or 0),
+                prompt,
+                resp,
+                lps,
+                str(reason),
+                extra,
+            )
+        )
+    for key, values in hints.items():
+        if len(values) > 1:
+            raise InputError(
+                f"'{path}' mixes {key} values {sorted(values)}",
+                f"score rollouts of one {key} at a time, or pass --{key.replace('_', '-')}",
+            )
+        if values:
+            result.sampling_hints[key] = values.pop()
+    return result
+
+
+def write_rollouts(path: str | Path, rollouts: list[Rollout], sampling: SamplingConfig) -> None:
+    """Write rollouts in the schema above (JSONL or Parquet by suffix), atomically."""
+    from trm_diag.report import _atomic_write
+
+    p = Path(path)
+    rows = []
+    for r in rollouts:
+        row: dict[str, Any] = {
+            "prompt_ids": r.prompt_ids, "response_ids": r.response_ids, "rollout_logprobs": r.lp_roll,
+            "prompt_idx": r.prompt_idx, "sample_idx": r.sample_idx, "finish_reason": r.finish_reason,
+            "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k, "min_p": sampling.min_p,
+        }  # fmt: skip
+        if "topk" in r.extra:
+            row["topk_logprobs"] = [[[int(k), float(v)] for k, v in d.items()] for d in r.extra["topk"]]
+            row["topk_k"] = r.extra["topk_k"]
+        rows.append(row)
+    if p.suffix.lower() == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pylist(rows)
+        _atomic_write(p, lambda tmp: pq.write_table(table, tmp))
+    elif p.suffix.lower() in (".jsonl", ".json"):
+        _atomic_write(p, lambda tmp: Path(tmp).write_text("".join(json.dumps(row) + "\n" for row in rows)))
+    else:
+        raise UsageError(f"--save-rollouts {path}: unsupported file type", "use a .jsonl or .parquet file name")
