@@ -9,16 +9,13 @@ import sys
 import pandas as pd
 import pytest
 
-from trm_diag.cli import main
+from tests.helpers import run_cli
 
 PAPER = ["--delta", "1e-4", "--eps", "5e-3", "--kl-seq", "0.01", "--tv-seq", "0.05"]
 
 
 def run(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    cap = capsys.readouterr()
-    return e.value.code, cap.out, cap.err
+    return run_cli(argv, capsys)
 
 
 def test_paper_table_json(capsys):

@@ -7,6 +7,7 @@ import json
 import pandas as pd
 import pytest
 
+from tests.helpers import run_cli
 from trm_diag.cli import main
 
 TOKEN_COLS = {
@@ -32,10 +33,7 @@ FAST = ["--num-prompts", "8", "--max-new-tokens", "24", "-q"]
 
 
 def run(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    cap = capsys.readouterr()
-    return e.value.code, cap.out, cap.err
+    return run_cli(argv, capsys)
 
 
 @pytest.fixture(scope="module")

@@ -9,15 +9,13 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+from tests.helpers import run_cli
 from trm_diag.cli import main
 from trm_diag.gate import ReportMetrics
 
 
 def run(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    cap = capsys.readouterr()
-    return e.value.code, cap.out, cap.err
+    return run_cli(argv, capsys)
 
 
 def make_report(tmp_path_factory, dense_model, name, rollout):

@@ -8,16 +8,14 @@ import math
 import pandas as pd
 import pytest
 
+from tests.helpers import run_cli
 from trm_diag.cli import main
 
 SAMPLED = ["lp_roll", "lp_train", "log_ratio", "k1", "k2", "k3", "abs_rho_m1", "tv_bin", "kl_bin"]
 
 
 def run(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    cap = capsys.readouterr()
-    return e.value.code, cap.out, cap.err
+    return run_cli(argv, capsys)
 
 
 @pytest.fixture(scope="module")

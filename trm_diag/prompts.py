@@ -10,12 +10,12 @@ Formats:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from trm_diag.errors import InputError, ModelError
+from trm_diag.rows import read_jsonl, read_parquet
 
 
 @dataclass(frozen=True)
@@ -66,33 +66,9 @@ def load_prompts(path: str | Path) -> list[Prompt]:
     suffix = p.suffix.lower()
     prompts: list[Prompt] = []
     if suffix in (".jsonl", ".json"):
-        try:
-            lines = p.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise InputError(
-                f"cannot read prompt file '{path}': {e}", "check the file's permissions and encoding"
-            ) from None
-        for n, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{n}: not valid JSON ({e.msg})", "write one JSON object per line") from None
-            prompts.append(_from_obj(obj, f"{path}:{n}"))
+        prompts = [_from_obj(obj, where) for where, obj in read_jsonl(p)]
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(p)
-        except Exception as e:  # pyarrow raises several types for corrupt files
-            raise InputError(
-                f"cannot read Parquet file '{path}': {e}", "check that the file is valid Parquet"
-            ) from None
-        if "messages" not in table.column_names and "prompt" not in table.column_names:
-            raise InputError(f"'{path}' has no 'prompt' or 'messages' column", "rename the prompt column")
-        for n, row in enumerate(table.to_pylist()):
-            prompts.append(_from_obj(row, f"{path} row {n}"))
+        prompts = [_from_obj(row, where) for where, row in read_parquet(p, ("prompt", "messages"))]
     elif suffix == ".txt":
         text = p.read_text(encoding="utf-8", errors="strict")
         prompts = [Prompt(text=line.replace("\\n", "\n")) for line in text.splitlines() if line.strip()]

@@ -29,6 +29,7 @@ from typing import Any
 from trm_diag.backends.base import Rollout
 from trm_diag.config import SamplingConfig
 from trm_diag.errors import InputError, UsageError
+from trm_diag.rows import read_jsonl, read_parquet
 
 FIELDS = (
     "prompt_ids", "response_ids", "rollout_logprobs", "topk_logprobs", "topk_k", "prompt_idx", "sample_idx",
@@ -69,28 +70,13 @@ def _rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
         raise InputError(f"rollout file '{path}' does not exist", "pass a .jsonl or .parquet file")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{n}: not valid JSON ({e.msg})", "write one JSON object per line") from None
+        rows = read_jsonl(path)
+        for where, obj in rows:
             if not isinstance(obj, dict):
-                raise InputError(f"{path}:{n}: expected a JSON object", "write one object per rollout")
-            rows.append((f"{path}:{n}", obj))
+                raise InputError(f"{where}: expected a JSON object", "write one object per rollout")
         return rows
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(path)
-        except Exception as e:  # pyarrow raises several types for corrupt files
-            raise InputError(
-                f"cannot read Parquet file '{path}': {e}", "check that the file is valid Parquet"
-            ) from None
-        return [(f"{path} row {i}", row) for i, row in enumerate(table.to_pylist())]
+        return read_parquet(path)
     raise InputError(f"unsupported rollout file type '{suffix}' ({path})", "use .jsonl or .parquet")
 
 

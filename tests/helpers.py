@@ -1,0 +1,15 @@
+"""Test helpers shared across modules."""
+
+from __future__ import annotations
+
+import pytest
+
+from trm_diag.cli import main
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run the real CLI entry point in-process: (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    cap = capsys.readouterr()
+    return e.value.code, cap.out, cap.err
