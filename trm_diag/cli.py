@@ -159,6 +159,12 @@ def compare(
     save_rollouts: Annotated[
         str | None, typer.Option(help="Also write the rollouts (.jsonl or .parquet) in the schema `score` reads.")
     ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Finish an interrupted run in --out (same command); completed chunks are kept.")
+    ] = False,
+    chunk_prompts: Annotated[
+        int, typer.Option(help="Prompts per checkpointed chunk: an interruption loses at most one chunk.")
+    ] = 64,
     trm_max: TrmMaxOpt = 0.05,
     trm_avg: TrmAvgOpt = 0.001,
     ln_trm: LnTrmOpt = 0.05,
@@ -193,6 +199,8 @@ def compare(
         thresholds=_thresholds(trm_max, trm_avg, ln_trm, ser, dppo_tv, dppo_kl),
         num_prompts=num_prompts,
         save_rollouts=save_rollouts,
+        resume=resume,
+        chunk_prompts=chunk_prompts,
         overwrite=overwrite,
         trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,
@@ -350,6 +358,8 @@ def gate(
     raise typer.Exit(code)
 
 
+INTERRUPTED = 130  # the shell's exit code for SIGINT
+
 # click's usage errors (typer vendors its own click, so they are matched by name)
 USAGE_EXCEPTIONS = {"UsageError", "BadParameter", "MissingParameter", "NoSuchOption", "BadOptionUsage",
                     "BadArgumentUsage", "ClickException", "FileError"}  # fmt: skip
@@ -365,11 +375,15 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except (typer.Abort, KeyboardInterrupt):
-        err_console.print("[red]interrupted[/red]")
-        sys.exit(130)
+        code = INTERRUPTED
     except Exception as e:  # bad options arrive here in non-standalone mode (typer's vendored click)
         if type(e).__name__ in USAGE_EXCEPTIONS and hasattr(e, "show"):
             e.show(file=sys.stderr)
             sys.exit(int(ExitCode.USAGE))
         raise
+    if code == INTERRUPTED:  # typer turns Ctrl-C into a silent Exit(130)
+        err_console.print(
+            "[red]interrupted.[/red] Finished chunks are kept in the --out folder's .trm-partial/; "
+            "run the same command with --resume to finish."
+        )
     sys.exit(code if isinstance(code, int) else 0)

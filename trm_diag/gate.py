@@ -93,16 +93,9 @@ class ReportMetrics:
     """Lazily reads a report folder and resolves metric names to floats."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        if not self.path.is_dir():
-            raise InputError(f"report folder '{path}' does not exist", "run `trm-diag compare --out DIR` first")
-        marker = self.path / "summary.json"
-        if not marker.is_file():
-            raise InputError(f"'{path}' holds no complete report (no summary.json)", "re-run trm-diag compare")
-        try:
-            self.summary = json.loads(marker.read_text())
-        except json.JSONDecodeError as e:
-            raise InputError(f"{marker} is not valid JSON ({e.msg})", "re-run trm-diag compare") from None
+        from trm_diag.report import complete_report
+
+        self.path, self.summary = complete_report(path)
         self._schemas: dict[str, list[str]] = {}
         self._cols: dict[tuple[str, str], np.ndarray] = {}
         self._bound_inputs = None

@@ -20,8 +20,9 @@ import pandas as pd
 from trm_diag.assemble import Scored, assemble, model_fingerprint
 from trm_diag.backends.base import Rollout, TokenRows
 from trm_diag.checkpoint import read_config, vocab_size
-from trm_diag.config import BackendSpec, SamplingConfig, Thresholds
+from trm_diag.config import BackendSpec, SamplingConfig, Thresholds, as_dict
 from trm_diag.errors import InputError, ModelError, UsageError
+from trm_diag.partial import PartialStore, run_fingerprint
 from trm_diag.report import prepare_out_dir, write_report
 from trm_diag.scoring import FIDELITIES, token_columns
 
@@ -58,6 +59,8 @@ class CompareConfig:
     fidelity: str = "exact"
     max_held_bytes: int = 4 << 30  # rollout rows held while two vLLM engines swap
     save_rollouts: str | None = None
+    chunk_prompts: int = 64  # prompts per checkpointed chunk (see --resume)
+    resume: bool = False
     overwrite: bool = False
     trust_remote_code: bool = False
     allow_pickle: bool = False
@@ -180,7 +183,7 @@ def run_compare(cfg: CompareConfig, reporter: Reporter | None = None) -> Compare
         raise UsageError(f"--fidelity {fidelity} is unknown", f"use one of: {', '.join(FIDELITIES)}")
     if fidelity == "topk" and sampling.topk == 0:
         raise UsageError("--fidelity topk needs top-K log-probs", "pass --topk K with K >= 1")
-    out_dir = prepare_out_dir(cfg.out, cfg.overwrite)
+    out_dir = prepare_out_dir(cfg.out, cfg.overwrite or cfg.resume)
     prompts = load_prompts(cfg.prompts)
     if cfg.num_prompts is not None:
         prompts = prompts[: cfg.num_prompts]
@@ -202,57 +205,68 @@ def run_compare(cfg: CompareConfig, reporter: Reporter | None = None) -> Compare
         if not ids:
             raise InputError(f"prompt {i} encodes to zero tokens", "remove empty prompts from the prompt file")
 
-    t = time.perf_counter()
-    with rep.phase(f"generating ({roll.description})", len(prompts) * sampling.samples_per_prompt) as advance:
-        rollouts = roll.generate(prompt_ids, sampling, advance)
-    timings["generate_s"] = time.perf_counter() - t
+    # Chunks of prompts: each finished chunk is checkpointed, so Ctrl-C loses at most one chunk.
+    # Two vLLM engines cannot coexist, so such a run is a single chunk (engines swap once).
+    n = len(prompt_ids)
+    step = max(1, cfg.chunk_prompts) if coexist else max(n, 1)
+    chunks = [(a, min(n, a + step)) for a in range(0, n, step)]
+    settings = {k: v for k, v in as_dict(cfg).items() if k not in ("out", "overwrite", "resume", "save_rollouts")}
+    settings["specs"] = [roll_spec.describe(), train_spec.describe()]
+    store = PartialStore(out_dir, run_fingerprint(settings, [cfg.prompts]), len(chunks), cfg.resume, cfg.overwrite)
+    resumed = len(store.done)
+    train = roll if same else (load_backend(train_spec, **kw) if coexist else None)
+    if train is not None:
+        _check_pair(roll, train, same)
+    for key in ("generate_s", "rollout_rows_s", "score_s"):
+        timings[key] = 0.0
+    total = n * sampling.samples_per_prompt
+    with rep.phase(f"generating ({roll.description}) and scoring ({cfg.train.name}, {fidelity})", 2 * total) as advance:
+        for ci, (a, b) in enumerate(chunks):
+            if ci in store.done:
+                advance(2 * (b - a) * sampling.samples_per_prompt)
+                continue
+            t = time.perf_counter()
+            rollouts = roll.generate(prompt_ids[a:b], sampling, advance, index_offset=a)
+            timings["generate_s"] += time.perf_counter() - t
+            held: list[TokenRows] | None = None
+            if train is None:  # two vLLM engines: the rollout's rows first, then swap engines
+                t = time.perf_counter()
+                if fidelity == "exact":
+                    size = 4 * width * sum(len(r.response_ids) for r in rollouts)
+                    if size > cfg.max_held_bytes:
+                        raise UsageError(
+                            f"exact fidelity between two vLLM engines would hold {size / 2**30:.1f} GiB of rollout rows",
+                            "use --fidelity topk, fewer prompts, or an hf training side",
+                        )
+                    held = []
+                    for s in range(0, len(rollouts), 16):
+                        held.extend(
+                            roll.score([(r.prompt_ids, r.response_ids) for r in rollouts[s : s + 16]], sampling)
+                        )
+                roll.close()
+                timings["rollout_rows_s"] += time.perf_counter() - t
+                t = time.perf_counter()
+                train = load_backend(train_spec, **kw)
+                timings["load_train_s"] = time.perf_counter() - t
+                _check_pair(roll, train, same)
+
+            def rollout_rows(start: int, pairs: list, held=held, train=train) -> list[TokenRows | None]:
+                if held is not None:
+                    return held[start : start + len(pairs)]
+                return train.score(pairs, sampling) if same else roll.score(pairs, sampling)
+
+            t = time.perf_counter()
+            scored = score_rollouts(rollouts, train, rollout_rows, sampling, fidelity, width, advance)
+            timings["score_s"] += time.perf_counter() - t
+            store.save(ci, scored)
+    if train is None:  # every chunk was already done (resume of a finished vLLM-vs-vLLM run)
+        roll.close()
+        train = load_backend(train_spec, **kw)
+    scored = store.load_all()
     if cfg.save_rollouts:
         from trm_diag.rollouts_io import write_rollouts
 
-        write_rollouts(cfg.save_rollouts, rollouts, sampling)
-
-    held: list[TokenRows] | None = None
-    t = time.perf_counter()
-    if not coexist:  # two vLLM engines: the rollout's rows first, then swap engines
-        if fidelity == "exact":
-            size = 4 * width * sum(len(r.response_ids) for r in rollouts)
-            if size > cfg.max_held_bytes:
-                raise UsageError(
-                    f"exact fidelity between two vLLM engines would hold {size / 2**30:.1f} GiB of rollout rows",
-                    "use --fidelity topk, fewer prompts, or an hf training side",
-                )
-            held = []
-            with rep.phase("capturing rollout rows", len(rollouts)) as advance:
-                for s in range(0, len(rollouts), 16):
-                    batch = rollouts[s : s + 16]
-                    held.extend(roll.score([(r.prompt_ids, r.response_ids) for r in batch], sampling))
-                    advance(len(batch))
-        roll.close()
-    timings["rollout_rows_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    with rep.phase(f"loading {train_spec.name} (train)", 1) as advance:
-        train = roll if same else load_backend(train_spec, **kw)
-        advance(1)
-    timings["load_train_s"] = time.perf_counter() - t
-    if train.vocab_width != width:
-        raise ModelError(
-            f"vocab mismatch between backends: logits widths {width} and {train.vocab_width}",
-            "compare checkpoints with the same vocabulary",
-        )
-    if not same:
-        check_tokenizers(tokenizer, train.tokenizer)
-
-    def rollout_rows(start: int, pairs: list) -> list[TokenRows | None]:
-        if held is not None:
-            return held[start : start + len(pairs)]
-        return train.score(pairs, sampling) if same else roll.score(pairs, sampling)
-
-    t = time.perf_counter()
-    with rep.phase(f"scoring ({train.description}, {fidelity})", len(rollouts)) as advance:
-        scored = score_rollouts(rollouts, train, rollout_rows, sampling, fidelity, width, advance)
-    timings["score_s"] = time.perf_counter() - t
-    held = None  # free the rollout rows before assembling
+        write_rollouts(cfg.save_rollouts, scored.rollouts, sampling)
     notes = [getattr(b, "routing_note", None) for b in (roll, train)]
     header = {
         "rollout": _side(roll),
@@ -261,6 +275,7 @@ def run_compare(cfg: CompareConfig, reporter: Reporter | None = None) -> Compare
         "engines_sequential": not coexist,
         "prompts": {"path": str(cfg.prompts), "count": len(prompts), "chat": sum(p.is_chat for p in prompts)},
         "routing_note": next((n for n in notes if n), None),
+        "run": {"chunks": len(chunks), "chunk_prompts": step, "resumed_chunks": resumed},
     }
     assembled = assemble(
         scored, command="compare", fidelity=fidelity, sampling=sampling, thresholds=cfg.thresholds,
@@ -268,11 +283,22 @@ def run_compare(cfg: CompareConfig, reporter: Reporter | None = None) -> Compare
         header=header, warn=rep.warn,
     )  # fmt: skip
     result = _write(out_dir, assembled, timings, t_start)
-    if coexist:
-        roll.close()
+    store.clear()
+    roll.close()
     if not same:
         train.close()
     return result
+
+
+def _check_pair(roll: Any, train: Any, same: bool) -> None:
+    """Both sides must share the vocabulary and the tokenizer."""
+    if train.vocab_width != roll.vocab_width:
+        raise ModelError(
+            f"vocab mismatch between backends: logits widths {roll.vocab_width} and {train.vocab_width}",
+            "compare checkpoints with the same vocabulary",
+        )
+    if not same:
+        check_tokenizers(roll.tokenizer, train.tokenizer)
 
 
 def run_score(cfg: ScoreConfig, reporter: Reporter | None = None) -> CompareResult:

@@ -11,15 +11,17 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from trm_diag.errors import InputError, UsageError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 META_KEY = b"trm_diag"
 REPORT_FILES = ("tokens.parquet", "sequences.parquet", "bounds.parquet", "routing.parquet", "summary.json")
 MARKER = "summary.json"
+RUN_SPECIFIC = ("timings", "run")
 
 
 def _json_default(o: Any) -> Any:
@@ -57,6 +59,7 @@ def prepare_out_dir(out: str | Path, overwrite: bool) -> Path:
     if p.is_dir() and any((p / f).exists() for f in REPORT_FILES):
         if not overwrite:
             raise UsageError(f"'{out}' already holds a report", "pass --overwrite, or choose another --out folder")
+        (p / MARKER).unlink(missing_ok=True)  # from now on the folder must not look like a complete report
     p.mkdir(parents=True, exist_ok=True)
     return p
 
@@ -84,7 +87,9 @@ def write_report(out: Path, tables: dict[str, pd.DataFrame], summary: dict[str, 
     for stale in REPORT_FILES:
         if stale != MARKER and stale.removesuffix(".parquet") not in tables and (out / stale).exists():
             (out / stale).unlink()
-    meta = to_json({k: v for k, v in summary.items() if k != "timings"}).encode()
+    # run-specific facts (timings, resumed chunks) stay in summary.json only, so the same command
+    # and seed give byte-identical Parquet files
+    meta = to_json({k: v for k, v in summary.items() if k not in RUN_SPECIFIC}).encode()
     for name, df in tables.items():
         table = pa.Table.from_pandas(df, preserve_index=False)
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY: meta})
@@ -98,18 +103,31 @@ def remove_partial(out: Path) -> None:
         f.unlink(missing_ok=True)
 
 
-def load_report(path: str | Path, tables: tuple[str, ...] = ("tokens", "sequences")) -> dict[str, Any]:
-    """Read a complete report: {'summary': dict, '<table>': DataFrame ...}."""
+def complete_report(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The folder and summary.json of a complete report; InputError otherwise."""
     p = Path(path)
     if not p.is_dir():
         raise InputError(f"report folder '{path}' does not exist", "run `trm-diag compare --out DIR` first")
     marker = p / MARKER
     if not marker.is_file():
+        if (p / ".trm-partial").is_dir():
+            raise InputError(
+                f"'{path}' holds an interrupted run, not a complete report",
+                "finish it with `trm-diag compare ... --resume`",
+            )
         raise InputError(f"'{path}' holds no complete report (no summary.json)", "re-run the command that writes it")
     try:
-        out: dict[str, Any] = {"summary": json.loads(marker.read_text())}
+        return p, json.loads(marker.read_text())
     except json.JSONDecodeError as e:
         raise InputError(f"{marker} is not valid JSON ({e.msg})", "re-run the command that writes the report") from None
+
+
+def load_report(path: str | Path, tables: tuple[str, ...] = ("tokens", "sequences")) -> dict[str, Any]:
+    """Read a complete report: {'summary': dict, '<table>': DataFrame ...}."""
+    import pandas as pd
+
+    p, summary = complete_report(path)
+    out: dict[str, Any] = {"summary": summary}
     for name in tables:
         f = p / f"{name}.parquet"
         if f.is_file():

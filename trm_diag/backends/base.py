@@ -23,6 +23,11 @@ def no_progress(_: int) -> None:
     """Default progress hook: does nothing."""
 
 
+def seed_for(seed: int, index: int) -> int:
+    """A per-prompt (or per-batch) seed derived from the run's seed and a global index."""
+    return (seed * 1_000_003 + index) % (2**63)
+
+
 @dataclass
 class Rollout:
     """One sampled response. lp_roll[t] = log p(y_t) at the decode step that produced y_t."""
@@ -73,9 +78,14 @@ class Backend(Protocol):
     model_path: str
 
     def generate(
-        self, prompts: Sequence[list[int]], sampling: SamplingConfig, progress: Progress = no_progress
+        self,
+        prompts: Sequence[list[int]],
+        sampling: SamplingConfig,
+        progress: Progress = no_progress,
+        index_offset: int = 0,
     ) -> list[Rollout]:
-        """Sample ``sampling.samples_per_prompt`` responses per prompt."""
+        """Sample ``sampling.samples_per_prompt`` responses per prompt; prompt i is prompt
+        ``index_offset + i`` of the run (it decides the seeds and the rollouts' prompt_idx)."""
         ...
 
     def score(self, seqs: Sequence[tuple[list[int], list[int]]], sampling: SamplingConfig) -> list[TokenRows]:

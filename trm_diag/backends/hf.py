@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from trm_diag.backends.base import Progress, Rollout, no_progress
+from trm_diag.backends.base import Progress, Rollout, no_progress, seed_for
 from trm_diag.checkpoint import check_checkpoint
 from trm_diag.config import BackendSpec, SamplingConfig
 from trm_diag.errors import BackendFailure, ModelError, UsageError
@@ -135,17 +135,24 @@ class HFBackend:
 
     # ------------------------------------------------------------------ generate
     def generate(
-        self, prompts: Sequence[list[int]], sampling: SamplingConfig, progress: Progress = no_progress
+        self,
+        prompts: Sequence[list[int]],
+        sampling: SamplingConfig,
+        progress: Progress = no_progress,
+        index_offset: int = 0,
     ) -> list[Rollout]:
         jobs = [(pi, si) for pi in range(len(prompts)) for si in range(sampling.samples_per_prompt)]
-        gen = torch.Generator(device=self.device).manual_seed(self._seed(sampling))
+        gen = torch.Generator(device=self.device)
         out: list[Rollout] = []
         for s in range(0, len(jobs), self.batch_size):
             chunk = jobs[s : s + self.batch_size]
+            # each batch is seeded by its first job's global index: the same command gives the same
+            # rollouts, whichever chunk of the run (or resumed run) the batch falls in
+            gen.manual_seed(seed_for(self._seed(sampling), index_offset * sampling.samples_per_prompt + s))
             ids, lps, reasons, tops = self._generate_batch([prompts[pi] for pi, _ in chunk], sampling, gen)
             for (pi, si), resp, lp, why, top in zip(chunk, ids, lps, reasons, tops):
                 extra = {"topk": top, "topk_k": sampling.topk} if sampling.topk else {}
-                out.append(Rollout(len(out), pi, si, list(prompts[pi]), resp, lp, why, extra))
+                out.append(Rollout(len(out), index_offset + pi, si, list(prompts[pi]), resp, lp, why, extra))
             progress(len(chunk))
         return out
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from trm_diag.backends.base import Progress, Rollout, TensorRows, no_progress
+from trm_diag.backends.base import Progress, Rollout, TensorRows, no_progress, seed_for
 from trm_diag.checkpoint import check_checkpoint
 from trm_diag.config import BackendSpec, SamplingConfig
 from trm_diag.errors import BackendFailure, ModelError, UsageError
@@ -195,7 +195,11 @@ class VLLMBackend:
         )
 
     def generate(
-        self, prompts: Sequence[list[int]], sampling: SamplingConfig, progress: Progress = no_progress
+        self,
+        prompts: Sequence[list[int]],
+        sampling: SamplingConfig,
+        progress: Progress = no_progress,
+        index_offset: int = 0,
     ) -> list[Rollout]:
         from vllm.inputs import TokensPrompt
 
@@ -207,7 +211,7 @@ class VLLMBackend:
             # one seed per prompt: the same command gives the same rollouts whatever the batching
             params = [
                 self._sampling_params(
-                    sampling, seed * 1_000_003 + i, sampling.samples_per_prompt, logprobs=sampling.topk
+                    sampling, seed_for(seed, index_offset + i), sampling.samples_per_prompt, logprobs=sampling.topk
                 )
                 for i in chunk
             ]
@@ -223,7 +227,7 @@ class VLLMBackend:
                         extra = {"topk": [{int(k): float(v.logprob) for k, v in d.items()} for d in comp.logprobs],
                                  "topk_k": sampling.topk}  # fmt: skip
                     reason = "stop" if comp.finish_reason == "stop" else "length"
-                    out.append(Rollout(len(out), i, si, list(prompts[i]), ids, lp, reason, extra))
+                    out.append(Rollout(len(out), index_offset + i, si, list(prompts[i]), ids, lp, reason, extra))
             progress(len(chunk) * sampling.samples_per_prompt)
         return out
 

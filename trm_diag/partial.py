@@ -1,0 +1,198 @@
+"""Chunk checkpoints of a running `compare`, so an interrupted run can be resumed.
+
+Each finished chunk of prompts is saved under ``OUT/.trm-partial/`` as Parquet files
+(rollouts, token columns, MoE routing) and recorded in ``manifest.json`` with a
+fingerprint of the run's settings. The final report is always assembled from the stored
+chunks, so a resumed run and an uninterrupted one produce the same bytes. Parquet and
+JSON only: nothing stored here can run code when loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from trm_diag.assemble import Scored
+from trm_diag.backends.base import Rollout
+from trm_diag.errors import InputError, UsageError
+from trm_diag.moe import RoutingComparison
+from trm_diag.report import _atomic_write
+
+PARTIAL_DIR = ".trm-partial"
+MANIFEST = "manifest.json"
+
+
+def run_fingerprint(settings: dict[str, Any], files: list[str]) -> str:
+    """sha256 of the run's settings and of the input files' bytes."""
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for f in files:
+        h.update(Path(f).read_bytes())
+    return h.hexdigest()
+
+
+class PartialStore:
+    """The chunks of one run saved so far; refuses to mix runs with different settings."""
+
+    def __init__(self, out_dir: Path, fingerprint: str, n_chunks: int, resume: bool, overwrite: bool = False) -> None:
+        self.dir = out_dir / PARTIAL_DIR
+        self.fingerprint = fingerprint
+        self.n_chunks = n_chunks
+        manifest = self.dir / MANIFEST
+        if overwrite and not resume and self.dir.exists():
+            shutil.rmtree(self.dir)
+        if manifest.is_file():
+            try:
+                m = json.loads(manifest.read_text())
+            except json.JSONDecodeError:
+                m = {}
+            done = len(m.get("done", []))
+            if not resume:
+                raise UsageError(
+                    f"'{out_dir}' holds an interrupted run ({done} of {m.get('n_chunks', '?')} chunks done)",
+                    "pass --resume to finish it, or --overwrite to start again",
+                )
+            if m.get("fingerprint") != fingerprint or m.get("n_chunks") != n_chunks:
+                raise UsageError(
+                    f"the interrupted run in '{out_dir}' was started with other settings or inputs",
+                    "resume with exactly the same command, or pass --overwrite to start again",
+                )
+            self.done = set(m["done"])
+        else:
+            if resume:
+                raise UsageError(f"there is no interrupted run to resume in '{out_dir}'", "drop --resume")
+            if self.dir.exists():
+                shutil.rmtree(self.dir)
+            self.dir.mkdir(parents=True)
+            self.done = set()
+            self._write_manifest()
+
+    def _write_manifest(self) -> None:
+        body = {
+            "fingerprint": self.fingerprint,
+            "n_chunks": self.n_chunks,
+            "done": sorted(self.done),
+            "complete": False,
+        }
+        _atomic_write(self.dir / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(body, indent=1)))
+
+    def _path(self, i: int, kind: str) -> Path:
+        return self.dir / f"chunk-{i:05d}.{kind}.parquet"
+
+    def save(self, i: int, scored: Scored) -> None:
+        """Store chunk i atomically, then mark it done."""
+        rolls = pd.DataFrame(
+            {
+                "prompt_idx": [r.prompt_idx for r in scored.rollouts],
+                "sample_idx": [r.sample_idx for r in scored.rollouts],
+                "prompt_ids": [r.prompt_ids for r in scored.rollouts],
+                "response_ids": [r.response_ids for r in scored.rollouts],
+                "lp_roll": [r.lp_roll for r in scored.rollouts],
+                "finish_reason": [r.finish_reason for r in scored.rollouts],
+                "extra_json": [json.dumps(_jsonable(r.extra)) for r in scored.rollouts],
+            }
+        )
+        tokens = pd.DataFrame(
+            {k: np.concatenate([c[k] for c in scored.columns]) for k in scored.columns[0]} if scored.columns else {}
+        )
+        tokens["local_seq"] = np.repeat(np.arange(len(scored.columns)), [len(c["pos"]) for c in scored.columns])
+        _write(self._path(i, "rollouts"), rolls)
+        _write(self._path(i, "tokens"), tokens)
+        if scored.routing:
+            _write(self._path(i, "routing"), _routing_frame(scored))
+        self.done.add(i)
+        self._write_manifest()
+
+    def load_all(self) -> Scored:
+        """Every chunk, in order, as one Scored with global seq ids."""
+        rollouts: list[Rollout] = []
+        columns: list[dict[str, np.ndarray]] = []
+        routing: list[tuple[int, RoutingComparison]] = []
+        for i in range(self.n_chunks):
+            if i not in self.done:
+                raise InputError(f"chunk {i} of the run is missing in {self.dir}", "resume the run with --resume")
+            rolls = pd.read_parquet(self._path(i, "rollouts"))
+            tokens = pd.read_parquet(self._path(i, "tokens"))
+            base = len(rollouts)
+            groups = {k: g for k, g in tokens.groupby("local_seq", sort=True)}
+            for j, row in enumerate(rolls.itertuples(index=False)):
+                extra = json.loads(row.extra_json)
+                if "topk" in extra:
+                    extra["topk"] = [{int(k): float(v) for k, v in d.items()} for d in extra["topk"]]
+                rollouts.append(
+                    Rollout(
+                        base + j,
+                        int(row.prompt_idx),
+                        int(row.sample_idx),
+                        [int(x) for x in row.prompt_ids],
+                        [int(x) for x in row.response_ids],
+                        [float(x) for x in row.lp_roll],
+                        str(row.finish_reason),
+                        extra,
+                    )  # fmt: skip
+                )
+                g = groups.get(j)
+                cols = {
+                    c: (g[c].to_numpy() if g is not None else tokens[c].to_numpy()[:0])
+                    for c in tokens.columns
+                    if c != "local_seq"
+                }
+                cols["seq_id"] = np.full(len(cols["pos"]), base + j, dtype=np.int64)
+                columns.append(cols)
+            rpath = self._path(i, "routing")
+            if rpath.is_file():
+                routing += _routing_from_frame(pd.read_parquet(rpath), base)
+        return Scored(rollouts, columns, routing)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _jsonable(extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(extra)
+    if "topk" in out:
+        out["topk"] = [{str(k): v for k, v in d.items()} for d in out["topk"]]
+    return out
+
+
+def _write(path: Path, df: pd.DataFrame) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    _atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def _routing_frame(scored: Scored) -> pd.DataFrame:
+    rows: dict[str, list] = {"local_seq": [], "layers": [], "T": [], "k": [], "experts_roll": [], "experts_train": [],
+                             "margin_roll": [], "margin_train": []}  # fmt: skip
+    index = {r.seq_id: j for j, r in enumerate(scored.rollouts)}
+    for seq_id, c in scored.routing:
+        layers, T, k = c.experts_roll.shape
+        rows["local_seq"].append(index[seq_id])
+        rows["layers"].append(layers)
+        rows["T"].append(T)
+        rows["k"].append(k)
+        rows["experts_roll"].append(c.experts_roll.reshape(-1).tolist())
+        rows["experts_train"].append(c.experts_train.reshape(-1).tolist())
+        rows["margin_roll"].append(c.margin_roll.reshape(-1).tolist())
+        rows["margin_train"].append(c.margin_train.reshape(-1).tolist())
+    return pd.DataFrame(rows)
+
+
+def _routing_from_frame(df: pd.DataFrame, base: int) -> list[tuple[int, RoutingComparison]]:
+    out = []
+    for row in df.itertuples(index=False):
+        shape3, shape2 = (row.layers, row.T, row.k), (row.layers, row.T)
+        er = torch.tensor(list(row.experts_roll), dtype=torch.long).reshape(shape3)
+        et = torch.tensor(list(row.experts_train), dtype=torch.long).reshape(shape3)
+        mr = torch.tensor(list(row.margin_roll), dtype=torch.float32).reshape(shape2)
+        mt = torch.tensor(list(row.margin_train), dtype=torch.float32).reshape(shape2)
+        out.append((base + int(row.local_seq), RoutingComparison(er, et, mr, mt, (er != et).any(dim=-1))))
+    return out
