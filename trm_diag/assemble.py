@@ -173,8 +173,18 @@ def assemble(
         warn(f"{n_bad} token(s) had NaN logits on a side; they are excluded from statistics (column 'nonfinite')")
         if n_bad == len(tokens):
             raise BackendFailure("every scored token had NaN logits", "try dtype=float32 on the failing side")
+    n_zero = int(tokens["zero_prob"].sum())
+    if n_zero:
+        warn(
+            f"{n_zero} sampled token(s) have probability 0 under one side (column 'zero_prob'): their log ratio "
+            "and KL are infinite, so the bounds are vacuous; check that both sides use the same top-k/top-p"
+        )
     lengths = np.array([len(r.response_ids) for r in rollouts], dtype=np.int64)
-    flat = {c: tokens[c].to_numpy() for c in tokens.columns if c not in ("seq_id", "pos", "token_id", "nonfinite")}
+    flat = {
+        c: tokens[c].to_numpy()
+        for c in tokens.columns
+        if c not in ("seq_id", "pos", "token_id", "nonfinite", "zero_prob")
+    }
     stats = sequence_stats(flat, lengths, th, basis=fidelity)
     seqs = pd.DataFrame(
         {
@@ -213,6 +223,7 @@ def assemble(
         "thresholds": as_dict(th),
         "criteria_basis": CRITERIA_BASIS[fidelity],
         "metrics": metrics,
+        "hygiene": {"nonfinite_tokens": n_bad, "zero_prob_tokens": n_zero},
         "bound_inputs": {
             "delta": inp.delta,
             "eps": inp.eps,

@@ -23,15 +23,17 @@ QUANTILES = {"mean": None, "p50": 0.5, "p90": 0.9, "p99": 0.99, "p999": 0.999, "
 
 
 def describe(x: np.ndarray) -> dict[str, float]:
-    """mean, p50, p90, p99, p999, max of the finite values (NaN when there are none)."""
+    """mean, p50, p90, p99, p999, max, skipping NaN (non-finite logits) but keeping inf (zero-probability tokens)."""
     x = np.asarray(x, dtype=np.float64)
-    x = x[np.isfinite(x)]
+    x = x[~np.isnan(x)]
     if x.size == 0:
         return dict.fromkeys(QUANTILES, math.nan)
     out = {"mean": float(x.mean())}
+    finite = bool(np.isfinite(x).all())
     for k, q in QUANTILES.items():
         if q is not None:
-            out[k] = float(np.quantile(x, q))
+            # interpolating towards an infinity gives nan; take the order statistic above instead
+            out[k] = float(np.quantile(x, q, method="linear" if finite else "higher"))
     return out
 
 

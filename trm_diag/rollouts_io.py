@@ -87,22 +87,32 @@ def _int_list(v: Any, where: str, name: str) -> list[int]:
 
 
 def _topk(v: Any, where: str) -> list[dict[int, float]]:
+    fix = "one entry per response token: {token_id: logprob} or [[token_id, logprob], ...] (docs/rollout-schema.md)"
     if not isinstance(v, (list, tuple)):
-        raise InputError(
-            f"{where}: 'topk_logprobs' must be a list (one entry per response token)", "see docs/rollout-schema.md"
-        )
+        raise InputError(f"{where}: 'topk_logprobs' must be a list", fix)
     out = []
-    for pos in v:
-        if isinstance(pos, dict):
-            out.append({int(k): float(x) for k, x in pos.items()})
-        elif isinstance(pos, (list, tuple)):
-            out.append({int(p[0]): float(p[1]) for p in pos})
-        else:
-            raise InputError(
-                f"{where}: a 'topk_logprobs' entry is neither an object nor a list of pairs",
-                "see docs/rollout-schema.md",
-            )
+    try:
+        for pos in v:
+            pairs = pos.items() if isinstance(pos, dict) else pos
+            if not isinstance(pairs, (list, tuple)) and not isinstance(pos, dict):
+                raise TypeError
+            entry = {}
+            for tid, lp in pairs:
+                if isinstance(lp, bool) or not isinstance(lp, (int, float)) or isinstance(tid, bool):
+                    raise TypeError
+                if isinstance(tid, float) and not tid.is_integer():
+                    raise ValueError
+                entry[int(tid)] = float(lp)  # ids may be JSON object keys (str) or Parquet doubles
+            out.append(entry)
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: malformed 'topk_logprobs' entry", fix) from None
     return out
+
+
+def _number(v: Any, where: str, name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise InputError(f"{where}: '{name}' must be a number, not {v!r}", f"write {name} as a number or drop it")
+    return float(v)
 
 
 def read_rollouts(path: str | Path, mapping: dict[str, str], tokenizer: Any, vocab_width: int) -> RolloutFile:
@@ -166,7 +176,11 @@ def read_rollouts(path: str | Path, mapping: dict[str, str], tokenizer: Any, voc
                     f"{where}: {len(topk)} top-K entries for {len(resp)} response tokens",
                     "one entry per response token",
                 )
-            k = int(row["topk_k"]) if row.get("topk_k") is not None else min((len(d) for d in topk), default=0)
+            k = (
+                int(_number(row["topk_k"], where, "topk_k"))
+                if row.get("topk_k") is not None
+                else min((len(d) for d in topk), default=0)
+            )
             extra.update(topk=topk, topk_k=k)
             result.has_topk = True
         for key in ("reward", "advantage"):
@@ -174,7 +188,7 @@ def read_rollouts(path: str | Path, mapping: dict[str, str], tokenizer: Any, voc
                 extra[key] = row[key]
         for key in SAMPLING_FIELDS:
             if row.get(key) is not None:
-                hints[key].add(float(row[key]))
+                hints[key].add(_number(row[key], where, key))
         result.empty += not resp
         reason = row.get("finish_reason") or "unknown"
         result.rollouts.append(

@@ -31,7 +31,7 @@ INTERVAL_KEYS = ("kl_lo", "kl_hi", "tv_lo", "tv_hi")
 TOKEN_COLUMNS = (
     "seq_id", "pos", "token_id", "lp_roll", "lp_train", "log_ratio", "k1", "k2", "k3", "abs_rho_m1",
     "kl", "kl_rev", "tv", "tv_bin", "kl_bin", "kl_lo", "kl_hi", "tv_lo", "tv_hi", "ent_roll", "ent_train",
-    "lp_roll_prefill", "prefill_gap", "nonfinite",
+    "lp_roll_prefill", "prefill_gap", "nonfinite", "zero_prob",
 )  # fmt: skip
 
 
@@ -104,6 +104,8 @@ def token_columns(
     st = sampled_token_metrics(lp_roll, torch.from_numpy(out["lp_train"]))
     out.update({k: v.numpy() for k, v in st.items()})
     out["lp_roll"] = lp_roll.numpy()
+    # a sampled token one side gives probability 0 (e.g. outside its top-k): infinite KL, flagged
+    out["zero_prob"] = np.isneginf(out["lp_roll"]) | np.isneginf(out["lp_train"])
     out["prefill_gap"] = out["lp_roll_prefill"] - out["lp_roll"]
     out["seq_id"] = np.full(T, r.seq_id, dtype=np.int64)
     out["pos"] = np.arange(T, dtype=np.int64)

@@ -1,0 +1,76 @@
+"""Fuzzing the input readers (hypothesis): any file either loads or raises a typed one-line error."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from trm_diag.errors import TrmDiagError
+from trm_diag.prompts import load_prompts
+from trm_diag.rollouts_io import read_rollouts
+
+json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-5, 3000), st.floats(allow_nan=True), st.text(max_size=8))
+json_value = st.recursive(
+    json_leaf,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
+# rows that look like real ones, with each field possibly broken
+maybe_ids = st.one_of(st.lists(st.integers(-3, 3000), max_size=6), json_value)
+maybe_lps = st.one_of(st.lists(st.floats(-20, 1) | st.just(float("nan")), max_size=6), json_value)
+rollout_row = st.fixed_dictionaries(
+    {}, optional={"prompt_ids": maybe_ids, "response_ids": maybe_ids, "rollout_logprobs": maybe_lps,
+                  "topk_logprobs": json_value, "prompt": json_value, "response": json_value, "temperature": json_value,
+                  "topk_k": json_value, "prompt_idx": json_value, "reward": json_value},
+)  # fmt: skip
+prompt_row = st.one_of(
+    st.fixed_dictionaries({}, optional={"prompt": json_value, "messages": json_value, "text": json_value}), json_value
+)
+line = st.one_of(st.just("{not json"), st.just(""), st.text(max_size=20))
+
+
+class _Tok:
+    """A deterministic stand-in tokenizer: the readers only call it on text fields."""
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [ord(c) % 2000 for c in text]}
+
+    chat_template = None
+
+
+def _write(rows, extra_lines, suffix=".jsonl") -> Path:
+    d = Path(tempfile.mkdtemp())
+    f = d / f"in{suffix}"
+    f.write_text("\n".join([json.dumps(r) for r in rows] + list(extra_lines)) + "\n")
+    return f
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(prompt_row, max_size=5), st.lists(line, max_size=2))
+def test_prompt_files_load_or_fail_cleanly(rows, extra):
+    f = _write(rows, extra)
+    try:
+        prompts = load_prompts(f)
+    except TrmDiagError as e:
+        assert "\n" not in e.one_line() and str(f) in e.one_line()
+        return
+    assert prompts and all((p.text is not None) != (p.messages is not None) for p in prompts)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(rollout_row, max_size=4), st.lists(line, max_size=1))
+def test_rollout_files_load_or_fail_cleanly(rows, extra):
+    f = _write(rows, extra)
+    try:
+        data = read_rollouts(f, {}, _Tok(), vocab_width=2048)
+    except TrmDiagError as e:
+        assert "\n" not in e.one_line()
+        return
+    for r in data.rollouts:  # whatever loads satisfies the schema's guarantees
+        assert r.prompt_ids and len(r.lp_roll) == len(r.response_ids)
+        assert all(0 <= t < 2048 for t in r.prompt_ids + r.response_ids)
+        assert all(x <= 1e-4 for x in r.lp_roll)
