@@ -155,7 +155,9 @@ def test_pickle_weights_refused(tmp_path, dense_model, capsys):
     assert code == 2 and "--allow-pickle" in err
 
 
-@pytest.mark.parametrize("argv,needle", [(["--bogus"], "No such option"), (["--samples", "x"], "Invalid value for '--samples'")])
+@pytest.mark.parametrize(
+    "argv,needle", [(["--bogus"], "No such option"), (["--samples", "x"], "Invalid value for '--samples'")]
+)
 def test_option_parsing_errors_exit_2(argv, needle, capsys):
     code, _, err = run(["compare", *argv], capsys)
     assert code == 2 and needle in err and "Traceback" not in err

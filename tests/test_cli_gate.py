@@ -151,3 +151,16 @@ def test_gate_never_imports_torch(report):
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")  # fmt: skip
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
+
+
+def test_routing_flip_rate_metric(moe_model, tmp_path, capsys):
+    out = tmp_path / "moe"
+    code, *_ = run(["compare", "--model", str(moe_model), "--rollout", "hf:dtype=bfloat16", "--out", str(out),
+                    "--num-prompts", "12", "--max-new-tokens", "32", "-q"], capsys)  # fmt: skip
+    assert code == 0
+    rate = json.loads((out / "summary.json").read_text())["routing"]["flip_rate"]
+    assert ReportMetrics(out).value("routing.flip_rate") == pytest.approx(rate) and rate > 0
+    code, *_ = run(["gate", str(out), "-r", "routing.flip_rate <= 0"], capsys)
+    assert code == 1
+    code, out_text, _ = run(["gate", "--list-metrics", str(out), "--format", "json"], capsys)
+    assert "routing.flip_rate" in json.loads(out_text)

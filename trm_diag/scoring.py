@@ -19,8 +19,8 @@ from trm_diag.backends.base import Rollout, TokenRows
 from trm_diag.divergence import (
     DEFAULT_CHUNK_ELEMENTS,
     EXACT_KEYS,
-    exact_divergences,
     gather_logprobs,
+    logit_divergences,
     sampled_token_metrics,
     topk_intervals,
 )
@@ -82,7 +82,7 @@ def token_columns(
         if p_rows is not None:
             lp = p_rows.rows(s, e).cpu()  # (n, V) rollout side
             bad = bad | torch.isnan(lp).any(-1)
-            d = exact_divergences(lp, lq)
+            d = logit_divergences(lp, lq)
             for key in EXACT_KEYS:
                 d[key][bad] = math.nan
                 cols[key].append(d[key])
