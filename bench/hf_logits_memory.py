@@ -1,0 +1,104 @@
+"""Peak memory of scoring one long response at V = 151,936: trm-diag's lazy head vs full logits.
+
+    .venv/bin/python bench/hf_logits_memory.py [--lengths 2048,32768]
+
+trm-diag runs the decoder once and applies the output head in row chunks to the response
+positions only (HiddenRows), reducing each chunk to divergences before the next. The naive
+path materialises model(ids).logits, [T, V] float32 (20 GB at T = 32,768), so it is run
+only where it fits. Peak RSS growth is sampled every 2 ms during each call; the model is a
+random tiny Llama (2 layers, hidden 64) with Qwen's vocabulary width, so the numbers
+isolate the logits path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+
+def build(path: Path) -> Path:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=151_936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=40_000,
+                      tie_word_embeddings=True, eos_token_id=0, pad_token_id=0, bos_token_id=None)  # fmt: skip
+    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    AutoTokenizer.from_pretrained(
+        Path(__file__).resolve().parent.parent / "sample_data" / "tiny-llama"
+    ).save_pretrained(path)
+    return path
+
+
+def measure(fn):
+    proc, peak, stop = psutil.Process(), [0], threading.Event()
+    base = proc.memory_info().rss
+
+    def watch():
+        while not stop.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.002)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    t0 = time.perf_counter()
+    fn()
+    dt = time.perf_counter() - t0
+    stop.set()
+    t.join()
+    return dt, (peak[0] - base) / 2**20
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", default="2048,32768")
+    ap.add_argument("--naive-max", type=int, default=4096, help="longest response the naive path is run on")
+    args = ap.parse_args()
+    from trm_diag.backends import load_backend, parse_spec
+    from trm_diag.backends.base import Rollout
+    from trm_diag.config import SamplingConfig
+    from trm_diag.sampling import processed_logprobs
+    from trm_diag.scoring import token_columns
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = build(Path(tmp) / "wide")
+        hf = load_backend(parse_spec(f"hf:dtype=float32,model={path},batch_size=1"))
+        s = SamplingConfig()
+        print(f"{'T':>7} {'path':<34}{'seconds':>9}{'peak extra MB':>15}")
+        for T in [int(x) for x in args.lengths.split(",")]:
+            g = torch.Generator().manual_seed(T)
+            prompt = torch.randint(5, 1900, (16,), generator=g).tolist()
+            resp = torch.randint(5, 1900, (T,), generator=g).tolist()
+            r = Rollout(0, 0, 0, prompt, resp, [-1.0] * T, "length")
+
+            def ours(prompt=prompt, resp=resp, r=r):
+                rows = hf.score([(prompt, resp)], s)[0]
+                token_columns(r, rows, rows, "exact", hf.vocab_width)
+
+            dt, mb = measure(ours)
+            print(f"{T:>7} {'lazy head + fused divergences':<34}{dt:>9.1f}{mb:>15.0f}")
+            if T <= args.naive_max:
+
+                def naive(prompt=prompt, resp=resp):
+                    with torch.no_grad():
+                        logits = hf.model(torch.tensor([prompt + resp])).logits[0, len(prompt) - 1 : -1]
+                        lp = processed_logprobs(logits, s)
+                        p = lp.exp()
+                        (p * (lp - lp)).sum(-1)
+
+                dt, mb = measure(naive)
+                print(f"{T:>7} {'full logits (model(ids).logits)':<34}{dt:>9.1f}{mb:>15.0f}")
+            else:
+                print(
+                    f"{T:>7} {'full logits (model(ids).logits)':<34}{'-':>9}{f'~{T * 151_936 * 4 * 3 / 2**20:,.0f} (not run)':>15}"
+                )
+
+
+if __name__ == "__main__":
+    main()
