@@ -45,6 +45,19 @@ def _horizons(text: str) -> tuple[int, ...]:
     return values
 
 
+def _shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    i, slash, n = text.partition("/")
+    try:
+        pair = (int(i), int(n))
+    except ValueError:
+        pair = None
+    if not slash or pair is None or not (0 <= pair[0] < pair[1]):
+        raise UsageError(f"--shard '{text}' is not I/N with 0 <= I < N", "write e.g. --shard 0/4")
+    return pair
+
+
 class RichReporter:
     """Progress bars and warnings on stderr for the pipeline."""
 
@@ -165,6 +178,10 @@ def compare(
     chunk_prompts: Annotated[
         int, typer.Option(help="Prompts per checkpointed chunk: an interruption loses at most one chunk.")
     ] = 64,
+    shard: Annotated[
+        str | None,
+        typer.Option(help="Run shard I of N ('I/N'): prompts whose index % N == I. Combine with `trm-diag merge`."),
+    ] = None,
     trm_max: TrmMaxOpt = 0.05,
     trm_avg: TrmAvgOpt = 0.001,
     ln_trm: LnTrmOpt = 0.05,
@@ -201,6 +218,7 @@ def compare(
         save_rollouts=save_rollouts,
         resume=resume,
         chunk_prompts=chunk_prompts,
+        shard=_shard(shard),
         overwrite=overwrite,
         trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,
@@ -275,6 +293,31 @@ def score(
         horizons=_horizons(horizons),
     )
     _render(run_score(cfg, RichReporter(quiet or json_out)), json_out)
+
+
+# ------------------------------------------------------------------ merge
+@app.command()
+def merge(
+    reports: Annotated[list[str], typer.Argument(help="Shard report folders (from compare --shard I/N).")],
+    out: OutOpt = "trm-report",
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Combine shard reports into one report; statistics are recomputed from the rows, not averaged.
+
+    Example: trm-diag compare --shard 0/2 --out s0 && trm-diag compare --shard 1/2 --out s1 && trm-diag merge s0 s1 --out all
+    """
+    from trm_diag.merge import run_merge
+
+    reporter = RichReporter(quiet=True)
+    out_dir, summary = run_merge(reports, out, overwrite, warn=reporter.warn)
+
+    class _Result:  # what _render reads
+        pass
+
+    result = _Result()
+    result.summary, result.out_dir = summary, out_dir
+    _render(result, json_out)
 
 
 # ------------------------------------------------------------------ bounds

@@ -60,6 +60,7 @@ class CompareConfig:
     max_held_bytes: int = 4 << 30  # rollout rows held while two vLLM engines swap
     save_rollouts: str | None = None
     chunk_prompts: int = 64  # prompts per checkpointed chunk (see --resume)
+    shard: tuple[int, int] | None = None  # (I, N): prompts with index % N == I
     resume: bool = False
     overwrite: bool = False
     trust_remote_code: bool = False
@@ -187,6 +188,13 @@ def run_compare(cfg: CompareConfig, reporter: Reporter | None = None) -> Compare
     prompts = load_prompts(cfg.prompts)
     if cfg.num_prompts is not None:
         prompts = prompts[: cfg.num_prompts]
+    indices = list(range(len(prompts)))
+    if cfg.shard is not None:  # a deterministic, strided slice: prompt i belongs to shard i % N
+        shard_i, shard_n = cfg.shard
+        indices = indices[shard_i::shard_n]
+        prompts = [prompts[i] for i in indices]
+        if not prompts:
+            raise UsageError(f"shard {shard_i}/{shard_n} holds no prompts", "use fewer shards than prompts")
     roll_spec = cfg.rollout.with_model(cfg.model)
     train_spec = cfg.train.with_model(cfg.model)
     check_vocab_compatible(roll_spec, train_spec)
@@ -226,7 +234,7 @@ def run_compare(cfg: CompareConfig, reporter: Reporter | None = None) -> Compare
                 advance(2 * (b - a) * sampling.samples_per_prompt)
                 continue
             t = time.perf_counter()
-            rollouts = roll.generate(prompt_ids[a:b], sampling, advance, index_offset=a)
+            rollouts = roll.generate(prompt_ids[a:b], sampling, advance, prompt_indices=indices[a:b])
             timings["generate_s"] += time.perf_counter() - t
             held: list[TokenRows] | None = None
             if train is None:  # two vLLM engines: the rollout's rows first, then swap engines
@@ -274,6 +282,8 @@ def run_compare(cfg: CompareConfig, reporter: Reporter | None = None) -> Compare
         "same_backend_instance": same,
         "engines_sequential": not coexist,
         "prompts": {"path": str(cfg.prompts), "count": len(prompts), "chat": sum(p.is_chat for p in prompts)},
+        "shard": None if cfg.shard is None else f"{cfg.shard[0]}/{cfg.shard[1]}",
+        "horizons": list(cfg.horizons),
         "routing_note": next((n for n in notes if n), None),
         "run": {"chunks": len(chunks), "chunk_prompts": step, "resumed_chunks": resumed},
     }

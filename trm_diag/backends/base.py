@@ -82,10 +82,10 @@ class Backend(Protocol):
         prompts: Sequence[list[int]],
         sampling: SamplingConfig,
         progress: Progress = no_progress,
-        index_offset: int = 0,
+        prompt_indices: Sequence[int] | None = None,
     ) -> list[Rollout]:
-        """Sample ``sampling.samples_per_prompt`` responses per prompt; prompt i is prompt
-        ``index_offset + i`` of the run (it decides the seeds and the rollouts' prompt_idx)."""
+        """Sample ``sampling.samples_per_prompt`` responses per prompt; prompt i has global index
+        ``prompt_indices[i]`` (default i), which decides its seeds and the rollouts' prompt_idx."""
         ...
 
     def score(self, seqs: Sequence[tuple[list[int], list[int]]], sampling: SamplingConfig) -> list[TokenRows]:

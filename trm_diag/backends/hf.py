@@ -139,26 +139,30 @@ class HFBackend:
         prompts: Sequence[list[int]],
         sampling: SamplingConfig,
         progress: Progress = no_progress,
-        index_offset: int = 0,
+        prompt_indices: Sequence[int] | None = None,
     ) -> list[Rollout]:
-        jobs = [(pi, si) for pi in range(len(prompts)) for si in range(sampling.samples_per_prompt)]
-        gen = torch.Generator(device=self.device)
+        idx = list(prompt_indices) if prompt_indices is not None else list(range(len(prompts)))
+        n = sampling.samples_per_prompt
+        jobs = [(pi, si) for pi in range(len(prompts)) for si in range(n)]
         out: list[Rollout] = []
         for s in range(0, len(jobs), self.batch_size):
             chunk = jobs[s : s + self.batch_size]
-            # each batch is seeded by its first job's global index: the same command gives the same
-            # rollouts, whichever chunk of the run (or resumed run) the batch falls in
-            gen.manual_seed(seed_for(self._seed(sampling), index_offset * sampling.samples_per_prompt + s))
-            ids, lps, reasons, tops = self._generate_batch([prompts[pi] for pi, _ in chunk], sampling, gen)
+            # one generator per sequence, seeded by its global (prompt, sample) index: a rollout does
+            # not depend on batching, chunking, resuming or sharding
+            gens = [
+                torch.Generator(device=self.device).manual_seed(seed_for(self._seed(sampling), idx[pi] * n + si))
+                for pi, si in chunk
+            ]
+            ids, lps, reasons, tops = self._generate_batch([prompts[pi] for pi, _ in chunk], sampling, gens)
             for (pi, si), resp, lp, why, top in zip(chunk, ids, lps, reasons, tops):
                 extra = {"topk": top, "topk_k": sampling.topk} if sampling.topk else {}
-                out.append(Rollout(len(out), index_offset + pi, si, list(prompts[pi]), resp, lp, why, extra))
+                out.append(Rollout(len(out), idx[pi], si, list(prompts[pi]), resp, lp, why, extra))
             progress(len(chunk))
         return out
 
     @torch.inference_mode()
     def _generate_batch(
-        self, prompts: list[list[int]], sampling: SamplingConfig, gen: torch.Generator
+        self, prompts: list[list[int]], sampling: SamplingConfig, gens: list[torch.Generator]
     ) -> tuple[list[list[int]], list[list[float]], list[str], list[list[dict[int, float]]]]:
         b, width = len(prompts), max(len(p) for p in prompts)
         ids = torch.full((b, width), self.pad_id, dtype=torch.long)
@@ -181,7 +185,8 @@ class HFBackend:
             if sampling.greedy:
                 tok = logp.argmax(dim=-1)
             else:
-                tok = torch.multinomial(logp.exp(), 1, generator=gen).squeeze(-1)
+                probs = logp.exp()
+                tok = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(gens)])
             lp = logp.gather(-1, tok[:, None]).squeeze(-1)
             tok_l, lp_l = tok.tolist(), lp.tolist()
             if sampling.topk:  # top-K plus the sampled token, as vLLM reports its log-probs

@@ -199,11 +199,12 @@ class VLLMBackend:
         prompts: Sequence[list[int]],
         sampling: SamplingConfig,
         progress: Progress = no_progress,
-        index_offset: int = 0,
+        prompt_indices: Sequence[int] | None = None,
     ) -> list[Rollout]:
         from vllm.inputs import TokensPrompt
 
         seed = int(self.seed_override) if self.seed_override is not None else sampling.seed
+        idx = list(prompt_indices) if prompt_indices is not None else list(range(len(prompts)))
         out: list[Rollout] = []
         for s in range(0, len(prompts), self.batch_size):
             chunk = list(range(s, min(len(prompts), s + self.batch_size)))
@@ -211,7 +212,7 @@ class VLLMBackend:
             # one seed per prompt: the same command gives the same rollouts whatever the batching
             params = [
                 self._sampling_params(
-                    sampling, seed_for(seed, index_offset + i), sampling.samples_per_prompt, logprobs=sampling.topk
+                    sampling, seed_for(seed, idx[i]), sampling.samples_per_prompt, logprobs=sampling.topk
                 )
                 for i in chunk
             ]
@@ -227,7 +228,7 @@ class VLLMBackend:
                         extra = {"topk": [{int(k): float(v.logprob) for k, v in d.items()} for d in comp.logprobs],
                                  "topk_k": sampling.topk}  # fmt: skip
                     reason = "stop" if comp.finish_reason == "stop" else "length"
-                    out.append(Rollout(len(out), index_offset + i, si, list(prompts[i]), ids, lp, reason, extra))
+                    out.append(Rollout(len(out), idx[i], si, list(prompts[i]), ids, lp, reason, extra))
             progress(len(chunk) * sampling.samples_per_prompt)
         return out
 
