@@ -14,11 +14,10 @@ values float32 can resolve (> 1e-8). Memory: peak RSS growth during the call (sa
 from __future__ import annotations
 
 import argparse
-import threading
 import time
 
-import psutil
 import torch
+from _memory import measure
 
 from trm_diag.divergence import exact_divergences, logit_divergences
 
@@ -34,25 +33,6 @@ def naive(a, b):
 
 def stable(a, b):
     return exact_divergences(torch.log_softmax(a, -1), torch.log_softmax(b, -1))
-
-
-def peak_extra_mb(fn):
-    proc, peak, stop = psutil.Process(), [0], threading.Event()
-    base = proc.memory_info().rss
-
-    def watch():
-        while not stop.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.002)
-
-    t = threading.Thread(target=watch, daemon=True)
-    t.start()
-    t0 = time.perf_counter()
-    out = fn()
-    dt = time.perf_counter() - t0
-    stop.set()
-    t.join()
-    return out, dt, max(0, peak[0] - base) / 2**20
 
 
 def main() -> None:
@@ -84,7 +64,7 @@ def main() -> None:
             fn(a[:8], b[:8])
             best, mem, out = float("inf"), 0.0, None
             for _ in range(args.repeats):
-                out, dt, mb = peak_extra_mb(lambda fn=fn, a=a, b=b: fn(a, b))
+                out, dt, mb = measure(lambda fn=fn, a=a, b=b: fn(a, b))
                 best, mem = min(best, dt), max(mem, mb)
             rps = n / best
             base = base or rps

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import threading
-import time
 from pathlib import Path
 
-import psutil
 import torch
+from _memory import measure
 
 
 def build(path: Path) -> Path:
@@ -34,25 +32,6 @@ def build(path: Path) -> Path:
         Path(__file__).resolve().parent.parent / "sample_data" / "tiny-llama"
     ).save_pretrained(path)
     return path
-
-
-def measure(fn):
-    proc, peak, stop = psutil.Process(), [0], threading.Event()
-    base = proc.memory_info().rss
-
-    def watch():
-        while not stop.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.002)
-
-    t = threading.Thread(target=watch, daemon=True)
-    t.start()
-    t0 = time.perf_counter()
-    fn()
-    dt = time.perf_counter() - t0
-    stop.set()
-    t.join()
-    return dt, (peak[0] - base) / 2**20
 
 
 def main() -> None:
@@ -81,7 +60,7 @@ def main() -> None:
                 rows = hf.score([(prompt, resp)], s)[0]
                 token_columns(r, rows, rows, "exact", hf.vocab_width)
 
-            dt, mb = measure(ours)
+            _, dt, mb = measure(ours)
             print(f"{T:>7} {'lazy head + fused divergences':<34}{dt:>9.1f}{mb:>15.0f}")
             if T <= args.naive_max:
 
@@ -92,7 +71,7 @@ def main() -> None:
                         p = lp.exp()
                         (p * (lp - lp)).sum(-1)
 
-                dt, mb = measure(naive)
+                _, dt, mb = measure(naive)
                 print(f"{T:>7} {'full logits (model(ids).logits)':<34}{dt:>9.1f}{mb:>15.0f}")
             else:
                 print(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from trm_diag.errors import ModelError
+from trm_diag.errors import ModelError, UsageError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -63,3 +63,10 @@ def vocab_size(cfg: dict) -> int | None:
     if isinstance(text, dict) and "vocab_size" in text:
         return int(text["vocab_size"])
     return None
+
+
+def spec_checkpoint(spec, *, trust_remote_code: bool, allow_pickle: bool) -> tuple[str, dict]:
+    """The model path of a backend spec, validated (safe loading); raises for a missing model."""
+    if not spec.model:
+        raise UsageError(f"no model given for the {spec.name} backend", "pass --model PATH or model=PATH in the spec")
+    return spec.model, check_checkpoint(spec.model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)

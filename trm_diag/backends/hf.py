@@ -19,9 +19,9 @@ from typing import Any
 import torch
 
 from trm_diag.backends.base import Progress, Rollout, no_progress, seed_for
-from trm_diag.checkpoint import check_checkpoint
+from trm_diag.checkpoint import spec_checkpoint
 from trm_diag.config import BackendSpec, SamplingConfig
-from trm_diag.errors import BackendFailure, ModelError, UsageError
+from trm_diag.errors import BackendFailure, ModelError
 from trm_diag.moe import moe_shape
 from trm_diag.sampling import processed_logprobs
 
@@ -64,11 +64,10 @@ class HFBackend:
     name = "hf"
 
     def __init__(self, spec: BackendSpec, *, trust_remote_code: bool = False, allow_pickle: bool = False):
-        if not spec.model:
-            raise UsageError("no model given for the hf backend", "pass --model PATH or model=PATH in the spec")
         self.spec = spec
-        self.model_path = spec.model
-        self.config_dict = check_checkpoint(spec.model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        self.model_path, self.config_dict = spec_checkpoint(
+            spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+        )
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 

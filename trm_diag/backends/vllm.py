@@ -27,9 +27,9 @@ from typing import Any
 import torch
 
 from trm_diag.backends.base import Progress, Rollout, TensorRows, no_progress, seed_for
-from trm_diag.checkpoint import check_checkpoint
+from trm_diag.checkpoint import spec_checkpoint
 from trm_diag.config import BackendSpec, SamplingConfig
-from trm_diag.errors import BackendFailure, ModelError, UsageError
+from trm_diag.errors import BackendFailure, ModelError
 from trm_diag.moe import moe_shape
 from trm_diag.sampling import processed_logprobs
 
@@ -122,11 +122,8 @@ class VLLMBackend:
     name = "vllm"
 
     def __init__(self, spec: BackendSpec, *, trust_remote_code: bool = False, allow_pickle: bool = False):
-        if not spec.model:
-            raise UsageError("no model given for the vllm backend", "pass --model PATH or model=PATH in the spec")
         self.spec = spec
-        self.model_path = spec.model
-        check_checkpoint(spec.model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        self.model_path, _ = spec_checkpoint(spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # apply_model needs the engine in-process
         # keep the terminal for trm-diag's own output (set these variables to see the engine's logs)
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
