@@ -161,3 +161,13 @@ def test_pickle_weights_refused(tmp_path, dense_model, capsys):
 def test_option_parsing_errors_exit_2(argv, needle, capsys):
     code, _, err = run(["compare", *argv], capsys)
     assert code == 2 and needle in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["compare", "score", "merge", "bounds", "gate"])
+def test_help_shows_bracketed_text(command, capsys, monkeypatch):
+    """Help text goes through rich markup: literal [brackets] must survive (e.g. [lo, hi], [gate])."""
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, _ = run([command, "--help"], capsys)
+    assert code == 0
+    expected = {"compare": "certified [lo, hi]", "gate": "[tool.trm-diag.gate]"}.get(command)
+    assert expected is None or expected in out

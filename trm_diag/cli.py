@@ -157,7 +157,7 @@ def compare(
     fidelity: Annotated[
         str,
         typer.Option(
-            help="exact: full next-token distributions of both sides (kl, tv); topk: certified [lo, hi] "
+            help="exact: full next-token distributions of both sides (kl, tv); topk: certified \\[lo, hi] "
             "intervals from the rollout's top-K log-probs; sampled: only the sampled token's log-probs."
         ),
     ] = "exact",
@@ -366,8 +366,8 @@ def gate(
     config: Annotated[
         str | None,
         typer.Option(
-            help="TOML file with rules = [...] (top level, [gate] or [tool.trm-diag.gate]). "
-            "Default: [tool.trm-diag.gate] of ./pyproject.toml when no --rule is given."
+            help="TOML file with rules = \\[...] (top level, \\[gate] or \\[tool.trm-diag.gate]). "
+            "Default: \\[tool.trm-diag.gate] of ./pyproject.toml when no --rule is given."
         ),
     ] = None,  # fmt: skip
     baseline: Annotated[

@@ -1,0 +1,92 @@
+"""Overhead of trm-diag's scoring over a bare teacher-forced forward of the training backend.
+
+    .venv/bin/python bench/overhead.py
+
+Bare: what an RL trainer runs anyway, batched like trm-diag: model(prompt + response).logits,
+log_softmax and a gather of the sampled tokens' log-probs. trm-diag (exact tier, training
+side): the same forward through HFBackend.score (decoder once, head in chunks) plus every
+per-token diagnostic (exact kl, kl_rev, tv, entropies, sampled-token metrics) from the two
+sides' rows; the rollout side's rows are given (they come from the rollout engine's own
+pass). Same token ids, same batches, float32, best of 3 after a warm-up.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wide(path: Path) -> Path:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=151_936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=4096,
+                      tie_word_embeddings=True, eos_token_id=0, pad_token_id=0, bos_token_id=None)  # fmt: skip
+    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    AutoTokenizer.from_pretrained(ROOT / "sample_data" / "tiny-llama").save_pretrained(path)
+    return path
+
+
+def best(fn, repeats: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def run(model: Path, n_seqs: int, resp_len: int, label: str) -> None:
+    from trm_diag.backends import load_backend, parse_spec
+    from trm_diag.backends.base import Rollout, TensorRows
+    from trm_diag.config import SamplingConfig
+    from trm_diag.scoring import token_columns
+
+    hf = load_backend(parse_spec(f"hf:dtype=float32,model={model},batch_size=8"))
+    s = SamplingConfig()
+    g = torch.Generator().manual_seed(0)
+    pairs = [
+        (torch.randint(5, 1900, (24,), generator=g).tolist(), torch.randint(5, 1900, (resp_len,), generator=g).tolist())
+        for _ in range(n_seqs)
+    ]
+    rolls = [Rollout(i, i, 0, p, r, [-1.0] * len(r), "length") for i, (p, r) in enumerate(pairs)]
+    given = [TensorRows(rw.rows(0, rw.length).clone()) for rw in hf.score(pairs, s)]  # the rollout side's rows
+
+    def bare():
+        with torch.inference_mode():
+            for b in range(0, n_seqs, 8):
+                batch = pairs[b : b + 8]
+                ids = torch.tensor([p + r for p, r in batch])  # equal lengths: no padding needed
+                logits = hf.model(ids).logits[:, len(batch[0][0]) - 1 : -1]
+                lp = torch.log_softmax(logits.float(), -1)
+                lp.gather(-1, torch.tensor([r for _, r in batch])[..., None])
+
+    def ours():
+        rows = hf.score(pairs, s)
+        for r, q, p in zip(rolls, rows, given):
+            token_columns(r, p, q, "exact", hf.vocab_width)
+
+    tb, to = best(bare), best(ours)
+    print(f"{label:<34}{n_seqs * resp_len:>8}{tb:>10.2f}{to:>10.2f}{100 * (to / tb - 1):>10.0f}%")
+
+
+def main() -> None:
+    print(f"{'model':<34}{'tokens':>8}{'bare s':>10}{'trm s':>10}{'overhead':>11}")
+    run(ROOT / "sample_data" / "tiny-llama", 64, 128, "bundled tiny-llama (V=2,048)")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = wide(Path(tmp) / "wide")
+        run(path, 16, 128, "tiny Llama, V=151,936")
+        os.environ["TRM_DIAG_COMPILE"] = "1"
+        run(path, 16, 128, "tiny Llama, V=151,936, compiled")
+
+
+if __name__ == "__main__":
+    main()
