@@ -236,3 +236,19 @@ def test_compiled_kernel_agrees_with_eager():
     eager, comp = logit_divergences(a, b, compiled=False), logit_divergences(a, b, compiled=True)
     for k in eager:
         torch.testing.assert_close(comp[k], eager[k], rtol=1e-6, atol=1e-9)
+
+
+def test_compile_is_switched_by_the_environment(monkeypatch):
+    from trm_diag import divergence
+
+    calls = []
+    monkeypatch.setattr(
+        divergence, "_compiled_rows", lambda: lambda a, b: calls.append(1) or divergence._fused_rows(a, b)
+    )
+    a, b = torch.randn(4, 64), torch.randn(4, 64)
+    monkeypatch.setenv("TRM_DIAG_COMPILE", "0")
+    divergence.logit_divergences(a, b, rows_per_chunk=2)
+    assert not calls
+    monkeypatch.setenv("TRM_DIAG_COMPILE", "1")
+    divergence.logit_divergences(a, b, rows_per_chunk=2)
+    assert len(calls) == 2

@@ -63,6 +63,7 @@ def exact_divergences(
     return out
 
 
+FUSED_CHUNK_ELEMENTS = 1 << 19
 SERIES_RADIUS = 0.5  # |x| below this: Taylor series (truncation < 1e-8 relative), above: closed form
 
 
@@ -148,7 +149,10 @@ def compile_requested() -> bool:
 
 
 def logit_divergences(
-    logits_roll: torch.Tensor, logits_train: torch.Tensor, rows_per_chunk: int = 4, compiled: bool = False
+    logits_roll: torch.Tensor,
+    logits_train: torch.Tensor,
+    rows_per_chunk: int | None = None,
+    compiled: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Exact kl, kl_rev, tv and both entropies, each [N] (float64), from two logit tensors [N, V].
 
@@ -157,9 +161,11 @@ def logit_divergences(
     normalised (log-probs work too). Rows holding -inf (truncated supports) or NaN fall back
     to exact_divergences, which handles differing supports.
     """
-    n = logits_roll.shape[0]
+    n, v = logits_roll.shape
+    if rows_per_chunk is None:  # ~2 MB per temporary: cache-sized at V = 151,936, few Python steps at small V
+        rows_per_chunk = max(1, FUSED_CHUNK_ELEMENTS // max(v, 1))
     out = {k: torch.empty(n, dtype=torch.float64) for k in EXACT_KEYS}
-    if compiled is None:
+    if compiled is None:  # TRM_DIAG_COMPILE=1
         compiled = compile_requested()
     fn = (_compiled_rows() if compiled else None) or _fused_rows
     for s in range(0, n, rows_per_chunk):
