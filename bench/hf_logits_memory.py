@@ -18,20 +18,7 @@ from pathlib import Path
 
 import torch
 from _memory import measure
-
-
-def build(path: Path) -> Path:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=151_936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=40_000,
-                      tie_word_embeddings=True, eos_token_id=0, pad_token_id=0, bos_token_id=None)  # fmt: skip
-    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
-    AutoTokenizer.from_pretrained(
-        Path(__file__).resolve().parent.parent / "sample_data" / "tiny-llama"
-    ).save_pretrained(path)
-    return path
+from _models import wide_llama
 
 
 def main() -> None:
@@ -46,7 +33,7 @@ def main() -> None:
     from trm_diag.scoring import token_columns
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = build(Path(tmp) / "wide")
+        path = wide_llama(Path(tmp) / "wide", max_positions=40_000)
         hf = load_backend(parse_spec(f"hf:dtype=float32,model={path},batch_size=1"))
         s = SamplingConfig()
         print(f"{'T':>7} {'path':<34}{'seconds':>9}{'peak extra MB':>15}")

@@ -18,20 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def wide(path: Path) -> Path:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=151_936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=4096,
-                      tie_word_embeddings=True, eos_token_id=0, pad_token_id=0, bos_token_id=None)  # fmt: skip
-    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
-    AutoTokenizer.from_pretrained(ROOT / "sample_data" / "tiny-llama").save_pretrained(path)
-    return path
+from _models import ROOT, wide_llama
 
 
 def best(fn, repeats: int = 3) -> float:
@@ -82,7 +69,7 @@ def main() -> None:
     print(f"{'model':<34}{'tokens':>8}{'bare s':>10}{'trm s':>10}{'overhead':>11}")
     run(ROOT / "sample_data" / "tiny-llama", 64, 128, "bundled tiny-llama (V=2,048)")
     with tempfile.TemporaryDirectory() as tmp:
-        path = wide(Path(tmp) / "wide")
+        path = wide_llama(Path(tmp) / "wide")
         run(path, 16, 128, "tiny Llama, V=151,936")
         os.environ["TRM_DIAG_COMPILE"] = "1"
         run(path, 16, 128, "tiny Llama, V=151,936, compiled")

@@ -18,59 +18,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
+
+from _memory import measure
+from _models import wide_llama
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "sample_data" / "tiny-llama"
-
-
-def wide_model(path: Path) -> Path:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=151_936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=1024,
-                      tie_word_embeddings=True, eos_token_id=0, pad_token_id=0, bos_token_id=None)  # fmt: skip
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        model.model.embed_tokens.weight.mul_(40.0)  # peaked distributions
-    model.save_pretrained(path, safe_serialization=True)
-    AutoTokenizer.from_pretrained(SAMPLE).save_pretrained(path)
-    return path
-
-
-class PeakRSS:
-    """Samples this process's RSS every 10 ms; .peak_mb is the maximum seen since start()."""
-
-    def __init__(self) -> None:
-        import psutil
-
-        self.proc = psutil.Process()
-        self.peak = 0
-        self._stop = threading.Event()
-
-    def __enter__(self):
-        self.base = self.proc.memory_info().rss
-        self.peak = self.base
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.01)
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._t.join()
-
-    @property
-    def extra_mb(self) -> float:
-        return (self.peak - self.base) / 2**20
 
 
 def part1(model: Path, seqs: int, tokens: int, naive_seqs: int) -> list[tuple]:
@@ -89,23 +43,18 @@ def part1(model: Path, seqs: int, tokens: int, naive_seqs: int) -> list[tuple]:
     ]
     s = SamplingConfig()
     eng.score(pairs[:1], s)  # warm-up
-    with PeakRSS() as mem:
-        t = time.perf_counter()
-        rows = eng.score(pairs, s)
-        cap_s = time.perf_counter() - t
+    rows, cap_s, cap_mb = measure(lambda: eng.score(pairs, s))
     n_tok = seqs * tokens
-    out = [(model.name, eng.vocab_width, n_tok, "capture hook (trm-diag)", cap_s, n_tok / cap_s, mem.extra_mb)]
+    out = [(model.name, eng.vocab_width, n_tok, "capture hook (trm-diag)", cap_s, n_tok / cap_s, cap_mb)]
     # naive: vLLM's own full-vocabulary prompt log-probs, as Python objects
     sub = pairs[:naive_seqs]
     reqs = [TokensPrompt(prompt_token_ids=p + r) for p, r in sub]
     gc.collect()
-    with PeakRSS() as mem:
-        t = time.perf_counter()
-        res = eng.llm.generate(reqs, SamplingParams(max_tokens=1, prompt_logprobs=-1, detokenize=False), use_tqdm=False)
-        naive_s = time.perf_counter() - t
+    params = SamplingParams(max_tokens=1, prompt_logprobs=-1, detokenize=False)
+    res, naive_s, naive_mb = measure(lambda: eng.llm.generate(reqs, params, use_tqdm=False))
     n_naive = naive_seqs * tokens
     out.append(
-        (model.name, eng.vocab_width, n_naive, "prompt_logprobs=-1 (naive)", naive_s, n_naive / naive_s, mem.extra_mb)
+        (model.name, eng.vocab_width, n_naive, "prompt_logprobs=-1 (naive)", naive_s, n_naive / naive_s, naive_mb)
     )
     # agreement: the two paths give the same log-probs on the response positions
     worst = 0.0
@@ -118,7 +67,7 @@ def part1(model: Path, seqs: int, tokens: int, naive_seqs: int) -> list[tuple]:
             worst = max(worst, float((lp[t_i, ids] - vals).abs().max()))
     print(f"  {model.name}: max |capture - prompt_logprobs| over checked positions = {worst:.2e}", flush=True)
     eng.close()
-    del eng, rows, res
+    eng = rows = res = None  # free the engine before the next one starts
     gc.collect()
     return out
 
@@ -159,7 +108,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     with tempfile.TemporaryDirectory() as tmp:
-        wide = wide_model(Path(tmp) / "tiny-llama-v151936")
+        wide = wide_llama(Path(tmp) / "tiny-llama-v151936", max_positions=1024, peaked=True)
         rows1 = part1(SAMPLE, args.seqs, args.tokens, args.seqs)
         rows1 += part1(wide, args.seqs, args.tokens, args.naive_seqs_wide)
         print("\nPart 1: full next-token rows from vLLM (float32), same token ids")
