@@ -124,16 +124,16 @@ def _thresholds(trm_max: float, trm_avg: float, ln_trm: float, ser: float, dppo_
     )
 
 
-def _render(result, json_out: bool) -> None:
+def _render(summary: dict, out_dir, json_out: bool) -> None:
     if json_out:
         from trm_diag.report import to_json
 
-        print(to_json(result.summary))
+        print(to_json(summary))
         return
     from trm_diag.summary import render_compare
 
-    render_compare(err_console, result.summary)
-    err_console.print(f"report written to [bold]{escape(str(result.out_dir))}/[/bold]")
+    render_compare(err_console, summary)
+    err_console.print(f"report written to [bold]{escape(str(out_dir))}/[/bold]")
 
 
 # ------------------------------------------------------------------ compare
@@ -224,7 +224,8 @@ def compare(
         allow_pickle=allow_pickle,
         horizons=_horizons(horizons),
     )
-    _render(run_compare(cfg, RichReporter(quiet or json_out)), json_out)
+    result = run_compare(cfg, RichReporter(quiet or json_out))
+    _render(result.summary, result.out_dir, json_out)
 
 
 # ------------------------------------------------------------------ score
@@ -292,7 +293,8 @@ def score(
         allow_pickle=allow_pickle,
         horizons=_horizons(horizons),
     )
-    _render(run_score(cfg, RichReporter(quiet or json_out)), json_out)
+    result = run_score(cfg, RichReporter(quiet or json_out))
+    _render(result.summary, result.out_dir, json_out)
 
 
 # ------------------------------------------------------------------ merge
@@ -309,15 +311,8 @@ def merge(
     """
     from trm_diag.merge import run_merge
 
-    reporter = RichReporter(quiet=True)
-    out_dir, summary = run_merge(reports, out, overwrite, warn=reporter.warn)
-
-    class _Result:  # what _render reads
-        pass
-
-    result = _Result()
-    result.summary, result.out_dir = summary, out_dir
-    _render(result, json_out)
+    out_dir, summary = run_merge(reports, out, overwrite, warn=RichReporter(quiet=True).warn)
+    _render(summary, out_dir, json_out)
 
 
 # ------------------------------------------------------------------ bounds

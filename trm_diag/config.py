@@ -49,19 +49,6 @@ class BackendSpec:
                 f"write {key}=<integer>",
             ) from None
 
-    def get_bool(self, key: str, default: bool) -> bool:
-        raw = self.options.get(key)
-        if raw is None:
-            return default
-        low = raw.lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise UsageError(
-            f"backend spec '{self.text}': {key}={raw} is not a boolean", f"write {key}=true or {key}=false"
-        )
-
     def with_model(self, model: str) -> BackendSpec:
         """This spec with ``model`` filled in, unless the spec already names one."""
         if self.model:

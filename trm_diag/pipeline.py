@@ -28,7 +28,6 @@ from trm_diag.scoring import FIDELITIES, token_columns
 
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample_data"
 DEFAULT_MODEL = SAMPLE_DIR / "tiny-llama"
-DEFAULT_MOE_MODEL = SAMPLE_DIR / "tiny-qwen3-moe"
 DEFAULT_PROMPTS = SAMPLE_DIR / "prompts.jsonl"
 DEFAULT_HORIZONS = (1024, 4096, 16384)
 
@@ -130,14 +129,15 @@ def _can_coexist(a: BackendSpec, b: BackendSpec) -> bool:
 def score_rollouts(
     rollouts: list[Rollout],
     train: Any,
-    rollout_rows: Callable[[int, list[tuple[list[int], list[int]]]], list[TokenRows | None]],
+    rollout_rows: Callable[[int, list[tuple[list[int], list[int]]]], list[TokenRows] | None],
     sampling: SamplingConfig,
     fidelity: str,
     width: int,
     advance: Callable[[int], None],
 ) -> Scored:
     """Score every rollout with the training backend in batches; rollout_rows(start, pairs)
-    gives the rollout side's rows for the batch at ``start`` (None entries below exact)."""
+    gives the rollout side's rows for the batch at ``start`` (exact tier only), or None when the
+    rollout side is the training backend itself."""
     moe = getattr(train, "moe", None)
     columns, routing = [], []
     batch_size = max(1, getattr(train, "batch_size", 8))
@@ -145,7 +145,10 @@ def score_rollouts(
         batch = rollouts[s : s + batch_size]
         pairs = [(r.prompt_ids, r.response_ids) for r in batch]
         q_rows = train.score(pairs, sampling)
-        p_rows = rollout_rows(s, pairs) if fidelity == "exact" else [None] * len(batch)
+        if fidelity != "exact":
+            p_rows = [None] * len(batch)
+        else:  # None: the rollout side is the training backend itself, so its rows are q_rows
+            p_rows = rollout_rows(s, pairs) or q_rows
         for r, pr, qr in zip(batch, p_rows, q_rows):
             cols, comp = token_columns(r, pr, qr, fidelity, width, experts_per_token=moe[1] if moe else None)
             columns.append(cols)
@@ -184,7 +187,6 @@ def run_compare(cfg: CompareConfig, reporter: Reporter | None = None) -> Compare
         raise UsageError(f"--fidelity {fidelity} is unknown", f"use one of: {', '.join(FIDELITIES)}")
     if fidelity == "topk" and sampling.topk == 0:
         raise UsageError("--fidelity topk needs top-K log-probs", "pass --topk K with K >= 1")
-    out_dir = prepare_out_dir(cfg.out, cfg.overwrite or cfg.resume)
     prompts = load_prompts(cfg.prompts)
     if cfg.num_prompts is not None:
         prompts = prompts[: cfg.num_prompts]
@@ -197,7 +199,10 @@ def run_compare(cfg: CompareConfig, reporter: Reporter | None = None) -> Compare
             raise UsageError(f"shard {shard_i}/{shard_n} holds no prompts", "use fewer shards than prompts")
     roll_spec = cfg.rollout.with_model(cfg.model)
     train_spec = cfg.train.with_model(cfg.model)
+    for spec in (roll_spec, train_spec):  # input mistakes first, before the output folder is touched
+        read_config(spec.model)
     check_vocab_compatible(roll_spec, train_spec)
+    out_dir = prepare_out_dir(cfg.out, cfg.overwrite or cfg.resume)
     kw = {"trust_remote_code": cfg.trust_remote_code, "allow_pickle": cfg.allow_pickle}
     same = train_spec.describe() == roll_spec.describe()
     coexist = same or _can_coexist(roll_spec, train_spec)
@@ -258,10 +263,10 @@ def run_compare(cfg: CompareConfig, reporter: Reporter | None = None) -> Compare
                 timings["load_train_s"] = time.perf_counter() - t
                 _check_pair(roll, train, same)
 
-            def rollout_rows(start: int, pairs: list, held=held, train=train) -> list[TokenRows | None]:
+            def rollout_rows(start: int, pairs: list, held=held) -> list[TokenRows] | None:
                 if held is not None:
                     return held[start : start + len(pairs)]
-                return train.score(pairs, sampling) if same else roll.score(pairs, sampling)
+                return None if same else roll.score(pairs, sampling)
 
             t = time.perf_counter()
             scored = score_rollouts(rollouts, train, rollout_rows, sampling, fidelity, width, advance)
@@ -324,8 +329,9 @@ def run_score(cfg: ScoreConfig, reporter: Reporter | None = None) -> CompareResu
             f"--fidelity {cfg.fidelity} is not available for imported rollouts",
             "use topk (needs topk_logprobs in the file) or sampled; exact needs the rollout engine: use compare",
         )
-    out_dir = prepare_out_dir(cfg.out, cfg.overwrite)
     train_spec = cfg.train.with_model(cfg.model)
+    read_config(train_spec.model)  # input mistakes first, before the output folder is touched
+    out_dir = prepare_out_dir(cfg.out, cfg.overwrite)
     t = time.perf_counter()
     with rep.phase(f"loading {train_spec.name} (train)", 1) as advance:
         train = load_backend(train_spec, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)

@@ -97,12 +97,6 @@ def write_report(out: Path, tables: dict[str, pd.DataFrame], summary: dict[str, 
     _atomic_write(marker, lambda tmp: Path(tmp).write_text(to_json(summary) + "\n"))
 
 
-def remove_partial(out: Path) -> None:
-    """Delete leftover temporary files of an interrupted write."""
-    for f in out.glob(".*.tmp"):
-        f.unlink(missing_ok=True)
-
-
 def complete_report(path: str | Path) -> tuple[Path, dict[str, Any]]:
     """The folder and summary.json of a complete report; InputError otherwise."""
     p = Path(path)

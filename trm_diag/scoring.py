@@ -104,7 +104,7 @@ def token_columns(
         bad = torch.isnan(lq).any(-1)
         cols["lp_train"].append(gather_logprobs(lq, ids[s:e]))
         if p_rows is not None:
-            lp = p_rows.rows(s, e).cpu()  # (n, V) rollout side
+            lp = lq if p_rows is q_rows else p_rows.rows(s, e).cpu()  # (n, V) rollout side
             bad = bad | torch.isnan(lp).any(-1)
             d = logit_divergences(lp, lq)
             for key in EXACT_KEYS:

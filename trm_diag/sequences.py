@@ -60,12 +60,6 @@ def _seg_argmax(x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return out
 
 
-def ln_trm_weights(length: int, delta: float) -> np.ndarray:
-    """w_t = min(1, sqrt((T - t) delta / 2)) for t = 1..T (DESIGN.md section 4, LN-TRM)."""
-    t = np.arange(1, length + 1, dtype=np.float64)
-    return np.minimum(1.0, np.sqrt((length - t) * delta / 2.0))
-
-
 def ln_trm_scores(abs_rho_m1: np.ndarray, lengths: np.ndarray, delta: float) -> np.ndarray:
     """W~ = sum_t |rho_t - 1| w_t / sum_t w_t per sequence (0 when every weight is 0, T = 1)."""
     starts, seg = _segments(lengths)
