@@ -87,8 +87,8 @@ def test_nan_rows_are_flagged_excluded_and_kept_out_of_bounds():
     assert math.isfinite(out.summary["bound_inputs"]["delta"]) and math.isfinite(
         out.summary["metrics"]["token_kl_mean"]
     )
-    assert out.tables["bounds"]["value"].notna().any() and not out.tables["bounds"]["value"].isna().all()
-    seq = out.tables["sequences"].iloc[0]
+    assert out.bounds["value"].notna().any() and not out.bounds["value"].isna().all()
+    seq = out.sequences.iloc[0]
     assert math.isclose(seq["kl_max"], float(np.nanmax(cols["kl"])))
 
 

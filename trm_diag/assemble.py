@@ -1,6 +1,10 @@
 """Assemble a report from scored rollouts: tables, metrics, bounds, masking, routing, summary.
 
-Shared by `compare` and `score`. Pure data work: no engines, no I/O but the final write.
+Shared by `compare`, `score` and `merge`. Pure data work over a :class:`ChunkSource`, in two
+passes so memory does not grow with the number of rollouts (issue 7, target 4):
+:func:`assemble` computes per-sequence statistics chunk by chunk and reads single token
+columns back for quantiles, bounds and masks; :func:`report_parts` then yields the
+tables' rows chunk by chunk for the streaming writer in report.py.
 """
 
 from __future__ import annotations
@@ -10,9 +14,10 @@ import importlib.metadata
 import math
 import os
 import platform
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -26,9 +31,11 @@ from trm_diag.masking import acceptance_by_length, threshold_sweep, token_violat
 from trm_diag.metrics import batch_metrics, bound_inputs
 from trm_diag.moe import RoutingComparison, routing_summary
 from trm_diag.scoring import TOKEN_COLUMNS
-from trm_diag.sequences import sequence_stats
+from trm_diag.sequences import BASIS, sequence_stats
 
 WORST_K = 5
+ROUTE_COLUMNS = ("route_flips", "route_margin")
+CARRIED = ("reward", "advantage")  # per-rollout values carried through from imported rollouts
 
 
 @dataclass
@@ -40,10 +47,75 @@ class Scored:
     routing: list[tuple[int, RoutingComparison]]
 
 
+class ChunkSource(Protocol):
+    """Scored rollouts in chunks, with global seq ids (0, 1, ... in chunk order)."""
+
+    n_chunks: int
+
+    def chunk(self, i: int) -> Scored:
+        """Chunk i: its rollouts, their token columns and MoE comparisons."""
+        ...
+
+    def column(self, name: str) -> np.ndarray:
+        """One token column over every chunk, in order (one column in memory at a time)."""
+        ...
+
+    def column_names(self) -> tuple[str, ...]:
+        """The token columns the chunks hold."""
+        ...
+
+
+class MemoryChunks:
+    """A ChunkSource over one Scored already in memory (merge, tests, the naive benchmark)."""
+
+    n_chunks = 1
+
+    def __init__(self, scored: Scored) -> None:
+        self.scored = scored
+
+    def chunk(self, i: int) -> Scored:
+        return self.scored
+
+    def column(self, name: str) -> np.ndarray:
+        cols = self.scored.columns
+        return np.concatenate([c[name] for c in cols]) if cols else np.zeros(0)
+
+    def column_names(self) -> tuple[str, ...]:
+        return tuple(self.scored.columns[0]) if self.scored.columns else TOKEN_COLUMNS
+
+
+class TokenColumns:
+    """The token table as the metric functions see it: columns read on demand, one at a time."""
+
+    def __init__(self, source: ChunkSource, names: tuple[str, ...]) -> None:
+        self.source, self.names = source, names
+        self._len: int | None = None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def __getitem__(self, name: str) -> pd.Series:
+        if name not in self.names:
+            raise KeyError(name)
+        return pd.Series(self.source.column(name), name=name)
+
+    def __len__(self) -> int:
+        if self._len is None:
+            self._len = len(self.source.column("pos"))
+        return self._len
+
+
 @dataclass
 class Assembled:
-    tables: dict[str, pd.DataFrame]
+    """summary.json's content plus what the second pass needs to write the tables."""
+
     summary: dict[str, Any]
+    sequences: pd.DataFrame  # one row per rollout: ids and statistics (no token lists)
+    bounds: pd.DataFrame
+    source: ChunkSource
+    tokenizer: Any
+    token_columns: tuple[str, ...]
+    carried: tuple[str, ...] = field(default=())
 
 
 def model_fingerprint(path: str) -> str:
@@ -83,22 +155,32 @@ def _hardware() -> dict[str, Any]:
     return hw
 
 
-def _worst_sequences(seqs: pd.DataFrame, tokenizer: Any, fidelity: str, k: int = WORST_K) -> list[dict[str, Any]]:
-    """The k sequences with the largest token divergence, with decoded text around it."""
-    key = {"exact": "kl_max", "topk": "kl_hi_max", "sampled": "k2_max"}[fidelity]
-    worst = seqs[seqs["length"] > 0].sort_values(key, ascending=False).head(k)
+def _worst_candidates(seqs: pd.DataFrame, rollouts: list[Rollout], key: str, k: int = WORST_K) -> list[dict]:
+    """This chunk's k sequences with the largest token divergence ``key`` (non-empty ones only)."""
+    nonempty = seqs["length"].to_numpy() > 0
+    order = seqs[nonempty].sort_values(key, ascending=False, kind="stable").head(k)
+    ids = {r.seq_id: r.response_ids for r in rollouts}
+    return [
+        {"seq_id": int(row.seq_id), "score": float(getattr(row, key)), "pos": int(row.kl_argmax),
+         "length": int(row.length), "ids": list(ids[int(row.seq_id)])}
+        for row in order.itertuples(index=False)
+    ]  # fmt: skip
+
+
+def _worst_sequences(candidates: list[dict], tokenizer: Any, key: str, k: int = WORST_K) -> list[dict[str, Any]]:
+    """The k sequences with the largest token divergence over all chunks, with decoded text around it."""
+    best = sorted(candidates, key=lambda c: (math.isnan(c["score"]), -c["score"], c["seq_id"]))[:k]
     out = []
-    for _, row in worst.iterrows():
-        ids = list(row["response_token_ids"])
-        pos = int(row["kl_argmax"])
+    for c in best:
+        ids, pos = c["ids"], c["pos"]
         lo, hi = max(0, pos - 12), min(len(ids), pos + 6)
         out.append(
             {
-                "seq_id": int(row["seq_id"]),
-                "score": float(row[key]),
+                "seq_id": c["seq_id"],
+                "score": c["score"],
                 "score_name": key,
                 "pos": pos,
-                "length": int(row["length"]),
+                "length": c["length"],
                 "before": tokenizer.decode(ids[lo:pos]),
                 "token": tokenizer.decode(ids[pos : pos + 1]),
                 "after": tokenizer.decode(ids[pos + 1 : hi]),
@@ -107,24 +189,12 @@ def _worst_sequences(seqs: pd.DataFrame, tokenizer: Any, fidelity: str, k: int =
     return out
 
 
-def _routing(
-    moe, parts, tokens: pd.DataFrame, fidelity: str, note: str | None
-) -> tuple[pd.DataFrame | None, dict | None]:
-    """routing.parquet rows and summary.json's 'routing' section (None for dense models)."""
-    if not moe:
-        return None, None
-    if not parts:
-        why = (
-            "routing is compared in the exact tier only (both sides' router logits come from the scoring pass)"
-            if fidelity != "exact"
-            else note or "a backend reported no router logits"
-        )
-        return None, {"available": False, "reason": why}
+def _routing_frame(parts: list[tuple[int, RoutingComparison]]) -> pd.DataFrame:
+    """routing.parquet rows of some rollouts: one per (seq, layer, pos)."""
     cols: dict[str, list] = {
         k: []
         for k in ("seq_id", "pos", "layer", "experts_roll", "experts_train", "flip", "margin_roll", "margin_train")
     }
-    per_layer = np.zeros(parts[0][1].flip.shape[0], dtype=np.int64)
     for seq_id, comp in parts:
         layers, T = comp.flip.shape
         cols["seq_id"].append(np.full(layers * T, seq_id, dtype=np.int64))
@@ -135,22 +205,62 @@ def _routing(
         cols["flip"].append(comp.flip.reshape(-1).numpy())
         cols["margin_roll"].append(comp.margin_roll.reshape(-1).double().numpy())
         cols["margin_train"].append(comp.margin_train.reshape(-1).double().numpy())
-        per_layer += comp.flip.sum(dim=1).numpy()
-    table = pd.DataFrame({k: (v if k.startswith("experts") else np.concatenate(v)) for k, v in cols.items()})
-    info = routing_summary(
-        tokens["route_flips"].to_numpy(),
-        per_layer,
-        tokens["kl"].to_numpy(dtype=np.float64),
-        tokens["log_ratio"].abs().to_numpy(),
+    return pd.DataFrame({k: (v if k.startswith("experts") else np.concatenate(v)) for k, v in cols.items()})
+
+
+class _RoutingTally:
+    """Routing facts gathered chunk by chunk: flips per layer, and worst tokens that are flips."""
+
+    def __init__(self) -> None:
+        self.per_layer: np.ndarray | None = None
+        self.hits: list[int] = []
+        self.n_seqs = 0
+
+    def add(self, sc: Scored, seqs: pd.DataFrame) -> None:
+        for _, comp in sc.routing:
+            flips = comp.flip.sum(dim=1).numpy().astype(np.int64)
+            self.per_layer = flips if self.per_layer is None else self.per_layer + flips
+        for cols, seq_id, pos in zip(sc.columns, seqs["seq_id"], seqs["kl_argmax"]):
+            if pos >= 0 and "route_flips" in cols and cols["route_flips"][pos] > 0:
+                self.hits.append(int(seq_id))
+        self.n_seqs += len(seqs)
+
+    def summary(self, moe: tuple[int, int], tokens: TokenColumns) -> dict[str, Any]:
+        info = routing_summary(
+            tokens["route_flips"].to_numpy(),
+            self.per_layer if self.per_layer is not None else np.zeros(0, dtype=np.int64),
+            tokens["kl"].to_numpy(dtype=np.float64),
+            tokens["log_ratio"].abs().to_numpy(),
+        )
+        info.update(
+            num_experts=moe[0], experts_per_token=moe[1], margin="k-th minus (k+1)-th router probability, rollout side"
+        )
+        info["worst_token_is_flip"] = {"count": len(self.hits), "of": self.n_seqs, "seq_ids": self.hits[:20]}
+        return info
+
+
+def _chunk_sequences(sc: Scored, th: Thresholds, fidelity: str) -> pd.DataFrame:
+    """One row per rollout of a chunk: ids, finish reason, statistics, carried values (no token lists)."""
+    lengths = np.array([len(r.response_ids) for r in sc.rollouts], dtype=np.int64)
+    skip = ("seq_id", "pos", "token_id", "nonfinite", "zero_prob")
+    names = [c for c in (sc.columns[0] if sc.columns else ()) if c not in skip]
+    flat = {c: np.concatenate([cols[c] for cols in sc.columns]) for c in names}
+    seqs = pd.DataFrame(
+        {
+            "seq_id": np.array([r.seq_id for r in sc.rollouts], dtype=np.int64),
+            "prompt_idx": np.array([r.prompt_idx for r in sc.rollouts], dtype=np.int64),
+            "sample_idx": np.array([r.sample_idx for r in sc.rollouts], dtype=np.int64),
+            "finish_reason": [r.finish_reason for r in sc.rollouts],
+            **sequence_stats(flat, lengths, th, basis=fidelity),
+        }
     )
-    info.update(
-        num_experts=moe[0], experts_per_token=moe[1], margin="k-th minus (k+1)-th router probability, rollout side"
-    )
-    return table, info
+    for key in (k for k in CARRIED if any(k in r.extra for r in sc.rollouts)):
+        seqs[key] = np.array([r.extra.get(key, math.nan) for r in sc.rollouts], dtype=np.float64)
+    return seqs
 
 
 def assemble(
-    scored: Scored,
+    source: ChunkSource | Scored,
     *,
     command: str,
     fidelity: str,
@@ -163,11 +273,13 @@ def assemble(
     header: dict[str, Any],
     warn: Any,
 ) -> Assembled:
-    """Tables and summary.json of a report (DESIGN.md section 6); ``header`` goes first in the summary."""
-    rollouts, per_seq, routing_parts = scored.rollouts, scored.columns, scored.routing
+    """summary.json and per-sequence statistics of a report (DESIGN.md section 6), in one pass over
+    the chunks; ``header`` goes first in the summary. Tables are written by :func:`report_parts`."""
+    if isinstance(source, Scored):
+        source = MemoryChunks(source)
     th = thresholds
-    columns = TOKEN_COLUMNS + (("route_flips", "route_margin") if routing_parts else ())
-    tokens = pd.DataFrame({c: np.concatenate([a[c] for a in per_seq]) if per_seq else [] for c in columns})
+    has_routing = set(ROUTE_COLUMNS) <= set(source.column_names())
+    tokens = TokenColumns(source, TOKEN_COLUMNS + (ROUTE_COLUMNS if has_routing else ()))
     n_bad = int(tokens["nonfinite"].sum())
     if n_bad:
         warn(f"{n_bad} token(s) had NaN logits on a side; they are excluded from statistics (column 'nonfinite')")
@@ -179,34 +291,35 @@ def assemble(
             f"{n_zero} sampled token(s) have probability 0 under one side (column 'zero_prob'): their log ratio "
             "and KL are infinite, so the bounds are vacuous; check that both sides use the same top-k/top-p"
         )
-    lengths = np.array([len(r.response_ids) for r in rollouts], dtype=np.int64)
-    flat = {
-        c: tokens[c].to_numpy()
-        for c in tokens.columns
-        if c not in ("seq_id", "pos", "token_id", "nonfinite", "zero_prob")
-    }
-    stats = sequence_stats(flat, lengths, th, basis=fidelity)
-    seqs = pd.DataFrame(
-        {
-            "seq_id": [r.seq_id for r in rollouts],
-            "prompt_idx": [r.prompt_idx for r in rollouts],
-            "sample_idx": [r.sample_idx for r in rollouts],
-            "prompt_token_ids": [r.prompt_ids for r in rollouts],
-            "response_token_ids": [r.response_ids for r in rollouts],
-            "response_text": [tokenizer.decode(r.response_ids) for r in rollouts],
-            "finish_reason": [r.finish_reason for r in rollouts],
-            **stats,
-        }
-    )
-    for key in ("reward", "advantage"):  # carried through from imported rollouts
-        if any(key in r.extra for r in rollouts):
-            seqs[key] = [r.extra.get(key) for r in rollouts]
+    worst_key = BASIS[fidelity][0]
+    parts, candidates, tally = [], [], _RoutingTally()
+    for i in range(source.n_chunks):  # pass 1: statistics, one chunk in memory at a time
+        sc = source.chunk(i)
+        seqs_i = _chunk_sequences(sc, th, fidelity)
+        parts.append(seqs_i)
+        candidates += _worst_candidates(seqs_i, sc.rollouts, worst_key)
+        if has_routing:
+            tally.add(sc, seqs_i)
+    seqs = pd.concat(parts, ignore_index=True)  # carried values missing in a chunk become NaN
+    carried = tuple(k for k in CARRIED if k in seqs)
+    seqs = seqs[[c for c in seqs.columns if c not in CARRIED] + list(carried)]
+    lengths = seqs["length"].to_numpy()
     metrics = batch_metrics(tokens, seqs, fidelity=fidelity, thresholds=th)
     inp = bound_inputs(tokens, seqs, fidelity=fidelity)
     t_obs = int(lengths.max()) if len(lengths) and lengths.max() > 0 else 1
     bounds = pd.DataFrame(bounds_table(sorted({t_obs, *horizons}), inp))
     at_obs = bounds[bounds["T"] == t_obs].set_index("bound")["value"].to_dict()
-    routing_table, routing_info = _routing(moe, routing_parts, tokens, fidelity, header.pop("routing_note", None))
+    note = header.pop("routing_note", None)
+    routing_info = None
+    if moe and has_routing:
+        routing_info = tally.summary(moe, tokens)
+    elif moe:
+        why = (
+            "routing is compared in the exact tier only (both sides' router logits come from the scoring pass)"
+            if fidelity != "exact"
+            else note or "a backend reported no router logits"
+        )
+        routing_info = {"available": False, "reason": why}
     summary: dict[str, Any] = {
         "tool": "trm-diag",
         "command": command,
@@ -242,20 +355,40 @@ def assemble(
             "by_length": acceptance_by_length(tokens, seqs, th, fidelity),
             "sweep": threshold_sweep(seqs, th, fidelity),
         },
-        "worst_sequences": _worst_sequences(seqs, tokenizer, fidelity),
+        "worst_sequences": _worst_sequences(candidates, tokenizer, worst_key),
         "hardware": _hardware(),
         "versions": _versions(),
     }
-    tables = {"tokens": tokens, "sequences": seqs, "bounds": bounds}
     if routing_info is not None:
         summary["routing"] = routing_info
-    if routing_table is not None:
-        tables["routing"] = routing_table
-        worst = seqs.set_index("seq_id")["kl_argmax"]
-        flips_at = tokens.set_index(["seq_id", "pos"])["route_flips"]
-        hits = [int(i) for i, pos in worst.items() if pos >= 0 and flips_at.get((i, int(pos)), 0) > 0]
-        routing_info["worst_token_is_flip"] = {"count": len(hits), "of": len(seqs), "seq_ids": hits[:20]}
-    return Assembled(tables, summary)
+    return Assembled(summary, seqs, bounds, source, tokenizer, tokens.names, carried)
+
+
+def report_parts(a: Assembled) -> Iterator[tuple[str, pd.DataFrame]]:
+    """Pass 2: (table name, rows) pieces of tokens/sequences/routing/bounds.parquet, chunk by chunk."""
+    yield "bounds", a.bounds
+    offset = 0
+    for i in range(a.source.n_chunks):
+        sc = a.source.chunk(i)
+        n = len(sc.rollouts)
+        yield (
+            "tokens",
+            pd.DataFrame(
+                {c: np.concatenate([cols[c] for cols in sc.columns]) if sc.columns else [] for c in a.token_columns}
+            ),
+        )
+        stats = a.sequences.iloc[offset : offset + n].reset_index(drop=True)
+        lists = pd.DataFrame(
+            {
+                "prompt_token_ids": [r.prompt_ids for r in sc.rollouts],
+                "response_token_ids": [r.response_ids for r in sc.rollouts],
+                "response_text": [a.tokenizer.decode(r.response_ids) for r in sc.rollouts],
+            }
+        )
+        yield "sequences", pd.concat([stats.iloc[:, :3], lists, stats.iloc[:, 3:]], axis=1)
+        if sc.routing:
+            yield "routing", _routing_frame(sc.routing)
+        offset += n
 
 
 ROLLOUT_DISTRIBUTIONS = {

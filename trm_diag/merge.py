@@ -16,12 +16,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from trm_diag.assemble import Scored, assemble
+from trm_diag.assemble import Scored, assemble, report_parts
 from trm_diag.backends.base import Rollout
 from trm_diag.config import SamplingConfig, Thresholds
 from trm_diag.errors import InputError, UsageError
 from trm_diag.moe import RoutingComparison
-from trm_diag.report import complete_report, prepare_out_dir, write_report
+from trm_diag.report import complete_report, prepare_out_dir, write_summary, write_tables
 
 MUST_MATCH = ("fidelity", "sampling", "thresholds", "compared_distribution")
 
@@ -111,5 +111,6 @@ def run_merge(reports: list[str], out: str, overwrite: bool = False, warn: Any =
         width=first["vocab"]["logits_width"], moe=moe, header=header, warn=warn,
     )  # fmt: skip
     assembled.summary["timings"] = {}
-    write_report(out_dir, assembled.tables, assembled.summary)
+    write_tables(out_dir, report_parts(assembled), assembled.summary)
+    write_summary(out_dir, assembled.summary)
     return out_dir, assembled.summary

@@ -72,6 +72,7 @@ class PartialStore:
             self.dir.mkdir(parents=True)
             self.done = set()
             self._write_manifest()
+        self._base: list[int] | None = None
 
     def _write_manifest(self) -> None:
         body = {
@@ -109,46 +110,81 @@ class PartialStore:
         self.done.add(i)
         self._write_manifest()
 
-    def load_all(self) -> Scored:
-        """Every chunk, in order, as one Scored with global seq ids."""
-        rollouts: list[Rollout] = []
-        columns: list[dict[str, np.ndarray]] = []
-        routing: list[tuple[int, RoutingComparison]] = []
-        for i in range(self.n_chunks):
-            if i not in self.done:
-                raise InputError(f"chunk {i} of the run is missing in {self.dir}", "resume the run with --resume")
-            rolls = pd.read_parquet(self._path(i, "rollouts"))
-            tokens = pd.read_parquet(self._path(i, "tokens"))
-            base = len(rollouts)
-            groups = {k: g for k, g in tokens.groupby("local_seq", sort=True)}
-            for j, row in enumerate(rolls.itertuples(index=False)):
-                extra = json.loads(row.extra_json)
-                if "topk" in extra:
-                    extra["topk"] = [{int(k): float(v) for k, v in d.items()} for d in extra["topk"]]
-                rollouts.append(
-                    Rollout(
-                        base + j,
-                        int(row.prompt_idx),
-                        int(row.sample_idx),
-                        [int(x) for x in row.prompt_ids],
-                        [int(x) for x in row.response_ids],
-                        [float(x) for x in row.lp_roll],
-                        str(row.finish_reason),
-                        extra,
-                    )  # fmt: skip
-                )
-                g = groups.get(j)
-                cols = {
-                    c: (g[c].to_numpy() if g is not None else tokens[c].to_numpy()[:0])
-                    for c in tokens.columns
-                    if c != "local_seq"
-                }
-                cols["seq_id"] = np.full(len(cols["pos"]), base + j, dtype=np.int64)
-                columns.append(cols)
-            rpath = self._path(i, "routing")
-            if rpath.is_file():
-                routing += _routing_from_frame(pd.read_parquet(rpath), base)
+    # ---- ChunkSource (assemble.py): the report is assembled from the stored chunks, one at a time
+    def _check(self, i: int) -> None:
+        if i not in self.done:
+            raise InputError(f"chunk {i} of the run is missing in {self.dir}", "resume the run with --resume")
+
+    def _bases(self) -> list[int]:
+        """Global seq id of each chunk's first rollout."""
+        if self._base is None:
+            import pyarrow.parquet as pq
+
+            counts = []
+            for i in range(self.n_chunks):
+                self._check(i)
+                counts.append(pq.read_metadata(self._path(i, "rollouts")).num_rows)
+            self._base = [0, *np.cumsum(counts).tolist()][:-1]
+        return self._base
+
+    def rollouts(self, i: int) -> list[Rollout]:
+        """The rollouts of chunk i, with global seq ids."""
+        self._check(i)
+        base = self._bases()[i]
+        out = []
+        for j, row in enumerate(pd.read_parquet(self._path(i, "rollouts")).itertuples(index=False)):
+            extra = json.loads(row.extra_json)
+            if "topk" in extra:
+                extra["topk"] = [{int(k): float(v) for k, v in d.items()} for d in extra["topk"]]
+            out.append(
+                Rollout(
+                    base + j,
+                    int(row.prompt_idx),
+                    int(row.sample_idx),
+                    [int(x) for x in row.prompt_ids],
+                    [int(x) for x in row.response_ids],
+                    [float(x) for x in row.lp_roll],
+                    str(row.finish_reason),
+                    extra,
+                )  # fmt: skip
+            )
+        return out
+
+    def chunk(self, i: int) -> Scored:
+        """Chunk i: rollouts, token columns and routing, with global seq ids."""
+        rollouts = self.rollouts(i)
+        base = self._bases()[i]
+        tokens = pd.read_parquet(self._path(i, "tokens"))
+        local = tokens["local_seq"].to_numpy()
+        bounds = np.searchsorted(local, np.arange(len(rollouts) + 1))  # rows are stored sequence after sequence
+        names = [c for c in tokens.columns if c != "local_seq"]
+        arrays = {c: tokens[c].to_numpy() for c in names}
+        columns = []
+        for j in range(len(rollouts)):
+            cols = {c: arrays[c][bounds[j] : bounds[j + 1]] for c in names}
+            cols["seq_id"] = np.full(len(cols["pos"]), base + j, dtype=np.int64)
+            columns.append(cols)
+        rpath = self._path(i, "routing")
+        routing = _routing_from_frame(pd.read_parquet(rpath), base) if rpath.is_file() else []
         return Scored(rollouts, columns, routing)
+
+    def column(self, name: str) -> np.ndarray:
+        """One token column over all chunks (global seq ids for seq_id)."""
+        import pyarrow.parquet as pq
+
+        parts = []
+        for i, base in enumerate(self._bases()):
+            if name == "seq_id":
+                parts.append(pq.read_table(self._path(i, "tokens"), columns=["local_seq"]).column(0).to_numpy() + base)
+            else:
+                parts.append(pq.read_table(self._path(i, "tokens"), columns=[name]).column(0).to_numpy())
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+    def column_names(self) -> tuple[str, ...]:
+        import pyarrow.parquet as pq
+
+        self._check(0)
+        return tuple(c for c in pq.read_schema(self._path(0, "tokens")).names if c != "local_seq")
 
     def clear(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -15,21 +15,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
-from trm_diag.assemble import Scored, assemble, model_fingerprint
+from trm_diag.assemble import Assembled, Scored, assemble, model_fingerprint, report_parts
 from trm_diag.backends.base import Rollout, TokenRows
 from trm_diag.checkpoint import read_config, vocab_size
 from trm_diag.config import BackendSpec, SamplingConfig, Thresholds, as_dict
 from trm_diag.errors import InputError, ModelError, UsageError
-from trm_diag.partial import PartialStore, run_fingerprint
-from trm_diag.report import prepare_out_dir, write_report
+from trm_diag.partial import PARTIAL_DIR, PartialStore, run_fingerprint
+from trm_diag.report import prepare_out_dir, write_summary, write_tables
 from trm_diag.scoring import FIDELITIES, token_columns
 
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample_data"
 DEFAULT_MODEL = SAMPLE_DIR / "tiny-llama"
 DEFAULT_PROMPTS = SAMPLE_DIR / "prompts.jsonl"
 DEFAULT_HORIZONS = (1024, 4096, 16384)
+SCORE_CHUNK = 512  # imported rollouts scored per stored chunk
 
 
 class Reporter:
@@ -89,9 +88,6 @@ class ScoreConfig:
 class CompareResult:
     out_dir: Path
     summary: dict[str, Any]
-    tokens: pd.DataFrame
-    sequences: pd.DataFrame
-    bounds: pd.DataFrame
 
 
 def check_vocab_compatible(roll: BackendSpec, train: BackendSpec) -> None:
@@ -166,12 +162,14 @@ def _side(backend: Any) -> dict[str, Any]:
     }
 
 
-def _write(out_dir: Path, assembled, timings: dict[str, float], t_start: float) -> CompareResult:
+def _write(out_dir: Path, assembled: Assembled, timings: dict[str, float], t_start: float) -> CompareResult:
+    t = time.perf_counter()
+    write_tables(out_dir, report_parts(assembled), assembled.summary)
+    timings["write_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_start
     assembled.summary["timings"] = timings
-    write_report(out_dir, assembled.tables, assembled.summary)
-    t = assembled.tables
-    return CompareResult(out_dir, assembled.summary, t["tokens"], t["sequences"], t["bounds"])
+    write_summary(out_dir, assembled.summary)
+    return CompareResult(out_dir, assembled.summary)
 
 
 def run_compare(cfg: CompareConfig, reporter: Reporter | None = None) -> CompareResult:
@@ -202,6 +200,10 @@ def run_compare(cfg: CompareConfig, reporter: Reporter | None = None) -> Compare
     for spec in (roll_spec, train_spec):  # input mistakes first, before the output folder is touched
         read_config(spec.model)
     check_vocab_compatible(roll_spec, train_spec)
+    if cfg.save_rollouts:
+        from trm_diag.rollouts_io import check_rollouts_path
+
+        check_rollouts_path(cfg.save_rollouts)
     out_dir = prepare_out_dir(cfg.out, cfg.overwrite or cfg.resume)
     kw = {"trust_remote_code": cfg.trust_remote_code, "allow_pickle": cfg.allow_pickle}
     same = train_spec.describe() == roll_spec.describe()
@@ -275,11 +277,10 @@ def run_compare(cfg: CompareConfig, reporter: Reporter | None = None) -> Compare
     if train is None:  # every chunk was already done (resume of a finished vLLM-vs-vLLM run)
         roll.close()
         train = load_backend(train_spec, **kw)
-    scored = store.load_all()
     if cfg.save_rollouts:
         from trm_diag.rollouts_io import write_rollouts
 
-        write_rollouts(cfg.save_rollouts, scored.rollouts, sampling)
+        write_rollouts(cfg.save_rollouts, (store.rollouts(i) for i in range(store.n_chunks)), sampling)
     notes = [getattr(b, "routing_note", None) for b in (roll, train)]
     header = {
         "rollout": _side(roll),
@@ -293,7 +294,7 @@ def run_compare(cfg: CompareConfig, reporter: Reporter | None = None) -> Compare
         "run": {"chunks": len(chunks), "chunk_prompts": step, "resumed_chunks": resumed},
     }
     assembled = assemble(
-        scored, command="compare", fidelity=fidelity, sampling=sampling, thresholds=cfg.thresholds,
+        store, command="compare", fidelity=fidelity, sampling=sampling, thresholds=cfg.thresholds,
         horizons=cfg.horizons, tokenizer=tokenizer, width=width, moe=getattr(train, "moe", None),
         header=header, warn=rep.warn,
     )  # fmt: skip
@@ -332,6 +333,8 @@ def run_score(cfg: ScoreConfig, reporter: Reporter | None = None) -> CompareResu
     train_spec = cfg.train.with_model(cfg.model)
     read_config(train_spec.model)  # input mistakes first, before the output folder is touched
     out_dir = prepare_out_dir(cfg.out, cfg.overwrite)
+    if (out_dir / PARTIAL_DIR).is_dir() and not cfg.overwrite:
+        raise UsageError(f"'{cfg.out}' holds an interrupted run", "pass --overwrite, or choose another --out folder")
     t = time.perf_counter()
     with rep.phase(f"loading {train_spec.name} (train)", 1) as advance:
         train = load_backend(train_spec, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
@@ -354,10 +357,19 @@ def run_score(cfg: ScoreConfig, reporter: Reporter | None = None) -> CompareResu
         **{k: (int(v) if k == "top_k" else v) for k, v in data.sampling_hints.items()}
     )
     t = time.perf_counter()
-    with rep.phase(f"scoring ({train.description}, {fidelity})", len(data.rollouts)) as advance:
-        scored = score_rollouts(
-            data.rollouts, train, lambda s, p: [None] * len(p), sampling, fidelity, train.vocab_width, advance
-        )
+    # scored in chunks kept on disk like compare's (no --resume here: a new score always starts afresh),
+    # so the token rows of every rollout are never all in memory
+    rollouts, n = data.rollouts, len(data.rollouts)
+    data.rollouts = []
+    chunks = [(a, min(n, a + SCORE_CHUNK)) for a in range(0, n, SCORE_CHUNK)]
+    store = PartialStore(out_dir, "score", len(chunks), resume=False, overwrite=True)
+    with rep.phase(f"scoring ({train.description}, {fidelity})", n) as advance:
+        for ci, (a, b) in enumerate(chunks):
+            no_rows = lambda s, p: [None] * len(p)  # noqa: E731 - the rollout side has no rows to give
+            store.save(
+                ci, score_rollouts(rollouts[a:b], train, no_rows, sampling, fidelity, train.vocab_width, advance)
+            )
+    del rollouts
     timings["score_s"] = time.perf_counter() - t
     header = {
         "rollout": {"source": str(cfg.rollouts), "mapping": cfg.mapping, "retokenized_fields": data.retokenized,
@@ -366,10 +378,11 @@ def run_score(cfg: ScoreConfig, reporter: Reporter | None = None) -> CompareResu
         "routing_note": "imported rollouts carry no router logits" if getattr(train, "moe", None) else None,
     }  # fmt: skip
     assembled = assemble(
-        scored, command="score", fidelity=fidelity, sampling=sampling, thresholds=cfg.thresholds,
+        store, command="score", fidelity=fidelity, sampling=sampling, thresholds=cfg.thresholds,
         horizons=cfg.horizons, tokenizer=train.tokenizer, width=train.vocab_width, moe=getattr(train, "moe", None),
         header=header, warn=rep.warn,
     )  # fmt: skip
     result = _write(out_dir, assembled, timings, t_start)
+    store.clear()
     train.close()
     return result

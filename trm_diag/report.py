@@ -1,7 +1,8 @@
 """Report folder I/O: Parquet tables with self-describing metadata, written atomically.
 
-Every file is first written under a temporary name in the target folder and renamed;
-summary.json is renamed last and marks a report as complete (DESIGN.md section 6).
+Tables are streamed row group by row group into temporary files in the target folder and
+renamed when complete; summary.json is written last and marks a report as complete
+(DESIGN.md section 6).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,37 +66,110 @@ def prepare_out_dir(out: str | Path, overwrite: bool) -> Path:
     return p
 
 
+def _publish(tmp: str, path: Path) -> None:
+    """Rename a finished temporary file into place with the usual permissions (mkstemp makes it 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def _atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
 
 
-def write_report(out: Path, tables: dict[str, pd.DataFrame], summary: dict[str, Any]) -> None:
-    """Write tables (name -> DataFrame) and summary.json; summary last, each file atomic."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+ROW_GROUP_ROWS = 1 << 17  # rows buffered per Parquet row group (~128k tokens: a few MB per column)
 
+
+class _TableSink:
+    """One table written row group by row group to a temporary file in the report folder."""
+
+    def __init__(self, path: Path, meta: bytes) -> None:
+        self.path, self.meta = path, meta
+        self.tmp: str | None = None
+        self.writer: Any = None
+        self.schema: Any = None
+        self.buffer: list[Any] = []
+        self.rows = 0
+
+    def add(self, df: pd.DataFrame) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pandas(df, preserve_index=False)
+        if self.writer is None:  # the first piece fixes the schema; later pieces are cast to it
+            self.schema = table.schema.with_metadata({**(table.schema.metadata or {}), META_KEY: self.meta})
+            fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+            os.close(fd)
+            self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
+        self.buffer.append(table.cast(self.schema))
+        self.rows += table.num_rows
+        if self.rows >= ROW_GROUP_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        import pyarrow as pa
+
+        if self.buffer:
+            self.writer.write_table(pa.concat_tables(self.buffer), row_group_size=max(self.rows, 1))
+            self.buffer, self.rows = [], 0
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
+
+    def discard(self) -> None:
+        try:
+            if self.writer is not None:
+                self.writer.close()
+        finally:
+            if self.tmp and os.path.exists(self.tmp):
+                os.unlink(self.tmp)
+
+
+def write_tables(out: Path, parts: Iterable[tuple[str, pd.DataFrame]], summary: dict[str, Any]) -> None:
+    """Stream (table name, rows) pieces into OUT/<name>.parquet, then rename every table into place.
+
+    Rows are written in row groups as they come, so memory holds one piece at a time. summary.json
+    is removed first and written by :func:`write_summary` after this: a folder never looks complete
+    while it mixes two runs, and a failure leaves no table behind under its final name.
+    """
     marker = out / MARKER
     if marker.exists():
-        marker.unlink()  # the folder must never look complete while it is a mix of two runs
-    for stale in REPORT_FILES:
-        if stale != MARKER and stale.removesuffix(".parquet") not in tables and (out / stale).exists():
-            (out / stale).unlink()
+        marker.unlink()
     # run-specific facts (timings, resumed chunks) stay in summary.json only, so the same command
     # and seed give byte-identical Parquet files
     meta = to_json({k: v for k, v in summary.items() if k not in RUN_SPECIFIC}).encode()
-    for name, df in tables.items():
-        table = pa.Table.from_pandas(df, preserve_index=False)
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY: meta})
-        _atomic_write(out / f"{name}.parquet", lambda tmp, t=table: pq.write_table(t, tmp, compression="zstd"))
-    _atomic_write(marker, lambda tmp: Path(tmp).write_text(to_json(summary) + "\n"))
+    sinks: dict[str, _TableSink] = {}
+    try:
+        for name, df in parts:
+            if name not in sinks:
+                sinks[name] = _TableSink(out / f"{name}.parquet", meta)
+            sinks[name].add(df)
+        for sink in sinks.values():
+            sink.close()
+    except BaseException:
+        for sink in sinks.values():
+            sink.discard()
+        raise
+    for stale in REPORT_FILES:
+        if stale != MARKER and stale.removesuffix(".parquet") not in sinks and (out / stale).exists():
+            (out / stale).unlink()
+    for sink in sinks.values():
+        _publish(sink.tmp, sink.path)
+
+
+def write_summary(out: Path, summary: dict[str, Any]) -> None:
+    """summary.json, written last: it marks the report complete."""
+    _atomic_write(out / MARKER, lambda tmp: Path(tmp).write_text(to_json(summary) + "\n"))
 
 
 def complete_report(path: str | Path) -> tuple[Path, dict[str, Any]]:

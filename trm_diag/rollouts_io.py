@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,7 +186,7 @@ def read_rollouts(path: str | Path, mapping: dict[str, str], tokenizer: Any, voc
             result.has_topk = True
         for key in ("reward", "advantage"):
             if row.get(key) is not None:
-                extra[key] = row[key]
+                extra[key] = _number(row[key], where, key)
         for key in SAMPLING_FIELDS:
             if row.get(key) is not None:
                 hints[key].add(_number(row[key], where, key))
@@ -214,11 +215,10 @@ def read_rollouts(path: str | Path, mapping: dict[str, str], tokenizer: Any, voc
     return result
 
 
-def write_rollouts(path: str | Path, rollouts: list[Rollout], sampling: SamplingConfig) -> None:
-    """Write rollouts in the schema above (JSONL or Parquet by suffix), atomically."""
-    from trm_diag.report import _atomic_write
+ROLLOUT_SUFFIXES = (".jsonl", ".json", ".parquet")
 
-    p = Path(path)
+
+def _rollout_rows(rollouts: list[Rollout], sampling: SamplingConfig) -> list[dict[str, Any]]:
     rows = []
     for r in rollouts:
         row: dict[str, Any] = {
@@ -230,13 +230,56 @@ def write_rollouts(path: str | Path, rollouts: list[Rollout], sampling: Sampling
             row["topk_logprobs"] = [[[int(k), float(v)] for k, v in d.items()] for d in r.extra["topk"]]
             row["topk_k"] = r.extra["topk_k"]
         rows.append(row)
-    if p.suffix.lower() == ".parquet":
+    return rows
+
+
+def _rollout_schema(topk: bool) -> Any:
+    import pyarrow as pa
+
+    fields = [
+        ("prompt_ids", pa.list_(pa.int64())), ("response_ids", pa.list_(pa.int64())),
+        ("rollout_logprobs", pa.list_(pa.float64())), ("prompt_idx", pa.int64()), ("sample_idx", pa.int64()),
+        ("finish_reason", pa.string()), ("temperature", pa.float64()), ("top_p", pa.float64()), ("top_k", pa.int64()),
+        ("min_p", pa.float64()),
+    ]  # fmt: skip
+    if topk:
+        fields += [("topk_logprobs", pa.list_(pa.list_(pa.float64()))), ("topk_k", pa.int64())]
+    return pa.schema(fields)
+
+
+def check_rollouts_path(path: str | Path) -> None:
+    """--save-rollouts must name a .jsonl or .parquet file (checked before any work is done)."""
+    if Path(path).suffix.lower() not in ROLLOUT_SUFFIXES:
+        raise UsageError(f"--save-rollouts {path}: unsupported file type", "use a .jsonl or .parquet file name")
+
+
+def write_rollouts(path: str | Path, chunks: Iterable[list[Rollout]], sampling: SamplingConfig) -> None:
+    """Write rollouts, chunk by chunk, in the schema above (JSONL or Parquet by suffix), atomically."""
+    from trm_diag.report import _atomic_write
+
+    check_rollouts_path(path)
+    p = Path(path)
+
+    def parquet(tmp: str) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pa.Table.from_pylist(rows)
-        _atomic_write(p, lambda tmp: pq.write_table(table, tmp))
-    elif p.suffix.lower() in (".jsonl", ".json"):
-        _atomic_write(p, lambda tmp: Path(tmp).write_text("".join(json.dumps(row) + "\n" for row in rows)))
-    else:
-        raise UsageError(f"--save-rollouts {path}: unsupported file type", "use a .jsonl or .parquet file name")
+        writer = None
+        try:
+            for rollouts in chunks:
+                rows = _rollout_rows(rollouts, sampling)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, _rollout_schema(any("topk_logprobs" in r for r in rows)))
+                writer.write_table(pa.Table.from_pylist(rows, schema=writer.schema))
+            if writer is None:
+                pq.write_table(_rollout_schema(False).empty_table(), tmp)
+        finally:
+            if writer is not None:
+                writer.close()
+
+    def jsonl(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            for rollouts in chunks:
+                f.writelines(json.dumps(row) + "\n" for row in _rollout_rows(rollouts, sampling))
+
+    _atomic_write(p, parquet if p.suffix.lower() == ".parquet" else jsonl)
