@@ -27,6 +27,7 @@ from trm_diag.backends.base import Rollout
 from trm_diag.bounds import bounds_table
 from trm_diag.config import SamplingConfig, Thresholds, as_dict
 from trm_diag.errors import BackendFailure
+from trm_diag.heap import release_heap
 from trm_diag.masking import acceptance_by_length, threshold_sweep, token_violation_rate
 from trm_diag.metrics import batch_metrics, bound_inputs
 from trm_diag.moe import RoutingComparison, routing_summary
@@ -155,15 +156,14 @@ def _hardware() -> dict[str, Any]:
     return hw
 
 
-def _worst_candidates(seqs: pd.DataFrame, rollouts: list[Rollout], key: str, k: int = WORST_K) -> list[dict]:
+def _worst_candidates(seqs: dict[str, Any], rollouts: list[Rollout], key: str, k: int = WORST_K) -> list[dict]:
     """This chunk's k sequences with the largest token divergence ``key`` (non-empty ones only)."""
-    nonempty = seqs["length"].to_numpy() > 0
-    order = seqs[nonempty].sort_values(key, ascending=False, kind="stable").head(k)
-    ids = {r.seq_id: r.response_ids for r in rollouts}
+    rows = np.flatnonzero(seqs["length"] > 0)
+    rows = rows[np.argsort(-seqs[key][rows], kind="stable")][:k]  # NaN scores sort last
     return [
-        {"seq_id": int(row.seq_id), "score": float(getattr(row, key)), "pos": int(row.kl_argmax),
-         "length": int(row.length), "ids": list(ids[int(row.seq_id)])}
-        for row in order.itertuples(index=False)
+        {"seq_id": rollouts[j].seq_id, "score": float(seqs[key][j]), "pos": int(seqs["kl_argmax"][j]),
+         "length": int(seqs["length"][j]), "ids": list(rollouts[j].response_ids)}
+        for j in rows
     ]  # fmt: skip
 
 
@@ -200,8 +200,9 @@ def _routing_frame(parts: list[tuple[int, RoutingComparison]]) -> pd.DataFrame:
         cols["seq_id"].append(np.full(layers * T, seq_id, dtype=np.int64))
         cols["pos"].append(np.tile(np.arange(T, dtype=np.int64), layers))
         cols["layer"].append(np.repeat(np.arange(layers, dtype=np.int64), T))
-        cols["experts_roll"].extend(comp.experts_roll.reshape(layers * T, -1).numpy().tolist())
-        cols["experts_train"].extend(comp.experts_train.reshape(layers * T, -1).numpy().tolist())
+        k = comp.experts_roll.shape[-1]  # explicit: an empty response has layers * T = 0 rows
+        cols["experts_roll"].extend(comp.experts_roll.reshape(layers * T, k).numpy().tolist())
+        cols["experts_train"].extend(comp.experts_train.reshape(layers * T, k).numpy().tolist())
         cols["flip"].append(comp.flip.reshape(-1).numpy())
         cols["margin_roll"].append(comp.margin_roll.reshape(-1).double().numpy())
         cols["margin_train"].append(comp.margin_train.reshape(-1).double().numpy())
@@ -216,14 +217,14 @@ class _RoutingTally:
         self.hits: list[int] = []
         self.n_seqs = 0
 
-    def add(self, sc: Scored, seqs: pd.DataFrame) -> None:
+    def add(self, sc: Scored, seqs: dict[str, Any]) -> None:
         for _, comp in sc.routing:
             flips = comp.flip.sum(dim=1).numpy().astype(np.int64)
             self.per_layer = flips if self.per_layer is None else self.per_layer + flips
         for cols, seq_id, pos in zip(sc.columns, seqs["seq_id"], seqs["kl_argmax"]):
             if pos >= 0 and "route_flips" in cols and cols["route_flips"][pos] > 0:
                 self.hits.append(int(seq_id))
-        self.n_seqs += len(seqs)
+        self.n_seqs += len(sc.rollouts)
 
     def summary(self, moe: tuple[int, int], tokens: TokenColumns) -> dict[str, Any]:
         info = routing_summary(
@@ -239,22 +240,20 @@ class _RoutingTally:
         return info
 
 
-def _chunk_sequences(sc: Scored, th: Thresholds, fidelity: str) -> pd.DataFrame:
-    """One row per rollout of a chunk: ids, finish reason, statistics, carried values (no token lists)."""
+def _chunk_sequences(sc: Scored, th: Thresholds, fidelity: str) -> dict[str, Any]:
+    """Columns of one row per rollout of a chunk: ids, finish reason, statistics, carried values."""
     lengths = np.array([len(r.response_ids) for r in sc.rollouts], dtype=np.int64)
     skip = ("seq_id", "pos", "token_id", "nonfinite", "zero_prob")
     names = [c for c in (sc.columns[0] if sc.columns else ()) if c not in skip]
     flat = {c: np.concatenate([cols[c] for cols in sc.columns]) for c in names}
-    seqs = pd.DataFrame(
-        {
-            "seq_id": np.array([r.seq_id for r in sc.rollouts], dtype=np.int64),
-            "prompt_idx": np.array([r.prompt_idx for r in sc.rollouts], dtype=np.int64),
-            "sample_idx": np.array([r.sample_idx for r in sc.rollouts], dtype=np.int64),
-            "finish_reason": [r.finish_reason for r in sc.rollouts],
-            **sequence_stats(flat, lengths, th, basis=fidelity),
-        }
-    )
-    for key in (k for k in CARRIED if any(k in r.extra for r in sc.rollouts)):
+    seqs = {
+        "seq_id": np.array([r.seq_id for r in sc.rollouts], dtype=np.int64),
+        "prompt_idx": np.array([r.prompt_idx for r in sc.rollouts], dtype=np.int64),
+        "sample_idx": np.array([r.sample_idx for r in sc.rollouts], dtype=np.int64),
+        "finish_reason": np.array([r.finish_reason for r in sc.rollouts], dtype=object),
+        **sequence_stats(flat, lengths, th, basis=fidelity),
+    }
+    for key in CARRIED:  # NaN where a rollout has none
         seqs[key] = np.array([r.extra.get(key, math.nan) for r in sc.rollouts], dtype=np.float64)
     return seqs
 
@@ -292,20 +291,26 @@ def assemble(
             "and KL are infinite, so the bounds are vacuous; check that both sides use the same top-k/top-p"
         )
     worst_key = BASIS[fidelity][0]
-    parts, candidates, tally = [], [], _RoutingTally()
+    parts: dict[str, list] = {}
+    candidates, tally = [], _RoutingTally()
     for i in range(source.n_chunks):  # pass 1: statistics, one chunk in memory at a time
         sc = source.chunk(i)
         seqs_i = _chunk_sequences(sc, th, fidelity)
-        parts.append(seqs_i)
+        for key, values in seqs_i.items():
+            parts.setdefault(key, []).append(values)
         candidates += _worst_candidates(seqs_i, sc.rollouts, worst_key)
         if has_routing:
             tally.add(sc, seqs_i)
-    seqs = pd.concat(parts, ignore_index=True)  # carried values missing in a chunk become NaN
-    carried = tuple(k for k in CARRIED if k in seqs)
-    seqs = seqs[[c for c in seqs.columns if c not in CARRIED] + list(carried)]
+        if i % 16 == 15:
+            release_heap()
+    seqs = pd.DataFrame({k: np.concatenate(v) for k, v in parts.items()})
+    del parts
+    carried = tuple(k for k in CARRIED if seqs[k].notna().any())
+    seqs = seqs.drop(columns=[k for k in CARRIED if k not in carried])
     lengths = seqs["length"].to_numpy()
     metrics = batch_metrics(tokens, seqs, fidelity=fidelity, thresholds=th)
     inp = bound_inputs(tokens, seqs, fidelity=fidelity)
+    release_heap()  # the column temporaries of the two calls above
     t_obs = int(lengths.max()) if len(lengths) and lengths.max() > 0 else 1
     bounds = pd.DataFrame(bounds_table(sorted({t_obs, *horizons}), inp))
     at_obs = bounds[bounds["T"] == t_obs].set_index("bound")["value"].to_dict()

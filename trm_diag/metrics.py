@@ -30,10 +30,11 @@ def describe(x: np.ndarray) -> dict[str, float]:
         return dict.fromkeys(QUANTILES, math.nan)
     out = {"mean": float(x.mean())}
     finite = bool(np.isfinite(x).all())
-    for k, q in QUANTILES.items():
-        if q is not None:
-            # interpolating towards an infinity gives nan; take the order statistic above instead
-            out[k] = float(np.quantile(x, q, method="linear" if finite else "higher"))
+    names = [k for k, q in QUANTILES.items() if q is not None]
+    # one partition for every quantile; interpolating towards an infinity gives nan, so then take
+    # the order statistic above instead
+    qs = np.quantile(x, [QUANTILES[k] for k in names], method="linear" if finite else "higher")
+    out.update({k: float(v) for k, v in zip(names, qs)})
     return out
 
 

@@ -73,6 +73,7 @@ class PartialStore:
             self.done = set()
             self._write_manifest()
         self._base: list[int] | None = None
+        self._tokens: Any = None  # pyarrow dataset over the chunks' token files, for column()
 
     def _write_manifest(self) -> None:
         body = {
@@ -129,22 +130,25 @@ class PartialStore:
 
     def rollouts(self, i: int) -> list[Rollout]:
         """The rollouts of chunk i, with global seq ids."""
+        import pyarrow.parquet as pq
+
         self._check(i)
         base = self._bases()[i]
+        d = pq.read_table(self._path(i, "rollouts")).to_pydict()
         out = []
-        for j, row in enumerate(pd.read_parquet(self._path(i, "rollouts")).itertuples(index=False)):
-            extra = json.loads(row.extra_json)
+        for j in range(len(d["prompt_idx"])):
+            extra = json.loads(d["extra_json"][j])
             if "topk" in extra:
-                extra["topk"] = [{int(k): float(v) for k, v in d.items()} for d in extra["topk"]]
+                extra["topk"] = [{int(k): float(v) for k, v in e.items()} for e in extra["topk"]]
             out.append(
                 Rollout(
                     base + j,
-                    int(row.prompt_idx),
-                    int(row.sample_idx),
-                    [int(x) for x in row.prompt_ids],
-                    [int(x) for x in row.response_ids],
-                    [float(x) for x in row.lp_roll],
-                    str(row.finish_reason),
+                    d["prompt_idx"][j],
+                    d["sample_idx"][j],
+                    d["prompt_ids"][j],
+                    d["response_ids"][j],
+                    d["lp_roll"][j],
+                    d["finish_reason"][j],
                     extra,
                 )  # fmt: skip
             )
@@ -152,16 +156,17 @@ class PartialStore:
 
     def chunk(self, i: int) -> Scored:
         """Chunk i: rollouts, token columns and routing, with global seq ids."""
+        import pyarrow.parquet as pq
+
         rollouts = self.rollouts(i)
         base = self._bases()[i]
-        tokens = pd.read_parquet(self._path(i, "tokens"))
-        local = tokens["local_seq"].to_numpy()
+        tokens = pq.read_table(self._path(i, "tokens"))
+        arrays = {c: tokens.column(c).to_numpy() for c in tokens.column_names}
+        local = arrays.pop("local_seq")
         bounds = np.searchsorted(local, np.arange(len(rollouts) + 1))  # rows are stored sequence after sequence
-        names = [c for c in tokens.columns if c != "local_seq"]
-        arrays = {c: tokens[c].to_numpy() for c in names}
         columns = []
         for j in range(len(rollouts)):
-            cols = {c: arrays[c][bounds[j] : bounds[j + 1]] for c in names}
+            cols = {c: a[bounds[j] : bounds[j + 1]] for c, a in arrays.items()}
             cols["seq_id"] = np.full(len(cols["pos"]), base + j, dtype=np.int64)
             columns.append(cols)
         rpath = self._path(i, "routing")
@@ -169,16 +174,20 @@ class PartialStore:
         return Scored(rollouts, columns, routing)
 
     def column(self, name: str) -> np.ndarray:
-        """One token column over all chunks (global seq ids for seq_id)."""
-        import pyarrow.parquet as pq
+        """One token column over all chunks (global seq ids for seq_id), read by one dataset scan."""
+        if self._tokens is None:
+            import pyarrow.dataset as ds
 
-        parts = []
-        for i, base in enumerate(self._bases()):
-            if name == "seq_id":
-                parts.append(pq.read_table(self._path(i, "tokens"), columns=["local_seq"]).column(0).to_numpy() + base)
-            else:
-                parts.append(pq.read_table(self._path(i, "tokens"), columns=[name]).column(0).to_numpy())
-        return np.concatenate(parts) if parts else np.zeros(0)
+            self._bases()  # every chunk is there
+            self._tokens = ds.dataset([str(self._path(i, "tokens")) for i in range(self.n_chunks)], format="parquet")
+        if name == "seq_id":
+            return np.concatenate(
+                [
+                    frag.to_table(columns=["local_seq"]).column(0).to_numpy() + base
+                    for frag, base in zip(self._tokens.get_fragments(), self._bases())
+                ]
+            )
+        return self._tokens.to_table(columns=[name], use_threads=False).column(0).to_numpy()
 
     def column_names(self) -> tuple[str, ...]:
         import pyarrow.parquet as pq

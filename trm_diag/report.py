@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trm_diag.errors import InputError, UsageError
+from trm_diag.heap import release_heap
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -86,7 +87,7 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-ROW_GROUP_ROWS = 1 << 17  # rows buffered per Parquet row group (~128k tokens: a few MB per column)
+ROW_GROUP_BYTES = 16 << 20  # Arrow bytes buffered per Parquet row group (~80k token rows)
 
 
 class _TableSink:
@@ -98,7 +99,7 @@ class _TableSink:
         self.writer: Any = None
         self.schema: Any = None
         self.buffer: list[Any] = []
-        self.rows = 0
+        self.rows = self.bytes = 0
 
     def add(self, df: pd.DataFrame) -> None:
         import pyarrow as pa
@@ -112,7 +113,8 @@ class _TableSink:
             self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
         self.buffer.append(table.cast(self.schema))
         self.rows += table.num_rows
-        if self.rows >= ROW_GROUP_ROWS:
+        self.bytes += table.nbytes
+        if self.bytes >= ROW_GROUP_BYTES:
             self.flush()
 
     def flush(self) -> None:
@@ -120,7 +122,8 @@ class _TableSink:
 
         if self.buffer:
             self.writer.write_table(pa.concat_tables(self.buffer), row_group_size=max(self.rows, 1))
-            self.buffer, self.rows = [], 0
+            self.buffer, self.rows, self.bytes = [], 0, 0
+            release_heap()
 
     def close(self) -> None:
         self.flush()

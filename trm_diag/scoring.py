@@ -24,39 +24,17 @@ from trm_diag.divergence import (
     sampled_token_metrics,
     topk_intervals,
 )
+from trm_diag.heap import release_heap
 from trm_diag.moe import RoutingComparison, compare_routing
 
 FIDELITIES = ("exact", "topk", "sampled")
-TRIM_EVERY = 8  # chunks between heap trims (see _release_heap)
+TRIM_EVERY = 8  # chunks between heap trims: a 2,048-token response at V = 151,936 grew 2.3 GB without
 INTERVAL_KEYS = ("kl_lo", "kl_hi", "tv_lo", "tv_hi")
 TOKEN_COLUMNS = (
     "seq_id", "pos", "token_id", "lp_roll", "lp_train", "log_ratio", "k1", "k2", "k3", "abs_rho_m1",
     "kl", "kl_rev", "tv", "tv_bin", "kl_bin", "kl_lo", "kl_hi", "tv_lo", "tv_hi", "ent_roll", "ent_train",
     "lp_roll_prefill", "prefill_gap", "nonfinite", "zero_prob",
 )  # fmt: skip
-
-
-def _release_heap() -> None:
-    """Hand freed chunk temporaries back to the OS (glibc only).
-
-    glibc raises its mmap threshold after the first large free, so the row-chunk temporaries
-    then come from the heap, and a long response fragments it: without this, scoring one
-    2,048-token response at V = 151,936 grew the process by 2.3 GB (bench/RESULTS.md).
-    """
-    global _LIBC
-    if _LIBC is None:
-        try:
-            import ctypes
-
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim  # noqa: B018 - probe that this is glibc
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC = None
 
 
 def _entropy(lq: torch.Tensor) -> torch.Tensor:
@@ -121,7 +99,7 @@ def token_columns(
                 cols[key].append(iv[key])
         cols["nonfinite"].append(bad)
         if (s // n) % TRIM_EVERY == TRIM_EVERY - 1:
-            _release_heap()
+            release_heap()
     out: dict[str, Any] = {}
     for key, parts in cols.items():
         out[key] = torch.cat(parts).double().numpy() if parts else nan.copy()
