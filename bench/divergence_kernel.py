@@ -20,6 +20,7 @@ import torch
 from _memory import measure
 
 from trm_diag.divergence import exact_divergences, logit_divergences
+from trm_diag.heap import tune_allocator
 
 KEYS = ("kl", "kl_rev", "tv", "ent_roll", "ent_train")
 
@@ -36,6 +37,7 @@ def stable(a, b):
 
 
 def main() -> None:
+    tune_allocator()  # as the CLI does (trm_diag/heap.py)
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="256,1024")
     ap.add_argument("--vocab", type=int, default=151_936)

@@ -20,8 +20,11 @@ import torch
 from _memory import measure
 from _models import wide_llama
 
+from trm_diag.heap import tune_allocator
+
 
 def main() -> None:
+    tune_allocator()  # as the CLI does (trm_diag/heap.py)
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", default="2048,32768")
     ap.add_argument("--naive-max", type=int, default=4096, help="longest response the naive path is run on")

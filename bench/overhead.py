@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from _models import ROOT, wide_llama
 
+from trm_diag.heap import tune_allocator
+
 
 def best(fn, repeats: int = 3) -> float:
     fn()
@@ -66,13 +68,15 @@ def run(model: Path, n_seqs: int, resp_len: int, label: str) -> None:
 
 
 def main() -> None:
+    tune_allocator()  # as the CLI does (trm_diag/heap.py)
     print(f"{'model':<34}{'tokens':>8}{'bare s':>10}{'trm s':>10}{'overhead':>11}")
     run(ROOT / "sample_data" / "tiny-llama", 64, 128, "bundled tiny-llama (V=2,048)")
     with tempfile.TemporaryDirectory() as tmp:
         path = wide_llama(Path(tmp) / "wide")
-        run(path, 16, 128, "tiny Llama, V=151,936")
-        os.environ["TRM_DIAG_COMPILE"] = "1"
-        run(path, 16, 128, "tiny Llama, V=151,936, compiled")
+        os.environ["TRM_DIAG_COMPILE"] = "0"
+        run(path, 16, 128, "tiny Llama, V=151,936, eager")
+        os.environ["TRM_DIAG_COMPILE"] = "auto"
+        run(path, 16, 128, "tiny Llama, V=151,936 (default)")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ import numpy as np
 import psutil
 from _models import ROOT, SAMPLE
 
+from trm_diag.heap import tune_allocator
+
 CHUNK = 64  # rollouts per stored chunk, as compare's default --chunk-prompts
 PROMPT_LEN, RESP_LEN = 16, 32
 
@@ -60,6 +62,7 @@ def build_store(folder: Path, n: int):
 
 def report(folder: Path, chunks: int, out: Path, naive: bool) -> dict:
     """Assemble and write the report of the store in ``folder`` (run in a fresh process)."""
+    tune_allocator()  # as the CLI does
     from _memory import measure
     from transformers import AutoTokenizer
 
@@ -148,6 +151,7 @@ def part2(sizes: list[int]) -> None:
 
 
 def main() -> None:
+    tune_allocator()  # as the CLI does (trm_diag/heap.py)
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="2500,5000,10000,20000,40000")
     ap.add_argument("--e2e", default="2500,5000,10000,20000")

@@ -23,6 +23,8 @@ from pathlib import Path
 from _memory import measure
 from _models import wide_llama
 
+from trm_diag.heap import tune_allocator
+
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "sample_data" / "tiny-llama"
 
@@ -101,6 +103,7 @@ def part2(model: Path, n_prompts: int, max_new: int) -> list[tuple]:
 
 
 def main() -> None:
+    tune_allocator()  # as the CLI does (trm_diag/heap.py)
     ap = argparse.ArgumentParser()
     ap.add_argument("--seqs", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=128)

@@ -233,9 +233,50 @@ def test_compiled_kernel_agrees_with_eager():
     g = torch.Generator().manual_seed(5)
     a = torch.randn(8, 4096, generator=g) * 6
     b = a + torch.randn(8, 4096, generator=g) * 0.01
-    eager, comp = logit_divergences(a, b, compiled=False), logit_divergences(a, b, compiled=True)
+    y = torch.randint(0, 4096, (8,), generator=g)
+    eager = logit_divergences(a, b, token_ids=y, compiled=False)
+    comp = logit_divergences(a, b, token_ids=y, compiled=True)
+    assert set(eager) == {"kl", "kl_rev", "tv", "ent_roll", "ent_train", "lp_roll", "lp_train"}
     for k in eager:
         torch.testing.assert_close(comp[k], eager[k], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("scale,noise", CASES)
+def test_sampled_token_logprobs_from_unnormalised_logits_match_float64(scale, noise):
+    """lp_roll / lp_train come from the kernel's row constants: no row is ever normalised."""
+    from trm_diag.divergence import logit_divergences
+
+    g = torch.Generator().manual_seed(int(scale * 10 + noise * 100) + 7)
+    a = torch.randn(10, 2000, generator=g) * scale
+    b = a + torch.randn(10, 2000, generator=g) * noise
+    y = torch.randint(0, 2000, (10,), generator=g)
+    y[:3] = a[:3].argmax(-1)  # the top token itself, and tokens far in the tail
+    y[3:5] = a[3:5].argmin(-1)
+    shift = torch.randn(10, 1, generator=g) * 50  # logits are only defined up to a constant per row
+    got = logit_divergences(a + shift, b - shift, token_ids=y, compiled=False)
+    lp64, lq64 = torch.log_softmax(a.double(), -1), torch.log_softmax(b.double(), -1)
+    for key, ref in (("lp_roll", lp64), ("lp_train", lq64)):
+        want = ref.gather(-1, y[:, None]).squeeze(-1)
+        # float32 logits carry ~6e-8 relative error at |logit| ~ 50: compare at that resolution
+        torch.testing.assert_close(got[key], want, rtol=1e-6, atol=2e-5)
+
+
+def test_fallback_rows_keep_their_sampled_token_logprobs():
+    """Rows with -inf (truncated support) or NaN take the exact path, row by row, with the same outputs."""
+    from trm_diag.divergence import logit_divergences
+
+    g = torch.Generator().manual_seed(11)
+    a, b = torch.randn(6, 300, generator=g) * 3, torch.randn(6, 300, generator=g) * 3
+    y = torch.full((6,), 200)
+    a[1, :100] = -torch.inf  # truncated rollout support; y outside it is still allowed for q
+    b[2, 5] = torch.nan
+    got = logit_divergences(a, b, token_ids=y, compiled=False)
+    lp, lq = torch.log_softmax(a.double(), -1), torch.log_softmax(b.double(), -1)
+    ok = torch.tensor([True, True, False, True, True, True])
+    torch.testing.assert_close(got["lp_roll"][ok], lp[ok, 200])
+    torch.testing.assert_close(got["lp_train"][ok], lq[ok, 200])
+    assert torch.isnan(got["kl"][2]) and torch.isnan(got["lp_train"][2])
+    assert torch.isfinite(got["kl"][ok]).all()
 
 
 def test_compile_is_switched_by_the_environment(monkeypatch):
@@ -243,7 +284,7 @@ def test_compile_is_switched_by_the_environment(monkeypatch):
 
     calls = []
     monkeypatch.setattr(
-        divergence, "_compiled_rows", lambda: lambda a, b: calls.append(1) or divergence._fused_rows(a, b)
+        divergence, "_compiled_rows", lambda: lambda a, b, y: calls.append(1) or divergence._fused_rows(a, b, y)
     )
     a, b = torch.randn(4, 64), torch.randn(4, 64)
     monkeypatch.setenv("TRM_DIAG_COMPILE", "0")
@@ -252,3 +293,9 @@ def test_compile_is_switched_by_the_environment(monkeypatch):
     monkeypatch.setenv("TRM_DIAG_COMPILE", "1")
     divergence.logit_divergences(a, b, rows_per_chunk=2)
     assert len(calls) == 2
+    monkeypatch.delenv("TRM_DIAG_COMPILE")  # auto: by vocabulary width
+    divergence.logit_divergences(a, b, rows_per_chunk=2)
+    assert len(calls) == 2
+    monkeypatch.setattr(divergence, "COMPILE_MIN_VOCAB", 64)
+    divergence.logit_divergences(a, b, rows_per_chunk=2)
+    assert len(calls) == 4

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from trm_diag.errors import ExitCode, TrmDiagError, UsageError
+from trm_diag.heap import tune_allocator
 
 app = typer.Typer(
     name="trm-diag",
@@ -405,6 +406,7 @@ USAGE_EXCEPTIONS = {"UsageError", "BadParameter", "MissingParameter", "NoSuchOpt
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turn TrmDiagError into one line and its exit code."""
+    tune_allocator()  # reuse chunk buffers instead of faulting fresh pages per op (heap.py)
     try:
         code = app(args=argv, standalone_mode=False)  # click returns typer.Exit's code here
     except TrmDiagError as e:

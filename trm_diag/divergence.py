@@ -74,16 +74,19 @@ def _horner(x: torch.Tensor, coeffs: tuple[float, ...]) -> torch.Tensor:
     return h
 
 
-def _expm1(x: torch.Tensor) -> torch.Tensor:
-    """e^x - 1, accurate for small |x| even where a vectorised expm1 is computed as exp(x) - 1."""
+def _expm1(x: torch.Tensor, series: bool) -> torch.Tensor:
+    """e^x - 1. series: a Taylor series for small |x|, for compiled code, where inductor's vectorised
+    expm1 is exp(x) - 1 and cancels; otherwise torch.expm1 (accurate in eager mode)."""
+    if not series:
+        return torch.expm1(x)
     c = (1.0, 1 / 2, 1 / 6, 1 / 24, 1 / 120, 1 / 720, 1 / 5040, 1 / 40320, 1 / 362880)
     return torch.where(x.abs() < SERIES_RADIUS, x * _horner(x, c), torch.exp(x) - 1)
 
 
-def _phi(x: torch.Tensor) -> torch.Tensor:
+def _phi(x: torch.Tensor, expm1_x: torch.Tensor) -> torch.Tensor:
     """e^x - 1 - x >= 0 without cancellation: sum_{k>=2} x^k / k! for small |x|."""
     c = (1 / 2, 1 / 6, 1 / 24, 1 / 120, 1 / 720, 1 / 5040, 1 / 40320, 1 / 362880)
-    return torch.where(x.abs() < SERIES_RADIUS, x * x * _horner(x, c), torch.exp(x) - 1 - x)
+    return torch.where(x.abs() < SERIES_RADIUS, x * x * _horner(x, c), expm1_x - x)
 
 
 def _psi(x: torch.Tensor, expm1_x: torch.Tensor) -> torch.Tensor:
@@ -92,12 +95,13 @@ def _psi(x: torch.Tensor, expm1_x: torch.Tensor) -> torch.Tensor:
     return torch.where(x.abs() < SERIES_RADIUS, x * x * _horner(x, c), x * (expm1_x + 1) - expm1_x)
 
 
-def _fused_rows(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """kl, kl_rev, tv, ent_roll, ent_train for rows of finite logits a (rollout), b (training).
+def _row_constants(a: torch.Tensor, b: torch.Tensor, series: bool) -> tuple[torch.Tensor, ...]:
+    """p = softmax(a) [n, V] and the per-row constants shared by both kernels.
 
-    With p = softmax(a) and x = log q - log p = (b - a) - c, c = log1p(sum p expm1(b - a)):
-    KL(p||q) = sum p phi(x), KL(q||p) = sum p psi(x), TV = 1/2 sum p |expm1(x)|: every term is
-    non-negative and free of cancellation, and q is never formed. Sums accumulate in float64.
+    Returns m = max a, b_r = b at the rollout's top token r, log z (log-normaliser of a - m),
+    p, dd = (b - a) - (b_r - m) (0 at r) and c = log1p(sum p expm1(dd)), so that
+    x = log q - log p = dd - c. z - 1 is summed without the 1 at r, so near-one-hot rows keep
+    their tiny entropies; c and log z are float64.
     """
     f64 = torch.float64
     top = a.argmax(-1, keepdim=True)  # (n, 1) the rollout's most likely token r
@@ -105,24 +109,79 @@ def _fused_rows(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
     ea = torch.exp(a - m)  # (n, V), exactly 1 at r
     not_top = torch.ones_like(ea, dtype=torch.bool).scatter_(-1, top, False)
     z1 = torch.where(not_top, ea, 0.0).to(f64).sum(-1, keepdim=True)  # z - 1, without rounding at 1
-    log_z = torch.log1p(z1)  # (n, 1) float64
+    log_z = torch.log1p(z1)  # (n, 1)
     p = (ea / (1 + z1)).float()
-    d = b - a  # (n, V)
-    dd = d - d.gather(-1, top)  # d relative to the top token: exactly 0 at r
-    y = (p * _expm1(dd)).to(f64).sum(-1, keepdim=True)
-    x = (dd.to(f64) - torch.log1p(y)).float()  # (n, V) log q - log p; at r exactly -log1p(y)
-    ex = _expm1(x)  # q/p - 1
-    kl = (p * _phi(x)).to(f64).sum(-1)
+    b_r = b.gather(-1, top)
+    dd = (b - a) - (b_r - m)  # (n, V)
+    c = torch.log1p((p * _expm1(dd, series)).to(f64).sum(-1, keepdim=True))  # (n, 1)
+    return m, b_r, log_z, p, dd, c
+
+
+def _sampled_logprobs(a, b, y, m, b_r, log_z, c) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(y) = a_y - m - log z and log q(y) = log p(y) + x_y = b_y - b_r - log z - c, float64 [n]."""
+    f64, yy = torch.float64, y.unsqueeze(-1)
+    lp_roll = (a.gather(-1, yy).to(f64) - m.to(f64) - log_z).squeeze(-1)
+    lp_train = (b.gather(-1, yy).to(f64) - b_r.to(f64) - log_z - c).squeeze(-1)
+    return lp_roll, lp_train
+
+
+def _fused_rows(a: torch.Tensor, b: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """kl, kl_rev, tv, ent_roll, ent_train, lp_roll[y], lp_train[y] for rows of finite logits a
+    (rollout) and b (training), each up to a constant per row, and the token ids y [n]. For torch.compile.
+
+    With x = log q - log p (see _row_constants): KL(p||q) = sum p phi(x), KL(q||p) = sum p psi(x),
+    TV = 1/2 sum p |expm1(x)|: every term is non-negative, and q is never formed. Compiled into one
+    pass per row, x stays float32 and phi/psi use Taylor series near 0 (no cancellation); sums
+    accumulate in float64. No row is normalised: the sampled tokens' log-probs come from the
+    row constants.
+    """
+    f64 = torch.float64
+    m, b_r, log_z, p, dd, c = _row_constants(a, b, series=True)
+    x = (dd.to(f64) - c).float()  # (n, V); exactly -c at r
+    ex = _expm1(x, True)  # q/p - 1
+    kl = (p * _phi(x, ex)).to(f64).sum(-1)
     kl_rev = (p * _psi(x, ex)).to(f64).sum(-1)
     tv = 0.5 * (p * ex.abs()).to(f64).sum(-1)
     # entropies as sums of non-negative terms: -log p = (m - a) + log z, -log q = -log p - x
     gap = m - a  # (n, V) >= 0
     ent_roll = (p * gap).to(f64).sum(-1) + log_z.squeeze(-1)
     ent_train = (p * (ex + 1) * (gap - x)).to(f64).sum(-1) + log_z.squeeze(-1) * (1 + (p * ex).to(f64).sum(-1))
-    return kl, kl_rev, tv, ent_roll, ent_train
+    return kl, kl_rev, tv, ent_roll, ent_train, *_sampled_logprobs(a, b, y, m, b_r, log_z, c)
+
+
+def _eager_rows(a: torch.Tensor, b: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The same outputs as _fused_rows with fewer, larger ops for eager mode, where every op is a pass
+    over [n, V]: x in float64, torch.expm1, and six float64 dot products
+    S1 = sum p e, S2 = sum p x, S3 = sum q x, S4 = sum p |e|, S5 = sum p g, S6 = sum q g
+    (e = expm1(x) = q/p - 1, g = m - a = -log p - log z), from which
+    KL(p||q) = S1 - S2, KL(q||p) = S3 - S1, TV = S4 / 2, H(p) = S5 + log z, H(q) = S6 - S3 + log z (1 + S1).
+    In float64 the differences lose ~1e-16 absolute, far below the 1e-6 relative target.
+    """
+    f64 = torch.float64
+    m, b_r, log_z, p, dd, c = _row_constants(a, b, series=False)
+    x = dd.to(f64) - c  # (n, V)
+    pw = p.to(f64)
+    pe = pw * torch.expm1(x)  # q - p
+    q = pw + pe
+    g = (m - a).to(f64)
+    s1, s2, s3 = pe.sum(-1), torch.linalg.vecdot(pw, x), torch.linalg.vecdot(q, x)
+    s4, s5, s6 = pe.abs().sum(-1), torch.linalg.vecdot(pw, g), torch.linalg.vecdot(q, g)
+    lz = log_z.squeeze(-1)
+    out = (s1 - s2, s3 - s1, 0.5 * s4, s5 + lz, s6 - s3 + lz * (1 + s1))
+    return *out, *_sampled_logprobs(a, b, y, m, b_r, log_z, c)
+
+
+def _exact_rows(a: torch.Tensor, b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The outputs of _fused_rows [7, n] from normalised rows: the support-aware path for rows holding
+    -inf (truncated supports), NaN, or an infinite divergence."""
+    lp, lq = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+    d = exact_divergences(lp, lq)
+    vals = [d[k].double() for k in EXACT_KEYS] + [gather_logprobs(lp, y).double(), gather_logprobs(lq, y).double()]
+    return torch.stack(vals)
 
 
 _COMPILED: dict[str, object] = {}
+COMPILE_MIN_VOCAB = 16_384  # auto mode compiles the kernel from this width up (Llama-2 32,000 to Qwen 151,936)
 
 
 def _compiled_rows():
@@ -130,27 +189,35 @@ def _compiled_rows():
     if "fn" not in _COMPILED:
         compiled = torch.compile(_fused_rows, dynamic=False)
 
-        def guarded(a: torch.Tensor, b: torch.Tensor):
+        def guarded(a: torch.Tensor, b: torch.Tensor, y: torch.Tensor):
             try:
-                return compiled(a, b)
+                return compiled(a, b, y)
             except Exception:  # no C++ toolchain or an inductor failure: eager from now on
                 _COMPILED["fn"] = None
-                return _fused_rows(a, b)
+                return _eager_rows(a, b, y)
 
         _COMPILED["fn"] = guarded
     return _COMPILED["fn"]
 
 
-def compile_requested() -> bool:
-    """TRM_DIAG_COMPILE=1 turns on the compiled kernel (about 4x faster at V = 151,936, ~8 s to compile)."""
+def compile_requested(vocab_width: int) -> bool:
+    """Whether to use the compiled kernel: TRM_DIAG_COMPILE=1 always, =0 never, unset or 'auto' from
+    COMPILE_MIN_VOCAB columns up (about 5x faster at V = 151,936; a few seconds to compile, cached on disk)."""
     import os
 
-    return os.environ.get("TRM_DIAG_COMPILE", "0") not in ("", "0", "false", "no")
+    mode = os.environ.get("TRM_DIAG_COMPILE", "auto").strip().lower()
+    if mode in ("", "auto"):
+        return vocab_width >= COMPILE_MIN_VOCAB
+    return mode not in ("0", "false", "no", "off")
+
+
+LP_KEYS = ("lp_roll", "lp_train")
 
 
 def logit_divergences(
     logits_roll: torch.Tensor,
     logits_train: torch.Tensor,
+    token_ids: torch.Tensor | None = None,
     rows_per_chunk: int | None = None,
     compiled: bool | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -158,30 +225,36 @@ def logit_divergences(
 
     Paper eq. for D_KL^tok / D_TV^tok (DESIGN.md section 2), computed in one fused pass per
     few rows (see _fused_rows), so memory is bounded whatever N. Logits need not be
-    normalised (log-probs work too). Rows holding -inf (truncated supports) or NaN fall back
-    to exact_divergences, which handles differing supports.
+    normalised (log-probs work too). With token_ids [N] it also returns lp_roll and lp_train,
+    the two sides' normalised log-probs of those tokens. Rows whose fused result is not finite
+    (-inf from truncated supports, NaN, infinite KL) are recomputed by the support-aware path.
+    Results are on the CPU.
     """
     n, v = logits_roll.shape
     if rows_per_chunk is None:  # ~2 MB per temporary: cache-sized at V = 151,936, few Python steps at small V
         rows_per_chunk = max(1, FUSED_CHUNK_ELEMENTS // max(v, 1))
-    out = {k: torch.empty(n, dtype=torch.float64) for k in EXACT_KEYS}
-    if compiled is None:  # TRM_DIAG_COMPILE=1
-        compiled = compile_requested()
-    fn = (_compiled_rows() if compiled else None) or _fused_rows
+    keys = EXACT_KEYS + LP_KEYS
+    out = torch.empty((len(keys), n), dtype=torch.float64)
+    if compiled is None:
+        compiled = compile_requested(v)
+    fn = (_compiled_rows() if compiled else None) or _eager_rows
+    ids = torch.zeros(n, dtype=torch.long) if token_ids is None else token_ids.long()
     for s in range(0, n, rows_per_chunk):
         a = logits_roll[s : s + rows_per_chunk].float()
-        b = logits_train[s : s + rows_per_chunk].float()
-        if bool(torch.isfinite(a).all() and torch.isfinite(b).all()):
-            vals = fn(a, b) if a.shape[0] == rows_per_chunk else _fused_rows(a, b)  # ragged tail stays eager
-        else:
-            d = exact_divergences(torch.log_softmax(a, -1), torch.log_softmax(b, -1))
-            vals = tuple(d[k] for k in EXACT_KEYS)
-        for k, v in zip(EXACT_KEYS, vals):
-            out[k][s : s + rows_per_chunk] = v.double()
-    out["kl"].clamp_(min=0.0)
-    out["kl_rev"].clamp_(min=0.0)
-    out["tv"].clamp_(0.0, 1.0)
-    return out
+        b = logits_train[s : s + rows_per_chunk].to(a.device).float()
+        y = ids[s : s + rows_per_chunk].to(a.device)
+        vals = torch.stack([t.double() for t in (fn if a.shape[0] == rows_per_chunk else _eager_rows)(a, b, y)])
+        bad = ~torch.isfinite(vals).all(0)  # (n,)
+        if bool(bad.any()):
+            vals[:, bad] = _exact_rows(a[bad], b[bad], y[bad]).to(vals.device)
+        out[:, s : s + rows_per_chunk] = vals.cpu()
+    res = dict(zip(keys, out))
+    res["kl"].clamp_(min=0.0)
+    res["kl_rev"].clamp_(min=0.0)
+    res["tv"].clamp_(0.0, 1.0)
+    if token_ids is None:
+        del res["lp_roll"], res["lp_train"]
+    return res
 
 
 def _log1mexp(lp: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,13 @@
-"""Give freed memory back to the operating system (glibc only; a no-op elsewhere).
+"""The C heap: keep chunk temporaries' pages between chunks, give them back at chosen points.
 
-glibc raises its mmap threshold after the first large free, so later large temporaries (row
-chunks of logits, token columns) come from the heap and fragment it: the process keeps
-growing although nothing is held. Scoring and report assembly call :func:`release_heap`
-between chunks (measured in bench/RESULTS.md).
+glibc only (no-ops elsewhere). Two measured effects (bench/RESULTS.md):
+- by default glibc maps each large temporary fresh and unmaps it on free, so every eager op on
+  a [rows, V] chunk page-faults its output: the eager divergence kernel ran 2.8x slower for
+  that alone. :func:`tune_allocator` (called by the CLI at start) raises the mmap and trim
+  thresholds so freed chunk buffers are reused;
+- served from the heap, temporaries of varying sizes fragment it and the process grows
+  although nothing is held, so scoring and report assembly call :func:`release_heap`
+  (malloc_trim) between chunks.
 """
 
 from __future__ import annotations
@@ -13,8 +17,11 @@ from typing import Any
 _LIBC: Any = None
 
 
-def release_heap() -> None:
-    """malloc_trim(0): hand the heap's free pages back to the OS."""
+MMAP_THRESHOLD = 64 << 20  # allocations above this are still mapped and unmapped on their own
+TRIM_THRESHOLD = 256 << 20  # free memory glibc may keep at the heap's top between chunks
+
+
+def _libc() -> Any:
     global _LIBC
     if _LIBC is None:
         try:
@@ -24,5 +31,19 @@ def release_heap() -> None:
             _LIBC.malloc_trim  # noqa: B018 - probe that this is glibc
         except (OSError, AttributeError):
             _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
+    return _LIBC
+
+
+def tune_allocator() -> None:
+    """Let glibc reuse freed chunk buffers instead of mapping and faulting fresh pages for each op."""
+    libc = _libc()
+    if libc:
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, TRIM_THRESHOLD)  # M_TRIM_THRESHOLD
+
+
+def release_heap() -> None:
+    """malloc_trim(0): hand the heap's free pages back to the OS."""
+    libc = _libc()
+    if libc:
+        libc.malloc_trim(0)

@@ -41,3 +41,13 @@ def processed_logprobs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         x = torch.where(drop, neg_inf, x)
     return torch.log_softmax(x, dim=-1)
+
+
+def processed_scores(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """processed_logprobs up to an additive constant per row [N, V] (float32): without truncation
+    only the temperature is applied, saving the normalisation pass over V (the divergence kernel
+    normalises by itself)."""
+    if sampling.greedy or not sampling.truncated:
+        x = logits.float()
+        return x / sampling.temperature if not sampling.greedy and sampling.temperature != 1.0 else x
+    return processed_logprobs(logits, sampling)

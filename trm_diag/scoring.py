@@ -78,17 +78,31 @@ def token_columns(
     n = max(1, chunk_elements // vocab_width)  # rows per chunk: memory bounded whatever T and V
     for s in range(0, T, n):
         e = min(T, s + n)
-        lq = q_rows.rows(s, e).cpu()  # (n, V) training side
+        if (s // n) % TRIM_EVERY == TRIM_EVERY - 1:
+            release_heap()
+        if p_rows is not None and topk is None:  # exact tier: one fused pass, rows never normalised
+            lq = q_rows.scores(s, e)  # (n, V) training side, up to a constant per row
+            lp = lq if p_rows is q_rows else p_rows.scores(s, e)  # (n, V) rollout side
+            d = logit_divergences(lp, lq, token_ids=ids[s:e])
+            bad = torch.isnan(d["kl"]) | torch.isnan(d["lp_train"])  # NaN logits on a side
+            for key in EXACT_KEYS:
+                d[key][bad] = math.nan
+                cols[key].append(d[key])
+            cols["lp_train"].append(d["lp_train"])
+            cols["lp_roll_prefill"].append(d["lp_roll"])
+            cols["nonfinite"].append(bad)
+            continue
+        lq = q_rows.rows(s, e).cpu()  # (n, V) training side, normalised
         bad = torch.isnan(lq).any(-1)
         cols["lp_train"].append(gather_logprobs(lq, ids[s:e]))
         if p_rows is not None:
             lp = lq if p_rows is q_rows else p_rows.rows(s, e).cpu()  # (n, V) rollout side
             bad = bad | torch.isnan(lp).any(-1)
-            d = logit_divergences(lp, lq)
+            d = logit_divergences(lp, lq, token_ids=ids[s:e])
             for key in EXACT_KEYS:
                 d[key][bad] = math.nan
                 cols[key].append(d[key])
-            cols["lp_roll_prefill"].append(gather_logprobs(lp, ids[s:e]))
+            cols["lp_roll_prefill"].append(d["lp_roll"])
         else:
             cols["ent_train"].append(_entropy(lq))
         if topk is not None:
@@ -98,8 +112,6 @@ def token_columns(
                 iv[key][bad] = math.nan
                 cols[key].append(iv[key])
         cols["nonfinite"].append(bad)
-        if (s // n) % TRIM_EVERY == TRIM_EVERY - 1:
-            release_heap()
     out: dict[str, Any] = {}
     for key, parts in cols.items():
         out[key] = torch.cat(parts).double().numpy() if parts else nan.copy()

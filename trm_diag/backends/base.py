@@ -52,6 +52,10 @@ class TokenRows(Protocol):
         """Log-probs [stop - start, V] (float32) predicting response tokens start..stop-1."""
         ...
 
+    def scores(self, start: int, stop: int) -> torch.Tensor:
+        """rows(start, stop) up to an additive constant per row: may skip the normalisation."""
+        ...
+
 
 @dataclass
 class TensorRows:
@@ -66,6 +70,9 @@ class TensorRows:
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         return self.logp[start:stop].float()
+
+    def scores(self, start: int, stop: int) -> torch.Tensor:
+        return self.rows(start, stop)
 
 
 class Backend(Protocol):

@@ -23,7 +23,7 @@ from trm_diag.checkpoint import spec_checkpoint
 from trm_diag.config import BackendSpec, SamplingConfig
 from trm_diag.errors import BackendFailure, ModelError
 from trm_diag.moe import moe_shape
-from trm_diag.sampling import processed_logprobs
+from trm_diag.sampling import processed_logprobs, processed_scores
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -56,6 +56,11 @@ class HiddenRows:
         with torch.inference_mode():
             logits = self.backend.logits_from_hidden(self.hidden[start:stop])  # (n, V)
             return processed_logprobs(logits, self.sampling)
+
+    def scores(self, start: int, stop: int) -> torch.Tensor:
+        with torch.inference_mode():
+            logits = self.backend.logits_from_hidden(self.hidden[start:stop])  # (n, V)
+            return processed_scores(logits, self.sampling)
 
 
 class HFBackend:
