@@ -26,11 +26,16 @@ def test_vllm_fp32_vs_hf_fp32_agree(tmp_path, dense_model):
     )
     assert s["rollout"]["spec"].startswith("vllm:") and s["fidelity"] == "exact"
     assert tok["kl"].max() < 1e-5 and tok["log_ratio"].abs().max() < 1e-4
-    # the top-K interval recorded at generation contains the exact value, up to the float32
-    # rounding of the engine's reported log-probs (p_rest = 1 - sum of K rounded values)
+    assert tok["kl_hi"].isna().all()  # intervals belong to the top-K tier
+    # the same rollouts (same seed) in the top-K tier: the interval from the top-K recorded at
+    # generation contains the exact value, up to the float32 rounding of the engine's reported
+    # log-probs (p_rest = 1 - sum of K rounded values)
+    iv, _ = compare(tmp_path / "topk", "--model", str(dense_model), "--rollout", f"vllm:dtype=float32,{KV}",
+                    "--train", "hf:dtype=float32", "--fidelity", "topk")  # fmt: skip
+    assert (iv["token_id"] == tok["token_id"]).all()
     tol = 1e-5
-    assert (tok["kl_lo"] <= tok["kl"] + tol).all() and (tok["kl"] <= tok["kl_hi"] + tol).all()
-    assert (tok["tv_lo"] <= tok["tv"] + tol).all() and (tok["tv"] <= tok["tv_hi"] + tol).all()
+    assert (iv["kl_lo"] <= tok["kl"] + tol).all() and (tok["kl"] <= iv["kl_hi"] + tol).all()
+    assert (iv["tv_lo"] <= tok["tv"] + tol).all() and (tok["tv"] <= iv["tv_hi"] + tol).all()
 
 
 def test_vllm_bf16_vs_hf_fp32_shows_mismatch(tmp_path, dense_model):

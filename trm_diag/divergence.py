@@ -174,10 +174,14 @@ def _eager_rows(a: torch.Tensor, b: torch.Tensor, y: torch.Tensor) -> tuple[torc
 def _exact_rows(a: torch.Tensor, b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The outputs of _fused_rows [7, n] from normalised rows: the support-aware path for rows holding
     -inf (truncated supports), NaN, or an infinite divergence."""
-    lp, lq = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
-    d = exact_divergences(lp, lq)
-    vals = [d[k].double() for k in EXACT_KEYS] + [gather_logprobs(lp, y).double(), gather_logprobs(lq, y).double()]
-    return torch.stack(vals)
+    d = exact_divergences(torch.log_softmax(a, -1), torch.log_softmax(b, -1))
+    sampled = [sampled_logprob(x, y) for x in (a, b)]
+    return torch.stack([d[k].double() for k in EXACT_KEYS] + sampled)
+
+
+def sampled_logprob(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """log softmax(scores)[y] in float64 [n], from scores [n, V] known up to a constant per row."""
+    return gather_logprobs(scores, y).double() - torch.logsumexp(scores.double(), -1)
 
 
 _COMPILED: dict[str, object] = {}

@@ -2,8 +2,9 @@
 
 - sampled: only the sampled token's two log-probs (k1/k2/k3, binary TV/KL);
 - topk:    plus certified [lo, hi] intervals of kl and tv from the rollout's top-K;
-- exact:   plus exact kl, kl_rev, tv from full rows of both sides (and the intervals
-           when the rollout side recorded its top-K).
+- exact:   exact kl, kl_rev, tv and both entropies from full rows of both sides, in one
+           fused pass (the intervals are left to the top-K tier: exact values make them
+           redundant, and at V = 151,936 their sort cost more than the exact values).
 Columns that a tier cannot fill are NaN, so every report has the same schema.
 """
 
@@ -21,6 +22,7 @@ from trm_diag.divergence import (
     EXACT_KEYS,
     gather_logprobs,
     logit_divergences,
+    sampled_logprob,
     sampled_token_metrics,
     topk_intervals,
 )
@@ -74,13 +76,13 @@ def token_columns(
     cols: dict[str, list[torch.Tensor]] = {
         k: [] for k in (*EXACT_KEYS, *INTERVAL_KEYS, "lp_train", "lp_roll_prefill", "nonfinite")
     }
-    topk = r.extra.get("topk") if fidelity in ("topk", "exact") else None
+    topk = r.extra.get("topk") if fidelity == "topk" else None
     n = max(1, chunk_elements // vocab_width)  # rows per chunk: memory bounded whatever T and V
     for s in range(0, T, n):
         e = min(T, s + n)
         if (s // n) % TRIM_EVERY == TRIM_EVERY - 1:
             release_heap()
-        if p_rows is not None and topk is None:  # exact tier: one fused pass, rows never normalised
+        if p_rows is not None:  # exact tier: one fused pass over both sides' scores, never normalised
             lq = q_rows.scores(s, e)  # (n, V) training side, up to a constant per row
             lp = lq if p_rows is q_rows else p_rows.scores(s, e)  # (n, V) rollout side
             d = logit_divergences(lp, lq, token_ids=ids[s:e])
@@ -88,29 +90,24 @@ def token_columns(
             for key in EXACT_KEYS:
                 d[key][bad] = math.nan
                 cols[key].append(d[key])
-            cols["lp_train"].append(d["lp_train"])
-            cols["lp_roll_prefill"].append(d["lp_roll"])
-            cols["nonfinite"].append(bad)
-            continue
-        lq = q_rows.rows(s, e).cpu()  # (n, V) training side, normalised
-        bad = torch.isnan(lq).any(-1)
-        cols["lp_train"].append(gather_logprobs(lq, ids[s:e]))
-        if p_rows is not None:
-            lp = lq if p_rows is q_rows else p_rows.rows(s, e).cpu()  # (n, V) rollout side
-            bad = bad | torch.isnan(lp).any(-1)
-            d = logit_divergences(lp, lq, token_ids=ids[s:e])
-            for key in EXACT_KEYS:
-                d[key][bad] = math.nan
-                cols[key].append(d[key])
-            cols["lp_roll_prefill"].append(d["lp_roll"])
-        else:
+            # an engine's own log-probs are read as they are (so vLLM's decode-vs-prefill gap stays exact)
+            cols["lp_train"].append(gather_logprobs(lq, ids[s:e]).double() if q_rows.normalized else d["lp_train"])
+            prefill = gather_logprobs(lp, ids[s:e]).double() if p_rows.normalized else d["lp_roll"]
+            cols["lp_roll_prefill"].append(prefill)
+        else:  # top-K and sampled tiers: the training side's rows only
+            sc = q_rows.scores(s, e).cpu()  # (n, V)
+            lq = sc if q_rows.normalized else torch.log_softmax(sc, -1)  # (n, V) normalised
+            bad = torch.isnan(lq).any(-1)
+            y = ids[s:e]
+            # float64 from the scores, like the exact tier's kernel (both agree to ~1e-15)
+            cols["lp_train"].append(gather_logprobs(sc, y).double() if q_rows.normalized else sampled_logprob(sc, y))
             cols["ent_train"].append(_entropy(lq))
-        if topk is not None:
-            lps, tids, member = topk_tensors(topk[s:e], r.extra["topk_k"], r.response_ids[s:e])
-            iv = topk_intervals(lps, tids, member, lq)
-            for key in INTERVAL_KEYS:
-                iv[key][bad] = math.nan
-                cols[key].append(iv[key])
+            if topk is not None:
+                lps, tids, member = topk_tensors(topk[s:e], r.extra["topk_k"], r.response_ids[s:e])
+                iv = topk_intervals(lps, tids, member, lq)
+                for key in INTERVAL_KEYS:
+                    iv[key][bad] = math.nan
+                    cols[key].append(iv[key])
         cols["nonfinite"].append(bad)
     out: dict[str, Any] = {}
     for key, parts in cols.items():

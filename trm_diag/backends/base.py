@@ -47,6 +47,7 @@ class TokenRows(Protocol):
 
     length: int
     routing: torch.Tensor | None  # (moe layers, T, E) router logits at the response positions
+    normalized: bool  # scores() are the engine's own log-probs: sampled-token values are read, not recomputed
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         """Log-probs [stop - start, V] (float32) predicting response tokens start..stop-1."""
@@ -63,6 +64,7 @@ class TensorRows:
 
     logp: torch.Tensor  # (T, V)
     routing: torch.Tensor | None = None  # (moe layers, T, E) router logits, MoE models only
+    normalized: bool = True
 
     @property
     def length(self) -> int:

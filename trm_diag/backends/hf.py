@@ -47,6 +47,7 @@ class HiddenRows:
     backend: HFBackend
     sampling: SamplingConfig
     routing: torch.Tensor | None = None  # (moe layers, T, E) router logits, MoE models only
+    normalized: bool = False  # scores() skip the normalisation
 
     @property
     def length(self) -> int:
