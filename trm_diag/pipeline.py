@@ -22,7 +22,7 @@ from trm_diag.config import BackendSpec, SamplingConfig, Thresholds, as_dict
 from trm_diag.errors import InputError, ModelError, UsageError
 from trm_diag.partial import PARTIAL_DIR, PartialStore, run_fingerprint
 from trm_diag.report import prepare_out_dir, write_summary, write_tables
-from trm_diag.scoring import FIDELITIES, token_columns
+from trm_diag.scoring import FIDELITIES, batch_columns
 
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample_data"
 DEFAULT_MODEL = SAMPLE_DIR / "tiny-llama"
@@ -141,12 +141,11 @@ def score_rollouts(
         batch = rollouts[s : s + batch_size]
         pairs = [(r.prompt_ids, r.response_ids) for r in batch]
         q_rows = train.score(pairs, sampling)
-        if fidelity != "exact":
-            p_rows = [None] * len(batch)
-        else:  # None: the rollout side is the training backend itself, so its rows are q_rows
-            p_rows = rollout_rows(s, pairs) or q_rows
-        for r, pr, qr in zip(batch, p_rows, q_rows):
-            cols, comp = token_columns(r, pr, qr, fidelity, width, experts_per_token=moe[1] if moe else None)
+        p_rows = None  # the rollout side's rows: exact tier only; None from rollout_rows: it is the training side
+        if fidelity == "exact":
+            p_rows = list(rollout_rows(s, pairs) or q_rows)
+        done = batch_columns(batch, p_rows, list(q_rows), fidelity, width, experts_per_token=moe[1] if moe else None)
+        for r, (cols, comp) in zip(batch, done):
             columns.append(cols)
             if comp is not None:
                 routing.append((r.seq_id, comp))

@@ -11,7 +11,6 @@ Columns that a tier cannot fill are NaN, so every report has the same schema.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 import torch
@@ -44,19 +43,124 @@ def _entropy(lq: torch.Tensor) -> torch.Tensor:
     return -torch.where(q > 0, q * lq, torch.zeros_like(q)).sum(-1)
 
 
-def topk_tensors(topk: list[dict[int, float]], k: int, sampled: list[int]) -> tuple[torch.Tensor, ...]:
-    """Pad per-position {token: log-prob} dicts (top-k plus the sampled token) into tensors."""
+def topk_tensors(topk: list[dict[int, float]], k: int | list[int], sampled: list[int]) -> tuple[torch.Tensor, ...]:
+    """Pad per-position {token: log-prob} dicts (top-k plus the sampled token) into tensors; k per position or one."""
+    ks = k if isinstance(k, list) else [k] * len(topk)
     width = max((len(d) for d in topk), default=1)
     n = len(topk)
     lps = torch.full((n, width), -math.inf, dtype=torch.float64)
     ids = torch.zeros((n, width), dtype=torch.long)
     member = torch.zeros((n, width), dtype=torch.bool)
     for i, d in enumerate(topk):
-        extra = len(d) > k  # the sampled token came on top of the top-k
+        extra = len(d) > ks[i]  # the sampled token came on top of the top-k
         for j, (tid, lp) in enumerate(d.items()):
             ids[i, j], lps[i, j] = tid, lp
             member[i, j] = not (extra and tid == sampled[i])
     return lps, ids, member
+
+
+def _pieces(lengths: list[int], start: int, stop: int) -> list[tuple[int, int, int]]:
+    """(rollout j, first row, end row) of the rollouts that flat rows start..stop-1 span."""
+    out, offset = [], 0
+    for j, length in enumerate(lengths):
+        lo, hi = max(start, offset), min(stop, offset + length)
+        if lo < hi:
+            out.append((j, lo - offset, hi - offset))
+        offset += length
+        if offset >= stop:
+            break
+    return out
+
+
+def _gather_scores(rows: list[TokenRows], pieces: list[tuple[int, int, int]]) -> torch.Tensor:
+    """One [n, V] tensor of scores from pieces of several rollouts' rows."""
+    parts = [rows[j].scores(a, b) for j, a, b in pieces]
+    return parts[0] if len(parts) == 1 else torch.cat([x.to(parts[0].device) for x in parts])
+
+
+def batch_columns(
+    rollouts: list[Rollout],
+    p_rows: list[TokenRows] | None,
+    q_rows: list[TokenRows],
+    fidelity: str,
+    vocab_width: int,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    experts_per_token: int | None = None,
+) -> list[tuple[dict[str, np.ndarray], RoutingComparison | None]]:
+    """Token columns (see TOKEN_COLUMNS) of a batch of rollouts and, for MoE models whose two sides
+    both reported router logits, each rollout's routing comparison. p_rows is None unless fidelity
+    is exact. Rows of all rollouts are processed together in chunks of about chunk_elements, so
+    short responses share one kernel call and memory stays bounded whatever T and V."""
+    lengths = [len(r.response_ids) for r in rollouts]
+    total = sum(lengths)
+    ids = torch.tensor([t for r in rollouts for t in r.response_ids], dtype=torch.long)
+    keys = (*EXACT_KEYS, *INTERVAL_KEYS, "lp_train", "lp_roll_prefill")
+    flat = {k: torch.full((total,), math.nan, dtype=torch.float64) for k in keys}
+    nonfinite = torch.zeros(total, dtype=torch.bool)
+    topk: list[dict[int, float] | None] = []  # per flat row; None where a rollout has no top-K
+    topk_k: list[int] = []
+    if fidelity == "topk":
+        for r, T in zip(rollouts, lengths):
+            topk += r.extra["topk"] if "topk" in r.extra else [None] * T
+            topk_k += [int(r.extra.get("topk_k", 0))] * T
+    n = max(1, chunk_elements // vocab_width)  # rows per chunk: memory bounded whatever T and V
+    same = p_rows is not None and all(p is q for p, q in zip(p_rows, q_rows))
+    for ci, s in enumerate(range(0, total, n)):
+        e = min(total, s + n)
+        if ci % TRIM_EVERY == TRIM_EVERY - 1:
+            release_heap()
+        pieces, y = _pieces(lengths, s, e), ids[s:e]
+        q_norm = q_rows[pieces[0][0]].normalized
+        if p_rows is not None:  # exact tier: one fused pass over both sides' scores, never normalised
+            p_norm = p_rows[pieces[0][0]].normalized
+            lq = _gather_scores(q_rows, pieces)  # (n, V) training side, up to a constant per row
+            lp = lq if same else _gather_scores(p_rows, pieces)  # (n, V) rollout side
+            d = logit_divergences(lp, lq, token_ids=y)
+            bad = torch.isnan(d["kl"]) | torch.isnan(d["lp_train"])  # NaN logits on a side
+            for key in EXACT_KEYS:
+                flat[key][s:e] = torch.where(bad, math.nan, d[key])
+            # an engine's own log-probs are read as they are (so vLLM's decode-vs-prefill gap stays exact)
+            flat["lp_train"][s:e] = gather_logprobs(lq.cpu(), y).double() if q_norm else d["lp_train"]
+            flat["lp_roll_prefill"][s:e] = gather_logprobs(lp.cpu(), y).double() if p_norm else d["lp_roll"]
+        else:  # top-K and sampled tiers: the training side's rows only
+            sc = _gather_scores(q_rows, pieces).cpu()  # (n, V)
+            lq = sc if q_norm else torch.log_softmax(sc, -1)  # (n, V) normalised
+            bad = torch.isnan(lq).any(-1)
+            # float64 from the scores, like the exact tier's kernel (both agree to ~1e-15)
+            flat["lp_train"][s:e] = gather_logprobs(sc, y).double() if q_norm else sampled_logprob(sc, y)
+            flat["ent_train"][s:e] = _entropy(lq)
+            has = [i for i in range(s, e) if topk and topk[i] is not None]
+            if has:
+                rows = torch.tensor(has) - s
+                lps, tids, member = topk_tensors([topk[i] for i in has], [topk_k[i] for i in has], ids[has].tolist())
+                iv = topk_intervals(lps, tids, member, lq[rows])
+                for key in INTERVAL_KEYS:
+                    flat[key][has] = torch.where(bad[rows], math.nan, iv[key])
+        nonfinite[s:e] = bad.cpu()
+    lp_roll = torch.tensor([x for r in rollouts for x in r.lp_roll], dtype=torch.float64)
+    st = sampled_token_metrics(lp_roll, flat["lp_train"])
+    cols = {k: v.numpy() for k, v in {**flat, **st}.items()}
+    cols["lp_roll"] = lp_roll.numpy()
+    cols["nonfinite"] = nonfinite.numpy()
+    # a sampled token one side gives probability 0 (e.g. outside its top-k): infinite KL, flagged
+    cols["zero_prob"] = np.isneginf(cols["lp_roll"]) | np.isneginf(cols["lp_train"])
+    cols["prefill_gap"] = cols["lp_roll_prefill"] - cols["lp_roll"]
+    cols["token_id"] = ids.numpy()
+    out = []
+    offset = 0
+    for j, (r, T) in enumerate(zip(rollouts, lengths)):
+        one = {k: v[offset : offset + T].copy() for k, v in cols.items()}
+        one["seq_id"] = np.full(T, r.seq_id, dtype=np.int64)
+        one["pos"] = np.arange(T, dtype=np.int64)
+        routing = None
+        pr, qr = (p_rows[j] if p_rows is not None else None), q_rows[j]
+        if experts_per_token and pr is not None and pr.routing is not None and qr.routing is not None:
+            routing = compare_routing(pr.routing, qr.routing, experts_per_token)
+            one["route_flips"] = routing.route_flips
+            one["route_margin"] = routing.route_margin
+        out.append((one, routing))
+        offset += T
+    return out
 
 
 def token_columns(
@@ -68,64 +172,6 @@ def token_columns(
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     experts_per_token: int | None = None,
 ) -> tuple[dict[str, np.ndarray], RoutingComparison | None]:
-    """One rollout's token columns (see TOKEN_COLUMNS) and, for MoE models whose two sides
-    both reported router logits, the routing comparison. p_rows is None unless fidelity is exact."""
-    T = len(r.response_ids)
-    ids = torch.tensor(r.response_ids, dtype=torch.long)
-    nan = np.full(T, np.nan)
-    cols: dict[str, list[torch.Tensor]] = {
-        k: [] for k in (*EXACT_KEYS, *INTERVAL_KEYS, "lp_train", "lp_roll_prefill", "nonfinite")
-    }
-    topk = r.extra.get("topk") if fidelity == "topk" else None
-    n = max(1, chunk_elements // vocab_width)  # rows per chunk: memory bounded whatever T and V
-    for s in range(0, T, n):
-        e = min(T, s + n)
-        if (s // n) % TRIM_EVERY == TRIM_EVERY - 1:
-            release_heap()
-        if p_rows is not None:  # exact tier: one fused pass over both sides' scores, never normalised
-            lq = q_rows.scores(s, e)  # (n, V) training side, up to a constant per row
-            lp = lq if p_rows is q_rows else p_rows.scores(s, e)  # (n, V) rollout side
-            d = logit_divergences(lp, lq, token_ids=ids[s:e])
-            bad = torch.isnan(d["kl"]) | torch.isnan(d["lp_train"])  # NaN logits on a side
-            for key in EXACT_KEYS:
-                d[key][bad] = math.nan
-                cols[key].append(d[key])
-            # an engine's own log-probs are read as they are (so vLLM's decode-vs-prefill gap stays exact)
-            cols["lp_train"].append(gather_logprobs(lq, ids[s:e]).double() if q_rows.normalized else d["lp_train"])
-            prefill = gather_logprobs(lp, ids[s:e]).double() if p_rows.normalized else d["lp_roll"]
-            cols["lp_roll_prefill"].append(prefill)
-        else:  # top-K and sampled tiers: the training side's rows only
-            sc = q_rows.scores(s, e).cpu()  # (n, V)
-            lq = sc if q_rows.normalized else torch.log_softmax(sc, -1)  # (n, V) normalised
-            bad = torch.isnan(lq).any(-1)
-            y = ids[s:e]
-            # float64 from the scores, like the exact tier's kernel (both agree to ~1e-15)
-            cols["lp_train"].append(gather_logprobs(sc, y).double() if q_rows.normalized else sampled_logprob(sc, y))
-            cols["ent_train"].append(_entropy(lq))
-            if topk is not None:
-                lps, tids, member = topk_tensors(topk[s:e], r.extra["topk_k"], r.response_ids[s:e])
-                iv = topk_intervals(lps, tids, member, lq)
-                for key in INTERVAL_KEYS:
-                    iv[key][bad] = math.nan
-                    cols[key].append(iv[key])
-        cols["nonfinite"].append(bad)
-    out: dict[str, Any] = {}
-    for key, parts in cols.items():
-        out[key] = torch.cat(parts).double().numpy() if parts else nan.copy()
-    out["nonfinite"] = out["nonfinite"].astype(bool) if cols["nonfinite"] else np.zeros(T, dtype=bool)
-    lp_roll = torch.tensor(r.lp_roll, dtype=torch.float64)
-    st = sampled_token_metrics(lp_roll, torch.from_numpy(out["lp_train"]))
-    out.update({k: v.numpy() for k, v in st.items()})
-    out["lp_roll"] = lp_roll.numpy()
-    # a sampled token one side gives probability 0 (e.g. outside its top-k): infinite KL, flagged
-    out["zero_prob"] = np.isneginf(out["lp_roll"]) | np.isneginf(out["lp_train"])
-    out["prefill_gap"] = out["lp_roll_prefill"] - out["lp_roll"]
-    out["seq_id"] = np.full(T, r.seq_id, dtype=np.int64)
-    out["pos"] = np.arange(T, dtype=np.int64)
-    out["token_id"] = np.asarray(r.response_ids, dtype=np.int64)
-    routing = None
-    if experts_per_token and p_rows is not None and p_rows.routing is not None and q_rows.routing is not None:
-        routing = compare_routing(p_rows.routing, q_rows.routing, experts_per_token)
-        out["route_flips"] = routing.route_flips
-        out["route_margin"] = routing.route_margin
-    return out, routing
+    """batch_columns of one rollout."""
+    p = None if p_rows is None else [p_rows]
+    return batch_columns([r], p, [q_rows], fidelity, vocab_width, chunk_elements, experts_per_token)[0]
