@@ -73,9 +73,17 @@ def _pieces(lengths: list[int], start: int, stop: int) -> list[tuple[int, int, i
 
 
 def _gather_scores(rows: list[TokenRows], pieces: list[tuple[int, int, int]]) -> torch.Tensor:
-    """One [n, V] tensor of scores from pieces of several rollouts' rows."""
+    """One [n, V] tensor of scores from pieces of several rollouts' rows. Rows that can compute
+    several pieces at once (joint_scores: HF joins hidden states before its head) do so."""
+    if len(pieces) == 1:
+        j, a, b = pieces[0]
+        return rows[j].scores(a, b)
+    kinds = {type(rows[j]) for j, _, _ in pieces}
+    joint = getattr(next(iter(kinds)), "joint_scores", None) if len(kinds) == 1 else None
+    if joint is not None:
+        return joint([(rows[j], a, b) for j, a, b in pieces])
     parts = [rows[j].scores(a, b) for j, a, b in pieces]
-    return parts[0] if len(parts) == 1 else torch.cat([x.to(parts[0].device) for x in parts])
+    return torch.cat([x.to(parts[0].device) for x in parts])
 
 
 def batch_columns(

@@ -63,6 +63,14 @@ class HiddenRows:
             logits = self.backend.logits_from_hidden(self.hidden[start:stop])  # (n, V)
             return processed_scores(logits, self.sampling)
 
+    @staticmethod
+    def joint_scores(pieces: list[tuple[HiddenRows, int, int]]) -> torch.Tensor:
+        """scores() of row ranges of several responses in one head call (hidden states joined, not logits)."""
+        first = pieces[0][0]
+        with torch.inference_mode():
+            hidden = torch.cat([rows.hidden[a:b] for rows, a, b in pieces])  # (n, H)
+            return processed_scores(first.backend.logits_from_hidden(hidden), first.sampling)
+
 
 class HFBackend:
     """transformers AutoModelForCausalLM; spec keys: model, dtype, attn, device, batch_size, seed."""
