@@ -9,9 +9,9 @@ in two ways, each in a fresh process:
   quantiles and bounds, Parquet row groups written as chunks come;
 - naive (all in memory, how trm-diag worked before): every chunk loaded into one Scored,
   each table built as one DataFrame and written at the end.
-Part 2, end to end: `trm-diag compare` on the bundled tiny Llama (hf bf16 rollouts, hf fp32
-training side, batches of 64, 16 new tokens) with N one-line prompts; peak RSS of the whole
-process, sampled every 10 ms.
+Part 2, end to end: `trm-diag compare` on the bundled tiny Llama (hf bf16 rollouts by default,
+--e2e-rollout to change; hf fp32 training side, batches of 64, 16 new tokens) with N one-line
+prompts; peak RSS of the whole process, sampled every 10 ms.
 """
 
 from __future__ import annotations
@@ -129,8 +129,8 @@ def part1(sizes: list[int]) -> None:
                 print(f"{n:>9}{n * RESP_LEN:>10}  {method:<11}{r['seconds']:>9.1f}{r['peak_mb']:>15.0f}")
 
 
-def part2(sizes: list[int]) -> None:
-    print("\nPart 2: trm-diag compare end to end (tiny Llama, hf bf16 vs hf fp32, 16 new tokens)")
+def part2(sizes: list[int], rollout: str) -> None:
+    print(f"\nPart 2: trm-diag compare end to end (tiny Llama, {rollout} vs hf fp32, 16 new tokens)")
     print(f"{'rollouts':>9}{'tokens':>10}{'seconds':>9}{'peak RSS MB':>13}")
     exe = str(Path(sys.executable).parent / "trm-diag")
     rng = random.Random(0)
@@ -141,7 +141,7 @@ def part2(sizes: list[int]) -> None:
                 "".join(json.dumps({"prompt": f"{rng.randint(1, 99)}+{rng.randint(1, 99)}="}) + "\n" for _ in range(n))
             )
             out = Path(tmp) / "out"
-            cmd = [exe, "compare", "--prompts", str(prompts), "--rollout", "hf:dtype=bfloat16,batch_size=64",
+            cmd = [exe, "compare", "--prompts", str(prompts), "--rollout", rollout,
                    "--train", "hf:dtype=float32,batch_size=64", "--max-new-tokens", "16", "--out", str(out), "-q"]  # fmt: skip
             seconds, mb, code = peak_rss(cmd)
             if code:
@@ -155,11 +155,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="2500,5000,10000,20000,40000")
     ap.add_argument("--e2e", default="2500,5000,10000,20000")
+    ap.add_argument("--e2e-rollout", default="hf:dtype=bfloat16,batch_size=64", help="rollout spec of part 2")
     args = ap.parse_args()
     if args.sizes:
         part1([int(x) for x in args.sizes.split(",")])
     if args.e2e:
-        part2([int(x) for x in args.e2e.split(",")])
+        part2([int(x) for x in args.e2e.split(",")], args.e2e_rollout)
 
 
 if __name__ == "__main__":

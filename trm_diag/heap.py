@@ -7,7 +7,7 @@ glibc only (no-ops elsewhere). Two measured effects (bench/RESULTS.md):
   thresholds so freed chunk buffers are reused;
 - served from the heap, temporaries of varying sizes fragment it and the process grows
   although nothing is held, so scoring and report assembly call :func:`release_heap`
-  (malloc_trim) between chunks.
+  (malloc_trim) between chunks; Arrow is pointed at the same heap (``system`` pool).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 _LIBC: Any = None
 
 
-MMAP_THRESHOLD = 64 << 20  # allocations above this are still mapped and unmapped on their own
-TRIM_THRESHOLD = 256 << 20  # free memory glibc may keep at the heap's top between chunks
+MMAP_THRESHOLD = 32 << 20  # allocations above this (bigger than a row chunk) are still mapped on their own
+TRIM_THRESHOLD = 64 << 20  # free memory glibc may keep at the heap's top between ops
 
 
 def _libc() -> Any:
@@ -35,7 +35,12 @@ def _libc() -> Any:
 
 
 def tune_allocator() -> None:
-    """Let glibc reuse freed chunk buffers instead of mapping and faulting fresh pages for each op."""
+    """Let glibc reuse freed chunk buffers instead of mapping and faulting fresh pages for each op, and
+    let Arrow allocate through malloc too (its default mimalloc pool kept ~130 MB more after 20,000
+    rollouts' report chunks, which malloc_trim cannot reach)."""
+    import os
+
+    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")  # read when Arrow first allocates
     libc = _libc()
     if libc:
         libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD

@@ -22,6 +22,7 @@ import torch
 from trm_diag.assemble import Scored
 from trm_diag.backends.base import Rollout
 from trm_diag.errors import InputError, UsageError
+from trm_diag.heap import release_heap
 from trm_diag.moe import RoutingComparison
 from trm_diag.report import _atomic_write
 
@@ -110,6 +111,7 @@ class PartialStore:
             _write(self._path(i, "routing"), _routing_frame(scored))
         self.done.add(i)
         self._write_manifest()
+        release_heap()  # a chunk's temporaries are gone: give their pages back (heap.py)
 
     # ---- ChunkSource (assemble.py): the report is assembled from the stored chunks, one at a time
     def _check(self, i: int) -> None:

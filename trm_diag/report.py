@@ -185,7 +185,7 @@ def complete_report(path: str | Path) -> tuple[Path, dict[str, Any]]:
         if (p / ".trm-partial").is_dir():
             raise InputError(
                 f"'{path}' holds an interrupted run, not a complete report",
-                "finish it with `trm-diag compare ... --resume`",
+                "finish it with the same `trm-diag compare ... --resume` (a `score` run: run it again with --overwrite)",
             )
         raise InputError(f"'{path}' holds no complete report (no summary.json)", "re-run the command that writes it")
     try:
