@@ -5,8 +5,8 @@
 Baseline: one `trm-diag compare` over all prompts with every CPU thread. Sharded: N
 `compare --shard I/N` processes started at once, each with its share of the threads
 (OMP_NUM_THREADS), then `trm-diag merge`. Both sides run at batch_size=1, so the engines
-are batch-invariant and the merged report must equal the single run token for token; the
-table says whether it does. On a GPU cluster each shard is a job on its own GPU(s) (see
+are batch-invariant: the merged report holds the same rollouts as the single run, and its
+values differ only by the rounding of a different thread count (printed). On a GPU cluster each shard is a job on its own GPU(s) (see
 docs/scale-out.md); on this 2-core machine the shards share the cores.
 """
 
@@ -57,12 +57,15 @@ def main() -> None:
         merge = time.perf_counter() - t
         a = pd.read_parquet(f"{tmp}/single/tokens.parquet")
         b = pd.read_parquet(f"{tmp}/merged/tokens.parquet")
-        same = a.shape == b.shape and a.drop(columns="seq_id").equals(b.drop(columns="seq_id"))
+        same_ids = a.shape == b.shape and (a["token_id"].to_numpy() == b["token_id"].to_numpy()).all()
+        diff = {c: float((a[c] - b[c]).abs().max()) for c in ("lp_roll", "lp_train", "kl")} if same_ids else {}
     print(f"{'run':<36}{'wall s':>8}")
     print(f"{'one process, ' + str(threads) + ' threads':<36}{single:>8.1f}")
     print(f"{str(args.shards) + ' shards at once':<36}{shards:>8.1f}")
     print(f"{'merge':<36}{merge:>8.1f}")
-    print(f"merged tokens.parquet equals the single run's: {same} ({len(a)} tokens)")
+    print(f"same rollouts (token ids) in the merged and the single report: {same_ids} ({len(a)} tokens)")
+    print("max |merged - single|: " + ", ".join(f"{k} {v:.1e}" for k, v in diff.items()))
+    print("(the shards use fewer threads than the single run, so float sums may round differently)")
 
 
 if __name__ == "__main__":
