@@ -147,3 +147,21 @@ def test_horizon_model_marks_inputs():
     x, src = B.inputs_at(1000, inp)
     assert math.isclose(x["kl_seq"], 0.1) and "modelled" in src["kl_seq"] and "Pinsker" in src["tv_seq"]
     assert len(x["dbar"]) == 1000 and "beyond" in src["dbar"]
+
+
+def test_adaptive_bounds_with_infinite_delta_stay_finite():
+    """A zero-probability token makes delta infinite: min(1, sqrt((T-t) delta/2)) is then 1 for t < T and 0
+    at t = T (nothing follows the last token), never NaN."""
+    import warnings
+
+    from trm_diag.bounds import adaptive_hybrid, adaptive_kl
+
+    dbar = np.array([0.1, 0.2, 0.05, 0.3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert adaptive_kl(dbar, math.inf) == pytest.approx(4 * dbar[:-1].sum())
+        assert adaptive_hybrid(dbar, 0.01, math.inf) == pytest.approx(
+            4 * np.sum(dbar[:-1] * np.minimum(1, [0.03, 0.02, 0.01]))
+        )
+    assert B.sum_min1_sqrt(10, math.inf) == 9 and B.sum_min1_linear(10, math.inf) == 9
+    assert B.pm_kl(10, math.inf) == 36 and B.pm_tv(10, 0.5, math.inf) == 18

@@ -288,7 +288,8 @@ def assemble(
     if n_zero:
         warn(
             f"{n_zero} sampled token(s) have probability 0 under one side (column 'zero_prob'): their log ratio "
-            "and KL are infinite, so the bounds are vacuous; check that both sides use the same top-k/top-p"
+            "and KL are infinite, so the KL-based bounds are infinite (TV-based ones still hold); check that both "
+            "sides use the same top-k/top-p"
         )
     worst_key = BASIS[fidelity][0]
     parts: dict[str, list] = {}

@@ -74,7 +74,7 @@ def sum_min1_linear(T: int, c: float) -> float:
         return 0.0
     k_cap = min(T, int(math.floor(1.0 / c)) + 1)  # k = t-1 in [0, k_cap) have k c < 1 (k c <= 1 at the edge)
     k_cap = max(k_cap, 0)
-    below = c * (k_cap - 1) * k_cap / 2.0  # sum_{k=0}^{k_cap-1} k c
+    below = c * (k_cap - 1) * k_cap / 2.0 if k_cap > 1 else 0.0  # sum_{k=0}^{k_cap-1} k c
     # terms at k >= k_cap are exactly 1; the edge k with k c == 1 is counted in `below` as 1 too
     return below + (T - k_cap)
 
@@ -84,7 +84,8 @@ def sum_min1_sqrt(T: int, c: float) -> float:
     if T <= 0 or c <= 0:
         return 0.0
     k_cap = min(T, int(math.floor(1.0 / c)) + 1)  # k = t-1 with sqrt(k c) <= 1
-    return math.sqrt(c) * _sum_sqrt(k_cap - 1) + (T - k_cap)
+    below = math.sqrt(c) * _sum_sqrt(k_cap - 1) if k_cap > 1 else 0.0  # only k = 0 (c = inf: not inf * 0)
+    return below + (T - k_cap)
 
 
 def classical(T: int, eps: float) -> float:
@@ -126,20 +127,26 @@ def _remaining(T: int) -> np.ndarray:
     return np.arange(T - 1, -1, -1, dtype=np.float64)  # T - t for t = 1..T
 
 
+def _times(r: np.ndarray, x: float) -> np.ndarray:
+    """(T - t) x, with 0 at t = T even for an infinite x (a zero-probability token gives delta = inf)."""
+    with np.errstate(invalid="ignore"):
+        return np.where(r > 0, r * x, 0.0)
+
+
 def adaptive_kl(dbar: np.ndarray, delta: float) -> float:
     """Adaptive KL: 4 sum_t Dbar_t min(1, sqrt((T-t) delta/2)) (paper, Sec. 3); T = len(dbar)."""
-    return 4.0 * float(np.sum(dbar * np.minimum(1.0, np.sqrt(_remaining(len(dbar)) * delta / 2.0))))
+    return 4.0 * float(np.sum(dbar * np.minimum(1.0, np.sqrt(_times(_remaining(len(dbar)), delta) / 2.0))))
 
 
 def adaptive_tv(dbar: np.ndarray, eps: float) -> float:
     """Adaptive TV: 4 sum_t Dbar_t min(1, (T-t) eps) (paper, Sec. 3)."""
-    return 4.0 * float(np.sum(dbar * np.minimum(1.0, _remaining(len(dbar)) * eps)))
+    return 4.0 * float(np.sum(dbar * np.minimum(1.0, _times(_remaining(len(dbar)), eps))))
 
 
 def adaptive_hybrid(dbar: np.ndarray, eps: float, delta: float) -> float:
     """Adaptive hybrid: 4 sum_t Dbar_t min(1, (T-t) eps, sqrt((T-t) delta/2)) (paper, Sec. 3)."""
     r = _remaining(len(dbar))
-    return 4.0 * float(np.sum(dbar * np.minimum(np.minimum(1.0, r * eps), np.sqrt(r * delta / 2.0))))
+    return 4.0 * float(np.sum(dbar * np.minimum(np.minimum(1.0, _times(r, eps)), np.sqrt(_times(r, delta) / 2.0))))
 
 
 @dataclass
