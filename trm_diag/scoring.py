@@ -86,6 +86,11 @@ def _gather_scores(rows: list[TokenRows], pieces: list[tuple[int, int, int]]) ->
     return torch.cat([x.to(parts[0].device) for x in parts])
 
 
+def _read(logp: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The given log-probs [n, V] at tokens y [n], float64 on the CPU (gathered where the rows live)."""
+    return gather_logprobs(logp, y.to(logp.device)).double().cpu()
+
+
 def batch_columns(
     rollouts: list[Rollout],
     p_rows: list[TokenRows] | None,
@@ -128,8 +133,8 @@ def batch_columns(
             for key in EXACT_KEYS:
                 flat[key][s:e] = torch.where(bad, math.nan, d[key])
             # an engine's own log-probs are read as they are (so vLLM's decode-vs-prefill gap stays exact)
-            flat["lp_train"][s:e] = gather_logprobs(lq.cpu(), y).double() if q_norm else d["lp_train"]
-            flat["lp_roll_prefill"][s:e] = gather_logprobs(lp.cpu(), y).double() if p_norm else d["lp_roll"]
+            flat["lp_train"][s:e] = _read(lq, y) if q_norm else d["lp_train"]
+            flat["lp_roll_prefill"][s:e] = _read(lp, y) if p_norm else d["lp_roll"]
         else:  # top-K and sampled tiers: the training side's rows only
             sc = _gather_scores(q_rows, pieces).cpu()  # (n, V)
             lq = sc if q_norm else torch.log_softmax(sc, -1)  # (n, V) normalised
