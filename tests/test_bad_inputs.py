@@ -113,3 +113,10 @@ def test_zero_probability_tokens_give_infinite_kl_with_a_flag(dense_model, tmp_p
         if at[k] is not None
     ]
     assert finite and at["unified"] == min(v for k, v in at.items() if k != "unified" and v is not None)
+
+
+def test_unsupported_save_rollouts_suffix_is_refused_before_any_work(dense_model, tmp_path, capsys):
+    code, _, err = run_cli(["compare", "--model", str(dense_model), "--out", str(tmp_path / "o"),
+                            "--save-rollouts", str(tmp_path / "r.txt")], capsys)  # fmt: skip
+    assert code == 2 and "unsupported file type" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()  # refused before the output folder or any engine
