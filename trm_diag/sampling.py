@@ -13,15 +13,19 @@ import torch
 from trm_diag.config import SamplingConfig
 
 
+def _tempered(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """Logits in float32 divided by the temperature (greedy: untempered)."""
+    x = logits.float()
+    return x / sampling.temperature if not sampling.greedy and sampling.temperature != 1.0 else x
+
+
 def processed_logprobs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
     """Log-probs [N, V] (float32) of the distribution sampled from, given raw logits [N, V].
 
     Tokens removed by min_p / top_k / top_p get log-prob -inf; the rest is renormalised.
     Greedy decoding (temperature 0) compares the untempered distribution.
     """
-    x = logits.float()  # (N, V)
-    if not sampling.greedy and sampling.temperature != 1.0:
-        x = x / sampling.temperature
+    x = _tempered(logits, sampling)  # (N, V)
     if sampling.greedy or not sampling.truncated:
         return torch.log_softmax(x, dim=-1)
     neg_inf = torch.tensor(float("-inf"), dtype=x.dtype, device=x.device)
@@ -48,6 +52,5 @@ def processed_scores(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Te
     only the temperature is applied, saving the normalisation pass over V (the divergence kernel
     normalises by itself)."""
     if sampling.greedy or not sampling.truncated:
-        x = logits.float()
-        return x / sampling.temperature if not sampling.greedy and sampling.temperature != 1.0 else x
+        return _tempered(logits, sampling)
     return processed_logprobs(logits, sampling)
