@@ -299,3 +299,20 @@ def test_compile_is_switched_by_the_environment(monkeypatch):
     monkeypatch.setattr(divergence, "COMPILE_MIN_VOCAB", 64)
     divergence.logit_divergences(a, b, rows_per_chunk=2)
     assert len(calls) == 4
+
+
+@pytest.mark.parametrize("offset", [7.0, 50.0, -300.0])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_offset_between_the_sides_costs_no_precision(offset, compiled):
+    """Logits are defined up to a constant per row, so one side may be shifted (log-probs against
+    raw logits): b - a is then not exact in float32, and the kernel must not lose digits there."""
+    from trm_diag.divergence import logit_divergences
+
+    g = torch.Generator().manual_seed(11)
+    a = torch.randn(16, 2048, generator=g) * 3
+    b = a + offset + torch.randn(16, 2048, generator=g) * 0.01
+    y = torch.randint(0, 2048, (16,), generator=g)
+    got, ref = logit_divergences(a, b, token_ids=y, compiled=compiled), _ref64(a, b)
+    for k in ref:
+        rel = (got[k] - ref[k]).abs() / ref[k].abs()
+        assert rel.max() < 1e-6, (k, float(rel.max()))
