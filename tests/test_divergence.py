@@ -293,12 +293,18 @@ def test_compile_is_switched_by_the_environment(monkeypatch):
     monkeypatch.setenv("TRM_DIAG_COMPILE", "1")
     divergence.logit_divergences(a, b, rows_per_chunk=2)
     assert len(calls) == 2
-    monkeypatch.delenv("TRM_DIAG_COMPILE")  # auto: by vocabulary width
+    monkeypatch.delenv("TRM_DIAG_COMPILE")  # auto: by vocabulary width, then by eager work done
+    monkeypatch.setattr(divergence, "_EAGER_ENTRIES", [0])
+    monkeypatch.setattr(divergence, "COMPILE_AFTER_ENTRIES", 2 * 4 * 64)
     divergence.logit_divergences(a, b, rows_per_chunk=2)
-    assert len(calls) == 2
+    divergence.logit_divergences(a, b, rows_per_chunk=2)
+    assert len(calls) == 2  # two eager calls of 4 x 64 entries each
+    divergence.logit_divergences(a, b, rows_per_chunk=2)
+    assert len(calls) == 4  # the eager budget is spent: compiled from now on
+    monkeypatch.setattr(divergence, "_EAGER_ENTRIES", [0])
     monkeypatch.setattr(divergence, "COMPILE_MIN_VOCAB", 64)
     divergence.logit_divergences(a, b, rows_per_chunk=2)
-    assert len(calls) == 4
+    assert len(calls) == 6
 
 
 @pytest.mark.parametrize("offset", [7.0, 50.0, -300.0])
@@ -316,3 +322,19 @@ def test_offset_between_the_sides_costs_no_precision(offset, compiled):
     for k in ref:
         rel = (got[k] - ref[k]).abs() / ref[k].abs()
         assert rel.max() < 1e-6, (k, float(rel.max()))
+
+
+def test_compiled_kernel_takes_any_row_count():
+    """Rows are dynamic in the compiled kernel: chunk tails are not left to the eager path, and a
+    row's values do not depend on the chunk it was scored in."""
+    from trm_diag.divergence import logit_divergences
+
+    g = torch.Generator().manual_seed(9)
+    a = torch.randn(23, 1000, generator=g) * 4
+    b = a + torch.randn(23, 1000, generator=g) * 0.05
+    y = torch.randint(0, 1000, (23,), generator=g)
+    whole = logit_divergences(a, b, token_ids=y, compiled=True)
+    for rows in (1, 2, 5, 8):  # a single row gets torch's own specialised kernel: rounding differs
+        parts = logit_divergences(a, b, token_ids=y, rows_per_chunk=rows, compiled=True)
+        for k in whole:
+            torch.testing.assert_close(parts[k], whole[k], rtol=1e-12 if rows == 1 else 0, atol=0)

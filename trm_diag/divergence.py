@@ -95,14 +95,14 @@ def _fused_rows(a: torch.Tensor, b: torch.Tensor, y: torch.Tensor) -> torch.Tens
     big_e = torch.expm1(dd)
     g = m.to(f64) - a64  # -log p - log z >= 0
     s = (w * big_e).sum(-1, keepdim=True) / z  # sum p E
-    h_p = (w * g).sum(-1, keepdim=True) / z
     c = torch.log1p(s)
     x = dd - c  # log q - log p
-    e = (big_e - s) / (1 + s)  # q/p - 1
+    e = (big_e - s) * (1 / (1 + s))  # q/p - 1 (a reciprocal per row: no division per entry)
     kl = (w * (e - x)).sum(-1, keepdim=True) / z
-    kl_rev = (w * ((1 + e) * x - e)).sum(-1, keepdim=True) / z
+    kl_rev = (w * (e * x)).sum(-1, keepdim=True) / z - kl  # sum p (1 + e) x - e, with sum p e = 0
     tv = 0.5 * (w * e.abs()).sum(-1, keepdim=True) / z
-    h_q = (w * (1 + e) * (g - x)).sum(-1, keepdim=True) / z
+    h_p = (w * g).sum(-1, keepdim=True) / z
+    h_q = h_p + (w * (e * g)).sum(-1, keepdim=True) / z - kl_rev  # sum q (g - x), q = p (1 + e)
     log_z = torch.log1p(z1)
     lp_roll = a_y - m.to(f64) - log_z
     return torch.cat([kl, kl_rev, tv, h_p + log_z, h_q + log_z, lp_roll, lp_roll - c], -1).T
@@ -123,15 +123,23 @@ def sampled_logprob(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 _COMPILED: dict[str, object] = {}
 COMPILE_MIN_VOCAB = 16_384  # auto mode compiles the kernel from this width up (Llama-2 32,000 to Qwen 151,936)
+# Below that width, auto mode compiles once this process has spent this many entries (rows x V) in the
+# eager kernel: ~1.5 s of eager work on 2 cores, about what a first compile costs, so a run never pays
+# more than twice the best choice made in hindsight (the ski-rental rule), and short runs never compile.
+COMPILE_AFTER_ENTRIES = 1 << 28
+_EAGER_ENTRIES = [0]
 
 
 def _compiled_rows():
-    """torch.compile of _fused_rows (inductor fuses it into one pass per row); None if unavailable."""
+    """torch.compile of _fused_rows (three fused passes per row), rows dynamic so any chunk runs it;
+    None if unavailable."""
     if "fn" not in _COMPILED:
         compiled = torch.compile(_fused_rows, dynamic=False)
 
         def guarded(a: torch.Tensor, b: torch.Tensor, y: torch.Tensor):
             try:
+                for t in (a, b, y):  # one kernel for every row count (V stays static: vectorised rows)
+                    torch._dynamo.mark_dynamic(t, 0)
                 return compiled(a, b, y)
             except Exception:  # no C++ toolchain or an inductor failure: eager from now on
                 _COMPILED["fn"] = None
@@ -142,13 +150,14 @@ def _compiled_rows():
 
 
 def compile_requested(vocab_width: int) -> bool:
-    """Whether to use the compiled kernel: TRM_DIAG_COMPILE=1 always, =0 never, unset or 'auto' from
-    COMPILE_MIN_VOCAB columns up (about 5x faster at V = 151,936; a few seconds to compile, cached on disk)."""
+    """Whether to use the compiled kernel: TRM_DIAG_COMPILE=1 always, =0 never; unset or 'auto' from
+    COMPILE_MIN_VOCAB columns up (about 5x faster than eager at V = 151,936; a few seconds to compile
+    the first time, cached on disk), and at any width once COMPILE_AFTER_ENTRIES eager entries are done."""
     import os
 
     mode = os.environ.get("TRM_DIAG_COMPILE", "auto").strip().lower()
     if mode in ("", "auto"):
-        return vocab_width >= COMPILE_MIN_VOCAB
+        return vocab_width >= COMPILE_MIN_VOCAB or _EAGER_ENTRIES[0] >= COMPILE_AFTER_ENTRIES
     return mode not in ("0", "false", "no", "off")
 
 
@@ -179,12 +188,14 @@ def logit_divergences(
     if compiled is None:
         compiled = compile_requested(v)
     fn = (_compiled_rows() if compiled else None) or _fused_rows
+    if fn is _fused_rows:
+        _EAGER_ENTRIES[0] += n * v
     ids = torch.zeros(n, dtype=torch.long) if token_ids is None else token_ids.long()
     for s in range(0, n, rows_per_chunk):
         a = logits_roll[s : s + rows_per_chunk].float()
         b = logits_train[s : s + rows_per_chunk].to(a.device).float()
         y = ids[s : s + rows_per_chunk].to(a.device)
-        vals = (fn if a.shape[0] == rows_per_chunk else _fused_rows)(a, b, y)  # (7, n) float64
+        vals = fn(a, b, y)  # (7, n) float64
         bad = ~torch.isfinite(vals).all(0)  # (n,)
         if bool(bad.any()):
             vals[:, bad] = _exact_rows(a[bad], b[bad], y[bad]).to(vals.device)
