@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the native kernel is built afresh each session (exercises the build; ~0.2 s), never into ~/.cache
+os.environ["TRM_DIAG_CACHE"] = tempfile.mkdtemp(prefix="trm-diag-cache-")
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "sample_data"
 

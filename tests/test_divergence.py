@@ -192,14 +192,15 @@ def _ref64(a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("scale,noise", CASES)
-def test_logit_divergences_match_float64_to_1e6_relative(scale, noise):
+@pytest.mark.parametrize("kernel", ["eager", "native"])
+def test_logit_divergences_match_float64_to_1e6_relative(scale, noise, kernel):
     from trm_diag.divergence import logit_divergences
 
     g = torch.Generator().manual_seed(int(scale * 100 + noise * 1000))
     a = torch.randn(9, 3000, generator=g) * scale
     b = a + torch.randn(9, 3000, generator=g) * noise
     got, ref = (
-        logit_divergences(a, b, compiled=False),
+        logit_divergences(a, b, kernel=kernel),
         _ref64(a, b),
     )  # the float64 reference sees the same float32 logits
     for k in ref:
@@ -209,33 +210,37 @@ def test_logit_divergences_match_float64_to_1e6_relative(scale, noise):
         assert (got[k] - ref[k]).abs().max() < 1e-6, k
 
 
-def test_logit_divergences_chunking_and_truncated_supports():
+@pytest.mark.parametrize("kernel", ["eager", "native"])
+def test_logit_divergences_chunking_and_truncated_supports(kernel):
     from trm_diag.divergence import logit_divergences
 
     g = torch.Generator().manual_seed(3)
     a, b = torch.randn(11, 500, generator=g) * 4, torch.randn(11, 500, generator=g) * 4
-    one = logit_divergences(a, b, rows_per_chunk=1, compiled=False)
-    many = logit_divergences(a, b, rows_per_chunk=7, compiled=False)
+    one = logit_divergences(a, b, rows_per_chunk=1, kernel=kernel)
+    many = logit_divergences(a, b, rows_per_chunk=7, kernel=kernel)
     for k in one:
         torch.testing.assert_close(one[k], many[k], rtol=0, atol=0)
-    # -inf entries (top-k / top-p truncation) fall back to the support-aware path
+    # -inf entries (top-k / top-p truncation) and NaN fall back to the support-aware path
     a[:, :100] = -torch.inf
-    got = logit_divergences(a, b, compiled=False)
+    b[3, 7] = torch.nan
+    got = logit_divergences(a, b, kernel=kernel)
     ref = exact_divergences(torch.log_softmax(a, -1), torch.log_softmax(b, -1))
     for k in ("kl", "tv"):
-        torch.testing.assert_close(got[k], ref[k].double())
-    assert torch.isinf(got["kl_rev"]).all()
+        torch.testing.assert_close(got[k], ref[k].double(), equal_nan=True)
+    assert torch.isnan(got["kl"][3]) and torch.isfinite(got["kl"][torch.arange(11) != 3]).all()
+    assert torch.isinf(got["kl_rev"][torch.arange(11) != 3]).all()
 
 
-def test_compiled_kernel_agrees_with_eager():
+@pytest.mark.parametrize("kernel", ["native", "inductor"])
+def test_compiled_kernels_agree_with_eager(kernel):
     from trm_diag.divergence import logit_divergences
 
     g = torch.Generator().manual_seed(5)
     a = torch.randn(8, 4096, generator=g) * 6
     b = a + torch.randn(8, 4096, generator=g) * 0.01
     y = torch.randint(0, 4096, (8,), generator=g)
-    eager = logit_divergences(a, b, token_ids=y, compiled=False)
-    comp = logit_divergences(a, b, token_ids=y, compiled=True)
+    eager = logit_divergences(a, b, token_ids=y, kernel="eager")
+    comp = logit_divergences(a, b, token_ids=y, kernel=kernel)
     assert set(eager) == {"kl", "kl_rev", "tv", "ent_roll", "ent_train", "lp_roll", "lp_train"}
     for k in eager:
         torch.testing.assert_close(comp[k], eager[k], rtol=1e-6, atol=1e-9)
@@ -253,7 +258,7 @@ def test_sampled_token_logprobs_from_unnormalised_logits_match_float64(scale, no
     y[:3] = a[:3].argmax(-1)  # the top token itself, and tokens far in the tail
     y[3:5] = a[3:5].argmin(-1)
     shift = torch.randn(10, 1, generator=g) * 50  # logits are only defined up to a constant per row
-    got = logit_divergences(a + shift, b - shift, token_ids=y, compiled=False)
+    got = logit_divergences(a + shift, b - shift, token_ids=y, kernel="eager")
     lp64, lq64 = torch.log_softmax(a.double(), -1), torch.log_softmax(b.double(), -1)
     for key, ref in (("lp_roll", lp64), ("lp_train", lq64)):
         want = ref.gather(-1, y[:, None]).squeeze(-1)
@@ -270,7 +275,7 @@ def test_fallback_rows_keep_their_sampled_token_logprobs():
     y = torch.full((6,), 200)
     a[1, :100] = -torch.inf  # truncated rollout support; y outside it is still allowed for q
     b[2, 5] = torch.nan
-    got = logit_divergences(a, b, token_ids=y, compiled=False)
+    got = logit_divergences(a, b, token_ids=y, kernel="eager")
     lp, lq = torch.log_softmax(a.double(), -1), torch.log_softmax(b.double(), -1)
     ok = torch.tensor([True, True, False, True, True, True])
     torch.testing.assert_close(got["lp_roll"][ok], lp[ok, 200])
@@ -279,37 +284,64 @@ def test_fallback_rows_keep_their_sampled_token_logprobs():
     assert torch.isfinite(got["kl"][ok]).all()
 
 
-def test_compile_is_switched_by_the_environment(monkeypatch):
+def test_kernel_is_chosen_by_name_and_environment(monkeypatch):
     from trm_diag import divergence
+    from trm_diag.errors import UsageError
+    from trm_diag.native import native_rows
 
     calls = []
     monkeypatch.setattr(
         divergence, "_compiled_rows", lambda: lambda a, b, y: calls.append(1) or divergence._fused_rows(a, b, y)
     )
+    cpu = torch.device("cpu")
+    assert native_rows() is not None, "the C kernel did not build: is a C compiler (cc/gcc) installed?"
+    monkeypatch.setenv("TRM_DIAG_KERNEL", "eager")
+    assert divergence.kernel_for(64, cpu) is divergence._fused_rows
+    monkeypatch.setenv("TRM_DIAG_KERNEL", "native")
+    assert divergence.kernel_for(64, cpu) is native_rows()
+    assert divergence.kernel_for(64, cpu, "auto") is native_rows()  # an argument beats the environment
+    monkeypatch.setenv("TRM_DIAG_KERNEL", "nonsense")
+    with pytest.raises(UsageError, match="TRM_DIAG_KERNEL"):
+        divergence.kernel_for(64, cpu)
+    # auto where the C kernel is unavailable (a GPU, or no compiler): inductor by width, then by work done
+    monkeypatch.setenv("TRM_DIAG_KERNEL", "auto")
+    monkeypatch.setattr("trm_diag.native._LOADED", {"fn": None})
     a, b = torch.randn(4, 64), torch.randn(4, 64)
-    monkeypatch.setenv("TRM_DIAG_COMPILE", "0")
-    divergence.logit_divergences(a, b, rows_per_chunk=2)
-    assert not calls
-    monkeypatch.setenv("TRM_DIAG_COMPILE", "1")
-    divergence.logit_divergences(a, b, rows_per_chunk=2)
-    assert len(calls) == 2
-    monkeypatch.delenv("TRM_DIAG_COMPILE")  # auto: by vocabulary width, then by eager work done
     monkeypatch.setattr(divergence, "_EAGER_ENTRIES", [0])
     monkeypatch.setattr(divergence, "COMPILE_AFTER_ENTRIES", 2 * 4 * 64)
     divergence.logit_divergences(a, b, rows_per_chunk=2)
     divergence.logit_divergences(a, b, rows_per_chunk=2)
-    assert len(calls) == 2  # two eager calls of 4 x 64 entries each
+    assert len(calls) == 0  # two eager calls of 4 x 64 entries each
     divergence.logit_divergences(a, b, rows_per_chunk=2)
-    assert len(calls) == 4  # the eager budget is spent: compiled from now on
+    assert len(calls) == 2  # the eager budget is spent: compiled from now on
     monkeypatch.setattr(divergence, "_EAGER_ENTRIES", [0])
     monkeypatch.setattr(divergence, "COMPILE_MIN_VOCAB", 64)
     divergence.logit_divergences(a, b, rows_per_chunk=2)
+    assert len(calls) == 4
+    divergence.logit_divergences(a, b, rows_per_chunk=2, kernel="inductor")
     assert len(calls) == 6
 
 
+def test_native_kernel_is_cached_and_refuses_bad_token_ids(tmp_path, monkeypatch):
+    from trm_diag import native
+
+    lib = native.library_path(native._compiler())
+    assert lib.exists() and lib.parent.parent == native.cache_dir()
+    fn = native.native_rows()
+    a = torch.randn(3, 50)
+    with pytest.raises(IndexError, match="token ids"):
+        fn(a, a, torch.tensor([0, 50, 1]))
+    assert fn(a[:0], a[:0], torch.zeros(0, dtype=torch.long)).shape == (7, 0)
+    monkeypatch.setenv("TRM_DIAG_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "no-such-compiler-anywhere")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no compiler at all: None, and callers fall back
+    monkeypatch.setattr(native, "_LOADED", {})
+    assert native.native_rows() is None
+
+
 @pytest.mark.parametrize("offset", [7.0, 50.0, -300.0])
-@pytest.mark.parametrize("compiled", [False, True])
-def test_offset_between_the_sides_costs_no_precision(offset, compiled):
+@pytest.mark.parametrize("kernel", ["eager", "native", "inductor"])
+def test_offset_between_the_sides_costs_no_precision(offset, kernel):
     """Logits are defined up to a constant per row, so one side may be shifted (log-probs against
     raw logits): b - a is then not exact in float32, and the kernel must not lose digits there."""
     from trm_diag.divergence import logit_divergences
@@ -318,7 +350,7 @@ def test_offset_between_the_sides_costs_no_precision(offset, compiled):
     a = torch.randn(16, 2048, generator=g) * 3
     b = a + offset + torch.randn(16, 2048, generator=g) * 0.01
     y = torch.randint(0, 2048, (16,), generator=g)
-    got, ref = logit_divergences(a, b, token_ids=y, compiled=compiled), _ref64(a, b)
+    got, ref = logit_divergences(a, b, token_ids=y, kernel=kernel), _ref64(a, b)
     for k in ref:
         rel = (got[k] - ref[k]).abs() / ref[k].abs()
         assert rel.max() < 1e-6, (k, float(rel.max()))
@@ -333,8 +365,8 @@ def test_compiled_kernel_takes_any_row_count():
     a = torch.randn(23, 1000, generator=g) * 4
     b = a + torch.randn(23, 1000, generator=g) * 0.05
     y = torch.randint(0, 1000, (23,), generator=g)
-    whole = logit_divergences(a, b, token_ids=y, compiled=True)
+    whole = logit_divergences(a, b, token_ids=y, kernel="inductor")
     for rows in (1, 2, 5, 8):  # a single row gets torch's own specialised kernel: rounding differs
-        parts = logit_divergences(a, b, token_ids=y, rows_per_chunk=rows, compiled=True)
+        parts = logit_divergences(a, b, token_ids=y, rows_per_chunk=rows, kernel="inductor")
         for k in whole:
             torch.testing.assert_close(parts[k], whole[k], rtol=1e-12 if rows == 1 else 0, atol=0)

@@ -16,6 +16,7 @@ from rich.markup import escape
 
 from trm_diag.errors import ExitCode, TrmDiagError, UsageError
 from trm_diag.heap import tune_allocator
+from trm_diag.kernel_choice import kernel_name
 
 app = typer.Typer(
     name="trm-diag",
@@ -408,6 +409,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turn TrmDiagError into one line and its exit code."""
     tune_allocator()  # reuse chunk buffers instead of faulting fresh pages per op (heap.py)
     try:
+        kernel_name()  # a bad TRM_DIAG_KERNEL fails here, before any work
         code = app(args=argv, standalone_mode=False)  # click returns typer.Exit's code here
     except TrmDiagError as e:
         err_console.print(f"[bold red]error:[/bold red] {escape(e.one_line())}", highlight=False, soft_wrap=True)

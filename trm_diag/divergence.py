@@ -7,8 +7,11 @@ log_ratio l_t = log q(y_t) - log p(y_t) = lp_train - lp_roll, rho_t = exp(l_t).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
+
+from trm_diag.kernel_choice import kernel_name
 
 # Rows of a [rows, V] chunk are chosen so one chunk holds about this many elements;
 # memory of exact_divergences is then bounded independently of N.
@@ -149,16 +152,25 @@ def _compiled_rows():
     return _COMPILED["fn"]
 
 
-def compile_requested(vocab_width: int) -> bool:
-    """Whether to use the compiled kernel: TRM_DIAG_COMPILE=1 always, =0 never; unset or 'auto' from
-    COMPILE_MIN_VOCAB columns up (about 5x faster than eager at V = 151,936; a few seconds to compile
-    the first time, cached on disk), and at any width once COMPILE_AFTER_ENTRIES eager entries are done."""
-    import os
+def kernel_for(vocab_width: int, device: torch.device, kernel: str | None = None) -> Callable:
+    """The exact-tier kernel fn(a, b, y) -> [7, n], by name or TRM_DIAG_KERNEL (default auto):
+    native = the C kernel (trm_diag/native.py, CPU only; ~1.7x inductor), inductor = torch.compile of
+    _fused_rows (any device), eager = _fused_rows op by op. auto: native on CPU; elsewhere, or without
+    a C compiler, inductor from COMPILE_MIN_VOCAB columns or once COMPILE_AFTER_ENTRIES eager entries
+    are done (a first compile takes seconds), eager before that. Unavailable kernels fall back in
+    that order; all agree to ~1e-8 relative."""
+    name = kernel_name(kernel)
+    if name == "eager":
+        return _fused_rows
+    if name in ("auto", "native") and device.type == "cpu":
+        from trm_diag.native import native_rows
 
-    mode = os.environ.get("TRM_DIAG_COMPILE", "auto").strip().lower()
-    if mode in ("", "auto"):
-        return vocab_width >= COMPILE_MIN_VOCAB or _EAGER_ENTRIES[0] >= COMPILE_AFTER_ENTRIES
-    return mode not in ("0", "false", "no", "off")
+        fn = native_rows()
+        if fn is not None:
+            return fn
+    if name == "auto" and vocab_width < COMPILE_MIN_VOCAB and _EAGER_ENTRIES[0] < COMPILE_AFTER_ENTRIES:
+        return _fused_rows
+    return _compiled_rows() or _fused_rows
 
 
 LP_KEYS = ("lp_roll", "lp_train")
@@ -169,7 +181,7 @@ def logit_divergences(
     logits_train: torch.Tensor,
     token_ids: torch.Tensor | None = None,
     rows_per_chunk: int | None = None,
-    compiled: bool | None = None,
+    kernel: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Exact kl, kl_rev, tv and both entropies, each [N] (float64), from two logit tensors [N, V].
 
@@ -185,9 +197,7 @@ def logit_divergences(
         rows_per_chunk = max(1, FUSED_CHUNK_ELEMENTS // max(v, 1))
     keys = EXACT_KEYS + LP_KEYS
     out = torch.empty((len(keys), n), dtype=torch.float64)
-    if compiled is None:
-        compiled = compile_requested(v)
-    fn = (_compiled_rows() if compiled else None) or _fused_rows
+    fn = kernel_for(v, logits_roll.device, kernel)
     if fn is _fused_rows:
         _EAGER_ENTRIES[0] += n * v
     ids = torch.zeros(n, dtype=torch.long) if token_ids is None else token_ids.long()
