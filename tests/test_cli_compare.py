@@ -73,6 +73,7 @@ def test_bf16_vs_fp32_shows_mismatch_and_schema(bf16_report):
     assert summary["rollout"]["spec"].startswith("vllm:") and "dtype=bfloat16" in summary["rollout"]["spec"]
     assert summary["train"]["spec"].startswith("hf:") and "dtype=float32" in summary["train"]["spec"]
     assert summary["sampling"]["max_new_tokens"] == 24 and summary["complete"]
+    assert summary["hardware"]["exact_kernels"] == ["native"]  # the C kernel is the CPU default
     b = pd.read_parquet(bf16_report / "bounds.parquet")
     assert {"T", "bound", "value", "vacuous"} <= set(b.columns) and 4096 in set(b["T"])
     import pyarrow.parquet as pq

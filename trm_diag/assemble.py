@@ -153,6 +153,10 @@ def _hardware() -> dict[str, Any]:
     }
     if torch.cuda.is_available():
         hw["gpu"] = torch.cuda.get_device_name(0)
+    from trm_diag.divergence import USED_KERNELS
+
+    if USED_KERNELS:  # which exact-tier kernels scored this process's rows (values agree to ~1e-8)
+        hw["exact_kernels"] = sorted(USED_KERNELS)
     return hw
 
 

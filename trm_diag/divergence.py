@@ -131,6 +131,7 @@ COMPILE_MIN_VOCAB = 16_384  # auto mode compiles the kernel from this width up (
 # more than twice the best choice made in hindsight (the ski-rental rule), and short runs never compile.
 COMPILE_AFTER_ENTRIES = 1 << 28
 _EAGER_ENTRIES = [0]
+USED_KERNELS: set[str] = set()  # kernels this process ran (recorded in summary.json)
 
 
 def _compiled_rows():
@@ -160,17 +161,22 @@ def kernel_for(vocab_width: int, device: torch.device, kernel: str | None = None
     are done (a first compile takes seconds), eager before that. Unavailable kernels fall back in
     that order; all agree to ~1e-8 relative."""
     name = kernel_name(kernel)
-    if name == "eager":
-        return _fused_rows
+    fn, used = None, "eager"
     if name in ("auto", "native") and device.type == "cpu":
         from trm_diag.native import native_rows
 
-        fn = native_rows()
-        if fn is not None:
-            return fn
-    if name == "auto" and vocab_width < COMPILE_MIN_VOCAB and _EAGER_ENTRIES[0] < COMPILE_AFTER_ENTRIES:
-        return _fused_rows
-    return _compiled_rows() or _fused_rows
+        fn, used = native_rows(), "native"
+    if fn is None and name != "eager":
+        eager_first = name == "auto" and vocab_width < COMPILE_MIN_VOCAB
+        fn, used = (
+            (None, "eager")
+            if eager_first and _EAGER_ENTRIES[0] < COMPILE_AFTER_ENTRIES
+            else (_compiled_rows(), "inductor")
+        )
+    if fn is None:
+        fn, used = _fused_rows, "eager"
+    USED_KERNELS.add(used)
+    return fn
 
 
 LP_KEYS = ("lp_roll", "lp_train")

@@ -19,6 +19,7 @@ from trm_diag.assemble import Assembled, Scored, assemble, model_fingerprint, re
 from trm_diag.backends.base import Rollout, TokenRows
 from trm_diag.checkpoint import read_config, vocab_size
 from trm_diag.config import BackendSpec, SamplingConfig, Thresholds, as_dict
+from trm_diag.divergence import USED_KERNELS
 from trm_diag.errors import InputError, ModelError, UsageError
 from trm_diag.partial import PARTIAL_DIR, PartialStore, run_fingerprint
 from trm_diag.report import prepare_out_dir, write_summary, write_tables
@@ -179,6 +180,7 @@ def run_compare(cfg: CompareConfig, reporter: Reporter | None = None) -> Compare
     rep = reporter or Reporter()
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
+    USED_KERNELS.clear()  # summary.json names the kernels of this run only
     fidelity, sampling = cfg.fidelity, cfg.sampling
     if fidelity not in FIDELITIES:
         raise UsageError(f"--fidelity {fidelity} is unknown", f"use one of: {', '.join(FIDELITIES)}")
@@ -324,6 +326,7 @@ def run_score(cfg: ScoreConfig, reporter: Reporter | None = None) -> CompareResu
     rep = reporter or Reporter()
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
+    USED_KERNELS.clear()  # summary.json names the kernels of this run only
     if cfg.fidelity is not None and cfg.fidelity not in ("topk", "sampled"):
         raise UsageError(
             f"--fidelity {cfg.fidelity} is not available for imported rollouts",
