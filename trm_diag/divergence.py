@@ -161,22 +161,16 @@ def kernel_for(vocab_width: int, device: torch.device, kernel: str | None = None
     are done (a first compile takes seconds), eager before that. Unavailable kernels fall back in
     that order; all agree to ~1e-8 relative."""
     name = kernel_name(kernel)
-    fn, used = None, "eager"
     if name in ("auto", "native") and device.type == "cpu":
         from trm_diag.native import native_rows
 
-        fn, used = native_rows(), "native"
-    if fn is None and name != "eager":
-        eager_first = name == "auto" and vocab_width < COMPILE_MIN_VOCAB
-        fn, used = (
-            (None, "eager")
-            if eager_first and _EAGER_ENTRIES[0] < COMPILE_AFTER_ENTRIES
-            else (_compiled_rows(), "inductor")
-        )
-    if fn is None:
-        fn, used = _fused_rows, "eager"
-    USED_KERNELS.add(used)
-    return fn
+        if (fn := native_rows()) is not None:
+            USED_KERNELS.add("native")
+            return fn
+    eager_first = name == "auto" and vocab_width < COMPILE_MIN_VOCAB and _EAGER_ENTRIES[0] < COMPILE_AFTER_ENTRIES
+    fn = None if name == "eager" or eager_first else _compiled_rows()
+    USED_KERNELS.add("inductor" if fn is not None else "eager")
+    return fn or _fused_rows
 
 
 LP_KEYS = ("lp_roll", "lp_train")
@@ -191,8 +185,8 @@ def logit_divergences(
 ) -> dict[str, torch.Tensor]:
     """Exact kl, kl_rev, tv and both entropies, each [N] (float64), from two logit tensors [N, V].
 
-    Paper eq. for D_KL^tok / D_TV^tok (DESIGN.md section 2), computed in one fused pass per
-    few rows (see _fused_rows), so memory is bounded whatever N. Logits need not be
+    Paper eq. for D_KL^tok / D_TV^tok (DESIGN.md section 2), computed a few rows at a time by the
+    kernel kernel_for picks (see _fused_rows), so memory is bounded whatever N. Logits need not be
     normalised (log-probs work too). With token_ids [N] it also returns lp_roll and lp_train,
     the two sides' normalised log-probs of those tokens. Rows whose fused result is not finite
     (-inf from truncated supports, NaN, infinite KL) are recomputed by the support-aware path.
