@@ -116,6 +116,18 @@ BAD = {
         {"prompt_ids": [5], "response_ids": ["a"], "rollout_logprobs": [-1.0]},
         "list of integer token ids",
     ),
+    "prompt_idx a list": (
+        {"prompt_ids": [5], "response_ids": [6], "rollout_logprobs": [-1.0], "prompt_idx": [None]},
+        "'prompt_idx' must be a finite number",
+    ),
+    "sample_idx fractional": (
+        {"prompt_ids": [5], "response_ids": [6], "rollout_logprobs": [-1.0], "sample_idx": 1.5},
+        "'sample_idx' must be a non-negative integer",
+    ),
+    "reward infinite": (
+        {"prompt_ids": [5], "response_ids": [6], "rollout_logprobs": [-1.0], "reward": float("inf")},
+        "'reward' must be a finite number",
+    ),
 }
 
 

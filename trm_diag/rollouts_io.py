@@ -111,9 +111,23 @@ def _topk(v: Any, where: str) -> list[dict[int, float]]:
 
 
 def _number(v: Any, where: str, name: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise InputError(f"{where}: '{name}' must be a number, not {v!r}", f"write {name} as a number or drop it")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise InputError(
+            f"{where}: '{name}' must be a finite number, not {v!r}", f"write {name} as a number or drop it"
+        )
     return float(v)
+
+
+def _index(v: Any, where: str, name: str, default: int) -> int:
+    """A non-negative integer field (prompt_idx, sample_idx, topk_k); None means `default`."""
+    if v is None:
+        return default
+    x = _number(v, where, name)
+    if not x.is_integer() or not 0 <= x < 2**63:
+        raise InputError(
+            f"{where}: '{name}' must be a non-negative integer, not {v!r}", f"write {name} as 0, 1, 2, ... or drop it"
+        )
+    return int(x)
 
 
 def read_rollouts(path: str | Path, mapping: dict[str, str], tokenizer: Any, vocab_width: int) -> RolloutFile:
@@ -177,11 +191,7 @@ def read_rollouts(path: str | Path, mapping: dict[str, str], tokenizer: Any, voc
                     f"{where}: {len(topk)} top-K entries for {len(resp)} response tokens",
                     "one entry per response token",
                 )
-            k = (
-                int(_number(row["topk_k"], where, "topk_k"))
-                if row.get("topk_k") is not None
-                else min((len(d) for d in topk), default=0)
-            )
+            k = _index(row.get("topk_k"), where, "topk_k", min((len(d) for d in topk), default=0))
             extra.update(topk=topk, topk_k=k)
             result.has_topk = True
         for key in ("reward", "advantage"):
@@ -195,8 +205,8 @@ def read_rollouts(path: str | Path, mapping: dict[str, str], tokenizer: Any, voc
         result.rollouts.append(
             Rollout(
                 i,
-                int(row.get("prompt_idx", i) or 0),
-                int(row.get("sample_idx", 0) or 0),
+                _index(row.get("prompt_idx"), where, "prompt_idx", i),
+                _index(row.get("sample_idx"), where, "sample_idx", 0),
                 prompt,
                 resp,
                 lps,
