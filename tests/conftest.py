@@ -7,8 +7,14 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# fuzz tests draw the same examples every run unless HYPOTHESIS_PROFILE=explore (README, Development):
+# a CI run is reproducible, and new cases are hunted for on purpose, then pinned with @example
+settings.register_profile("ci", derandomize=True, database=None)
+settings.register_profile("explore", database=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # the native kernel is built afresh each session (exercises the build; ~0.2 s), never into ~/.cache
 os.environ["TRM_DIAG_CACHE"] = tempfile.mkdtemp(prefix="trm-diag-cache-")
 ROOT = Path(__file__).resolve().parent.parent
