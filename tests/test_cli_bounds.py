@@ -57,6 +57,9 @@ def test_measured_mode_writes_bounds_parquet(tmp_path, dense_model, capsys):
     assert data["inputs"]["delta"] == pytest.approx(s["bound_inputs"]["delta"])
     b = pd.read_parquet(rep / "bounds.parquet")
     assert set(b["T"]) == {100, 200} and b["sources"].str.contains("measured").all()
+    (rep / "tokens.parquet").write_text("damaged")
+    code, _, err = run(["bounds", "--report", str(rep)], capsys)
+    assert code == 2 and "cannot read report file" in err and "Traceback" not in err
 
 
 def test_plot(tmp_path, capsys):

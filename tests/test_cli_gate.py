@@ -135,6 +135,24 @@ def test_errors_exit_2(report, tmp_path, monkeypatch, argv, needle, capsys):
     assert code == 2 and needle in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        (b"\xff\xfe\x00bad", "cannot read gate config"),
+        (b"rules = [", "cannot read gate config"),
+        (b"rules = [1, 2]", "rules must be a list of strings"),
+        (b"tool = 5\ngate = 'x'\n", "no gate rules given"),
+        (b"[gate]\nrules = ['token.kl.p99 =< 1']\n", "malformed rule"),
+    ],
+)
+def test_broken_config_files_exit_2(report, tmp_path, monkeypatch, content, needle, capsys):
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "gate.toml"
+    cfg.write_bytes(content)
+    code, _, err = run(["gate", str(report), "--config", str(cfg)], capsys)
+    assert code == 2 and needle in err and "Traceback" not in err
+
+
 def test_incomplete_report_is_an_input_error(report, tmp_path, capsys):
     import shutil
 
@@ -143,6 +161,17 @@ def test_incomplete_report_is_an_input_error(report, tmp_path, capsys):
     (broken / "summary.json").unlink()
     code, _, err = run(["gate", str(broken), "-r", "token.kl.p99 <= 1"], capsys)
     assert code == 2 and "no complete report" in err
+
+
+@pytest.mark.parametrize("table,metric", [("tokens", "token.kl.p99"), ("sequences", "seq.length.mean")])
+def test_damaged_table_is_an_input_error(report, tmp_path, table, metric, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(report, broken)
+    (broken / f"{table}.parquet").write_bytes(b"PAR1 not really")
+    code, _, err = run(["gate", str(broken), "-r", f"{metric} <= 1"], capsys)
+    assert code == 2 and f"cannot read report file '{broken / table}.parquet'" in err and "Traceback" not in err
 
 
 def test_gate_never_imports_torch(report):

@@ -124,6 +124,18 @@ BAD = {
         {"prompt_ids": [5], "response_ids": [6], "rollout_logprobs": [-1.0], "sample_idx": 1.5},
         "'sample_idx' must be a non-negative integer",
     ),
+    "huge token id": (
+        {"prompt_ids": [10**400], "response_ids": [6], "rollout_logprobs": [-1.0]},
+        "is outside the model's vocabulary",
+    ),
+    "top-K id out of vocab": (
+        {"prompt_ids": [5], "response_ids": [6], "rollout_logprobs": [-1.0], "topk_logprobs": [{"99999": -0.1}]},
+        "top-K token id 99999 is outside",
+    ),
+    "top-K positive logprob": (
+        {"prompt_ids": [5], "response_ids": [6], "rollout_logprobs": [-1.0], "topk_logprobs": [[[6, 0.7]]]},
+        "invalid top-K log-prob 0.7",
+    ),
     "reward infinite": (
         {"prompt_ids": [5], "response_ids": [6], "rollout_logprobs": [-1.0], "reward": float("inf")},
         "'reward' must be a finite number",

@@ -20,11 +20,17 @@ json_value = st.recursive(
     max_leaves=12,
 )
 # rows that look like real ones, with each field possibly broken
-maybe_ids = st.one_of(st.lists(st.integers(-3, 3000), max_size=6), json_value)
+huge = st.integers(min_value=2**63 - 2, max_value=2**64) | st.just(10**400)  # JSON ints have no size limit
+maybe_ids = st.one_of(st.lists(st.integers(-3, 3000) | huge, max_size=6), json_value)
+topk_entry = st.one_of(
+    st.dictionaries(st.integers(-3, 3000).map(str) | huge.map(str), st.floats(-30, 1) | st.just(float("-inf"))),
+    st.lists(st.tuples(st.integers(-3, 3000) | huge, st.floats(allow_nan=True)).map(list), max_size=3),
+)
+maybe_topk = st.one_of(st.lists(topk_entry, max_size=6), json_value)
 maybe_lps = st.one_of(st.lists(st.floats(-20, 1) | st.just(float("nan")), max_size=6), json_value)
 rollout_row = st.fixed_dictionaries(
     {}, optional={"prompt_ids": maybe_ids, "response_ids": maybe_ids, "rollout_logprobs": maybe_lps,
-                  "topk_logprobs": json_value, "prompt": json_value, "response": json_value, "temperature": json_value,
+                  "topk_logprobs": maybe_topk, "prompt": json_value, "response": json_value, "temperature": json_value,
                   "topk_k": json_value, "prompt_idx": json_value, "sample_idx": json_value,
                   "reward": json_value},
 )  # fmt: skip
@@ -67,6 +73,10 @@ def test_prompt_files_load_or_fail_cleanly(rows, extra):
 # cases hypothesis found once (a CI run failed on the first): pinned so they are tried every run
 @example([{"prompt_ids": [0], "response_ids": [], "rollout_logprobs": [], "prompt_idx": [None]}], [])
 @example([{"prompt_ids": [0], "response_ids": [5], "rollout_logprobs": [-1.0], "sample_idx": 1.5}], [])
+@example([{"prompt_ids": [10**400], "response_ids": [5], "rollout_logprobs": [-1.0]}], [])
+@example(
+    [{"prompt_ids": [0], "response_ids": [5], "rollout_logprobs": [-1.0], "topk_logprobs": [{str(10**400): -1.0}]}], []
+)
 @example([{"prompt_ids": [0], "response_ids": [5], "rollout_logprobs": [-1.0], "topk_logprobs": [{}],
            "topk_k": float("nan")}], [])  # fmt: skip
 def test_rollout_files_load_or_fail_cleanly(rows, extra):
@@ -80,3 +90,5 @@ def test_rollout_files_load_or_fail_cleanly(rows, extra):
         assert r.prompt_ids and len(r.lp_roll) == len(r.response_ids)
         assert all(0 <= t < 2048 for t in r.prompt_ids + r.response_ids)
         assert all(x <= 1e-4 for x in r.lp_roll)
+        for entry in r.extra.get("topk", []):
+            assert all(0 <= t < 2048 and lp <= 1e-4 for t, lp in entry.items())

@@ -50,6 +50,22 @@ def test_merge_refuses_overlapping_or_mismatched_shards(dense_model, tmp_path, c
     assert code == 2 and "at least two reports" in err
 
 
+def test_merge_refuses_damaged_or_incomplete_shards(dense_model, tmp_path, capsys):
+    import shutil
+
+    s0 = compare(dense_model, tmp_path / "s0", capsys, "--shard", "0/2")
+    s1 = compare(dense_model, tmp_path / "s1", capsys, "--shard", "1/2")
+    damaged, missing = tmp_path / "damaged", tmp_path / "missing"
+    shutil.copytree(s1, damaged)
+    (damaged / "tokens.parquet").write_text("not parquet")
+    shutil.copytree(s1, missing)
+    (missing / "sequences.parquet").unlink()
+    for shard, needle in ((damaged, "cannot read report file"), (missing, "is missing")):
+        code, _, err = run_cli(["merge", str(s0), str(shard), "--out", str(tmp_path / "m")], capsys)
+        assert code == 2 and needle in err and "Traceback" not in err
+        assert not (tmp_path / "m" / "summary.json").exists()
+
+
 @pytest.mark.parametrize("bad", ["2/2", "x/2", "1", "-1/3"])
 def test_bad_shard_spec(bad, tmp_path, capsys):
     code, _, err = run_cli(["compare", "--shard", bad, "--out", str(tmp_path / "o")], capsys)

@@ -137,10 +137,10 @@ def _write_bounds_parquet(report: Path, rows: list[dict]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from trm_diag.report import META_KEY, _atomic_write
+    from trm_diag.report import META_KEY, _atomic_write, read_schema
 
     table = pa.Table.from_pandas(pd.DataFrame(rows), preserve_index=False)
-    old = pq.read_schema(report / "tokens.parquet").metadata or {}
+    old = read_schema(report / "tokens.parquet").metadata or {}
     if META_KEY in old:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY: old[META_KEY]})
     _atomic_write(report / "bounds.parquet", lambda tmp: pq.write_table(table, tmp))

@@ -77,11 +77,15 @@ def load_rules_toml(path: Path) -> list[str]:
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib  # type: ignore[no-redef]
     try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise InputError(f"cannot read gate config '{path}': {e}", "check the TOML syntax") from None
-    for table in (data.get("tool", {}).get("trm-diag", {}).get("gate"), data.get("gate"), data):
-        if isinstance(table, dict) and "rules" in table:
+
+    def sub(d: dict, key: str) -> dict:
+        return d[key] if isinstance(d.get(key), dict) else {}  # `tool = 5` is no table, not a crash
+
+    for table in (sub(sub(sub(data, "tool"), "trm-diag"), "gate"), sub(data, "gate"), data):
+        if "rules" in table:
             rules = table["rules"]
             if not isinstance(rules, list) or not all(isinstance(r, str) for r in rules):
                 raise InputError(f"'{path}': rules must be a list of strings", 'write rules = ["token.kl.p99 <= 1e-3"]')
@@ -107,13 +111,14 @@ class ReportMetrics:
     def numeric_columns(self, table: str) -> list[str]:
         if table not in self._schemas:
             import pyarrow as pa
-            import pyarrow.parquet as pq
+
+            from trm_diag.report import read_schema
 
             f = self._file(table)
             if not f.is_file():
                 self._schemas[table] = []
             else:
-                schema = pq.read_schema(f)
+                schema = read_schema(f)
                 self._schemas[table] = [
                     fld.name
                     for fld in schema
@@ -124,9 +129,9 @@ class ReportMetrics:
     def column(self, table: str, name: str) -> np.ndarray:
         key = (table, name)
         if key not in self._cols:
-            import pyarrow.parquet as pq
+            from trm_diag.report import read_table
 
-            arr = pq.read_table(self._file(table), columns=[name]).column(0).to_numpy(zero_copy_only=False)
+            arr = read_table(self._file(table), columns=[name]).column(0).to_numpy(zero_copy_only=False)
             self._cols[key] = np.asarray(arr, dtype=np.float64)
         return self._cols[key]
 
@@ -155,9 +160,9 @@ class ReportMetrics:
         f = self._file("bounds")
         if not f.is_file():
             return []
-        import pyarrow.parquet as pq
+        from trm_diag.report import read_table
 
-        return list(set(pq.read_table(f, columns=["T"]).column(0).to_pylist()))
+        return list(set(read_table(f, columns=["T"]).column(0).to_pylist()))
 
     def value(self, name: str) -> float:
         """The metric's value (NaN when it has no finite data); UsageError for unknown names."""

@@ -21,7 +21,7 @@ from trm_diag.backends.base import Rollout
 from trm_diag.config import SamplingConfig, Thresholds
 from trm_diag.errors import InputError, UsageError
 from trm_diag.moe import RoutingComparison
-from trm_diag.report import complete_report, prepare_out_dir, write_summary, write_tables
+from trm_diag.report import complete_report, prepare_out_dir, read_table, write_summary, write_tables
 
 MUST_MATCH = ("fidelity", "sampling", "thresholds", "compared_distribution")
 
@@ -30,8 +30,9 @@ def _read(path: str) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame, pd.Dat
     p, summary = complete_report(path)
     if summary.get("command") not in ("compare", "score"):
         raise InputError(f"'{path}' is not a compare or score report", "merge the shard reports of one command")
-    routing = pd.read_parquet(p / "routing.parquet") if (p / "routing.parquet").is_file() else None
-    return summary, pd.read_parquet(p / "tokens.parquet"), pd.read_parquet(p / "sequences.parquet"), routing
+    routing = read_table(p / "routing.parquet").to_pandas() if (p / "routing.parquet").is_file() else None
+    tokens, sequences = (read_table(p / f"{t}.parquet").to_pandas() for t in ("tokens", "sequences"))
+    return summary, tokens, sequences, routing
 
 
 def _comparisons(routing: pd.DataFrame) -> dict[int, RoutingComparison]:

@@ -20,6 +20,7 @@ from trm_diag.heap import release_heap
 
 if TYPE_CHECKING:
     import pandas as pd
+    import pyarrow as pa
 
 META_KEY = b"trm_diag"
 REPORT_FILES = ("tokens.parquet", "sequences.parquet", "bounds.parquet", "routing.parquet", "summary.json")
@@ -194,14 +195,40 @@ def complete_report(path: str | Path) -> tuple[Path, dict[str, Any]]:
         raise InputError(f"{marker} is not valid JSON ({e.msg})", "re-run the command that writes the report") from None
 
 
+def _damaged(path: Path, e: Exception) -> InputError:
+    if not path.is_file():
+        return InputError(f"report file '{path}' is missing", "re-run the command that writes the report")
+    why = (str(e).splitlines() or [type(e).__name__])[0].removeprefix(f"Could not open Parquet input source '{path}': ")
+    return InputError(f"cannot read report file '{path}' ({why})", "re-run the command that writes the report")
+
+
+def read_table(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """One report table (or some of its columns); a missing or damaged file is an InputError, not a traceback."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path, columns=columns)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid / ArrowIOError derive from these
+        raise _damaged(path, e) from None
+
+
+def read_schema(path: Path) -> pa.Schema:
+    """The Parquet schema of one report table (no rows read); InputError when missing or damaged."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_schema(path)
+    except (OSError, ValueError) as e:
+        raise _damaged(path, e) from None
+
+
 def load_report(path: str | Path, tables: tuple[str, ...] = ("tokens", "sequences")) -> dict[str, Any]:
     """Read a complete report: {'summary': dict, '<table>': DataFrame ...}."""
-    import pandas as pd
 
     p, summary = complete_report(path)
     out: dict[str, Any] = {"summary": summary}
     for name in tables:
         f = p / f"{name}.parquet"
         if f.is_file():
-            out[name] = pd.read_parquet(f)
+            out[name] = read_table(f).to_pandas()
     return out

@@ -81,13 +81,21 @@ def _rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
     raise InputError(f"unsupported rollout file type '{suffix}' ({path})", "use .jsonl or .parquet")
 
 
+def _is_int(x: Any) -> bool:
+    """An integer, or a float holding one (Parquet stores some id columns as doubles); never a bool."""
+    if isinstance(x, bool):
+        return False
+    return isinstance(x, int) or (isinstance(x, float) and x.is_integer())
+
+
 def _int_list(v: Any, where: str, name: str) -> list[int]:
-    if not isinstance(v, (list, tuple)) or not all(isinstance(x, (int, float)) and float(x).is_integer() for x in v):
+    if not isinstance(v, (list, tuple)) or not all(_is_int(x) for x in v):
         raise InputError(f"{where}: '{name}' must be a list of integer token ids", "check the column mapping (--map)")
     return [int(x) for x in v]
 
 
-def _topk(v: Any, where: str) -> list[dict[int, float]]:
+def _topk(v: Any, where: str, vocab_width: int) -> list[dict[int, float]]:
+    """Per-position {token id: log-prob}; ids inside the vocabulary, log-probs <= 0 (-inf allowed), never NaN."""
     fix = "one entry per response token: {token_id: logprob} or [[token_id, logprob], ...] (docs/rollout-schema.md)"
     if not isinstance(v, (list, tuple)):
         raise InputError(f"{where}: 'topk_logprobs' must be a list", fix)
@@ -105,8 +113,20 @@ def _topk(v: Any, where: str) -> list[dict[int, float]]:
                     raise ValueError
                 entry[int(tid)] = float(lp)  # ids may be JSON object keys (str) or Parquet doubles
             out.append(entry)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise InputError(f"{where}: malformed 'topk_logprobs' entry", fix) from None
+    for entry in out:
+        for tid, lp in entry.items():
+            if not 0 <= tid < vocab_width:
+                raise InputError(
+                    f"{where}: top-K token id {tid} is outside the model's vocabulary (0..{vocab_width - 1})",
+                    "score with the model the rollouts came from",
+                )
+            if math.isnan(lp) or lp > LOGPROB_SLACK:
+                raise InputError(
+                    f"{where}: invalid top-K log-prob {lp} (log-probs are <= 0 and not NaN)",
+                    "check the column holds log-probs, not probs or logits",
+                )
     return out
 
 
@@ -185,7 +205,7 @@ def read_rollouts(path: str | Path, mapping: dict[str, str], tokenizer: Any, voc
             )
         extra: dict[str, Any] = {}
         if row.get("topk_logprobs") is not None:
-            topk = _topk(row["topk_logprobs"], where)
+            topk = _topk(row["topk_logprobs"], where, vocab_width)
             if len(topk) != len(resp):
                 raise InputError(
                     f"{where}: {len(topk)} top-K entries for {len(resp)} response tokens",
