@@ -37,17 +37,22 @@ class BackendSpec:
     def dtype(self) -> str:
         return self.options.get("dtype", "float32")
 
-    def get_int(self, key: str, default: int) -> int:
+    def get_int(self, key: str, default: int, minimum: int | None = None) -> int:
         raw = self.options.get(key)
         if raw is None:
             return default
         try:
-            return int(raw)
+            value = int(raw)
         except ValueError:
             raise UsageError(
                 f"backend spec '{self.text}': {key}={raw} is not an integer",
                 f"write {key}=<integer>",
             ) from None
+        if minimum is not None and value < minimum:
+            raise UsageError(
+                f"backend spec '{self.text}': {key}={raw} is below {minimum}", f"write {key}={minimum} or more"
+            )
+        return value
 
     def with_model(self, model: str) -> BackendSpec:
         """This spec with ``model`` filled in, unless the spec already names one."""

@@ -87,6 +87,7 @@ class HFBackend:
 
         hf_logging.disable_progress_bar()  # trm-diag shows its own progress
 
+        self.batch_size = spec.get_int("batch_size", 8, minimum=1)  # checked before the weights load
         device = spec.options.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         kwargs: dict[str, Any] = {
             "dtype": TORCH_DTYPES.get(spec.dtype, "auto"),
@@ -112,7 +113,6 @@ class HFBackend:
         self.device = next(model.parameters()).device
         text_cfg = model.config.get_text_config()
         self.vocab_width = int(text_cfg.vocab_size)
-        self.batch_size = spec.get_int("batch_size", 8)
         self.seed_override = spec.options.get("seed")
         self.eos_ids = _eos_ids(model, self.tokenizer)
         pad = self.tokenizer.pad_token_id

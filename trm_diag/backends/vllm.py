@@ -123,6 +123,7 @@ class VLLMBackend:
 
     def __init__(self, spec: BackendSpec, *, trust_remote_code: bool = False, allow_pickle: bool = False):
         self.spec = spec
+        self.batch_size = spec.get_int("batch_size", 64, minimum=1)  # checked before the engine starts
         self.model_path, _ = spec_checkpoint(spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # apply_model needs the engine in-process
         # keep the terminal for trm-diag's own output (set these variables to see the engine's logs)
@@ -166,7 +167,6 @@ class VLLMBackend:
         self.tokenizer = self.llm.get_tokenizer()
         hf_cfg = self.llm.llm_engine.model_config.hf_text_config
         self.vocab_width = int(hf_cfg.vocab_size)
-        self.batch_size = spec.get_int("batch_size", 64)
         self.seed_override = spec.options.get("seed")
         self.description = spec.describe()
         self._capture = _RowCapture()
