@@ -19,10 +19,14 @@ def compare(model, out, capsys, *extra):
     return out
 
 
-@pytest.mark.parametrize("which", ["dense_model", "moe_model"])
-def test_merge_of_shards_equals_a_single_run(request, which, tmp_path, capsys):
+@pytest.mark.parametrize("which,chunk", [("dense_model", 64), ("moe_model", 64), ("moe_model", 3)])
+def test_merge_of_shards_equals_a_single_run(request, which, chunk, tmp_path, capsys, monkeypatch):
     """Equal to the last bit for batch-invariant engines; with batching, the same rollouts differ only
-    by the engines' batch non-invariance (itself a mismatch the tool measures)."""
+    by the engines' batch non-invariance (itself a mismatch the tool measures). chunk=3: the merge
+    streams 7 chunks whose rollouts come from several shards each."""
+    import trm_diag.merge
+
+    monkeypatch.setattr(trm_diag.merge, "CHUNK", chunk)
     model = request.getfixturevalue(which)
     full = compare(model, tmp_path / "full", capsys)
     shards = [compare(model, tmp_path / f"s{i}", capsys, "--shard", f"{i}/3") for i in range(3)]
@@ -70,3 +74,36 @@ def test_merge_refuses_damaged_or_incomplete_shards(dense_model, tmp_path, capsy
 def test_bad_shard_spec(bad, tmp_path, capsys):
     code, _, err = run_cli(["compare", "--shard", bad, "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "--shard" in err
+
+
+def test_row_index_reads_sequences_from_any_row_layout(tmp_path):
+    """_Rows finds each sequence's rows by row group, also when a file's rows are not grouped by seq_id."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from trm_diag.merge import _ranges, _Rows
+
+    assert _ranges(np.array([5, 0, 9]), np.array([2, 0, 3])).tolist() == [5, 6, 9, 10, 11]
+    rng = np.random.default_rng(0)
+    seq = np.repeat(np.arange(12), rng.integers(0, 5, 12))  # some sequences have no rows
+    pos = np.concatenate([np.arange(c) for c in np.bincount(seq, minlength=12)])
+    for shuffled in (False, True):
+        perm = rng.permutation(len(seq)) if shuffled else np.arange(len(seq))
+        f = tmp_path / f"t{shuffled}.parquet"
+        pq.write_table(
+            pa.table({"seq_id": seq[perm], "pos": pos[perm], "v": (seq * 100 + pos)[perm]}), f, row_group_size=4
+        )
+        rows = _Rows(f)
+        assert (rows.order is None) == (not shuffled)
+        want = [7, 0, 3, 11]
+        starts, counts = rows.spans(np.array(want))
+        got = rows.read_spans(starts, counts).to_pydict()
+        expect = [(s, p) for s in want for p in range(int(np.sum(seq == s)))]
+        assert sorted(zip(got["seq_id"], got["pos"])) == sorted(expect)
+        assert [s for s in got["seq_id"]] == [s for s in want for _ in range(int(np.sum(seq == s)))]
+        assert all(v == s * 100 + p for s, p, v in zip(got["seq_id"], got["pos"], got["v"]))
+        assert np.array_equal(rows.in_grouped_order(seq[perm]), np.sort(seq))
+        empty = np.setdiff1d(np.arange(12), seq)[:1]  # a sequence without rows (an empty response)
+        assert len(empty) and rows.read_spans(*rows.spans(empty)).column_names == ["seq_id", "pos", "v"]
+        assert rows.read_spans(*rows.spans(empty)).num_rows == 0

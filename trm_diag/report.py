@@ -195,7 +195,8 @@ def complete_report(path: str | Path) -> tuple[Path, dict[str, Any]]:
         raise InputError(f"{marker} is not valid JSON ({e.msg})", "re-run the command that writes the report") from None
 
 
-def _damaged(path: Path, e: Exception) -> InputError:
+def unreadable(path: Path, e: Exception) -> InputError:
+    """The one-line error for a report file that is missing or cannot be read."""
     if not path.is_file():
         return InputError(f"report file '{path}' is missing", "re-run the command that writes the report")
     why = (str(e).splitlines() or [type(e).__name__])[0].removeprefix(f"Could not open Parquet input source '{path}': ")
@@ -209,7 +210,7 @@ def read_table(path: Path, columns: list[str] | None = None) -> pa.Table:
     try:
         return pq.read_table(path, columns=columns)
     except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid / ArrowIOError derive from these
-        raise _damaged(path, e) from None
+        raise unreadable(path, e) from None
 
 
 def read_schema(path: Path) -> pa.Schema:
@@ -219,7 +220,7 @@ def read_schema(path: Path) -> pa.Schema:
     try:
         return pq.read_schema(path)
     except (OSError, ValueError) as e:
-        raise _damaged(path, e) from None
+        raise unreadable(path, e) from None
 
 
 def load_report(path: str | Path, tables: tuple[str, ...] = ("tokens", "sequences")) -> dict[str, Any]:
