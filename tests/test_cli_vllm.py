@@ -123,3 +123,38 @@ def test_unknown_engine_argument_is_a_user_error(tmp_path, dense_model, capsys):
         )
     err = capsys.readouterr().err
     assert e.value.code == 2 and "no_such_arg" in err and "Traceback" not in err
+
+
+def test_vllm_vs_vllm_checkpoints_chunks_and_resumes_without_regenerating(tmp_path, dense_model, monkeypatch):
+    """Engines that swap: every chunk is generated and saved, then scored chunk by chunk (memory is one
+    chunk of token rows, not the run's). Interrupted while scoring, --resume reuses the saved rollouts
+    (exact tier: their rows are recomputed by the rollout engine) and writes the same report."""
+    from trm_diag.backends.vllm import VLLMBackend
+    from trm_diag.partial import PartialStore
+
+    argv = ["--model", str(dense_model), "--rollout", f"vllm:dtype=bfloat16,{KV}",
+            "--train", f"vllm:dtype=float32,{KV}", "--chunk-prompts", "3"]  # fmt: skip
+    ref_tok, ref = compare(tmp_path / "ref", *argv)  # 8 prompts: chunks of 3, 3, 2
+    assert ref["engines_sequential"] and ref["run"]["chunks"] == 3 and ref_tok["kl"].max() > 1e-4
+
+    real_save = PartialStore.save
+
+    def interrupted(self, i, scored):
+        if i == 1:
+            raise KeyboardInterrupt
+        real_save(self, i, scored)
+
+    monkeypatch.setattr(PartialStore, "save", interrupted)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "--out", str(out), *FAST, *argv])
+    assert e.value.code == 130
+    manifest = json.loads((out / ".trm-partial" / "manifest.json").read_text())
+    assert manifest["done"] == [0] and manifest["generated"] == [1, 2]
+
+    monkeypatch.setattr(PartialStore, "save", real_save)
+    monkeypatch.setattr(VLLMBackend, "generate", lambda *a, **k: pytest.fail("a saved chunk was generated again"))
+    tok, s = compare(out, *argv, "--resume")
+    assert s["run"]["resumed_chunks"] == 1 and not (out / ".trm-partial").exists()
+    for f in ("tokens.parquet", "sequences.parquet", "bounds.parquet"):
+        pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "ref" / f), pd.read_parquet(out / f), check_exact=True)

@@ -65,6 +65,7 @@ class PartialStore:
                     "resume with exactly the same command, or pass --overwrite to start again",
                 )
             self.done = set(m["done"])
+            self.generated = set(m.get("generated", [])) - self.done
         else:
             if resume:
                 raise UsageError(f"there is no interrupted run to resume in '{out_dir}'", "drop --resume")
@@ -72,6 +73,7 @@ class PartialStore:
                 shutil.rmtree(self.dir)
             self.dir.mkdir(parents=True)
             self.done = set()
+            self.generated: set[int] = set()
             self._write_manifest()
         self._base: list[int] | None = None
         self._tokens: Any = None  # pyarrow dataset over the chunks' token files, for column()
@@ -81,6 +83,7 @@ class PartialStore:
             "fingerprint": self.fingerprint,
             "n_chunks": self.n_chunks,
             "done": sorted(self.done),
+            "generated": sorted(self.generated),  # rollouts saved, not yet scored (engines that swap)
             "complete": False,
         }
         _atomic_write(self.dir / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(body, indent=1)))
@@ -88,19 +91,23 @@ class PartialStore:
     def _path(self, i: int, kind: str) -> Path:
         return self.dir / f"chunk-{i:05d}.{kind}.parquet"
 
+    def save_generated(self, i: int, rollouts: list[Rollout]) -> None:
+        """Store chunk i's rollouts before they are scored (two vLLM engines run one after the other:
+        every chunk is generated first, then scored), so memory stays one chunk and Ctrl-C loses little."""
+        _write(self._path(i, "generated"), _rollout_frame(rollouts))
+        self.generated.add(i)
+        self._write_manifest()
+        release_heap()
+
+    def generated_rollouts(self, i: int) -> list[Rollout]:
+        """The rollouts saved by save_generated, seq ids 0, 1, ... as generate() numbers them."""
+        if i not in self.generated:
+            raise InputError(f"chunk {i} of the run was never generated in {self.dir}", "resume the run with --resume")
+        return _rollouts_from(self._path(i, "generated"), 0)
+
     def save(self, i: int, scored: Scored) -> None:
         """Store chunk i atomically, then mark it done."""
-        rolls = pd.DataFrame(
-            {
-                "prompt_idx": [r.prompt_idx for r in scored.rollouts],
-                "sample_idx": [r.sample_idx for r in scored.rollouts],
-                "prompt_ids": [r.prompt_ids for r in scored.rollouts],
-                "response_ids": [r.response_ids for r in scored.rollouts],
-                "lp_roll": [r.lp_roll for r in scored.rollouts],
-                "finish_reason": [r.finish_reason for r in scored.rollouts],
-                "extra_json": [json.dumps(_jsonable(r.extra)) for r in scored.rollouts],
-            }
-        )
+        rolls = _rollout_frame(scored.rollouts)
         tokens = pd.DataFrame(
             {k: np.concatenate([c[k] for c in scored.columns]) for k in scored.columns[0]} if scored.columns else {}
         )
@@ -110,7 +117,9 @@ class PartialStore:
         if scored.routing:
             _write(self._path(i, "routing"), _routing_frame(scored))
         self.done.add(i)
+        self.generated.discard(i)
         self._write_manifest()
+        self._path(i, "generated").unlink(missing_ok=True)
         release_heap()  # a chunk's temporaries are gone: give their pages back (heap.py)
 
     # ---- ChunkSource (assemble.py): the report is assembled from the stored chunks, one at a time
@@ -132,29 +141,9 @@ class PartialStore:
 
     def rollouts(self, i: int) -> list[Rollout]:
         """The rollouts of chunk i, with global seq ids."""
-        import pyarrow.parquet as pq
 
         self._check(i)
-        base = self._bases()[i]
-        d = pq.read_table(self._path(i, "rollouts")).to_pydict()
-        out = []
-        for j in range(len(d["prompt_idx"])):
-            extra = json.loads(d["extra_json"][j])
-            if "topk" in extra:
-                extra["topk"] = [{int(k): float(v) for k, v in e.items()} for e in extra["topk"]]
-            out.append(
-                Rollout(
-                    base + j,
-                    d["prompt_idx"][j],
-                    d["sample_idx"][j],
-                    d["prompt_ids"][j],
-                    d["response_ids"][j],
-                    d["lp_roll"][j],
-                    d["finish_reason"][j],
-                    extra,
-                )  # fmt: skip
-            )
-        return out
+        return _rollouts_from(self._path(i, "rollouts"), self._bases()[i])
 
     def chunk(self, i: int) -> Scored:
         """Chunk i: rollouts, token columns and routing, with global seq ids."""
@@ -199,6 +188,46 @@ class PartialStore:
 
     def clear(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _rollout_frame(rollouts: list[Rollout]) -> pd.DataFrame:
+    """One row per rollout: ids, log-probs, finish reason and extras (as JSON)."""
+    return pd.DataFrame(
+        {
+            "prompt_idx": [r.prompt_idx for r in rollouts],
+            "sample_idx": [r.sample_idx for r in rollouts],
+            "prompt_ids": [r.prompt_ids for r in rollouts],
+            "response_ids": [r.response_ids for r in rollouts],
+            "lp_roll": [r.lp_roll for r in rollouts],
+            "finish_reason": [r.finish_reason for r in rollouts],
+            "extra_json": [json.dumps(_jsonable(r.extra)) for r in rollouts],
+        }
+    )
+
+
+def _rollouts_from(path: Path, base: int) -> list[Rollout]:
+    """The rollouts of a frame written by _rollout_frame, seq ids base, base + 1, ..."""
+    import pyarrow.parquet as pq
+
+    d = pq.read_table(path).to_pydict()
+    out = []
+    for j in range(len(d["prompt_idx"])):
+        extra = json.loads(d["extra_json"][j])
+        if "topk" in extra:
+            extra["topk"] = [{int(k): float(v) for k, v in e.items()} for e in extra["topk"]]
+        out.append(
+            Rollout(
+                base + j,
+                d["prompt_idx"][j],
+                d["sample_idx"][j],
+                d["prompt_ids"][j],
+                d["response_ids"][j],
+                d["lp_roll"][j],
+                d["finish_reason"][j],
+                extra,
+            )  # fmt: skip
+        )
+    return out
 
 
 def _jsonable(extra: dict[str, Any]) -> dict[str, Any]:

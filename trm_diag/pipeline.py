@@ -172,12 +172,37 @@ def _write(out_dir: Path, assembled: Assembled, timings: dict[str, float], t_sta
     return CompareResult(out_dir, assembled.summary)
 
 
+class _Engines:
+    """The backends a run opened, all closed when it ends however it ends: an interrupted run must
+    not leave a vLLM engine holding its KV cache in a process that goes on (a notebook, a test)."""
+
+    def __init__(self) -> None:
+        self.opened: list[Any] = []
+
+    def load(self, spec: BackendSpec, **kw: Any) -> Any:
+        from trm_diag.backends import load_backend
+
+        backend = load_backend(spec, **kw)
+        self.opened.append(backend)
+        return backend
+
+    def __enter__(self) -> _Engines:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for backend in self.opened:
+            backend.close()
+
+
 def run_compare(cfg: CompareConfig, reporter: Reporter | None = None) -> CompareResult:
     """Generate with the rollout backend, rescore with the training backend, write the report."""
-    from trm_diag.backends import load_backend
+    with _Engines() as engines:
+        return _compare(cfg, reporter or Reporter(), engines)
+
+
+def _compare(cfg: CompareConfig, rep: Reporter, engines: _Engines) -> CompareResult:
     from trm_diag.prompts import encode_prompt, load_prompts
 
-    rep = reporter or Reporter()
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     USED_KERNELS.clear()  # summary.json names the kernels of this run only
@@ -212,7 +237,7 @@ def run_compare(cfg: CompareConfig, reporter: Reporter | None = None) -> Compare
 
     t = time.perf_counter()
     with rep.phase(f"loading {roll_spec.name} (rollout)", 1) as advance:
-        roll = load_backend(roll_spec, **kw)
+        roll = engines.load(roll_spec, **kw)
         advance(1)
     timings["load_rollout_s"] = time.perf_counter() - t
     tokenizer, width = roll.tokenizer, roll.vocab_width
@@ -222,62 +247,51 @@ def run_compare(cfg: CompareConfig, reporter: Reporter | None = None) -> Compare
             raise InputError(f"prompt {i} encodes to zero tokens", "remove empty prompts from the prompt file")
 
     # Chunks of prompts: each finished chunk is checkpointed, so Ctrl-C loses at most one chunk.
-    # Two vLLM engines cannot coexist, so such a run is a single chunk (engines swap once).
     n = len(prompt_ids)
-    step = max(1, cfg.chunk_prompts) if coexist else max(n, 1)
+    step = max(1, cfg.chunk_prompts)
     chunks = [(a, min(n, a + step)) for a in range(0, n, step)]
     settings = {k: v for k, v in as_dict(cfg).items() if k not in ("out", "overwrite", "resume", "save_rollouts")}
     settings["specs"] = [roll_spec.describe(), train_spec.describe()]
     store = PartialStore(out_dir, run_fingerprint(settings, [cfg.prompts]), len(chunks), cfg.resume, cfg.overwrite)
     resumed = len(store.done)
-    train = roll if same else (load_backend(train_spec, **kw) if coexist else None)
+    train = roll if same else (engines.load(train_spec, **kw) if coexist else None)
     if train is not None:
         _check_pair(roll, train, same)
     for key in ("generate_s", "rollout_rows_s", "score_s"):
         timings[key] = 0.0
     total = n * sampling.samples_per_prompt
+    held: dict[int, list[TokenRows]] = {}  # exact tier, engines that swap: rollout rows by chunk
     with rep.phase(f"generating ({roll.description}) and scoring ({cfg.train.name}, {fidelity})", 2 * total) as advance:
+        if train is None:  # two vLLM engines, one after the other: every chunk generated, then scored
+            held = _generate_all(
+                roll, prompt_ids, indices, chunks, store, sampling, fidelity, width, cfg, advance, timings
+            )
+            roll.close()
+            t = time.perf_counter()
+            train = engines.load(train_spec, **kw)
+            timings["load_train_s"] = time.perf_counter() - t
+            _check_pair(roll, train, same)
         for ci, (a, b) in enumerate(chunks):
             if ci in store.done:
                 advance(2 * (b - a) * sampling.samples_per_prompt)
                 continue
-            t = time.perf_counter()
-            rollouts = roll.generate(prompt_ids[a:b], sampling, advance, prompt_indices=indices[a:b])
-            timings["generate_s"] += time.perf_counter() - t
-            held: list[TokenRows] | None = None
-            if train is None:  # two vLLM engines: the rollout's rows first, then swap engines
+            if coexist:
                 t = time.perf_counter()
-                if fidelity == "exact":
-                    size = 4 * width * sum(len(r.response_ids) for r in rollouts)
-                    if size > cfg.max_held_bytes:
-                        raise UsageError(
-                            f"exact fidelity between two vLLM engines would hold {size / 2**30:.1f} GiB of rollout rows",
-                            "use --fidelity topk, fewer prompts, or an hf training side",
-                        )
-                    held = []
-                    for s in range(0, len(rollouts), 16):
-                        held.extend(
-                            roll.score([(r.prompt_ids, r.response_ids) for r in rollouts[s : s + 16]], sampling)
-                        )
-                roll.close()
-                timings["rollout_rows_s"] += time.perf_counter() - t
-                t = time.perf_counter()
-                train = load_backend(train_spec, **kw)
-                timings["load_train_s"] = time.perf_counter() - t
-                _check_pair(roll, train, same)
+                rollouts = roll.generate(prompt_ids[a:b], sampling, advance, prompt_indices=indices[a:b])
+                timings["generate_s"] += time.perf_counter() - t
+                rows: list[TokenRows] | None = None
+            else:
+                rollouts, rows = store.generated_rollouts(ci), held.pop(ci, None)
 
-            def rollout_rows(start: int, pairs: list, held=held) -> list[TokenRows] | None:
-                if held is not None:
-                    return held[start : start + len(pairs)]
-                return None if same else roll.score(pairs, sampling)
+            def rollout_rows(start: int, pairs: list, rows=rows) -> list[TokenRows] | None:
+                if rows is not None:
+                    return rows[start : start + len(pairs)]
+                return None if same or not coexist else roll.score(pairs, sampling)
 
             t = time.perf_counter()
             scored = score_rollouts(rollouts, train, rollout_rows, sampling, fidelity, width, advance)
             timings["score_s"] += time.perf_counter() - t
             store.save(ci, scored)
-    if train is None:  # every chunk was already done (resume of a finished vLLM-vs-vLLM run)
-        roll.close()
-        train = load_backend(train_spec, **kw)
     if cfg.save_rollouts:
         from trm_diag.rollouts_io import write_rollouts
 
@@ -301,10 +315,51 @@ def run_compare(cfg: CompareConfig, reporter: Reporter | None = None) -> Compare
     )  # fmt: skip
     result = _write(out_dir, assembled, timings, t_start)
     store.clear()
-    roll.close()
-    if not same:
-        train.close()
     return result
+
+
+def _generate_all(
+    roll: Any,
+    prompt_ids: list[list[int]],
+    indices: list[int],
+    chunks: list[tuple[int, int]],
+    store: PartialStore,
+    sampling: SamplingConfig,
+    fidelity: str,
+    width: int,
+    cfg: CompareConfig,
+    advance: Callable[[int], None],
+    timings: dict[str, float],
+) -> dict[int, list[TokenRows]]:
+    """Phase one of a run whose engines cannot coexist: generate and save every chunk not yet
+    scored. The exact tier also needs the rollout engine's full rows of every such chunk while
+    the engines swap: those are held (up to cfg.max_held_bytes) and returned by chunk."""
+    held: dict[int, list[TokenRows]] = {}
+    size = 0
+    for ci, (a, b) in enumerate(chunks):
+        if ci in store.done:
+            continue
+        t = time.perf_counter()
+        if ci in store.generated:  # a resumed run: generated before the interruption
+            rollouts = store.generated_rollouts(ci)
+            advance(len(rollouts))
+        else:
+            rollouts = roll.generate(prompt_ids[a:b], sampling, advance, prompt_indices=indices[a:b])
+            store.save_generated(ci, rollouts)
+        timings["generate_s"] += time.perf_counter() - t
+        if fidelity != "exact":
+            continue
+        t = time.perf_counter()
+        size += 4 * width * sum(len(r.response_ids) for r in rollouts)
+        if size > cfg.max_held_bytes:
+            raise UsageError(
+                f"exact fidelity between two vLLM engines would hold over {size / 2**30:.1f} GiB of rollout rows",
+                "use --fidelity topk, fewer prompts, or an hf training side",
+            )
+        pairs = [(r.prompt_ids, r.response_ids) for r in rollouts]
+        held[ci] = [row for s in range(0, len(pairs), 16) for row in roll.score(pairs[s : s + 16], sampling)]
+        timings["rollout_rows_s"] += time.perf_counter() - t
+    return held
 
 
 def _check_pair(roll: Any, train: Any, same: bool) -> None:
@@ -320,10 +375,13 @@ def _check_pair(roll: Any, train: Any, same: bool) -> None:
 
 def run_score(cfg: ScoreConfig, reporter: Reporter | None = None) -> CompareResult:
     """Rescore rollouts from a file with the training backend and write the same report as compare."""
-    from trm_diag.backends import load_backend
+    with _Engines() as engines:
+        return _score(cfg, reporter or Reporter(), engines)
+
+
+def _score(cfg: ScoreConfig, rep: Reporter, engines: _Engines) -> CompareResult:
     from trm_diag.rollouts_io import read_rollouts
 
-    rep = reporter or Reporter()
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     USED_KERNELS.clear()  # summary.json names the kernels of this run only
@@ -339,7 +397,7 @@ def run_score(cfg: ScoreConfig, reporter: Reporter | None = None) -> CompareResu
         raise UsageError(f"'{cfg.out}' holds an interrupted run", "pass --overwrite, or choose another --out folder")
     t = time.perf_counter()
     with rep.phase(f"loading {train_spec.name} (train)", 1) as advance:
-        train = load_backend(train_spec, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
+        train = engines.load(train_spec, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
         advance(1)
     timings["load_train_s"] = time.perf_counter() - t
     data = read_rollouts(cfg.rollouts, cfg.mapping, train.tokenizer, train.vocab_width)
@@ -386,5 +444,4 @@ def run_score(cfg: ScoreConfig, reporter: Reporter | None = None) -> CompareResu
     )  # fmt: skip
     result = _write(out_dir, assembled, timings, t_start)
     store.clear()
-    train.close()
     return result
