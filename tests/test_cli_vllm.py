@@ -158,3 +158,19 @@ def test_vllm_vs_vllm_checkpoints_chunks_and_resumes_without_regenerating(tmp_pa
     assert s["run"]["resumed_chunks"] == 1 and not (out / ".trm-partial").exists()
     for f in ("tokens.parquet", "sequences.parquet", "bounds.parquet"):
         pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "ref" / f), pd.read_parquet(out / f), check_exact=True)
+
+
+def test_vllm_vs_vllm_exact_refuses_to_hold_too_many_rows(tmp_path, dense_model):
+    """The exact tier holds the rollout engine's full rows across the engine swap: past the limit the run
+    stops with the fix before the second engine starts, and leaves no report."""
+    from trm_diag.backends import parse_spec
+    from trm_diag.config import SamplingConfig
+    from trm_diag.errors import UsageError
+    from trm_diag.pipeline import CompareConfig, run_compare
+
+    cfg = CompareConfig(rollout=parse_spec(f"vllm:dtype=bfloat16,{KV}"), train=parse_spec(f"vllm:dtype=float32,{KV}"),
+                        model=str(dense_model), out=str(tmp_path / "o"), num_prompts=2,
+                        sampling=SamplingConfig(max_new_tokens=8), max_held_bytes=100_000)  # fmt: skip
+    with pytest.raises(UsageError, match="--fidelity topk"):
+        run_compare(cfg)
+    assert not (tmp_path / "o" / "summary.json").exists()

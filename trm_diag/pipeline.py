@@ -354,7 +354,7 @@ def _generate_all(
         if size > cfg.max_held_bytes:
             raise UsageError(
                 f"exact fidelity between two vLLM engines would hold over {size / 2**30:.1f} GiB of rollout rows",
-                "use --fidelity topk, fewer prompts, or an hf training side",
+                "use --fidelity topk (with --overwrite), fewer prompts, or an hf training side",
             )
         pairs = [(r.prompt_ids, r.response_ids) for r in rollouts]
         held[ci] = [row for s in range(0, len(pairs), 16) for row in roll.score(pairs[s : s + 16], sampling)]
