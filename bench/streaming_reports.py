@@ -1,6 +1,7 @@
 """Streaming reports: peak memory versus the number of rollouts (issue 7, target 4).
 
     .venv/bin/python bench/streaming_reports.py [--sizes 2500,5000,10000,20000] [--e2e 2500,5000,10000,20000]
+        [--e2e-rollout SPEC] [--e2e-train SPEC] [--e2e-extra "--fidelity topk --topk 8"]
 
 Part 1, assembling and writing a report (no model): a checkpoint store holding N scored
 rollouts (16-token prompts, 32-token responses, every token column filled) becomes a report
@@ -129,8 +130,8 @@ def part1(sizes: list[int]) -> None:
                 print(f"{n:>9}{n * RESP_LEN:>10}  {method:<11}{r['seconds']:>9.1f}{r['peak_mb']:>15.0f}")
 
 
-def part2(sizes: list[int], rollout: str) -> None:
-    print(f"\nPart 2: trm-diag compare end to end (tiny Llama, {rollout} vs hf fp32, 16 new tokens)")
+def part2(sizes: list[int], rollout: str, train: str = "hf:dtype=float32,batch_size=64", extra: tuple = ()) -> None:
+    print(f"\nPart 2: trm-diag compare end to end (tiny Llama, {rollout} vs {train} {' '.join(extra)}, 16 new tokens)")
     print(f"{'rollouts':>9}{'tokens':>10}{'seconds':>9}{'peak RSS MB':>13}")
     exe = str(Path(sys.executable).parent / "trm-diag")
     rng = random.Random(0)
@@ -142,7 +143,7 @@ def part2(sizes: list[int], rollout: str) -> None:
             )
             out = Path(tmp) / "out"
             cmd = [exe, "compare", "--prompts", str(prompts), "--rollout", rollout,
-                   "--train", "hf:dtype=float32,batch_size=64", "--max-new-tokens", "16", "--out", str(out), "-q"]  # fmt: skip
+                   "--train", train, "--max-new-tokens", "16", "--out", str(out), "-q", *extra]  # fmt: skip
             seconds, mb, code = peak_rss(cmd)
             if code:
                 continue
@@ -156,11 +157,13 @@ def main() -> None:
     ap.add_argument("--sizes", default="2500,5000,10000,20000,40000")
     ap.add_argument("--e2e", default="2500,5000,10000,20000")
     ap.add_argument("--e2e-rollout", default="hf:dtype=bfloat16,batch_size=64", help="rollout spec of part 2")
+    ap.add_argument("--e2e-train", default="hf:dtype=float32,batch_size=64", help="training spec of part 2")
+    ap.add_argument("--e2e-extra", default="", help="more compare options of part 2, e.g. '--fidelity topk --topk 8'")
     args = ap.parse_args()
     if args.sizes:
         part1([int(x) for x in args.sizes.split(",")])
     if args.e2e:
-        part2([int(x) for x in args.e2e.split(",")], args.e2e_rollout)
+        part2([int(x) for x in args.e2e.split(",")], args.e2e_rollout, args.e2e_train, tuple(args.e2e_extra.split()))
 
 
 if __name__ == "__main__":

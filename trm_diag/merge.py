@@ -90,12 +90,9 @@ class _Rows:
         except (OSError, ValueError) as e:
             raise unreadable(self.path, e) from None
         self._cache = {key: t for key, t in self._cache.items() if key[0] in groups}
-        if not tables:
-            return (
-                self.file.schema_arrow.empty_table().select(columns)
-                if columns
-                else self.file.schema_arrow.empty_table()
-            )
+        if not tables:  # sequences without rows (empty responses)
+            schema = self.file.schema_arrow
+            return schema.empty_table().select(columns or schema.names)
         base = np.zeros(len(self.group_starts), np.int64)  # where each group starts in the concatenation
         base[groups] = np.concatenate([[0], np.cumsum([t.num_rows for t in tables])[:-1]])
         return pa.concat_tables(tables).take(positions - self.group_starts[g] + base[g])
