@@ -76,6 +76,8 @@ def test_plot(tmp_path, capsys):
         (["--delta", "1e-3", "--tv-seq", "2"], "--tv-seq 2.0 exceeds 1"),
         (["--report", "/nope"], "does not exist"),
         (["--delta", "1e-3", "--horizons", "0"], "positive integers"),
+        (["--delta", "1e-3", "--horizons", "1.5"], "positive integers"),
+        (["--delta", "1e-3", "--horizons", "64,99999999999999999999"], "is beyond 10,000,000 tokens"),
         (["--budget", "0"], "--budget 0.0 is invalid"),
     ],
 )

@@ -118,6 +118,9 @@ def test_wide_vocabulary_model(tmp_path, wide_vocab_model, capsys):
         (["--top-p", "0"], "--top-p 0.0 is out of range"),
         (["--trm-max", "-1"], "threshold trm_max=-1.0 is out of range"),
         (["--horizons", "a,b"], "--horizons 'a,b'"),
+        (["--horizons", "256,inf"], "must hold positive integers"),
+        (["--horizons", "1e99"], "1e99 is beyond 10,000,000 tokens"),
+        (["--chunk-prompts", "0"], "--chunk-prompts 0 must be >= 1"),
     ],
 )
 def test_user_errors_are_one_line_exit_2(tmp_path, argv, needle, capsys):

@@ -126,6 +126,7 @@ def test_list_metrics(report, capsys):
         (["{report}", "-r", "token.kl.p99 <= 1", "--format", "xml"], "--format xml is unknown"),
         (["{report}", "--config", "/no/rules.toml"], "does not exist"),
         (["{report}", "-r", "bounds.unified@0 <= 1"], "unknown metric"),
+        (["{report}", "-r", "bounds.unified@99999999999999 <= 1"], "beyond 10,000,000 tokens"),
     ],
 )
 def test_errors_exit_2(report, tmp_path, monkeypatch, argv, needle, capsys):

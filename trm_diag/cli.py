@@ -6,6 +6,7 @@ need them, so `trm-diag --help`, `bounds` and `gate` start fast.
 
 from __future__ import annotations
 
+import math
 import sys
 from contextlib import contextmanager
 from typing import Annotated
@@ -14,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from trm_diag.config import MAX_HORIZON
 from trm_diag.errors import ExitCode, TrmDiagError, UsageError
 from trm_diag.heap import tune_allocator
 from trm_diag.kernel_choice import kernel_name
@@ -36,15 +38,17 @@ SAMPLE_HELP = "Default: the bundled sample."
 
 
 def _horizons(text: str) -> tuple[int, ...]:
+    fix = "write e.g. --horizons 256,1024,4096"
     try:
-        values = tuple(int(float(x)) for x in text.split(",") if x.strip())
+        floats = [float(x) for x in text.split(",") if x.strip()]  # 1e4 is a fine way to write 10000
     except ValueError:
-        raise UsageError(
-            f"--horizons '{text}' is not a list of integers", "write e.g. --horizons 256,1024,4096"
-        ) from None
-    if not values or any(v < 1 for v in values):
-        raise UsageError(f"--horizons '{text}' must hold positive integers", "write e.g. --horizons 256,1024,4096")
-    return values
+        raise UsageError(f"--horizons '{text}' is not a list of integers", fix) from None
+    if not floats or not all(math.isfinite(v) and v.is_integer() and v >= 1 for v in floats):
+        raise UsageError(f"--horizons '{text}' must hold positive integers", fix)
+    if max(floats) > MAX_HORIZON:
+        big = next(x.strip() for x in text.split(",") if x.strip() and float(x) > MAX_HORIZON)
+        raise UsageError(f"--horizons: {big} is beyond {MAX_HORIZON:,} tokens", f"use horizons up to {MAX_HORIZON}")
+    return tuple(int(v) for v in floats)
 
 
 def _shard(text: str | None) -> tuple[int, int] | None:
@@ -207,6 +211,8 @@ def compare(
 
     if num_prompts is not None and num_prompts < 1:
         raise UsageError(f"--num-prompts {num_prompts} must be >= 1", "use a positive integer")
+    if chunk_prompts < 1:
+        raise UsageError(f"--chunk-prompts {chunk_prompts} must be >= 1", "use a positive integer (default 64)")
     cfg = CompareConfig(
         rollout=parse_spec(rollout or default_rollout_spec()),
         train=parse_spec(train),

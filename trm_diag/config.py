@@ -17,6 +17,7 @@ from trm_diag.errors import UsageError
 # Keys every backend understands; each backend adds its own (see backends/__init__.py).
 COMMON_KEYS = ("model", "dtype", "batch_size", "seed")
 
+MAX_HORIZON = 10_000_000  # longest horizon T evaluated: the adaptive bounds sum over t = 1..T (~1 s, ~0.5 GB)
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 

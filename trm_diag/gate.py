@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from trm_diag.config import MAX_HORIZON
 from trm_diag.errors import InputError, UsageError
 
 STATS = {"mean": None, "p50": 0.5, "p90": 0.9, "p99": 0.99, "p999": 0.999, "max": 1.0, "min": 0.0}
@@ -201,6 +202,10 @@ class ReportMetrics:
         T = int(horizon)
         if T < 1:
             raise ValueError(horizon)
+        if T > MAX_HORIZON:
+            raise UsageError(
+                f"bounds.{bound}@{horizon}: the horizon is beyond {MAX_HORIZON:,} tokens", f"use T <= {MAX_HORIZON}"
+            )
         if self._bound_inputs is None:
             tok_cols = ("log_ratio", "pos", "kl", "tv", "kl_hi", "tv_hi", "k2", "k3")
             tokens = {c: self.column("tokens", c) for c in tok_cols if c in self.numeric_columns("tokens")}
