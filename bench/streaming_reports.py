@@ -151,6 +151,29 @@ def part2(sizes: list[int], rollout: str, train: str = "hf:dtype=float32,batch_s
             print(f"{n:>9}{tokens:>10}{seconds:>9.1f}{mb:>13.0f}")
 
 
+def part3(sizes: list[int], resp_len: int) -> None:
+    print(f"\nPart 3: trm-diag score end to end (imported rollouts, {resp_len}-token responses, sampled tier, "
+          "tiny Llama hf fp32)")  # fmt: skip
+    print(f"{'rollouts':>9}{'tokens':>10}{'file MB':>9}{'seconds':>9}{'peak RSS MB':>13}")
+    exe = str(Path(sys.executable).parent / "trm-diag")
+    rng = np.random.default_rng(0)
+    for n in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            f = Path(tmp) / "rollouts.jsonl"
+            with f.open("w") as out:
+                for i in range(n):
+                    ids = rng.integers(5, 1900, PROMPT_LEN + resp_len).tolist()
+                    lps = np.round(-rng.exponential(1.0, resp_len), 6).tolist()
+                    row = {"prompt_ids": ids[:PROMPT_LEN], "response_ids": ids[PROMPT_LEN:], "rollout_logprobs": lps,
+                           "prompt_idx": i, "reward": float(i % 2)}  # fmt: skip
+                    out.write(json.dumps(row) + "\n")
+            cmd = [exe, "score", str(f), "--train", "hf:dtype=float32,batch_size=64", "--out", f"{tmp}/out", "-q"]
+            seconds, mb, code = peak_rss(cmd)
+            if code:
+                continue
+            print(f"{n:>9}{n * resp_len:>10}{f.stat().st_size / 2**20:>9.0f}{seconds:>9.1f}{mb:>13.0f}")
+
+
 def main() -> None:
     tune_allocator()  # as the CLI does (trm_diag/heap.py)
     ap = argparse.ArgumentParser()
@@ -159,11 +182,15 @@ def main() -> None:
     ap.add_argument("--e2e-rollout", default="hf:dtype=bfloat16,batch_size=64", help="rollout spec of part 2")
     ap.add_argument("--e2e-train", default="hf:dtype=float32,batch_size=64", help="training spec of part 2")
     ap.add_argument("--e2e-extra", default="", help="more compare options of part 2, e.g. '--fidelity topk --topk 8'")
+    ap.add_argument("--score", default="", help="part 3 sizes (imported rollouts), e.g. 2000,8000")
+    ap.add_argument("--score-len", type=int, default=256, help="response tokens per imported rollout (part 3)")
     args = ap.parse_args()
     if args.sizes:
         part1([int(x) for x in args.sizes.split(",")])
     if args.e2e:
         part2([int(x) for x in args.e2e.split(",")], args.e2e_rollout, args.e2e_train, tuple(args.e2e_extra.split()))
+    if args.score:
+        part3([int(x) for x in args.score.split(",")], args.score_len)
 
 
 if __name__ == "__main__":
