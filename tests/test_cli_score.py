@@ -50,6 +50,33 @@ def test_round_trip_reproduces_sampled_columns(saved, dense_model, tmp_path, fmt
     assert b["kl"].isna().all() and (b["kl_lo"] <= b["kl_hi"]).all()
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_score_streams_the_file_in_chunks(saved, dense_model, tmp_path, fmt, monkeypatch, capsys):
+    """The file is read twice (checked, then scored chunk by chunk); small chunks give the same report."""
+    from transformers import AutoTokenizer
+
+    import trm_diag.pipeline
+    from trm_diag.rollouts_io import iter_rollout_chunks, read_rollouts
+
+    src = saved / "r.jsonl"
+    if fmt == "parquet":
+        src = tmp_path / "r.parquet"
+        pd.DataFrame([json.loads(x) for x in (saved / "r.jsonl").read_text().splitlines()]).to_parquet(src)
+    tok = AutoTokenizer.from_pretrained(dense_model)
+    whole = read_rollouts(src, {}, tok, 2048)
+    chunks = list(iter_rollout_chunks(src, {}, tok, 2048, 3))
+    assert [len(c) for c in chunks] == [3, 3, 3, 1] and whole.count == 10
+    assert [vars(r) for c in chunks for r in c] == [vars(r) for r in whole.rollouts]
+
+    argv = ["score", str(src), "--model", str(dense_model), "--train", "hf:dtype=float32,batch_size=1", "-q"]
+    assert run([*argv, "--out", str(tmp_path / "one")], capsys)[0] == 0
+    monkeypatch.setattr(trm_diag.pipeline, "SCORE_CHUNK", 3)
+    assert run([*argv, "--out", str(tmp_path / "four")], capsys)[0] == 0
+    assert json.loads((tmp_path / "four" / "summary.json").read_text())["rollout"]["empty_responses"] == 0
+    for f in ("tokens.parquet", "sequences.parquet", "bounds.parquet"):
+        pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "one" / f), pd.read_parquet(tmp_path / "four" / f))
+
+
 def test_sampled_tier_and_mapping(saved, dense_model, tmp_path, capsys):
     rows = [json.loads(x) for x in (saved / "r.jsonl").read_text().splitlines()]
     renamed = tmp_path / "verl.jsonl"

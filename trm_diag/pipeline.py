@@ -380,7 +380,7 @@ def run_score(cfg: ScoreConfig, reporter: Reporter | None = None) -> CompareResu
 
 
 def _score(cfg: ScoreConfig, rep: Reporter, engines: _Engines) -> CompareResult:
-    from trm_diag.rollouts_io import read_rollouts
+    from trm_diag.rollouts_io import iter_rollout_chunks, scan_rollouts
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -400,7 +400,7 @@ def _score(cfg: ScoreConfig, rep: Reporter, engines: _Engines) -> CompareResult:
         train = engines.load(train_spec, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
         advance(1)
     timings["load_train_s"] = time.perf_counter() - t
-    data = read_rollouts(cfg.rollouts, cfg.mapping, train.tokenizer, train.vocab_width)
+    data = scan_rollouts(cfg.rollouts, cfg.mapping, train.tokenizer, train.vocab_width)  # every row checked first
     if data.retokenized:
         rep.warn(
             f"{data.retokenized} prompt/response field(s) had no token ids and were tokenised with the model's "
@@ -417,19 +417,15 @@ def _score(cfg: ScoreConfig, rep: Reporter, engines: _Engines) -> CompareResult:
         **{k: (int(v) if k == "top_k" else v) for k, v in data.sampling_hints.items()}
     )
     t = time.perf_counter()
-    # scored in chunks kept on disk like compare's (no --resume here: a new score always starts afresh),
-    # so the token rows of every rollout are never all in memory
-    rollouts, n = data.rollouts, len(data.rollouts)
-    data.rollouts = []
-    chunks = [(a, min(n, a + SCORE_CHUNK)) for a in range(0, n, SCORE_CHUNK)]
-    store = PartialStore(out_dir, "score", len(chunks), resume=False, overwrite=True)
+    # read again and scored chunk by chunk, kept on disk like compare's (no --resume here: a new score
+    # always starts afresh), so neither the rollouts nor their token rows are ever all in memory
+    n = data.count
+    store = PartialStore(out_dir, "score", -(-n // SCORE_CHUNK), resume=False, overwrite=True)
+    no_rows = lambda s, p: [None] * len(p)  # noqa: E731 - the rollout side has no rows to give
     with rep.phase(f"scoring ({train.description}, {fidelity})", n) as advance:
-        for ci, (a, b) in enumerate(chunks):
-            no_rows = lambda s, p: [None] * len(p)  # noqa: E731 - the rollout side has no rows to give
-            store.save(
-                ci, score_rollouts(rollouts[a:b], train, no_rows, sampling, fidelity, train.vocab_width, advance)
-            )
-    del rollouts
+        chunks = iter_rollout_chunks(cfg.rollouts, cfg.mapping, train.tokenizer, train.vocab_width, SCORE_CHUNK)
+        for ci, rollouts in enumerate(chunks):
+            store.save(ci, score_rollouts(rollouts, train, no_rows, sampling, fidelity, train.vocab_width, advance))
     timings["score_s"] = time.perf_counter() - t
     header = {
         "rollout": {"source": str(cfg.rollouts), "mapping": cfg.mapping, "retokenized_fields": data.retokenized,

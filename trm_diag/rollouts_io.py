@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from typing import Any
 from trm_diag.backends.base import Rollout
 from trm_diag.config import SamplingConfig
 from trm_diag.errors import InputError, UsageError
-from trm_diag.rows import read_jsonl, read_parquet
+from trm_diag.rows import iter_jsonl, iter_parquet
 
 FIELDS = (
     "prompt_ids", "response_ids", "rollout_logprobs", "topk_logprobs", "topk_k", "prompt_idx", "sample_idx",
@@ -44,7 +44,8 @@ LOGPROB_SLACK = 1e-4  # engines report log-probs a hair above 0 for near-certain
 class RolloutFile:
     """Rollouts read from a file, and what the report should say about how they were read."""
 
-    rollouts: list[Rollout]
+    rollouts: list[Rollout]  # empty unless read with keep=True
+    count: int = 0
     sampling_hints: dict[str, float] = field(default_factory=dict)
     retokenized: int = 0
     empty: int = 0
@@ -65,20 +66,20 @@ def parse_mapping(items: list[str]) -> dict[str, str]:
     return out
 
 
-def _rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    """(location, row) pairs from a JSONL or Parquet file."""
+def _rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(location, row) pairs from a JSONL or Parquet file, read as they are needed."""
     if not path.is_file():
         raise InputError(f"rollout file '{path}' does not exist", "pass a .jsonl or .parquet file")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        rows = read_jsonl(path)
-        for where, obj in rows:
+        for where, obj in iter_jsonl(path):
             if not isinstance(obj, dict):
                 raise InputError(f"{where}: expected a JSON object", "write one object per rollout")
-        return rows
-    if suffix == ".parquet":
-        return read_parquet(path)
-    raise InputError(f"unsupported rollout file type '{suffix}' ({path})", "use .jsonl or .parquet")
+            yield where, obj
+    elif suffix == ".parquet":
+        yield from iter_parquet(path)
+    else:
+        raise InputError(f"unsupported rollout file type '{suffix}' ({path})", "use .jsonl or .parquet")
 
 
 def _is_int(x: Any) -> bool:
@@ -150,15 +151,56 @@ def _index(v: Any, where: str, name: str, default: int) -> int:
     return int(x)
 
 
-def read_rollouts(path: str | Path, mapping: dict[str, str], tokenizer: Any, vocab_width: int) -> RolloutFile:
-    """Read and validate a rollout file; every problem names the file and row and how to fix it."""
-    p = Path(path)
-    rows = _rows(p)
-    if not rows:
-        raise InputError(f"rollout file '{path}' holds no rollouts", "add at least one row")
+def scan_rollouts(
+    path: str | Path, mapping: dict[str, str], tokenizer: Any, vocab_width: int, keep: bool = False
+) -> RolloutFile:
+    """Validate every row of a rollout file and gather what the report says about it (counts,
+    sampling settings, top-K), keeping the rollouts only when asked: `score` scans a file once,
+    then reads it again chunk by chunk (iter_rollout_chunks), so memory does not grow with it."""
     result = RolloutFile([])
     hints: dict[str, set] = {k: set() for k in SAMPLING_FIELDS}
-    for i, (where, raw) in enumerate(rows):
+    for rollout in _parse(Path(path), mapping, tokenizer, vocab_width, result, hints):
+        result.count += 1
+        if keep:
+            result.rollouts.append(rollout)
+    if not result.count:
+        raise InputError(f"rollout file '{path}' holds no rollouts", "add at least one row")
+    for key, values in hints.items():
+        if len(values) > 1:
+            raise InputError(
+                f"'{path}' mixes {key} values {sorted(values)}",
+                f"score rollouts of one {key} at a time, or pass --{key.replace('_', '-')}",
+            )
+        if values:
+            result.sampling_hints[key] = values.pop()
+    return result
+
+
+def read_rollouts(path: str | Path, mapping: dict[str, str], tokenizer: Any, vocab_width: int) -> RolloutFile:
+    """Read and validate a rollout file, rollouts kept; every problem names the file and row and the fix."""
+    return scan_rollouts(path, mapping, tokenizer, vocab_width, keep=True)
+
+
+def iter_rollout_chunks(
+    path: str | Path, mapping: dict[str, str], tokenizer: Any, vocab_width: int, size: int
+) -> Iterator[list[Rollout]]:
+    """The file's rollouts, `size` at a time, in file order (seq ids 0, 1, ... across chunks)."""
+    chunk: list[Rollout] = []
+    hints: dict[str, set] = {k: set() for k in SAMPLING_FIELDS}
+    for rollout in _parse(Path(path), mapping, tokenizer, vocab_width, RolloutFile([]), hints):
+        chunk.append(rollout)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _parse(
+    path: Path, mapping: dict[str, str], tokenizer: Any, vocab_width: int, result: RolloutFile, hints: dict[str, set]
+) -> Iterator[Rollout]:
+    """Each row as a validated Rollout; counts what was re-tokenised or empty into `result`."""
+    for i, (where, raw) in enumerate(_rows(path)):
         row = {mapping.get(k, k): v for k, v in raw.items()}
         if row.get("prompt_ids") is None:
             if not isinstance(row.get("prompt"), str):
@@ -222,27 +264,16 @@ def read_rollouts(path: str | Path, mapping: dict[str, str], tokenizer: Any, voc
                 hints[key].add(_number(row[key], where, key))
         result.empty += not resp
         reason = row.get("finish_reason") or "unknown"
-        result.rollouts.append(
-            Rollout(
-                i,
-                _index(row.get("prompt_idx"), where, "prompt_idx", i),
-                _index(row.get("sample_idx"), where, "sample_idx", 0),
-                prompt,
-                resp,
-                lps,
-                str(reason),
-                extra,
-            )
+        yield Rollout(
+            i,
+            _index(row.get("prompt_idx"), where, "prompt_idx", i),
+            _index(row.get("sample_idx"), where, "sample_idx", 0),
+            prompt,
+            resp,
+            lps,
+            str(reason),
+            extra,
         )
-    for key, values in hints.items():
-        if len(values) > 1:
-            raise InputError(
-                f"'{path}' mixes {key} values {sorted(values)}",
-                f"score rollouts of one {key} at a time, or pass --{key.replace('_', '-')}",
-            )
-        if values:
-            result.sampling_hints[key] = values.pop()
-    return result
 
 
 ROLLOUT_SUFFIXES = (".jsonl", ".json", ".parquet")

@@ -3,39 +3,69 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from trm_diag.errors import InputError
 
 
-def read_jsonl(path: Path) -> list[tuple[str, Any]]:
-    """(location, parsed value) per non-blank line; location is 'FILE:LINE'."""
+def iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    """(location, parsed value) per non-blank line, read line by line; location is 'FILE:LINE'."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
+        f = path.open(encoding="utf-8")
+    except OSError as e:
         raise InputError(f"cannot read '{path}': {e}", "check the file's permissions and encoding") from None
-    out = []
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            out.append((f"{path}:{n}", json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{n}: not valid JSON ({e.msg})", "write one JSON object per line") from None
-    return out
+    with f:
+        n = 0
+        while True:
+            try:
+                line = f.readline()
+            except UnicodeDecodeError as e:
+                raise InputError(f"cannot read '{path}': {e}", "check the file's permissions and encoding") from None
+            if not line:
+                return
+            n += 1
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{n}", json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{n}: not valid JSON ({e.msg})", "write one JSON object per line") from None
 
 
-def read_parquet(path: Path, need_one_of: tuple[str, ...] = ()) -> list[tuple[str, dict[str, Any]]]:
-    """(location, row dict) per row; location is 'FILE row N'."""
+def read_jsonl(path: Path) -> list[tuple[str, Any]]:
+    """Every (location, parsed value) of a JSONL file (see iter_jsonl)."""
+    return list(iter_jsonl(path))
+
+
+def iter_parquet(path: Path, need_one_of: tuple[str, ...] = (), batch_rows: int = 1024) -> Iterator[tuple[str, dict]]:
+    """(location, row dict) per row, read batch by batch; location is 'FILE row N'."""
     import pyarrow.parquet as pq
 
+    fix = "check that the file is valid Parquet"
     try:
-        table = pq.read_table(path)
+        f = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for corrupt files
-        raise InputError(f"cannot read Parquet file '{path}': {e}", "check that the file is valid Parquet") from None
-    if need_one_of and not any(c in table.column_names for c in need_one_of):
+        raise InputError(f"cannot read Parquet file '{path}': {e}", fix) from None
+    if need_one_of and not any(c in f.schema_arrow.names for c in need_one_of):
         raise InputError(
             f"'{path}' has none of the columns {', '.join(need_one_of)}", "rename the column (or use --map)"
         )
-    return [(f"{path} row {i}", row) for i, row in enumerate(table.to_pylist())]
+    n = 0
+    batches = f.iter_batches(batch_size=batch_rows)
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as e:
+            raise InputError(f"cannot read Parquet file '{path}': {e}", fix) from None
+        if batch is None:
+            return
+        for row in batch.to_pylist():
+            yield f"{path} row {n}", row
+            n += 1
+
+
+def read_parquet(path: Path, need_one_of: tuple[str, ...] = ()) -> list[tuple[str, dict[str, Any]]]:
+    """Every (location, row dict) of a Parquet file (see iter_parquet)."""
+    return list(iter_parquet(path, need_one_of))
