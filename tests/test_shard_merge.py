@@ -52,6 +52,8 @@ def test_merge_refuses_overlapping_or_mismatched_shards(dense_model, tmp_path, c
     assert code == 2 and "differs" in err and "sampling" in err
     code, _, err = run_cli(["merge", str(s0), "--out", str(tmp_path / "m")], capsys)
     assert code == 2 and "at least two reports" in err
+    code, _, err = run_cli(["merge", str(s0), str(other), "--out", str(s0), "--overwrite"], capsys)
+    assert code == 2 and "is one of the reports being merged" in err and (s0 / "summary.json").exists()
 
 
 def test_merge_refuses_damaged_or_incomplete_shards(dense_model, tmp_path, capsys):

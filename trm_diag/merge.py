@@ -230,6 +230,8 @@ def run_merge(reports: list[str], out: str, overwrite: bool = False, warn: Any =
     """Merge shard reports into ``out``; returns the folder and its summary."""
     if len(reports) < 2:
         raise UsageError("merge needs at least two reports", "pass every shard's report folder")
+    if any(Path(r).resolve() == Path(out).resolve() for r in reports):
+        raise UsageError(f"--out '{out}' is one of the reports being merged", "write the merged report to a new folder")
     shards = [_Shard(r) for r in reports]
     first = shards[0].summary
     for shard in shards[1:]:
