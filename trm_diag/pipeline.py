@@ -22,6 +22,7 @@ from trm_diag.config import BackendSpec, SamplingConfig, Thresholds, as_dict
 from trm_diag.divergence import USED_KERNELS
 from trm_diag.errors import InputError, ModelError, UsageError
 from trm_diag.partial import PARTIAL_DIR, PartialStore, run_fingerprint
+from trm_diag.prompts import PromptIds, load_prompts
 from trm_diag.report import prepare_out_dir, write_summary, write_tables
 from trm_diag.scoring import FIDELITIES, batch_columns
 
@@ -201,8 +202,6 @@ def run_compare(cfg: CompareConfig, reporter: Reporter | None = None) -> Compare
 
 
 def _compare(cfg: CompareConfig, rep: Reporter, engines: _Engines) -> CompareResult:
-    from trm_diag.prompts import encode_prompt, load_prompts
-
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     USED_KERNELS.clear()  # summary.json names the kernels of this run only
@@ -241,10 +240,7 @@ def _compare(cfg: CompareConfig, rep: Reporter, engines: _Engines) -> CompareRes
         advance(1)
     timings["load_rollout_s"] = time.perf_counter() - t
     tokenizer, width = roll.tokenizer, roll.vocab_width
-    prompt_ids = [encode_prompt(p, tokenizer) for p in prompts]
-    for i, ids in enumerate(prompt_ids):
-        if not ids:
-            raise InputError(f"prompt {i} encodes to zero tokens", "remove empty prompts from the prompt file")
+    prompt_ids = PromptIds(prompts, tokenizer)  # every prompt checked before any generation
 
     # Chunks of prompts: each finished chunk is checkpointed, so Ctrl-C loses at most one chunk.
     n = len(prompt_ids)
@@ -320,7 +316,7 @@ def _compare(cfg: CompareConfig, rep: Reporter, engines: _Engines) -> CompareRes
 
 def _generate_all(
     roll: Any,
-    prompt_ids: list[list[int]],
+    prompt_ids: PromptIds,
     indices: list[int],
     chunks: list[tuple[int, int]],
     store: PartialStore,

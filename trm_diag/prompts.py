@@ -93,3 +93,31 @@ def encode_prompt(prompt: Prompt, tokenizer: Any) -> list[int]:
         return [int(x) for x in ids]
     ids = tokenizer(prompt.text)["input_ids"]
     return [int(x) for x in ids]
+
+
+class PromptIds:
+    """Every prompt's token ids packed in one int32 array (4 bytes a token instead of ~36 in
+    Python lists: 20,000 prompts of 2,000 tokens hold 160 MB, not 1.4 GB); read a slice at a time."""
+
+    def __init__(self, prompts: list[Prompt], tokenizer: Any) -> None:
+        from array import array
+
+        import numpy as np
+
+        flat, offsets = array("i"), array("q", [0])  # grown in place: no second copy of the ids
+        for i, p in enumerate(prompts):
+            ids = encode_prompt(p, tokenizer)
+            if not ids:
+                raise InputError(f"prompt {i} encodes to zero tokens", "remove empty prompts from the prompt file")
+            flat.extend(ids)
+            offsets.append(len(flat))
+        self.flat = np.frombuffer(flat, dtype=np.int32) if flat else np.zeros(0, np.int32)
+        self.offsets = np.frombuffer(offsets, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, s: slice) -> list[list[int]]:
+        """The ids of prompts s.start .. s.stop - 1, as lists for the engines."""
+        lo, hi, _ = s.indices(len(self))
+        return [self.flat[self.offsets[i] : self.offsets[i + 1]].tolist() for i in range(lo, hi)]
