@@ -21,40 +21,20 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 from _models import ROOT, SAMPLE
-from streaming_reports import PROMPT_LEN, RESP_LEN, peak_rss
-
-CHUNK = 64
+from streaming_reports import build_store, peak_rss
 
 
 def build_shard(out: Path, n: int, shard: int, shards: int) -> None:
     """One shard report of the prompts i < n with i % shards == shard (one sample each)."""
     from transformers import AutoTokenizer
 
-    from trm_diag.assemble import Scored, assemble, report_parts
-    from trm_diag.backends.base import Rollout
+    from trm_diag.assemble import assemble, report_parts
     from trm_diag.config import SamplingConfig, Thresholds
-    from trm_diag.partial import PartialStore
     from trm_diag.report import write_summary, write_tables
-    from trm_diag.scoring import TOKEN_COLUMNS
 
     prompts = list(range(shard, n, shards))
-    chunks = (len(prompts) + CHUNK - 1) // CHUNK
-    store = PartialStore(out.parent / f"store{shard}", "bench", chunks, resume=False)
-    rng = np.random.default_rng(shard)
-    for c in range(chunks):
-        rollouts, columns = [], []
-        for j, p in enumerate(prompts[c * CHUNK : (c + 1) * CHUNK]):
-            ids = rng.integers(5, 1900, PROMPT_LEN + RESP_LEN).tolist()
-            lp = (-rng.exponential(1.0, RESP_LEN)).tolist()
-            rollouts.append(Rollout(j, p, 0, ids[:PROMPT_LEN], ids[PROMPT_LEN:], lp, "length"))
-            cols = {k: np.abs(rng.normal(0, 1e-3, RESP_LEN)) for k in TOKEN_COLUMNS}
-            cols.update(seq_id=np.full(RESP_LEN, j), pos=np.arange(RESP_LEN), token_id=np.array(ids[PROMPT_LEN:]),
-                        lp_roll=np.array(lp), lp_train=np.array(lp) + cols["log_ratio"],
-                        nonfinite=np.zeros(RESP_LEN, bool), zero_prob=np.zeros(RESP_LEN, bool))  # fmt: skip
-            columns.append(cols)
-        store.save(c, Scored(rollouts, columns, []))
+    store = build_store(out.parent / f"store{shard}", prompts, seed=shard)
     side = {"model": str(SAMPLE), "model_fingerprint": "bench"}
     header = {"rollout": {"spec": "hf:dtype=bfloat16", **side}, "train": {"spec": "hf:dtype=float32", **side},
               "prompts": {"count": len(prompts)}, "shard": f"{shard}/{shards}", "horizons": [1024]}  # fmt: skip

@@ -36,29 +36,29 @@ CHUNK = 64  # rollouts per stored chunk, as compare's default --chunk-prompts
 PROMPT_LEN, RESP_LEN = 16, 32
 
 
-def build_store(folder: Path, n: int):
-    """A finished checkpoint store with n synthetic scored rollouts."""
+def build_store(folder: Path, prompts: list[int], seed: int = 0):
+    """A finished checkpoint store (returned) with one synthetic scored rollout per prompt index."""
     from trm_diag.assemble import Scored
     from trm_diag.backends.base import Rollout
     from trm_diag.partial import PartialStore
     from trm_diag.scoring import TOKEN_COLUMNS
 
-    chunks = (n + CHUNK - 1) // CHUNK
+    chunks = (len(prompts) + CHUNK - 1) // CHUNK
     store = PartialStore(folder, "bench", chunks, resume=False)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     for c in range(chunks):
         rollouts, columns = [], []
-        for j in range(min(CHUNK, n - c * CHUNK)):
+        for j, p in enumerate(prompts[c * CHUNK : (c + 1) * CHUNK]):
             ids = rng.integers(5, 1900, PROMPT_LEN + RESP_LEN).tolist()
             lp = (-rng.exponential(1.0, RESP_LEN)).tolist()
-            rollouts.append(Rollout(j, c * CHUNK + j, 0, ids[:PROMPT_LEN], ids[PROMPT_LEN:], lp, "length"))
+            rollouts.append(Rollout(j, p, 0, ids[:PROMPT_LEN], ids[PROMPT_LEN:], lp, "length"))
             cols = {k: np.abs(rng.normal(0, 1e-3, RESP_LEN)) for k in TOKEN_COLUMNS}
             cols.update(seq_id=np.full(RESP_LEN, j), pos=np.arange(RESP_LEN), token_id=np.array(ids[PROMPT_LEN:]),
                         lp_roll=np.array(lp), lp_train=np.array(lp) + cols["log_ratio"],
                         nonfinite=np.zeros(RESP_LEN, bool), zero_prob=np.zeros(RESP_LEN, bool))  # fmt: skip
             columns.append(cols)
         store.save(c, Scored(rollouts, columns, []))
-    return chunks
+    return store
 
 
 def report(folder: Path, chunks: int, out: Path, naive: bool) -> dict:
@@ -114,7 +114,7 @@ def part1(sizes: list[int]) -> None:
     print(f"{'rollouts':>9}{'tokens':>10}  {'method':<11}{'seconds':>9}{'peak extra MB':>15}")
     for n in sizes:
         with tempfile.TemporaryDirectory() as tmp:
-            chunks = build_store(Path(tmp) / "store", n)
+            chunks = build_store(Path(tmp) / "store", list(range(n))).n_chunks
             for method in ("streaming", "naive"):
                 code = (
                     "import json, sys; sys.path.insert(0, 'bench'); from pathlib import Path; "
