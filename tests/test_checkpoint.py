@@ -30,6 +30,7 @@ def _cut(f, keep):
         (lambda d: _cut(d / "model.safetensors", 1000), "not a complete safetensors file"),
         (lambda d: _cut(d / "model.safetensors", 5), "bad header"),
         (lambda d: (d / "model.safetensors").write_bytes(b"\x10" + b"\x00" * 7 + b"{not json}!!!!!!"), "unreadable"),
+        (lambda d: (d / "model.safetensors").write_bytes(b"\x02" + b"\x00" * 7 + b"[]"), "unreadable"),
         (lambda d: (d / "config.json").write_text("[]"), "is not a JSON object"),
         (lambda d: (d / "config.json").write_bytes(b"\xff\xfe"), "cannot read"),
         (

@@ -47,7 +47,7 @@ def check_safetensors(files: list[Path]) -> None:
             try:
                 header = json.loads(fh.read(n))
                 end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-            except (ValueError, TypeError, KeyError, IndexError):
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError):
                 raise ModelError(f"'{f}' is not a complete safetensors file (unreadable header)", fix) from None
         if 8 + n + end > size:
             raise ModelError(f"'{f}' is truncated: {size:,} bytes, its header needs {8 + n + end:,}", fix)

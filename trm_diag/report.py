@@ -225,7 +225,6 @@ def read_schema(path: Path) -> pa.Schema:
 
 def load_report(path: str | Path, tables: tuple[str, ...] = ("tokens", "sequences")) -> dict[str, Any]:
     """Read a complete report: {'summary': dict, '<table>': DataFrame ...}."""
-
     p, summary = complete_report(path)
     out: dict[str, Any] = {"summary": summary}
     for name in tables:
