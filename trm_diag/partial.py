@@ -141,7 +141,6 @@ class PartialStore:
 
     def rollouts(self, i: int) -> list[Rollout]:
         """The rollouts of chunk i, with global seq ids."""
-
         self._check(i)
         return _rollouts_from(self._path(i, "rollouts"), self._bases()[i])
 
