@@ -39,14 +39,15 @@ SAMPLE_HELP = "Default: the bundled sample."
 
 def _horizons(text: str) -> tuple[int, ...]:
     fix = "write e.g. --horizons 256,1024,4096"
+    items = [x.strip() for x in text.split(",") if x.strip()]
     try:
-        floats = [float(x) for x in text.split(",") if x.strip()]  # 1e4 is a fine way to write 10000
+        floats = [float(x) for x in items]  # 1e4 is a fine way to write 10000
     except ValueError:
         raise UsageError(f"--horizons '{text}' is not a list of integers", fix) from None
     if not floats or not all(math.isfinite(v) and v.is_integer() and v >= 1 for v in floats):
         raise UsageError(f"--horizons '{text}' must hold positive integers", fix)
     if max(floats) > MAX_HORIZON:
-        big = next(x.strip() for x in text.split(",") if x.strip() and float(x) > MAX_HORIZON)
+        big = items[floats.index(max(floats))]
         raise UsageError(f"--horizons: {big} is beyond {MAX_HORIZON:,} tokens", f"use horizons up to {MAX_HORIZON}")
     return tuple(int(v) for v in floats)
 

@@ -12,26 +12,25 @@ from trm_diag.errors import InputError
 
 def iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
     """(location, parsed value) per non-blank line, read line by line; location is 'FILE:LINE'."""
+    fix = "check the file's permissions and encoding"
     try:
         f = path.open(encoding="utf-8")
     except OSError as e:
-        raise InputError(f"cannot read '{path}': {e}", "check the file's permissions and encoding") from None
+        raise InputError(f"cannot read '{path}': {e}", fix) from None
     with f:
-        n = 0
-        while True:
-            try:
-                line = f.readline()
-            except UnicodeDecodeError as e:
-                raise InputError(f"cannot read '{path}': {e}", "check the file's permissions and encoding") from None
-            if not line:
-                return
-            n += 1
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{n}", json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{n}: not valid JSON ({e.msg})", "write one JSON object per line") from None
+        try:
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(
+                        f"{path}:{n}: not valid JSON ({e.msg})", "write one JSON object per line"
+                    ) from None
+                yield f"{path}:{n}", value
+        except UnicodeDecodeError as e:
+            raise InputError(f"cannot read '{path}': {e}", fix) from None
 
 
 def read_jsonl(path: Path) -> list[tuple[str, Any]]:
