@@ -67,4 +67,4 @@ def test_truncated_weights_stop_compare_before_any_engine(dense_model, tmp_path,
     _cut(d / "model.safetensors", -4096)
     code, _, err = run_cli(["compare", "--model", str(d), "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "is truncated" in err and "re-download" in err and "Traceback" not in err
-    assert not (tmp_path / "o" / "summary.json").exists()
+    assert not (tmp_path / "o").exists()  # refused before the output folder is made

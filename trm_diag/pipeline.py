@@ -17,7 +17,7 @@ from typing import Any
 
 from trm_diag.assemble import Assembled, Scored, assemble, model_fingerprint, report_parts
 from trm_diag.backends.base import Rollout, TokenRows
-from trm_diag.checkpoint import read_config, vocab_size
+from trm_diag.checkpoint import check_checkpoint, read_config, vocab_size
 from trm_diag.config import BackendSpec, SamplingConfig, Thresholds, as_dict
 from trm_diag.divergence import USED_KERNELS
 from trm_diag.errors import InputError, ModelError, UsageError
@@ -223,7 +223,7 @@ def _compare(cfg: CompareConfig, rep: Reporter, engines: _Engines) -> CompareRes
     roll_spec = cfg.rollout.with_model(cfg.model)
     train_spec = cfg.train.with_model(cfg.model)
     for spec in (roll_spec, train_spec):  # input mistakes first, before the output folder is touched
-        read_config(spec.model)
+        check_checkpoint(spec.model, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
     check_vocab_compatible(roll_spec, train_spec)
     if cfg.save_rollouts:
         from trm_diag.rollouts_io import check_rollouts_path
@@ -387,7 +387,8 @@ def _score(cfg: ScoreConfig, rep: Reporter, engines: _Engines) -> CompareResult:
             "use topk (needs topk_logprobs in the file) or sampled; exact needs the rollout engine: use compare",
         )
     train_spec = cfg.train.with_model(cfg.model)
-    read_config(train_spec.model)  # input mistakes first, before the output folder is touched
+    # input mistakes first, before the output folder is touched
+    check_checkpoint(train_spec.model, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
     out_dir = prepare_out_dir(cfg.out, cfg.overwrite)
     if (out_dir / PARTIAL_DIR).is_dir() and not cfg.overwrite:
         raise UsageError(f"'{cfg.out}' holds an interrupted run", "pass --overwrite, or choose another --out folder")
