@@ -41,7 +41,7 @@ def build_store(folder: Path, prompts: list[int], seed: int = 0):
     from trm_diag.assemble import Scored
     from trm_diag.backends.base import Rollout
     from trm_diag.partial import PartialStore
-    from trm_diag.scoring import TOKEN_COLUMNS
+    from trm_diag.schema import TOKEN_COLUMNS
 
     chunks = (len(prompts) + CHUNK - 1) // CHUNK
     store = PartialStore(folder, "bench", chunks, resume=False)

@@ -13,3 +13,10 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
         main(argv)
     cap = capsys.readouterr()
     return e.value.code, cap.out, cap.err
+
+
+def main_exit(argv: list[str]) -> int:
+    """Run the real CLI entry point in-process, output left alone: its exit code (any other exception escapes)."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    return int(e.value.code or 0)

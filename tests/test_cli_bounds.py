@@ -90,3 +90,16 @@ def test_bounds_never_imports_torch():
     code = "import sys; from trm_diag.cli import main\ntry: main(['bounds','--delta','1e-4','--json'])\nexcept SystemExit: pass\nassert 'torch' not in sys.modules and 'pandas' not in sys.modules, sorted(m for m in sys.modules if m in ('torch','pandas'))"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
+
+
+def test_strict_json_and_sensible_defaults(capsys):
+    code, out, _ = run(["bounds", "--delta", "10", "--horizons", "64", "--json"], capsys)
+    data = json.loads(out, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert code == 0 and data["inputs"]["eps"] == 1.0  # Pinsker would say 2.24; a TV is at most 1
+    code, out, _ = run(["bounds", "--delta", "1e308", "--kl-seq", "1e308", "--horizons", "64", "--json"], capsys)
+    data = json.loads(out, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert code == 0 and any(v is None for v in data["bounds"]["64"].values())
+    code, _, err = run(["bounds", "--kl-seq", "0.01"], capsys)
+    assert code == 2 and "no bound from --kl-seq alone" in err and "--delta" in err
+    code, _, err = run(["bounds", "--delta", "1e-4", "--plot", "/no/such/dir/p.png"], capsys)
+    assert code == 2 and "does not exist" in err

@@ -125,7 +125,7 @@ def test_list_metrics(report, capsys):
         (["{report}"], "no gate rules given"),
         (["{report}", "-r", "token.kl.p99 <= 1", "--format", "xml"], "--format xml is unknown"),
         (["{report}", "--config", "/no/rules.toml"], "does not exist"),
-        (["{report}", "-r", "bounds.unified@0 <= 1"], "unknown metric"),
+        (["{report}", "-r", "bounds.unified@0 <= 1"], "must hold positive integers"),
         (["{report}", "-r", "bounds.unified@99999999999999 <= 1"], "beyond 10,000,000 tokens"),
     ],
 )
@@ -194,3 +194,38 @@ def test_routing_flip_rate_metric(moe_model, tmp_path, capsys):
     assert code == 1
     code, out_text, _ = run(["gate", "--list-metrics", str(out), "--format", "json"], capsys)
     assert "routing.flip_rate" in json.loads(out_text)
+
+
+def test_horizons_read_like_the_options_and_baselines_must_be_comparable(
+    report, dense_model, moe_model, tmp_path, capsys
+):
+    code, out, _ = run(["gate", str(report), "-r", "bounds.unified@1e3 >= 0", "--format", "json"], capsys)
+    assert code in (0, 1) and json.loads(out)["rules"][0]["metric"] == "bounds.unified@1e3"
+    other = make_report(tmp_path_factory=_Factory(tmp_path), dense_model=moe_model, name="moe", rollout="hf")
+    code, _, err = run(["gate", str(report), "-r", "token.kl.p99 <= 2 * baseline", "--baseline", str(other)], capsys)
+    assert "warning" in err and "differs from" in err and "the rollout model" in err
+    code, _, err = run(
+        ["gate", str(report), "-r", "token.kl.p99 <= 2 * baseline", "--baseline", str(other), "--strict"], capsys
+    )
+    assert code == 2 and "differs from" in err
+    code, _, err = run(
+        ["gate", str(report), "-r", "token.kl.p99 <= 2 * baseline", "--baseline", str(report), "--strict"], capsys
+    )
+    assert code in (0, 1) and "differs" not in err
+
+
+def test_old_metric_names_still_answer(report, capsys):
+    code, out, _ = run(["gate", str(report), "-r", "metrics.k1_mean <= 1", "--format", "json"], capsys)
+    r = json.loads(out)["rules"][0]
+    assert code == 0 and "renamed to metrics.kl" in r["note"]
+    assert r["value"] == ReportMetrics(report).value("metrics.kl")
+
+
+class _Factory:
+    def __init__(self, root):
+        self.root = root
+
+    def mktemp(self, name):
+        d = self.root / name
+        d.mkdir()
+        return d

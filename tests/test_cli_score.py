@@ -216,3 +216,61 @@ def test_file_level_errors(content, argv, needle, dense_model, tmp_path, capsys)
         f.write_text(content)
     code, _, err = run(["score", str(f), "--model", str(dense_model), "--out", str(tmp_path / "o"), *argv], capsys)
     assert code == 2 and needle in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("fidelity", ["exact", "topk", "sampled"])
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_save_rollouts_round_trips_in_every_tier_and_format(dense_model, tmp_path, fidelity, fmt, capsys):
+    path = tmp_path / f"r.{fmt}"
+    code, _, err = run(["compare", "--model", str(dense_model), "--rollout", "hf:dtype=bfloat16", "--fidelity", fidelity,
+                        "--num-prompts", "3", "--max-new-tokens", "8", "--save-rollouts", str(path),
+                        "--out", str(tmp_path / "c"), "-q"], capsys)  # fmt: skip
+    assert code == 0, err
+    code, _, err = run(["score", str(path), "--model", str(dense_model), "--out", str(tmp_path / "s"), "-q"], capsys)
+    assert code == 0, err
+    a, b = (pd.read_parquet(tmp_path / d / "tokens.parquet") for d in ("c", "s"))
+    assert (a["token_id"] == b["token_id"]).all() and (a["lp_roll"] == b["lp_roll"]).all()
+    s = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert s["fidelity"] == "topk"  # compare records the top-K (--topk 20) in every tier
+
+
+def test_impossible_top_k_data_is_refused(dense_model, tmp_path, capsys):
+    row = {"prompt_ids": [1, 2], "response_ids": [5], "rollout_logprobs": [-0.01],
+           "topk_logprobs": [[[i, -0.01] for i in range(5, 25)]]}  # fmt: skip
+    f = tmp_path / "r.jsonl"
+    f.write_text(json.dumps(row) + "\n")
+    code, _, err = run(["score", str(f), "--model", str(dense_model), "--out", str(tmp_path / "s")], capsys)
+    assert code == 2 and "top-K probabilities of response token 0 sum to 19.8 > 1" in err
+
+
+def test_right_padded_exports_are_stripped_after_the_first_eos(saved, dense_model, tmp_path, capsys):
+    """verl pads responses with the EOS id and log-prob 0.0: those tokens are not the response."""
+    from trm_diag.checkpoint import eos_token_ids
+
+    eos = min(eos_token_ids(dense_model))
+    rows = [json.loads(x) for x in (saved / "r.jsonl").read_text().splitlines()]
+    padded = []
+    for r in rows:
+        r = dict(r, topk_logprobs=None)
+        end = next((t for t, tok in enumerate(r["response_ids"]) if tok == eos), None)
+        if end is None:
+            r["response_ids"] = r["response_ids"] + [eos]
+            r["rollout_logprobs"] = r["rollout_logprobs"] + [-0.5]
+            end = len(r["response_ids"]) - 1
+        r["response_ids"] = r["response_ids"][: end + 1] + [eos] * 7
+        r["rollout_logprobs"] = r["rollout_logprobs"][: end + 1] + [0.0] * 7
+        padded.append(r)
+    f = tmp_path / "padded.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in padded))
+    code, _, err = run(["score", str(f), "--model", str(dense_model), "--out", str(tmp_path / "s")], capsys)
+    assert code == 0 and f"dropped {7 * len(rows):,} token(s) after the first end-of-sequence token" in err
+    s = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert s["rollout"]["after_eos"] == {"rollouts": len(rows), "tokens": 7 * len(rows), "stripped": True,
+                                         "eos_ids": sorted(eos_token_ids(dense_model))}  # fmt: skip
+    tok = pd.read_parquet(tmp_path / "s" / "tokens.parquet")
+    assert len(tok) == sum(len(r["response_ids"]) - 7 for r in padded)
+    code, _, err = run(
+        ["score", str(f), "--model", str(dense_model), "--keep-after-eos", "--out", str(tmp_path / "k")], capsys
+    )
+    assert code == 0 and "scored as real tokens" in err
+    assert len(pd.read_parquet(tmp_path / "k" / "tokens.parquet")) == sum(len(r["response_ids"]) for r in padded)

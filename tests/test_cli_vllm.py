@@ -139,10 +139,10 @@ def test_vllm_vs_vllm_checkpoints_chunks_and_resumes_without_regenerating(tmp_pa
 
     real_save = PartialStore.save
 
-    def interrupted(self, i, scored):
+    def interrupted(self, i, scored, **kw):
         if i == 1:
             raise KeyboardInterrupt
-        real_save(self, i, scored)
+        real_save(self, i, scored, **kw)
 
     monkeypatch.setattr(PartialStore, "save", interrupted)
     out = tmp_path / "run"

@@ -6,6 +6,7 @@ import json
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -92,3 +93,88 @@ def test_rollout_files_load_or_fail_cleanly(rows, extra):
         assert all(x <= 1e-4 for x in r.lp_roll)
         for entry in r.extra.get("topk", []):
             assert all(0 <= t < 2048 and lp <= 1e-4 for t, lp in entry.items())
+
+
+# ---------------------------------------------------------------- report folders
+@pytest.fixture(scope="module")
+def sound_report(tmp_path_factory):
+    from tests.conftest import SAMPLE
+    from tests.helpers import main_exit
+
+    out = tmp_path_factory.mktemp("fuzz") / "r"
+    assert main_exit(["compare", "--model", str(SAMPLE / "tiny-llama"), "--rollout", "hf", "--num-prompts", "3",
+                      "--max-new-tokens", "8", "--out", str(out), "-q"]) == 0  # fmt: skip
+    return out
+
+
+def _damage_summary(folder: Path, how: tuple) -> None:
+    f = folder / "summary.json"
+    summary = json.loads(f.read_text())
+    kind, key, value = how
+    if kind == "replace":
+        f.write_text(json.dumps(value))
+        return
+    if kind == "field":
+        summary[key] = value
+    elif kind == "metric":
+        summary.setdefault("metrics", {})[key] = value
+    elif kind == "drop":
+        summary.pop(key, None)
+    f.write_text(json.dumps(summary))
+
+
+def _damage_table(folder: Path, how: tuple) -> None:
+    import pyarrow.parquet as pq
+
+    kind, name, n = how
+    f = folder / f"{name}.parquet"
+    if kind == "cut":
+        f.write_bytes(f.read_bytes()[: n % max(1, f.stat().st_size)])
+    elif kind == "junk":
+        f.write_bytes(bytes(range(256))[: n % 256])
+    elif kind == "drop_column":
+        t = pq.read_table(f)
+        pq.write_table(t.drop_columns([t.column_names[n % t.num_columns]]), f)
+    elif kind == "remove":
+        f.unlink()
+
+
+summary_keys = st.sampled_from(["command", "fidelity", "metrics", "sampling", "thresholds", "bound_inputs", "vocab",
+                                "infinite_values", "rollout", "train", "horizons", "complete"])  # fmt: skip
+summary_damage = st.one_of(
+    st.tuples(st.just("replace"), st.none(), json_value),
+    st.tuples(st.just("field"), summary_keys, json_value),
+    st.tuples(st.just("metric"), st.sampled_from(["kl", "token_kl_max", "new"]), json_value),
+    st.tuples(st.just("drop"), summary_keys, st.none()),
+)
+table_damage = st.tuples(
+    st.sampled_from(["cut", "junk", "drop_column", "remove"]),
+    st.sampled_from(["tokens", "sequences", "bounds"]),
+    st.integers(0, 10**6),
+)
+readers = st.sampled_from([
+    ["gate", "{r}", "-r", "token.kl.max <= 1", "-r", "metrics.kl <= 1", "-r", "bounds.unified@1024 <= 1"],
+    ["gate", "{r}", "--list-metrics", "--format", "json"],
+    ["bounds", "--report", "{r}", "--json"],
+])  # fmt: skip
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
+@given(damage=st.one_of(summary_damage.map(lambda d: ("summary", d)), table_damage.map(lambda d: ("table", d))),
+       argv=readers)  # fmt: skip
+@example(damage=("summary", ("replace", None, [1, 2])), argv=["bounds", "--report", "{r}", "--json"])
+@example(damage=("summary", ("field", "metrics", "x")), argv=["gate", "{r}", "-r", "metrics.kl <= 1"])
+@example(damage=("table", ("drop_column", "tokens", 5)), argv=["gate", "{r}", "-r", "token.kl.max <= 1"])
+def test_damaged_report_folders_fail_cleanly(sound_report, damage, argv):
+    """Every reader validates a report's layout: a damaged one gives exit 2 and one line, never a traceback."""
+    import shutil
+
+    from tests.helpers import main_exit
+
+    d = Path(tempfile.mkdtemp()) / "r"
+    shutil.copytree(sound_report, d)
+    (_damage_summary if damage[0] == "summary" else _damage_table)(d, damage[1])
+    code = main_exit([a.replace("{r}", str(d)) for a in argv])
+    assert code in (0, 1, 2)

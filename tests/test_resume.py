@@ -82,3 +82,28 @@ def test_sigint_then_resume_gives_the_same_report(reference, dense_model, tmp_pa
 def test_resume_without_a_partial_run_is_an_error(dense_model, tmp_path, capsys):
     code, _, err = run_cli([*command(dense_model, tmp_path / "x"), "--resume"], capsys)
     assert code == 2 and "no interrupted run" in err
+
+
+def test_sigterm_ends_like_ctrl_c_and_the_run_resumes(dense_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["compare", "--model", str(dense_model), "--rollout", "hf:dtype=bfloat16", "--num-prompts", "24",
+            "--max-new-tokens", "32", "--chunk-prompts", "2", "--out", str(out), "-q"]  # fmt: skip
+    p = cli(argv)
+    manifest = out / ".trm-partial" / "manifest.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        try:
+            if json.loads(manifest.read_text())["done"]:
+                break
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            pass
+        time.sleep(0.01)
+    assert p.poll() is None, "the run finished before it could be terminated"
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=120) == 143
+    err = p.stderr.read()
+    assert "terminated." in err and "--resume" in err and "Traceback" not in err
+    assert not (out / ".trm-lock").exists()
+    code, _, err = run_cli([*argv, "--resume"], capsys)
+    assert code == 0, err
+    assert json.loads((out / "summary.json").read_text())["hardware"]["exact_kernels"]

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from trm_diag.backends.base import Rollout, TensorRows
-from trm_diag.scoring import TOKEN_COLUMNS, batch_columns, token_columns
+from trm_diag.schema import TOKEN_COLUMNS
+from trm_diag.scoring import batch_columns, token_columns
 
 V = 60
 

@@ -31,7 +31,7 @@ from trm_diag.heap import release_heap
 from trm_diag.masking import acceptance_by_length, threshold_sweep, token_violation_rate
 from trm_diag.metrics import batch_metrics, bound_inputs
 from trm_diag.moe import RoutingComparison, routing_summary
-from trm_diag.scoring import TOKEN_COLUMNS
+from trm_diag.schema import TOKEN_COLUMNS
 from trm_diag.sequences import BASIS, sequence_stats
 
 WORST_K = 5

@@ -6,7 +6,6 @@ so the command answers in well under a second.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,8 @@ from rich.table import Table
 
 from trm_diag.bounds import BOUND_NAMES, BoundInputs, bounds_table, max_delta_for_budget
 from trm_diag.errors import UsageError
+from trm_diag.outputs import check_output_file
+from trm_diag.report import to_json
 
 
 def _check_nonneg(**values: float | None) -> None:
@@ -31,10 +32,12 @@ def parameter_inputs(
     _check_nonneg(delta=delta, eps=eps, kl_seq=kl_seq, tv_seq=tv_seq, kl_rate=kl_rate)
     if tv_seq is not None and tv_seq > 1:
         raise UsageError(f"--tv-seq {tv_seq} exceeds 1", "a total variation lies in [0, 1]")
+    if eps is not None and eps > 1:
+        raise UsageError(f"--eps {eps} exceeds 1", "a total variation lies in [0, 1]")
     inp = BoundInputs(delta=delta, eps=eps, kl_seq=kl_seq, tv_seq=tv_seq, kl_rate=kl_rate)
     if eps is None and delta is not None:
-        inp.eps = math.sqrt(delta / 2.0)
-        inp.source["eps"] = "modelled: Pinsker sqrt(delta/2)"
+        inp.eps = min(1.0, math.sqrt(delta / 2.0))  # a TV is at most 1, whatever Pinsker allows
+        inp.source["eps"] = "modelled: Pinsker sqrt(delta/2), at most 1"
     return inp
 
 
@@ -93,12 +96,24 @@ def run_bounds(
         inp = report_inputs(report)
     else:
         if delta is None and eps is None and budget is None:
+            given = [
+                f"--{k.replace('_', '-')}"
+                for k, v in (("kl_seq", kl_seq), ("tv_seq", tv_seq), ("kl_rate", kl_rate))
+                if v is not None
+            ]
+            if given:
+                raise UsageError(
+                    f"no bound from {' and '.join(given)} alone: every bound needs the token-level maxima",
+                    "add --delta (max token KL) and/or --eps (max token TV), or use --report DIR",
+                )
             raise UsageError(
                 "no inputs given", "pass --delta (and --eps, --kl-seq, --tv-seq), --report DIR, or --budget"
             )
         inp = parameter_inputs(delta, eps, kl_seq, tv_seq, kl_rate)
     if budget is not None and not (budget > 0 and math.isfinite(budget)):
         raise UsageError(f"--budget {budget} is invalid", "use a positive number (1 = the reward range)")
+    if plot:
+        check_output_file(plot, "--plot")
     rows = bounds_table(list(horizons), inp) if (inp.delta is not None or inp.eps is not None) else []
     inverse = None
     if budget is not None:
@@ -111,7 +126,7 @@ def run_bounds(
     if plot:
         _plot(rows, plot)
     if json_out:
-        print(json.dumps(bounds_json(rows, inp, inverse), default=float))
+        print(to_json(bounds_json(rows, inp, inverse)))  # strict JSON: infinite bounds are null
         return
     if rows:
         out_console.print(bounds_rich_table(rows))
@@ -137,13 +152,13 @@ def _write_bounds_parquet(report: Path, rows: list[dict]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from trm_diag.report import META_KEY, _atomic_write, read_schema
+    from trm_diag.report import META_KEY, atomic_write, read_schema
 
     table = pa.Table.from_pandas(pd.DataFrame(rows), preserve_index=False)
     old = read_schema(report / "tokens.parquet").metadata or {}
     if META_KEY in old:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY: old[META_KEY]})
-    _atomic_write(report / "bounds.parquet", lambda tmp: pq.write_table(table, tmp))
+    atomic_write(report / "bounds.parquet", lambda tmp: pq.write_table(table, tmp))
 
 
 def _plot(rows: list[dict], path: str) -> None:

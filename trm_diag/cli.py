@@ -6,7 +6,6 @@ need them, so `trm-diag --help`, `bounds` and `gate` start fast.
 
 from __future__ import annotations
 
-import math
 import sys
 from contextlib import contextmanager
 from typing import Annotated
@@ -15,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from trm_diag.config import MAX_HORIZON
+from trm_diag.config import parse_horizons
 from trm_diag.errors import ExitCode, TrmDiagError, UsageError
 from trm_diag.heap import tune_allocator
 from trm_diag.kernel_choice import kernel_name
@@ -35,21 +34,6 @@ out_console = Console()  # data
 err_console = Console(stderr=True)  # progress, tables, messages
 
 SAMPLE_HELP = "Default: the bundled sample."
-
-
-def _horizons(text: str) -> tuple[int, ...]:
-    fix = "write e.g. --horizons 256,1024,4096"
-    items = [x.strip() for x in text.split(",") if x.strip()]
-    try:
-        floats = [float(x) for x in items]  # 1e4 is a fine way to write 10000
-    except ValueError:
-        raise UsageError(f"--horizons '{text}' is not a list of integers", fix) from None
-    if not floats or not all(math.isfinite(v) and v.is_integer() and v >= 1 for v in floats):
-        raise UsageError(f"--horizons '{text}' must hold positive integers", fix)
-    if max(floats) > MAX_HORIZON:
-        big = items[floats.index(max(floats))]
-        raise UsageError(f"--horizons: {big} is beyond {MAX_HORIZON:,} tokens", f"use horizons up to {MAX_HORIZON}")
-    return tuple(int(v) for v in floats)
 
 
 def _shard(text: str | None) -> tuple[int, int] | None:
@@ -176,6 +160,13 @@ def compare(
     top_k: TopKOpt = 0,
     min_p: MinPOpt = 0.0,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    truncate_prompts: Annotated[
+        bool,
+        typer.Option(
+            help="Cut prompts too long for the model (prompt + --max-new-tokens beyond its positions) to their "
+            "last tokens, instead of refusing them."
+        ),
+    ] = False,
     save_rollouts: Annotated[
         str | None, typer.Option(help="Also write the rollouts (.jsonl or .parquet) in the schema `score` reads.")
     ] = None,
@@ -231,7 +222,8 @@ def compare(
         overwrite=overwrite,
         trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,
-        horizons=_horizons(horizons),
+        horizons=parse_horizons(horizons),
+        truncate_prompts=truncate_prompts,
     )
     result = run_compare(cfg, RichReporter(quiet or json_out))
     _render(result.summary, result.out_dir, json_out)
@@ -260,6 +252,14 @@ def score(
     top_p: Annotated[float | None, typer.Option(help="Rollout top-p (default: the file's, else 1).")] = None,
     top_k: Annotated[int | None, typer.Option(help="Rollout top-k (default: the file's, else off).")] = None,
     min_p: Annotated[float | None, typer.Option(help="Rollout min-p (default: the file's, else off).")] = None,
+    strip_after_eos: Annotated[
+        bool,
+        typer.Option(
+            "--strip-after-eos/--keep-after-eos",
+            help="Drop tokens after a response's first end-of-sequence token (the right padding of verl-style "
+            "exports, scored as real tokens otherwise); the summary says how many.",
+        ),
+    ] = True,
     trm_max: TrmMaxOpt = 0.05,
     trm_avg: TrmAvgOpt = 0.001,
     ln_trm: LnTrmOpt = 0.05,
@@ -297,10 +297,11 @@ def score(
         sampling=SamplingConfig(**given) if given else None,
         thresholds=_thresholds(trm_max, trm_avg, ln_trm, ser, dppo_tv, dppo_kl),
         fidelity=fidelity,
+        strip_after_eos=strip_after_eos,
         overwrite=overwrite,
         trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,
-        horizons=_horizons(horizons),
+        horizons=parse_horizons(horizons),
     )
     result = run_score(cfg, RichReporter(quiet or json_out))
     _render(result.summary, result.out_dir, json_out)
@@ -354,7 +355,7 @@ def bounds(
 
     run_bounds(
         delta=delta, eps=eps, kl_seq=kl_seq, tv_seq=tv_seq, kl_rate=kl_rate, report=report,
-        horizons=_horizons(horizons), budget=budget, json_out=json_out, plot=plot,
+        horizons=parse_horizons(horizons), budget=budget, json_out=json_out, plot=plot,
         out_console=out_console, err_console=err_console,
     )  # fmt: skip
 
@@ -386,6 +387,10 @@ def gate(
     list_metrics: Annotated[
         bool, typer.Option("--list-metrics", help="List every metric name with its value.")
     ] = False,
+    strict: Annotated[
+        bool,
+        typer.Option(help="Refuse a --baseline of another model, tokenizer or fidelity tier (default: warn)."),
+    ] = False,
 ) -> None:
     """Check rules against a report: exit 0 when all hold, 1 when any fails, 2 on a usage or input error.
 
@@ -400,39 +405,74 @@ def gate(
     code = run_gate(
         report=report, rules=rule or [], config=Path(config) if config else None,
         baseline=baseline, fmt=fmt, output=output, list_metrics=list_metrics,
-        out_console=out_console,
+        out_console=out_console, strict=strict, warn=RichReporter(quiet=True).warn,
     )  # fmt: skip
     raise typer.Exit(code)
 
 
 INTERRUPTED = 130  # the shell's exit code for SIGINT
+TERMINATED = 143  # and for SIGTERM (128 + 15)
 
 # click's usage errors (typer vendors its own click, so they are matched by name)
 USAGE_EXCEPTIONS = {"UsageError", "BadParameter", "MissingParameter", "NoSuchOption", "BadOptionUsage",
                     "BadArgumentUsage", "ClickException", "FileError"}  # fmt: skip
 
 
+class _Signals:
+    """SIGTERM ends a run the way Ctrl-C does (engines closed, finished chunks kept), with its own exit code."""
+
+    terminated = False
+
+    @classmethod
+    def install(cls) -> None:
+        import signal
+
+        def on_term(signum: int, frame: object) -> None:
+            cls.terminated = True
+            raise KeyboardInterrupt
+
+        try:
+            signal.signal(signal.SIGTERM, on_term)
+        except ValueError:  # not the main thread (an embedding program): leave its handler alone
+            pass
+
+
+def _fail(problem: str, fix: str | None, code: int) -> None:
+    err_console.print(
+        f"[bold red]error:[/bold red] {escape(TrmDiagError(problem, fix).one_line())}", highlight=False, soft_wrap=True
+    )
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the app, turn TrmDiagError into one line and its exit code."""
+    """Entry point: run the app, turn TrmDiagError and OS errors into one line and their exit code."""
+    from trm_diag.errors import os_error
+
     tune_allocator()  # reuse chunk buffers instead of faulting fresh pages per op (heap.py)
+    _Signals.install()
     try:
         kernel_name()  # a bad TRM_DIAG_KERNEL fails here, before any work
         code = app(args=argv, standalone_mode=False)  # click returns typer.Exit's code here
     except TrmDiagError as e:
-        err_console.print(f"[bold red]error:[/bold red] {escape(e.one_line())}", highlight=False, soft_wrap=True)
-        sys.exit(int(e.exit_code))
+        _fail(e.problem, e.fix, int(e.exit_code))
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except (typer.Abort, KeyboardInterrupt):
-        code = INTERRUPTED
+        code = TERMINATED if _Signals.terminated else INTERRUPTED
+    except OSError as e:  # disk full, read-only folder ...: the environment, not a bug
+        err = os_error(e)
+        _fail(err.problem, err.fix, int(err.exit_code))
     except Exception as e:  # bad options arrive here in non-standalone mode (typer's vendored click)
         if type(e).__name__ in USAGE_EXCEPTIONS and hasattr(e, "show"):
             e.show(file=sys.stderr)
             sys.exit(int(ExitCode.USAGE))
         raise
-    if code == INTERRUPTED:  # typer turns Ctrl-C into a silent Exit(130)
+    if code == INTERRUPTED and _Signals.terminated:
+        code = TERMINATED
+    if code in (INTERRUPTED, TERMINATED):  # typer turns Ctrl-C into a silent Exit(130)
+        what = "terminated" if code == TERMINATED else "interrupted"
         err_console.print(
-            "[red]interrupted.[/red] Finished chunks are kept in the --out folder's .trm-partial/; "
+            f"[red]{what}.[/red] Finished chunks are kept in the --out folder's .trm-partial/; "
             "run the same command with --resume to finish."
         )
     sys.exit(code if isinstance(code, int) else 0)

@@ -17,7 +17,27 @@ from trm_diag.errors import UsageError
 # Keys every backend understands; each backend adds its own (see backends/__init__.py).
 COMMON_KEYS = ("model", "dtype", "batch_size", "seed")
 
+MIN_TEMPERATURE = 1e-5  # vLLM samples greedily below this (its _SAMPLING_EPS); logits / T overflow near 1e-38
 MAX_HORIZON = 10_000_000  # longest horizon T evaluated: the adaptive bounds sum over t = 1..T (~1 s, ~0.5 GB)
+
+
+def parse_horizons(
+    text: str, what: str = "--horizons", fix: str = "write e.g. --horizons 256,1024,4096"
+) -> tuple[int, ...]:
+    """Comma-separated horizons T ('1024', '1e4', '256,4096'): positive integers up to MAX_HORIZON."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    try:
+        floats = [float(x) for x in items]  # 1e4 is a fine way to write 10000
+    except ValueError:
+        raise UsageError(f"{what} '{text}' is not a list of integers", fix) from None
+    if not floats or not all(math.isfinite(v) and v.is_integer() and v >= 1 for v in floats):
+        raise UsageError(f"{what} '{text}' must hold positive integers", fix)
+    if max(floats) > MAX_HORIZON:
+        big = items[floats.index(max(floats))]
+        raise UsageError(f"{what}: {big} is beyond {MAX_HORIZON:,} tokens", f"use horizons up to {MAX_HORIZON}")
+    return tuple(int(v) for v in floats)
+
+
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 
@@ -121,6 +141,11 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
             raise UsageError(f"--temperature {self.temperature} is invalid", "use a value >= 0 (0 = greedy)")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise UsageError(
+                f"--temperature {self.temperature:g} is below {MIN_TEMPERATURE:g}: logits divided by it overflow",
+                f"use 0 for greedy decoding, or a temperature >= {MIN_TEMPERATURE:g}",
+            )
         if not 0 < self.top_p <= 1:
             raise UsageError(f"--top-p {self.top_p} is out of range", "use 0 < top-p <= 1")
         if self.top_k < 0:

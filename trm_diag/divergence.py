@@ -280,8 +280,8 @@ def topk_intervals(
     p_rest = (1.0 - p.sum(-1)).clamp_min(0.0)
     q_rest = torch.where(outside, lq_full.exp(), torch.zeros_like(lq_full)).sum(-1)  # exact: q is known in full
     diff = (p - q).abs().sum(-1)
-    tv_lo = 0.5 * (diff + (p_rest - q_rest).abs())
     tv_hi = (0.5 * (diff + p_rest + q_rest)).clamp(max=1.0)
+    tv_lo = torch.minimum(0.5 * (diff + (p_rest - q_rest).abs()), tv_hi)  # lo <= TV <= hi; equal up to rounding
     kl_s = torch.where(p > 0, p * (lp - lq), torch.zeros_like(p)).sum(-1)  # +inf when q = 0 < p
     rest_lo = torch.where(
         p_rest > 0, p_rest * (p_rest.clamp_min(1e-300).log() - q_rest.log()), torch.zeros_like(p_rest)

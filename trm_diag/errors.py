@@ -48,3 +48,29 @@ class BackendFailure(TrmDiagError):
     """A backend that failed while running."""
 
     exit_code = ExitCode.RUNTIME
+
+
+class DiskFull(TrmDiagError):
+    """The disk filled up while writing: finished chunks stay resumable."""
+
+    exit_code = ExitCode.RUNTIME
+
+
+def os_error(e: OSError) -> TrmDiagError:
+    """The one-line error for an OS error met while reading or writing (disk full, read-only, ...)."""
+    import errno
+
+    where = f" '{e.filename}'" if getattr(e, "filename", None) else ""
+    text = str(e)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in text:
+        return DiskFull(
+            f"no space left on the device while writing{where}",
+            "free some space and run the same command again (compare: with --resume, finished chunks are kept)",
+        )
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return UsageError(f"cannot write{where}: {e.strerror or text}", "choose a writable --out or output path")
+    if e.errno == errno.ELOOP:
+        return UsageError(f"{where.strip() or 'a path'} is a symlink loop", "point the option at a real file or folder")
+    if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR):
+        return UsageError(f"bad path{where}: {e.strerror or text}", "check the path")
+    return BackendFailure(f"I/O error{where}: {e.strerror or text}", "check the disk and the paths, then run again")

@@ -2,8 +2,9 @@
 
 Metric names address the report:
 - ``token.<column>.<stat>`` and ``seq.<column>.<stat>``: stat in mean, p50, p90, p99,
-  p999, max, min of any numeric column of tokens.parquet / sequences.parquet (finite
-  values only);
+  p999, max, min of any numeric column of tokens.parquet / sequences.parquet (NaN skipped,
+  infinities kept: an infinite KL fails `<=`; how many values were infinite or NaN is
+  reported with the rule);
 - ``accept.<criterion>``: acceptance rate of a masking criterion (trm_max, trm_avg,
   combined, ln_trm, ser);
 - ``bounds.<bound>@<T>``: a bound of the paper at horizon T from the report's measured
@@ -28,10 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from trm_diag.config import MAX_HORIZON
+from trm_diag.config import parse_horizons
 from trm_diag.errors import InputError, UsageError
+from trm_diag.stats import STATS, describe
 
-STATS = {"mean": None, "p50": 0.5, "p90": 0.9, "p99": 0.99, "p999": 0.999, "max": 1.0, "min": 0.0}
 OPS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt, "==": operator.eq}
 CRITERIA = ("trm_max", "trm_avg", "combined", "ln_trm", "ser")
 RULE_RE = re.compile(r"^\s*(?P<metric>[A-Za-z0-9_.@]+)\s*(?P<op><=|>=|==|<|>)\s*(?P<rhs>.+?)\s*$")
@@ -104,6 +105,7 @@ class ReportMetrics:
         self._schemas: dict[str, list[str]] = {}
         self._cols: dict[tuple[str, str], np.ndarray] = {}
         self._bound_inputs = None
+        self.notes: dict[str, str] = {}  # metric -> what the reader should know about its value
 
     # -------------------------------------------------------------- tables
     def _file(self, table: str) -> Path:
@@ -166,21 +168,28 @@ class ReportMetrics:
         return list(set(read_table(f, columns=["T"]).column(0).to_pylist()))
 
     def value(self, name: str) -> float:
-        """The metric's value (NaN when it has no finite data); UsageError for unknown names."""
+        """The metric's value (inf counts, NaN when it has no value); UsageError for unknown names."""
+        from trm_diag.metrics import RENAMED
+
         parts = name.split(".")
         try:
             if parts[0] in ("token", "seq") and len(parts) == 3 and parts[2] in STATS:
                 table = "tokens" if parts[0] == "token" else "sequences"
                 if parts[1] in self.numeric_columns(table):
-                    return _stat(self.column(table, parts[1]), parts[2])
+                    return self._stat(name, self.column(table, parts[1]), parts[2])
             elif parts[0] == "accept" and len(parts) == 2 and f"accept_{parts[1]}" in self.numeric_columns("sequences"):
                 x = self.column("sequences", f"accept_{parts[1]}")
                 return float(x.mean()) if x.size else math.nan
             elif parts[0] == "bounds" and len(parts) == 2 and "@" in parts[1]:
                 return self._bound(*parts[1].split("@", 1))
-            elif parts[0] == "metrics" and len(parts) == 2 and parts[1] in self.summary.get("metrics", {}):
-                v = self.summary["metrics"][parts[1]]
-                return math.nan if v is None else float(v)
+            elif parts[0] == "metrics" and len(parts) == 2:
+                metrics = self.summary.get("metrics", {})
+                key = parts[1] if parts[1] in metrics else RENAMED.get(parts[1])
+                if key in metrics:
+                    if key != parts[1]:
+                        self.notes[name] = f"renamed to metrics.{key} (verl's name)"
+                    v = metrics[key]
+                    return math.nan if v is None else float(v)
             elif name == "routing.flip_rate":
                 r = self.summary.get("routing") or {}
                 if "flip_rate" in r:
@@ -193,19 +202,25 @@ class ReportMetrics:
         )
         raise UsageError(f"unknown metric '{name}' for report '{self.path}'", hint)
 
+    def _stat(self, name: str, x: np.ndarray, stat: str) -> float:
+        """One statistic of a column (stats.describe: the summary's own); notes how many values were not finite."""
+        d = describe(x, (stat,))
+        parts = []
+        if d["n_inf"]:
+            parts.append(f"{d['n_inf']:,} of {x.size:,} values are infinite")
+        if d["n_nan"]:
+            parts.append(f"{d['n_nan']:,} NaN skipped")
+        if parts:
+            self.notes[name] = "; ".join(parts)
+        return d[stat]
+
     def _bound(self, bound: str, horizon: str) -> float:
         from trm_diag.bounds import BOUND_NAMES, all_bounds
         from trm_diag.metrics import bound_inputs
 
         if bound not in BOUND_NAMES:
             raise ValueError(bound)
-        T = int(horizon)
-        if T < 1:
-            raise ValueError(horizon)
-        if T > MAX_HORIZON:
-            raise UsageError(
-                f"bounds.{bound}@{horizon}: the horizon is beyond {MAX_HORIZON:,} tokens", f"use T <= {MAX_HORIZON}"
-            )
+        (T,) = parse_horizons(horizon, f"bounds.{bound}@T: T", fix=f"write e.g. bounds.{bound}@4096")  # 4096 or 4e3
         if self._bound_inputs is None:
             tok_cols = ("log_ratio", "pos", "kl", "tv", "kl_hi", "tv_hi", "k2", "k3")
             tokens = {c: self.column("tokens", c) for c in tok_cols if c in self.numeric_columns("tokens")}
@@ -213,15 +228,6 @@ class ReportMetrics:
             self._bound_inputs = bound_inputs(tokens, seqs, self.summary.get("fidelity", "exact"))
         v = all_bounds(T, self._bound_inputs)[0][bound]
         return math.nan if v is None else float(v)
-
-
-def _stat(x: np.ndarray, stat: str) -> float:
-    x = x[np.isfinite(x)]
-    if x.size == 0:
-        return math.nan
-    if stat == "mean":
-        return float(x.mean())
-    return float(np.quantile(x, STATS[stat]))
 
 
 @dataclass
@@ -258,14 +264,16 @@ def evaluate(rules: list[Rule], report: ReportMetrics, baseline: ReportMetrics |
             if m:
                 threshold = fn(m, base if base is not None else math.nan)
                 break
-        note = ""
+        notes = [report.notes.get(rule.metric, "")]
         if math.isnan(value):
-            passed, note = False, "the report has no finite values for this metric"
+            passed = False
+            notes.insert(0, "the report has no value for this metric")
         elif math.isnan(threshold):
-            passed, note = False, "the baseline has no finite value for this metric"
-        else:
+            passed = False
+            notes.insert(0, "the baseline has no value for this metric")
+        else:  # an infinite value is compared like any other: inf <= 0.05 fails
             passed = bool(OPS[rule.op](value, threshold))
-        results.append(RuleResult(rule, value, threshold, base, passed, note))
+        results.append(RuleResult(rule, value, threshold, base, passed, "; ".join(n for n in notes if n)))
     return results
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -11,6 +11,7 @@ from rich.text import Text
 
 from trm_diag.errors import ExitCode, InputError, UsageError
 from trm_diag.gate import ReportMetrics, evaluate, load_rules_toml, parse_rule, to_github, to_json, to_junit
+from trm_diag.outputs import check_output_file
 
 FORMATS = ("table", "json", "junit", "github")
 
@@ -39,18 +40,23 @@ def run_gate(
     output: str | None,
     list_metrics: bool,
     out_console: Console,
+    strict: bool = False,
+    warn: Callable[[str], None] = print,
 ) -> int:
     from trm_diag.summary import fmt as fmt_num
 
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt} is unknown", f"use one of: {', '.join(FORMATS)}")
     rep = ReportMetrics(report)
+    if output:  # checked before any work: a passing gate must not fail on its output path
+        inputs = [f for d in (report, baseline) if d for f in Path(d).iterdir()] + ([config] if config else [])
+        check_output_file(output, "--output", inputs=inputs)
     if list_metrics:
         names = rep.names()
         if fmt == "json":
-            import json
+            from trm_diag.report import to_json as json_text
 
-            print(json.dumps({n: _finite(rep.value(n)) for n in names}, indent=1))
+            print(json_text({n: rep.value(n) for n in names}))
         else:
             t = Table(title=f"Metrics of {report}", title_justify="left")
             t.add_column("metric")
@@ -61,6 +67,15 @@ def run_gate(
         return int(ExitCode.OK)
     parsed = [parse_rule(r) for r in collect_rules(rules, config)]
     base = ReportMetrics(baseline) if baseline else None
+    if base is not None:
+        differences = comparability(base.summary, rep.summary)
+        if differences:
+            text = f"the baseline '{baseline}' differs from '{report}' in {'; '.join(differences)}"
+            if strict:
+                raise UsageError(
+                    text, "compare reports of the same model, tokenizer and fidelity tier, or drop --strict"
+                )
+            warn(text + ": relative rules compare unlike things")
     results = evaluate(parsed, rep, base)
     text = {
         "json": lambda: to_json(results, report, baseline),
@@ -74,7 +89,9 @@ def run_gate(
         for c in ("rule", "value", "threshold", "result"):
             t.add_column(c, justify="right" if c in ("value", "threshold") else "left")
         for r in results:
-            verdict = Text("PASS", style="bold green") if r.passed else Text("FAIL " + r.note, style="bold red")
+            verdict = Text("PASS", style="bold green") if r.passed else Text("FAIL", style="bold red")
+            if r.note:
+                verdict.append(f" ({r.note})", style="dim")
             t.add_row(r.rule.text, fmt_num(r.value), fmt_num(r.threshold), verdict)
         out_console.print(t)
         failed = sum(not r.passed for r in results)
@@ -82,10 +99,22 @@ def run_gate(
     else:
         print(text[fmt](), end="" if fmt != "json" else "\n")
     if output:
+        from trm_diag.report import atomic_write
+
         content = text["json"]() + "\n" if fmt == "table" else text[fmt]()
-        Path(output).write_text(content)
+        atomic_write(Path(output), lambda tmp: Path(tmp).write_text(content))
     return int(ExitCode.OK if all(r.passed for r in results) else ExitCode.GATE_FAILED)
 
 
-def _finite(v: float) -> float | None:
-    return v if math.isfinite(v) else None
+def comparability(a: dict, b: dict) -> list[str]:
+    """How two reports differ in what makes their numbers comparable: models, tokenizer, fidelity tier."""
+    out = []
+    for side in ("rollout", "train"):
+        fa, fb = (s.get(side, {}).get("model_fingerprint") for s in (a, b))
+        if fa and fb and fa != fb:
+            out.append(f"the {side} model")
+    if a.get("vocab") != b.get("vocab"):
+        out.append("the vocabulary / tokenizer")
+    if a.get("fidelity") != b.get("fidelity"):
+        out.append(f"the fidelity tier ({a.get('fidelity')} vs {b.get('fidelity')})")
+    return out

@@ -22,9 +22,9 @@ from trm_diag.backends.base import Rollout
 from trm_diag.config import SamplingConfig, Thresholds
 from trm_diag.errors import InputError, UsageError
 from trm_diag.moe import RoutingComparison
+from trm_diag.outputs import check_out_dir, claim_out_dir
 from trm_diag.report import (
     complete_report,
-    prepare_out_dir,
     read_schema,
     read_table,
     unreadable,
@@ -232,6 +232,7 @@ def run_merge(reports: list[str], out: str, overwrite: bool = False, warn: Any =
         raise UsageError("merge needs at least two reports", "pass every shard's report folder")
     if any(Path(r).resolve() == Path(out).resolve() for r in reports):
         raise UsageError(f"--out '{out}' is one of the reports being merged", "write the merged report to a new folder")
+    out_dir = check_out_dir(out, overwrite=overwrite)  # reads only: nothing is touched before the inputs pass
     shards = [_Shard(r) for r in reports]
     first = shards[0].summary
     for shard in shards[1:]:
@@ -247,7 +248,6 @@ def run_merge(reports: list[str], out: str, overwrite: bool = False, warn: Any =
                     "merge shards of one command only",
                 )
     source = ShardChunks(shards)
-    out_dir = prepare_out_dir(out, overwrite)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(first["train"]["model"])
@@ -261,13 +261,17 @@ def run_merge(reports: list[str], out: str, overwrite: bool = False, warn: Any =
         "horizons": first.get("horizons"),
         "routing_note": routing_info.get("reason"),
     }
+    try:
+        sampling, thresholds = SamplingConfig(**first["sampling"]), Thresholds(**first["thresholds"])
+    except (TypeError, UsageError) as e:
+        raise InputError(f"'{reports[0]}': summary.json has damaged settings ({e})", "re-run that shard") from None
     assembled = assemble(
-        source, command=first["command"], fidelity=first["fidelity"],
-        sampling=SamplingConfig(**first["sampling"]), thresholds=Thresholds(**first["thresholds"]),
+        source, command=first["command"], fidelity=first["fidelity"], sampling=sampling, thresholds=thresholds,
         horizons=tuple(first.get("horizons") or (1024, 4096, 16384)), tokenizer=tokenizer,
         width=first["vocab"]["logits_width"], moe=moe, header=header, warn=warn,
     )  # fmt: skip
     assembled.summary["timings"] = {}
-    write_tables(out_dir, report_parts(assembled), assembled.summary)
-    write_summary(out_dir, assembled.summary)
+    with claim_out_dir(out_dir, overwrite=overwrite, warn=warn):
+        write_tables(out_dir, report_parts(assembled), assembled.summary)
+        write_summary(out_dir, assembled.summary)
     return out_dir, assembled.summary

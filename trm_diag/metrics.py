@@ -15,27 +15,67 @@ import numpy as np
 from trm_diag.bounds import BoundInputs
 from trm_diag.config import Thresholds
 from trm_diag.sequences import CRITERIA
+from trm_diag.stats import describe
 
 if TYPE_CHECKING:
     import pandas as pd
 
-QUANTILES = {"mean": None, "p50": 0.5, "p90": 0.9, "p99": 0.99, "p999": 0.999, "max": 1.0}
+SAFETY_BOUND = 20.0  # verl clamps log ratios to [-20, 20] before exponentiating (chi2, IS weights)
+IS_THRESHOLD = 2.0  # verl's default rollout_is_threshold C: IS weights clamped to [1/C, C] for its ESS
+SUMMARY_STATS = ("mean", "p50", "p90", "p99", "p999", "max")  # token_<column>_<stat> in summary.json
 
-
-def describe(x: np.ndarray) -> dict[str, float]:
-    """mean, p50, p90, p99, p999, max, skipping NaN (non-finite logits) but keeping inf (zero-probability tokens)."""
-    x = np.asarray(x, dtype=np.float64)
-    x = x[~np.isnan(x)]
-    if x.size == 0:
-        return dict.fromkeys(QUANTILES, math.nan)
-    out = {"mean": float(x.mean())}
-    finite = bool(np.isfinite(x).all())
-    names = [k for k, q in QUANTILES.items() if q is not None]
-    # one partition for every quantile; interpolating towards an infinity gives nan, so then take
-    # the order statistic above instead
-    qs = np.quantile(x, [QUANTILES[k] for k in names], method="linear" if finite else "higher")
-    out.update({k: float(v) for k, v in zip(names, qs)})
-    return out
+# Every batch metric: name -> (formula, counterpart). A counterpart "verl" means verl's literal name
+# and definition (rollout_corr_helper.compute_offpolicy_metrics / compute_is_metrics); anything else
+# is trm-diag's own. docs/metrics.md is checked against this table.
+METRICS: dict[str, tuple[str, str]] = {
+    "n_tokens": ("number of response tokens", "trm-diag"),
+    "n_sequences": ("number of rollouts", "trm-diag"),
+    "kl": ("mean over tokens of lp_roll - lp_train (k1 estimator of KL(pi_roll || pi_theta))", "verl"),
+    "k3_kl": ("mean over tokens of rho - 1 - log rho (k3 estimator)", "verl"),
+    "training_ppl": ("mean over sequences of exp(-mean_t lp_train)", "verl"),
+    "training_log_ppl": ("mean over sequences of -mean_t lp_train", "verl"),
+    "rollout_ppl": ("mean over sequences of exp(-mean_t lp_roll)", "verl"),
+    "rollout_log_ppl": ("mean over sequences of -mean_t lp_roll", "verl"),
+    "log_ppl_diff": ("mean over sequences of d_i = mean_t lp_roll - mean_t lp_train", "verl"),
+    "log_ppl_abs_diff": ("mean over sequences of |d_i|", "verl"),
+    "log_ppl_diff_max": ("max over sequences of d_i", "verl"),
+    "log_ppl_diff_min": ("min over sequences of d_i", "verl"),
+    "ppl_ratio": ("mean over sequences of exp(d_i) = training PPL / rollout PPL", "verl"),
+    "chi2_token": ("mean over tokens of exp(clamp(log rho, -20, 20))^2, minus 1", "verl"),
+    "chi2_seq": ("mean over sequences of exp(2 clamp(sum_t log rho, -20, 20)), minus 1", "verl"),
+    "rollout_is_eff_sample_size_token": (
+        "verl's rollout_is_eff_sample_size with rollout_is=token: 1 / mean_t (w_t / mean w)^2, "
+        "w_t = clip(exp(clamp(log rho_t, -20, 20)), 1/2, 2)",
+        "verl",
+    ),
+    "rollout_is_eff_sample_size_seq": (
+        "verl's rollout_is_eff_sample_size with rollout_is=sequence: as the token one with every token of "
+        "sequence i weighted w_i = clip(exp(clamp(sum_t log rho_t, -20, 20)), 1/2, 2)",
+        "verl",
+    ),
+    "ess_token": ("(sum rho)^2 / (n sum rho^2) over tokens, unclamped (Kish ESS, normalised)", "trm-diag"),
+    "ess_seq": ("(sum w)^2 / (n sum w^2), w_i = prod_t rho_t, one weight per sequence, unclamped", "trm-diag"),
+    "abs_log_ratio_mean": ("mean over tokens of |log rho|", "trm-diag"),
+    "abs_log_ratio_max": ("max over tokens of |log rho|", "trm-diag"),
+    "frac_ratio_outside_2": (
+        "fraction of tokens with rho > 2 or rho < 1/2",
+        "trm-diag (verl: rollout_is_ratio_fraction_high + _low at C = 2)",
+    ),
+    "frac_ratio_outside_5": ("fraction of tokens with rho > 5 or rho < 1/5", "trm-diag"),
+    "token_<column>_<stat>": (
+        "stat (mean p50 p90 p99 p999 max) of a token column; NaN skipped, inf kept",
+        "trm-diag",
+    ),
+    "token_<column>_n_inf": ("how many values of the token column are +/-inf", "trm-diag"),
+    "token_<column>_n_nan": ("how many values of the token column are NaN (skipped)", "trm-diag"),
+    "prefill_gap_abs_mean": ("mean |lp_roll_prefill - lp_roll| (exact tier)", "trm-diag"),
+    "prefill_gap_abs_max": ("max |lp_roll_prefill - lp_roll| (exact tier)", "trm-diag"),
+    "accept_<criterion>": ("fraction of sequences a masking criterion keeps (DESIGN.md section 4)", "trm-diag (paper)"),
+    "dppo_tv_token_frac": ("fraction of tokens with binary TV above --dppo-tv", "trm-diag (DPPO)"),
+    "dppo_kl_token_frac": ("fraction of tokens with binary KL above --dppo-kl", "trm-diag (DPPO)"),
+}
+# names of earlier versions, still understood by the gate
+RENAMED = {"k1_mean": "kl", "k3_mean": "k3_kl", "ppl_roll": "rollout_ppl", "ppl_train": "training_ppl"}
 
 
 def _ess(log_w: np.ndarray) -> float:
@@ -47,31 +87,60 @@ def _ess(log_w: np.ndarray) -> float:
     return float(w.sum() ** 2 / (log_w.size * (w * w).sum()))
 
 
+def verl_ess(log_w: np.ndarray, counts: np.ndarray) -> float:
+    """verl's rollout_is_eff_sample_size: 1 / E[(w / E w)^2] over tokens, each weight counted
+    ``counts`` times (1 per token, or a sequence's length), w = clip(exp(clamp(log_w, +-20)), 1/C, C)."""
+    keep = ~np.isnan(log_w) & (counts > 0)
+    if not keep.any():
+        return math.nan
+    w = np.clip(np.exp(np.clip(log_w[keep], -SAFETY_BOUND, SAFETY_BOUND)), 1.0 / IS_THRESHOLD, IS_THRESHOLD)
+    c = counts[keep].astype(np.float64)
+    mean = float((w * c).sum() / c.sum())
+    return float(1.0 / (((w / (mean + 1e-8)) ** 2 * c).sum() / c.sum()))
+
+
+def _nanmean(x: np.ndarray) -> float:
+    x = x[~np.isnan(x)]
+    return float(x.mean()) if x.size else math.nan
+
+
 def batch_metrics(tokens: pd.DataFrame, seqs: pd.DataFrame, fidelity: str, thresholds: Thresholds) -> dict[str, float]:
-    """Flat dict of batch metrics (names are stable: the gate and summary.json use them)."""
+    """Flat dict of batch metrics, named as in :data:`METRICS` (the gate and summary.json use them).
+
+    Tokens with NaN (non-finite logits) are skipped; empty sequences have no per-sequence mean.
+    """
     lr = tokens["log_ratio"].to_numpy(dtype=np.float64)
-    rho = np.exp(lr)
+    ok = ~np.isnan(lr)
+    lr_ok = lr[ok]
+    rho = np.exp(lr_ok)
     m: dict[str, float] = {"n_tokens": int(len(tokens)), "n_sequences": int(len(seqs))}
-    m["abs_log_ratio_mean"] = float(np.mean(np.abs(lr))) if lr.size else math.nan
-    m["abs_log_ratio_max"] = float(np.max(np.abs(lr))) if lr.size else math.nan
-    m["k1_mean"] = float(tokens["k1"].mean())  # mean log p_roll - log p_train: verl's KL (k1)
-    m["k3_mean"] = float(tokens["k3"].mean())
-    m["chi2_token"] = float(np.mean(rho * rho) - 1.0) if lr.size else math.nan
+    m["kl"] = _nanmean(-lr)
+    with np.errstate(invalid="ignore"):  # inf - inf where a token has probability 0
+        m["k3_kl"] = _nanmean(tokens["k3"].to_numpy(dtype=np.float64))
+    lp_roll = seqs["lp_roll_mean"].to_numpy(dtype=np.float64)
+    lp_train = seqs["lp_train_mean"].to_numpy(dtype=np.float64)
+    d = lp_roll - lp_train  # per sequence: log rollout PPL ratio (NaN for empty sequences)
+    with np.errstate(over="ignore", invalid="ignore"):
+        m["training_ppl"] = _nanmean(np.exp(-lp_train))
+        m["training_log_ppl"] = _nanmean(-lp_train)
+        m["rollout_ppl"] = _nanmean(np.exp(-lp_roll))
+        m["rollout_log_ppl"] = _nanmean(-lp_roll)
+        m["log_ppl_diff"] = _nanmean(d)
+        m["log_ppl_abs_diff"] = _nanmean(np.abs(d))
+        m["log_ppl_diff_max"] = float(np.nanmax(d)) if (~np.isnan(d)).any() else math.nan
+        m["log_ppl_diff_min"] = float(np.nanmin(d)) if (~np.isnan(d)).any() else math.nan
+        m["ppl_ratio"] = _nanmean(np.exp(d))
+    m["chi2_token"] = _nanmean(np.exp(np.clip(lr, -SAFETY_BOUND, SAFETY_BOUND)) ** 2) - 1.0
     seq_lr = seqs["log_seq_ratio"].to_numpy(dtype=np.float64)
-    with np.errstate(over="ignore"):
-        m["chi2_seq"] = float(np.mean(np.exp(2.0 * seq_lr)) - 1.0) if seq_lr.size else math.nan
-    m["ess_token"] = _ess(lr)
+    m["chi2_seq"] = _nanmean(np.exp(2.0 * np.clip(seq_lr, -SAFETY_BOUND, SAFETY_BOUND))) - 1.0
+    m["rollout_is_eff_sample_size_token"] = verl_ess(lr, np.ones(len(lr), dtype=np.int64))
+    m["rollout_is_eff_sample_size_seq"] = verl_ess(seq_lr, seqs["length"].to_numpy())
+    m["ess_token"] = _ess(lr_ok)
     m["ess_seq"] = _ess(seq_lr)
+    m["abs_log_ratio_mean"] = float(np.mean(np.abs(lr_ok))) if lr_ok.size else math.nan
+    m["abs_log_ratio_max"] = float(np.max(np.abs(lr_ok))) if lr_ok.size else math.nan
     for c in (2.0, 5.0):
-        m[f"frac_ratio_outside_{c:g}"] = float(np.mean((rho > c) | (rho < 1.0 / c))) if lr.size else math.nan
-    # perplexities per sequence, then averaged (verl: rollout_ppl, training_ppl, ppl_ratio)
-    ppl_roll = np.exp(-seqs["lp_roll_mean"].to_numpy())
-    ppl_train = np.exp(-seqs["lp_train_mean"].to_numpy())
-    m["ppl_roll"] = float(np.nanmean(ppl_roll)) if len(seqs) else math.nan
-    m["ppl_train"] = float(np.nanmean(ppl_train)) if len(seqs) else math.nan
-    m["ppl_ratio"] = float(np.nanmean(ppl_train / ppl_roll)) if len(seqs) else math.nan
-    m["log_ppl_diff"] = float(np.nanmean(seqs["lp_roll_mean"] - seqs["lp_train_mean"])) if len(seqs) else math.nan
-    m["log_ppl_abs_diff"] = float(np.nanmean(seqs["ppl_gap"])) if len(seqs) else math.nan
+        m[f"frac_ratio_outside_{c:g}"] = float(np.mean((rho > c) | (rho < 1.0 / c))) if lr_ok.size else math.nan
     tier_cols = {"exact": ("kl", "kl_rev", "tv"), "topk": ("kl_lo", "kl_hi", "tv_lo", "tv_hi"), "sampled": ()}
     for col in (*tier_cols[fidelity], "abs_log_ratio", "k2", "k3", "tv_bin", "kl_bin", "ent_train"):
         if col == "abs_log_ratio":
@@ -80,12 +149,12 @@ def batch_metrics(tokens: pd.DataFrame, seqs: pd.DataFrame, fidelity: str, thres
             values = tokens[col].to_numpy(dtype=np.float64)
         else:
             continue
-        for stat, v in describe(values).items():
+        for stat, v in describe(values, SUMMARY_STATS).items():
             m[f"token_{col}_{stat}"] = v
     if fidelity == "exact" and "prefill_gap" in tokens:
         gap = np.abs(tokens["prefill_gap"].to_numpy(dtype=np.float64))
-        m["prefill_gap_abs_mean"] = float(np.nanmean(gap)) if gap.size else math.nan
-        m["prefill_gap_abs_max"] = float(np.nanmax(gap)) if gap.size else math.nan
+        m["prefill_gap_abs_mean"] = _nanmean(gap)
+        m["prefill_gap_abs_max"] = float(np.nanmax(gap)) if (~np.isnan(gap)).any() else math.nan
     for name in CRITERIA:
         m[f"accept_{name}"] = float(seqs[f"accept_{name}"].mean()) if len(seqs) else math.nan
     # DPPO (no rewards here): fraction of tokens whose binary divergence exceeds its threshold

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from trm_diag.stats import describe
+
 
 def moe_shape(config: dict | object) -> tuple[int, int] | None:
     """(num_experts, experts_per_token) of a model config (dict or object), None for dense models."""
@@ -69,11 +71,9 @@ def routing_summary(route_flips: np.ndarray, per_layer_flips: np.ndarray, kl: np
     n = len(route_flips)
     flipped = route_flips > 0
 
-    def stats(x: np.ndarray) -> dict:
-        x = x[np.isfinite(x)]
-        if x.size == 0:
-            return {"n": 0, "mean": None, "p99": None, "max": None}
-        return {"n": int(x.size), "mean": float(x.mean()), "p99": float(np.quantile(x, 0.99)), "max": float(x.max())}
+    def stats(x: np.ndarray) -> dict:  # the report's one statistics function: NaN skipped, inf kept
+        d = describe(x, ("mean", "p99", "max"))
+        return {"n": int(x.size) - d["n_nan"], "n_inf": d["n_inf"], **{k: d[k] for k in ("mean", "p99", "max")}}
 
     layers = len(per_layer_flips)
     return {

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,9 @@ from trm_diag.backends.base import Rollout
 from trm_diag.errors import InputError, UsageError
 from trm_diag.heap import release_heap
 from trm_diag.moe import RoutingComparison
-from trm_diag.report import _atomic_write
+from trm_diag.outputs import PARTIAL_DIR
+from trm_diag.report import atomic_write
 
-PARTIAL_DIR = ".trm-partial"
 MANIFEST = "manifest.json"
 
 
@@ -45,38 +46,41 @@ class PartialStore:
         self.dir = out_dir / PARTIAL_DIR
         self.fingerprint = fingerprint
         self.n_chunks = n_chunks
-        manifest = self.dir / MANIFEST
-        if overwrite and not resume and self.dir.exists():
-            shutil.rmtree(self.dir)
-        if manifest.is_file():
-            try:
-                m = json.loads(manifest.read_text())
-            except json.JSONDecodeError:
-                m = {}
-            done = len(m.get("done", []))
-            if not resume:
-                raise UsageError(
-                    f"'{out_dir}' holds an interrupted run ({done} of {m.get('n_chunks', '?')} chunks done)",
-                    "pass --resume to finish it, or --overwrite to start again",
-                )
-            if m.get("fingerprint") != fingerprint or m.get("n_chunks") != n_chunks:
-                raise UsageError(
-                    f"the interrupted run in '{out_dir}' was started with other settings or inputs",
-                    "resume with exactly the same command, or pass --overwrite to start again",
-                )
+        if resume:
+            m = self.check_resumable(out_dir, fingerprint, n_chunks)
             self.done = set(m["done"])
             self.generated = set(m.get("generated", [])) - self.done
+            self.kernels = set(m.get("kernels", []))
         else:
-            if resume:
-                raise UsageError(f"there is no interrupted run to resume in '{out_dir}'", "drop --resume")
-            if self.dir.exists():
+            if self.dir.exists():  # the caller checked: --overwrite, or a folder with no interrupted run
                 shutil.rmtree(self.dir)
             self.dir.mkdir(parents=True)
             self.done = set()
             self.generated: set[int] = set()
+            self.kernels: set[str] = set()  # exact-tier kernels that scored the saved chunks
             self._write_manifest()
         self._base: list[int] | None = None
         self._tokens: Any = None  # pyarrow dataset over the chunks' token files, for column()
+
+    @staticmethod
+    def check_resumable(out_dir: Path, fingerprint: str, n_chunks: int) -> dict[str, Any]:
+        """The manifest of the interrupted run in out_dir, if it was started with these settings and inputs
+        (reads only: called before any work)."""
+        manifest = out_dir / PARTIAL_DIR / MANIFEST
+        try:
+            m = json.loads(manifest.read_text())
+        except FileNotFoundError:
+            raise UsageError(f"there is no interrupted run to resume in '{out_dir}'", "drop --resume") from None
+        except (OSError, ValueError):
+            m = None
+        if not isinstance(m, dict) or not isinstance(m.get("done"), list):
+            raise UsageError(f"the interrupted run in '{out_dir}' is damaged", "pass --overwrite to start again")
+        if m.get("fingerprint") != fingerprint or m.get("n_chunks") != n_chunks:
+            raise UsageError(
+                f"the interrupted run in '{out_dir}' was started with other settings or inputs",
+                "resume with exactly the same command, or pass --overwrite to start again",
+            )
+        return m
 
     def _write_manifest(self) -> None:
         body = {
@@ -84,9 +88,10 @@ class PartialStore:
             "n_chunks": self.n_chunks,
             "done": sorted(self.done),
             "generated": sorted(self.generated),  # rollouts saved, not yet scored (engines that swap)
+            "kernels": sorted(self.kernels),
             "complete": False,
         }
-        _atomic_write(self.dir / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(body, indent=1)))
+        atomic_write(self.dir / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(body, indent=1)))
 
     def _path(self, i: int, kind: str) -> Path:
         return self.dir / f"chunk-{i:05d}.{kind}.parquet"
@@ -105,8 +110,8 @@ class PartialStore:
             raise InputError(f"chunk {i} of the run was never generated in {self.dir}", "resume the run with --resume")
         return _rollouts_from(self._path(i, "generated"), 0)
 
-    def save(self, i: int, scored: Scored) -> None:
-        """Store chunk i atomically, then mark it done."""
+    def save(self, i: int, scored: Scored, kernels: Iterable[str] = ()) -> None:
+        """Store chunk i atomically, then mark it done (with the exact-tier kernels that scored it)."""
         rolls = _rollout_frame(scored.rollouts)
         tokens = pd.DataFrame(
             {k: np.concatenate([c[k] for c in scored.columns]) for k in scored.columns[0]} if scored.columns else {}
@@ -118,6 +123,7 @@ class PartialStore:
             _write(self._path(i, "routing"), _routing_frame(scored))
         self.done.add(i)
         self.generated.discard(i)
+        self.kernels.update(kernels)
         self._write_manifest()
         self._path(i, "generated").unlink(missing_ok=True)
         release_heap()  # a chunk's temporaries are gone: give their pages back (heap.py)
@@ -241,7 +247,7 @@ def _write(path: Path, df: pd.DataFrame) -> None:
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pandas(df, preserve_index=False)
-    _atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def _routing_frame(scored: Scored) -> pd.DataFrame:

@@ -10,21 +10,25 @@ from __future__ import annotations
 import importlib.util
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from trm_diag.assemble import Assembled, Scored, assemble, model_fingerprint, report_parts
 from trm_diag.backends.base import Rollout, TokenRows
-from trm_diag.checkpoint import check_checkpoint, read_config, vocab_size
+from trm_diag.checkpoint import check_checkpoint, eos_token_ids, max_positions, read_config, vocab_size
 from trm_diag.config import BackendSpec, SamplingConfig, Thresholds, as_dict
 from trm_diag.divergence import USED_KERNELS
 from trm_diag.errors import InputError, ModelError, UsageError
-from trm_diag.partial import PARTIAL_DIR, PartialStore, run_fingerprint
+from trm_diag.outputs import check_out_dir, check_output_file, claim_out_dir
+from trm_diag.partial import PartialStore, run_fingerprint
 from trm_diag.prompts import PromptIds, load_prompts
-from trm_diag.report import prepare_out_dir, write_summary, write_tables
-from trm_diag.scoring import FIDELITIES, batch_columns
+from trm_diag.report import write_summary, write_tables
+from trm_diag.schema import FIDELITIES
+from trm_diag.scoring import batch_columns
 
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample_data"
 DEFAULT_MODEL = SAMPLE_DIR / "tiny-llama"
@@ -66,6 +70,7 @@ class CompareConfig:
     trust_remote_code: bool = False
     allow_pickle: bool = False
     horizons: tuple[int, ...] = DEFAULT_HORIZONS
+    truncate_prompts: bool = False  # cut prompts too long for the model to their last tokens (else refuse)
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,7 @@ class ScoreConfig:
     sampling: SamplingConfig | None = None  # None: the file's settings, else temperature 1
     thresholds: Thresholds = field(default_factory=Thresholds)
     fidelity: str | None = None  # None: top-K when the file has it, else sampled
+    strip_after_eos: bool = True  # drop tokens after a response's first EOS (right padding of exports)
     overwrite: bool = False
     trust_remote_code: bool = False
     allow_pickle: bool = False
@@ -197,11 +203,11 @@ class _Engines:
 
 def run_compare(cfg: CompareConfig, reporter: Reporter | None = None) -> CompareResult:
     """Generate with the rollout backend, rescore with the training backend, write the report."""
-    with _Engines() as engines:
-        return _compare(cfg, reporter or Reporter(), engines)
+    with ExitStack() as run, _Engines() as engines:
+        return _compare(cfg, reporter or Reporter(), engines, run)
 
 
-def _compare(cfg: CompareConfig, rep: Reporter, engines: _Engines) -> CompareResult:
+def _compare(cfg: CompareConfig, rep: Reporter, engines: _Engines, run: ExitStack) -> CompareResult:
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     USED_KERNELS.clear()  # summary.json names the kernels of this run only
@@ -222,14 +228,25 @@ def _compare(cfg: CompareConfig, rep: Reporter, engines: _Engines) -> CompareRes
             raise UsageError(f"shard {shard_i}/{shard_n} holds no prompts", "use fewer shards than prompts")
     roll_spec = cfg.rollout.with_model(cfg.model)
     train_spec = cfg.train.with_model(cfg.model)
-    for spec in (roll_spec, train_spec):  # input mistakes first, before the output folder is touched
+    # every input and output is checked before an engine loads or the output folder is touched
+    for spec in (roll_spec, train_spec):
         check_checkpoint(spec.model, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
     check_vocab_compatible(roll_spec, train_spec)
     if cfg.save_rollouts:
         from trm_diag.rollouts_io import check_rollouts_path
 
         check_rollouts_path(cfg.save_rollouts)
-    out_dir = prepare_out_dir(cfg.out, cfg.overwrite or cfg.resume)
+        check_output_file(cfg.save_rollouts, "--save-rollouts", inputs=[cfg.prompts])
+    out_dir = check_out_dir(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume, inputs=[cfg.prompts])
+    # Chunks of prompts: each finished chunk is checkpointed, so Ctrl-C loses at most one chunk.
+    n = len(prompts)
+    step = max(1, cfg.chunk_prompts)
+    chunks = [(a, min(n, a + step)) for a in range(0, n, step)]
+    settings = {k: v for k, v in as_dict(cfg).items() if k not in ("out", "overwrite", "resume", "save_rollouts")}
+    settings["specs"] = [roll_spec.describe(), train_spec.describe()]
+    fingerprint = run_fingerprint(settings, [cfg.prompts])
+    if cfg.resume:
+        PartialStore.check_resumable(out_dir, fingerprint, len(chunks))
     kw = {"trust_remote_code": cfg.trust_remote_code, "allow_pickle": cfg.allow_pickle}
     same = train_spec.describe() == roll_spec.describe()
     coexist = same or _can_coexist(roll_spec, train_spec)
@@ -240,19 +257,14 @@ def _compare(cfg: CompareConfig, rep: Reporter, engines: _Engines) -> CompareRes
         advance(1)
     timings["load_rollout_s"] = time.perf_counter() - t
     tokenizer, width = roll.tokenizer, roll.vocab_width
-    prompt_ids = PromptIds(prompts, tokenizer)  # every prompt checked before any generation
+    prompt_ids = _encode_prompts(prompts, roll, train_spec, cfg, rep)  # every prompt checked before any generation
 
-    # Chunks of prompts: each finished chunk is checkpointed, so Ctrl-C loses at most one chunk.
-    n = len(prompt_ids)
-    step = max(1, cfg.chunk_prompts)
-    chunks = [(a, min(n, a + step)) for a in range(0, n, step)]
-    settings = {k: v for k, v in as_dict(cfg).items() if k not in ("out", "overwrite", "resume", "save_rollouts")}
-    settings["specs"] = [roll_spec.describe(), train_spec.describe()]
-    store = PartialStore(out_dir, run_fingerprint(settings, [cfg.prompts]), len(chunks), cfg.resume, cfg.overwrite)
-    resumed = len(store.done)
     train = roll if same else (engines.load(train_spec, **kw) if coexist else None)
     if train is not None:
         _check_pair(roll, train, same)
+    run.enter_context(claim_out_dir(out_dir, overwrite=cfg.overwrite, warn=rep.warn))  # the first write
+    store = PartialStore(out_dir, fingerprint, len(chunks), cfg.resume, cfg.overwrite)
+    resumed = len(store.done)
     for key in ("generate_s", "rollout_rows_s", "score_s"):
         timings[key] = 0.0
     total = n * sampling.samples_per_prompt
@@ -287,7 +299,7 @@ def _compare(cfg: CompareConfig, rep: Reporter, engines: _Engines) -> CompareRes
             t = time.perf_counter()
             scored = score_rollouts(rollouts, train, rollout_rows, sampling, fidelity, width, advance)
             timings["score_s"] += time.perf_counter() - t
-            store.save(ci, scored)
+            store.save(ci, scored, kernels=USED_KERNELS)
     if cfg.save_rollouts:
         from trm_diag.rollouts_io import write_rollouts
 
@@ -309,9 +321,37 @@ def _compare(cfg: CompareConfig, rep: Reporter, engines: _Engines) -> CompareRes
         horizons=cfg.horizons, tokenizer=tokenizer, width=width, moe=getattr(train, "moe", None),
         header=header, warn=rep.warn,
     )  # fmt: skip
+    if store.kernels:  # a resumed run: the kernels of the chunks scored before the interruption too
+        assembled.summary["hardware"]["exact_kernels"] = sorted(store.kernels)
     result = _write(out_dir, assembled, timings, t_start)
     store.clear()
     return result
+
+
+def _encode_prompts(prompts: list, roll: Any, train_spec: BackendSpec, cfg: CompareConfig, rep: Reporter) -> PromptIds:
+    """Every prompt's ids, inside the vocabulary and, with the response, inside the positions both models
+    take (too long: refused, or cut to its last tokens with --truncate-prompts)."""
+    limits = [x for x in (roll.max_model_len, max_positions(read_config(train_spec.model))) if x]
+    new = cfg.sampling.max_new_tokens
+    budget = min(limits) - new if limits else None
+    if budget is not None and budget < 1:
+        raise UsageError(
+            f"--max-new-tokens {new} leaves no room for a prompt: the model takes {min(limits)} positions",
+            f"use --max-new-tokens below {min(limits)}",
+        )
+    ids = PromptIds(prompts, roll.tokenizer, roll.vocab_width, budget if cfg.truncate_prompts else None)
+    if budget is not None and not cfg.truncate_prompts:
+        lengths = np.diff(ids.offsets)
+        worst = int(np.argmax(lengths))
+        if lengths[worst] > budget:
+            raise InputError(
+                f"prompt {worst} has {lengths[worst]:,} tokens; with --max-new-tokens {new} it needs "
+                f"{lengths[worst] + new:,} positions, beyond the model's {min(limits):,}",
+                "shorten the prompt, lower --max-new-tokens, or pass --truncate-prompts (keeps each prompt's last tokens)",
+            )
+    if ids.truncated:
+        rep.warn(f"{ids.truncated} prompt(s) cut to their last {budget} tokens (--truncate-prompts)")
+    return ids
 
 
 def _generate_all(
@@ -371,11 +411,11 @@ def _check_pair(roll: Any, train: Any, same: bool) -> None:
 
 def run_score(cfg: ScoreConfig, reporter: Reporter | None = None) -> CompareResult:
     """Rescore rollouts from a file with the training backend and write the same report as compare."""
-    with _Engines() as engines:
-        return _score(cfg, reporter or Reporter(), engines)
+    with ExitStack() as run, _Engines() as engines:
+        return _score(cfg, reporter or Reporter(), engines, run)
 
 
-def _score(cfg: ScoreConfig, rep: Reporter, engines: _Engines) -> CompareResult:
+def _score(cfg: ScoreConfig, rep: Reporter, engines: _Engines, run: ExitStack) -> CompareResult:
     from trm_diag.rollouts_io import iter_rollout_chunks, scan_rollouts
 
     t_start = time.perf_counter()
@@ -389,15 +429,28 @@ def _score(cfg: ScoreConfig, rep: Reporter, engines: _Engines) -> CompareResult:
     train_spec = cfg.train.with_model(cfg.model)
     # input mistakes first, before the output folder is touched
     check_checkpoint(train_spec.model, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
-    out_dir = prepare_out_dir(cfg.out, cfg.overwrite)
-    if (out_dir / PARTIAL_DIR).is_dir() and not cfg.overwrite:
-        raise UsageError(f"'{cfg.out}' holds an interrupted run", "pass --overwrite, or choose another --out folder")
+    out_dir = check_out_dir(cfg.out, overwrite=cfg.overwrite, inputs=[cfg.rollouts])
     t = time.perf_counter()
     with rep.phase(f"loading {train_spec.name} (train)", 1) as advance:
         train = engines.load(train_spec, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
         advance(1)
     timings["load_train_s"] = time.perf_counter() - t
-    data = scan_rollouts(cfg.rollouts, cfg.mapping, train.tokenizer, train.vocab_width)  # every row checked first
+    eos = eos_token_ids(train.model_path, train.tokenizer)
+    read = {"eos_ids": eos, "strip_after_eos": cfg.strip_after_eos}
+    data = scan_rollouts(cfg.rollouts, cfg.mapping, train.tokenizer, train.vocab_width, **read)  # every row checked
+    limit = train.max_model_len
+    if limit and data.longest > limit:
+        raise InputError(
+            f"{data.longest_where}: prompt + response hold {data.longest:,} tokens, beyond the model's {limit:,} positions",
+            "score rollouts of this model's context length (the training side would run past its positions)",
+        )
+    if data.after_eos_rollouts:
+        what = f"{data.after_eos_tokens:,} token(s) after the first end-of-sequence token in {data.after_eos_rollouts:,} rollout(s)"
+        rep.warn(
+            f"dropped {what} (right padding of the export)"
+            if cfg.strip_after_eos
+            else f"{what} are scored as real tokens (--keep-after-eos)"
+        )
     if data.retokenized:
         rep.warn(
             f"{data.retokenized} prompt/response field(s) had no token ids and were tokenised with the model's "
@@ -417,16 +470,19 @@ def _score(cfg: ScoreConfig, rep: Reporter, engines: _Engines) -> CompareResult:
     # read again and scored chunk by chunk, kept on disk like compare's (no --resume here: a new score
     # always starts afresh), so neither the rollouts nor their token rows are ever all in memory
     n = data.count
+    run.enter_context(claim_out_dir(out_dir, overwrite=cfg.overwrite, warn=rep.warn))  # every input passed
     store = PartialStore(out_dir, "score", -(-n // SCORE_CHUNK), resume=False, overwrite=True)
     no_rows = lambda s, p: [None] * len(p)  # noqa: E731 - the rollout side has no rows to give
     with rep.phase(f"scoring ({train.description}, {fidelity})", n) as advance:
-        chunks = iter_rollout_chunks(cfg.rollouts, cfg.mapping, train.tokenizer, train.vocab_width, SCORE_CHUNK)
+        chunks = iter_rollout_chunks(cfg.rollouts, cfg.mapping, train.tokenizer, train.vocab_width, SCORE_CHUNK, **read)
         for ci, rollouts in enumerate(chunks):
             store.save(ci, score_rollouts(rollouts, train, no_rows, sampling, fidelity, train.vocab_width, advance))
     timings["score_s"] = time.perf_counter() - t
     header = {
         "rollout": {"source": str(cfg.rollouts), "mapping": cfg.mapping, "retokenized_fields": data.retokenized,
-                    "empty_responses": data.empty, "sampling_from": "options" if cfg.sampling else "file"},
+                    "empty_responses": data.empty, "sampling_from": "options" if cfg.sampling else "file",
+                    "after_eos": {"rollouts": data.after_eos_rollouts, "tokens": data.after_eos_tokens,
+                                  "stripped": cfg.strip_after_eos, "eos_ids": sorted(eos)}},
         "train": _side(train),
         "routing_note": "imported rollouts carry no router logits" if getattr(train, "moe", None) else None,
     }  # fmt: skip

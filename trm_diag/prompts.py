@@ -33,7 +33,27 @@ class Prompt:
         return [{"role": r, "content": c} for r, c in (self.messages or ())]
 
 
+def _text(x: str, where: str) -> str:
+    """Text a tokenizer can take: valid Unicode (JSON escapes can smuggle in a lone surrogate)."""
+    try:
+        x.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(
+            f"{where}: the prompt holds an invalid character {e.object[e.start : e.end]!r} (a lone surrogate)",
+            "write the prompt as valid Unicode text",
+        ) from None
+    return x
+
+
 def _from_obj(obj: Any, where: str) -> Prompt:
+    prompt = _parse_obj(obj, where)
+    for x in (prompt.text, *(t for pair in prompt.messages or () for t in pair)):
+        if x is not None:
+            _text(x, where)
+    return prompt
+
+
+def _parse_obj(obj: Any, where: str) -> Prompt:
     if isinstance(obj, str):
         return Prompt(text=obj)
     if not isinstance(obj, dict):
@@ -61,6 +81,10 @@ def _from_obj(obj: Any, where: str) -> Prompt:
 def load_prompts(path: str | Path) -> list[Prompt]:
     """Read a prompt file; raises InputError naming the file and line of any problem."""
     p = Path(path)
+    if p.is_symlink() and not p.exists():
+        raise InputError(
+            f"prompt file '{path}' is a broken symlink or a symlink loop", "point --prompts at the real file"
+        )
     if not p.is_file():
         raise InputError(f"prompt file '{path}' does not exist", "pass --prompts with a .jsonl, .parquet or .txt file")
     suffix = p.suffix.lower()
@@ -71,7 +95,11 @@ def load_prompts(path: str | Path) -> list[Prompt]:
         prompts = [_from_obj(row, where) for where, row in read_parquet(p, ("prompt", "messages"))]
     elif suffix == ".txt":
         text = p.read_text(encoding="utf-8", errors="strict")
-        prompts = [Prompt(text=line.replace("\\n", "\n")) for line in text.splitlines() if line.strip()]
+        prompts = [
+            Prompt(text=_text(line.replace("\\n", "\n"), f"{path}:{n}"))
+            for n, line in enumerate(text.splitlines(), start=1)
+            if line.strip()
+        ]
     else:
         raise InputError(f"unsupported prompt file type '{suffix}' ({path})", "use .jsonl, .parquet or .txt")
     if not prompts:
@@ -99,16 +127,30 @@ class PromptIds:
     """Every prompt's token ids packed in one int32 array (4 bytes a token instead of ~36 in
     Python lists: 20,000 prompts of 2,000 tokens hold 160 MB, not 1.4 GB); read a slice at a time."""
 
-    def __init__(self, prompts: list[Prompt], tokenizer: Any) -> None:
+    def __init__(
+        self, prompts: list[Prompt], tokenizer: Any, vocab_width: int | None = None, max_tokens: int | None = None
+    ) -> None:
+        """Encode every prompt; ids must lie inside the model's vocabulary (a tokenizer larger than
+        config.json's vocab_size is refused), and prompts longer than max_tokens keep their last tokens."""
         from array import array
 
         import numpy as np
 
         flat, offsets = array("i"), array("q", [0])  # grown in place: no second copy of the ids
+        self.truncated = 0
         for i, p in enumerate(prompts):
             ids = encode_prompt(p, tokenizer)
             if not ids:
                 raise InputError(f"prompt {i} encodes to zero tokens", "remove empty prompts from the prompt file")
+            if vocab_width is not None and max(ids) >= vocab_width:
+                raise ModelError(
+                    f"prompt {i} encodes to token id {max(ids)}, beyond the model's vocab_size {vocab_width} "
+                    "(the tokenizer is larger than config.json says)",
+                    "use the tokenizer that belongs to this checkpoint",
+                )
+            if max_tokens is not None and len(ids) > max_tokens:
+                ids = ids[-max_tokens:]
+                self.truncated += 1
             flat.extend(ids)
             offsets.append(len(flat))
         self.flat = np.frombuffer(flat, dtype=np.int32) if flat else np.zeros(0, np.int32)

@@ -15,16 +15,16 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trm_diag.errors import InputError, UsageError
+from trm_diag.errors import InputError
 from trm_diag.heap import release_heap
+from trm_diag.outputs import MARKER, PARTIAL_DIR, REPORT_FILES
+from trm_diag.schema import FIDELITIES, SEQUENCE_COLUMNS, SUMMARY_FIELDS, TOKEN_COLUMNS
 
 if TYPE_CHECKING:
     import pandas as pd
     import pyarrow as pa
 
 META_KEY = b"trm_diag"
-REPORT_FILES = ("tokens.parquet", "sequences.parquet", "bounds.parquet", "routing.parquet", "summary.json")
-MARKER = "summary.json"
 RUN_SPECIFIC = ("timings", "run")
 
 
@@ -38,34 +38,53 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def _clean(o: Any) -> Any:
-    """JSON-safe copy: NaN and inf become null (JSON has no NaN)."""
+INFINITIES = "infinite_values"  # summary.json: JSON has no inf, so infinite values are null there and listed here
+
+
+def _clean(o: Any, path: str = "", found: dict[str, str] | None = None) -> Any:
+    """JSON-safe copy: NaN and inf become null (JSON has no NaN); the paths of infinities go to ``found``."""
     if isinstance(o, float):
+        if math.isinf(o) and found is not None:
+            found[path] = "inf" if o > 0 else "-inf"
         return o if math.isfinite(o) else None
     if isinstance(o, dict):
-        return {str(k): _clean(v) for k, v in o.items()}
+        return {str(k): _clean(v, f"{path}/{k}", found) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
-        return [_clean(v) for v in o]
+        return [_clean(v, f"{path}/{i}", found) for i, v in enumerate(o)]
     if hasattr(o, "item") and not hasattr(o, "__len__"):
-        return _clean(o.item())
+        return _clean(o.item(), path, found)
     return o
 
 
 def to_json(obj: Any) -> str:
-    return json.dumps(_clean(obj), indent=2, default=_json_default, sort_keys=False)
+    """Strict JSON (no NaN/Infinity tokens). For a dict, infinite values are null and their paths
+    ('/metrics/token_kl_max': 'inf') are listed under INFINITIES, so readers can restore them."""
+    found: dict[str, str] = {}
+    clean = _clean(obj, "", found)
+    if found and isinstance(clean, dict):
+        clean[INFINITIES] = found
+    return json.dumps(clean, indent=2, default=_json_default, sort_keys=False, allow_nan=False)
 
 
-def prepare_out_dir(out: str | Path, overwrite: bool) -> Path:
-    """Create the output folder; refuse to replace an existing report unless overwrite."""
-    p = Path(out)
-    if p.exists() and not p.is_dir():
-        raise UsageError(f"output path '{out}' is a file", "pass --out with a folder name")
-    if p.is_dir() and any((p / f).exists() for f in REPORT_FILES):
-        if not overwrite:
-            raise UsageError(f"'{out}' already holds a report", "pass --overwrite, or choose another --out folder")
-        (p / MARKER).unlink(missing_ok=True)  # from now on the folder must not look like a complete report
-    p.mkdir(parents=True, exist_ok=True)
-    return p
+def restore_infinities(summary: dict[str, Any], where: str) -> dict[str, Any]:
+    """Put back the infinite values that :func:`to_json` listed (an infinite KL is a value, not a gap)."""
+    listed = summary.pop(INFINITIES, {})
+    bad = InputError(f"{where}: '{INFINITIES}' is damaged", "re-run the command that writes the report")
+    if not isinstance(listed, dict):
+        raise bad
+    for path, sign in listed.items():
+        keys = str(path).split("/")[1:]
+        node: Any = summary
+        try:
+            for k in keys[:-1]:
+                node = node[int(k)] if isinstance(node, list) else node[k]
+            last = int(keys[-1]) if isinstance(node, list) else keys[-1]
+            if sign not in ("inf", "-inf") or node[last] is not None:
+                raise bad
+            node[last] = float(sign)
+        except (KeyError, IndexError, ValueError, TypeError):
+            raise bad from None
+    return summary
 
 
 def _publish(tmp: str, path: Path) -> None:
@@ -76,7 +95,7 @@ def _publish(tmp: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -173,26 +192,59 @@ def write_tables(out: Path, parts: Iterable[tuple[str, pd.DataFrame]], summary: 
 
 def write_summary(out: Path, summary: dict[str, Any]) -> None:
     """summary.json, written last: it marks the report complete."""
-    _atomic_write(out / MARKER, lambda tmp: Path(tmp).write_text(to_json(summary) + "\n"))
+    atomic_write(out / MARKER, lambda tmp: Path(tmp).write_text(to_json(summary) + "\n"))
 
 
 def complete_report(path: str | Path) -> tuple[Path, dict[str, Any]]:
-    """The folder and summary.json of a complete report; InputError otherwise."""
+    """The folder and summary.json of a complete, well-formed report; InputError naming what is wrong."""
     p = Path(path)
     if not p.is_dir():
         raise InputError(f"report folder '{path}' does not exist", "run `trm-diag compare --out DIR` first")
     marker = p / MARKER
     if not marker.is_file():
-        if (p / ".trm-partial").is_dir():
+        if (p / PARTIAL_DIR).is_dir():
             raise InputError(
                 f"'{path}' holds an interrupted run, not a complete report",
                 "finish it with the same `trm-diag compare ... --resume` (a `score` run: run it again with --overwrite)",
             )
         raise InputError(f"'{path}' holds no complete report (no summary.json)", "re-run the command that writes it")
+    fix = "re-run the command that writes the report"
     try:
-        return p, json.loads(marker.read_text())
+        summary = json.loads(marker.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise InputError(f"{marker} is not valid JSON ({e.msg})", "re-run the command that writes the report") from None
+        raise InputError(f"{marker} is not valid JSON ({e.msg})", fix) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read {marker} ({e})", fix) from None
+    check_summary(summary, str(marker))
+    restore_infinities(summary, str(marker))
+    for name, columns in (("tokens", TOKEN_COLUMNS), ("sequences", SEQUENCE_COLUMNS)):
+        f = p / f"{name}.parquet"
+        missing = [c for c in columns if c not in read_schema(f).names]
+        if missing:
+            raise InputError(
+                f"'{f}' lacks the column(s) {', '.join(missing)} (a report of an older trm-diag, or damaged)", fix
+            )
+    return p, summary
+
+
+def check_summary(summary: Any, where: str) -> None:
+    """summary.json's layout: an object with the fields every reader relies on, of the right types."""
+    fix = "re-run the command that writes the report"
+    if not isinstance(summary, dict):
+        raise InputError(f"{where} is not a JSON object", fix)
+    for key, kind in SUMMARY_FIELDS.items():
+        if not isinstance(summary.get(key), kind):
+            what = "missing" if key not in summary else f"not a JSON {'object' if kind is dict else 'string'}"
+            raise InputError(f"{where}: '{key}' is {what}", fix)
+    if summary["fidelity"] not in FIDELITIES:
+        raise InputError(f"{where}: unknown fidelity '{summary['fidelity']}'", fix)
+    odd = next((k for k, v in summary["metrics"].items() if not _is_number(v)), None)
+    if odd is not None:
+        raise InputError(f"{where}: metric '{odd}' is not a number", fix)
+
+
+def _is_number(v: Any) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
 
 
 def unreadable(path: Path, e: Exception) -> InputError:

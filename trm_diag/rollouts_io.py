@@ -38,6 +38,7 @@ FIELDS = (
 )  # fmt: skip
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p")
 LOGPROB_SLACK = 1e-4  # engines report log-probs a hair above 0 for near-certain tokens
+MASS_SLACK = 1e-3  # a position's top-K probabilities sum to at most 1, up to float32 rounding of K values
 
 
 @dataclass
@@ -50,6 +51,10 @@ class RolloutFile:
     retokenized: int = 0
     empty: int = 0
     has_topk: bool = False
+    after_eos_rollouts: int = 0  # rollouts with tokens after their first end-of-sequence token (padding)
+    after_eos_tokens: int = 0
+    longest: int = 0  # most tokens of prompt + response in one rollout
+    longest_where: str = ""
 
 
 def parse_mapping(items: list[str]) -> dict[str, str]:
@@ -116,7 +121,13 @@ def _topk(v: Any, where: str, vocab_width: int) -> list[dict[int, float]]:
             out.append(entry)
     except (TypeError, ValueError, OverflowError):
         raise InputError(f"{where}: malformed 'topk_logprobs' entry", fix) from None
-    for entry in out:
+    for t, entry in enumerate(out):
+        mass = math.fsum(math.exp(lp) for lp in entry.values() if lp <= LOGPROB_SLACK)
+        if mass > 1 + MASS_SLACK:
+            raise InputError(
+                f"{where}: the top-K probabilities of response token {t} sum to {mass:.4g} > 1",
+                "export log-probs of one normalised distribution per position (not logits, not several samples)",
+            )
         for tid, lp in entry.items():
             if not 0 <= tid < vocab_width:
                 raise InputError(
@@ -152,14 +163,20 @@ def _index(v: Any, where: str, name: str, default: int) -> int:
 
 
 def scan_rollouts(
-    path: str | Path, mapping: dict[str, str], tokenizer: Any, vocab_width: int, keep: bool = False
+    path: str | Path,
+    mapping: dict[str, str],
+    tokenizer: Any,
+    vocab_width: int,
+    keep: bool = False,
+    eos_ids: frozenset[int] = frozenset(),
+    strip_after_eos: bool = True,
 ) -> RolloutFile:
     """Validate every row of a rollout file and gather what the report says about it (counts,
     sampling settings, top-K), keeping the rollouts only when asked: `score` scans a file once,
     then reads it again chunk by chunk (iter_rollout_chunks), so memory does not grow with it."""
     result = RolloutFile([])
     hints: dict[str, set] = {k: set() for k in SAMPLING_FIELDS}
-    for rollout in _parse(Path(path), mapping, tokenizer, vocab_width, result, hints):
+    for rollout in _parse(Path(path), mapping, tokenizer, vocab_width, result, hints, eos_ids, strip_after_eos):
         result.count += 1
         if keep:
             result.rollouts.append(rollout)
@@ -182,12 +199,19 @@ def read_rollouts(path: str | Path, mapping: dict[str, str], tokenizer: Any, voc
 
 
 def iter_rollout_chunks(
-    path: str | Path, mapping: dict[str, str], tokenizer: Any, vocab_width: int, size: int
+    path: str | Path,
+    mapping: dict[str, str],
+    tokenizer: Any,
+    vocab_width: int,
+    size: int,
+    eos_ids: frozenset[int] = frozenset(),
+    strip_after_eos: bool = True,
 ) -> Iterator[list[Rollout]]:
     """The file's rollouts, `size` at a time, in file order (seq ids 0, 1, ... across chunks)."""
     chunk: list[Rollout] = []
     hints: dict[str, set] = {k: set() for k in SAMPLING_FIELDS}
-    for rollout in _parse(Path(path), mapping, tokenizer, vocab_width, RolloutFile([]), hints):
+    rows = _parse(Path(path), mapping, tokenizer, vocab_width, RolloutFile([]), hints, eos_ids, strip_after_eos)
+    for rollout in rows:
         chunk.append(rollout)
         if len(chunk) == size:
             yield chunk
@@ -197,9 +221,17 @@ def iter_rollout_chunks(
 
 
 def _parse(
-    path: Path, mapping: dict[str, str], tokenizer: Any, vocab_width: int, result: RolloutFile, hints: dict[str, set]
+    path: Path,
+    mapping: dict[str, str],
+    tokenizer: Any,
+    vocab_width: int,
+    result: RolloutFile,
+    hints: dict[str, set],
+    eos_ids: frozenset[int],
+    strip_after_eos: bool,
 ) -> Iterator[Rollout]:
-    """Each row as a validated Rollout; counts what was re-tokenised or empty into `result`."""
+    """Each row as a validated Rollout; counts what was re-tokenised, empty or padded after its first
+    end-of-sequence token into `result` (padded tail dropped when strip_after_eos)."""
     for i, (where, raw) in enumerate(_rows(path)):
         row = {mapping.get(k, k): v for k, v in raw.items()}
         if row.get("prompt_ids") is None:
@@ -262,7 +294,17 @@ def _parse(
         for key in SAMPLING_FIELDS:
             if row.get(key) is not None:
                 hints[key].add(_number(row[key], where, key))
+        end = next((t for t, tok in enumerate(resp) if tok in eos_ids), len(resp))
+        if end < len(resp) - 1:  # tokens after the first EOS: padding of a right-padded export
+            result.after_eos_rollouts += 1
+            result.after_eos_tokens += len(resp) - 1 - end
+            if strip_after_eos:
+                resp, lps = resp[: end + 1], lps[: end + 1]
+                if "topk" in extra:
+                    extra["topk"] = extra["topk"][: end + 1]
         result.empty += not resp
+        if len(prompt) + len(resp) > result.longest:
+            result.longest, result.longest_where = len(prompt) + len(resp), where
         reason = row.get("finish_reason") or "unknown"
         yield Rollout(
             i,
@@ -304,7 +346,8 @@ def _rollout_schema(topk: bool) -> Any:
         ("min_p", pa.float64()),
     ]  # fmt: skip
     if topk:
-        fields += [("topk_logprobs", pa.list_(pa.list_(pa.float64()))), ("topk_k", pa.int64())]
+        # per response token, a list of [token_id, logprob] pairs (ids are exact in float64 up to 2^53)
+        fields += [("topk_logprobs", pa.list_(pa.list_(pa.list_(pa.float64())))), ("topk_k", pa.int64())]
     return pa.schema(fields)
 
 
@@ -316,7 +359,7 @@ def check_rollouts_path(path: str | Path) -> None:
 
 def write_rollouts(path: str | Path, chunks: Iterable[list[Rollout]], sampling: SamplingConfig) -> None:
     """Write rollouts, chunk by chunk, in the schema above (JSONL or Parquet by suffix), atomically."""
-    from trm_diag.report import _atomic_write
+    from trm_diag.report import atomic_write
 
     check_rollouts_path(path)
     p = Path(path)
@@ -343,4 +386,4 @@ def write_rollouts(path: str | Path, chunks: Iterable[list[Rollout]], sampling: 
             for rollouts in chunks:
                 f.writelines(json.dumps(row) + "\n" for row in _rollout_rows(rollouts, sampling))
 
-    _atomic_write(p, parquet if p.suffix.lower() == ".parquet" else jsonl)
+    atomic_write(p, parquet if p.suffix.lower() == ".parquet" else jsonl)

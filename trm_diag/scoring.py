@@ -28,14 +28,8 @@ from trm_diag.divergence import (
 from trm_diag.heap import release_heap
 from trm_diag.moe import RoutingComparison, compare_routing
 
-FIDELITIES = ("exact", "topk", "sampled")
 TRIM_EVERY = 8  # chunks between heap trims: a 2,048-token response at V = 151,936 grew 2.3 GB without
 INTERVAL_KEYS = ("kl_lo", "kl_hi", "tv_lo", "tv_hi")
-TOKEN_COLUMNS = (
-    "seq_id", "pos", "token_id", "lp_roll", "lp_train", "log_ratio", "k1", "k2", "k3", "abs_rho_m1",
-    "kl", "kl_rev", "tv", "tv_bin", "kl_bin", "kl_lo", "kl_hi", "tv_lo", "tv_hi", "ent_roll", "ent_train",
-    "lp_roll_prefill", "prefill_gap", "nonfinite", "zero_prob",
-)  # fmt: skip
 
 
 def _entropy(lq: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from trm_diag.bounds import LABEL
+from trm_diag.metrics import METRICS
 
 CRITERIA_LABELS = {
     "trm_max": "TRM-Max",
@@ -88,14 +89,16 @@ def render_compare(console: Console, summary: dict[str, Any]) -> None:
     if summary["fidelity"] != "exact":
         console.print(f"[yellow]masks and bounds use {summary['criteria_basis']}[/yellow]")
 
-    batch = Table(title="Batch (verl / slime names; log_ratio = lp_train - lp_roll)", title_justify="left")
+    batch = Table(title="Batch (log_ratio = lp_train - lp_roll; docs/metrics.md)", title_justify="left")
     batch.add_column("metric")
     batch.add_column("value", justify="right")
-    batch.add_row("tokens / sequences", f"{m['n_tokens']:,} / {m['n_sequences']:,}")
-    for key in ("k1_mean", "k3_mean", "log_ppl_abs_diff", "ppl_ratio", "chi2_token", "chi2_seq", "ess_token",
-                "ess_seq", "frac_ratio_outside_2", "frac_ratio_outside_5", "prefill_gap_abs_max"):  # fmt: skip
+    batch.add_column("definition")
+    batch.add_row("tokens / sequences", f"{m['n_tokens']:,} / {m['n_sequences']:,}", "")
+    for key in ("kl", "k3_kl", "log_ppl_abs_diff", "ppl_ratio", "chi2_token", "chi2_seq",
+                "rollout_is_eff_sample_size_seq", "ess_token", "ess_seq", "frac_ratio_outside_2",
+                "frac_ratio_outside_5", "prefill_gap_abs_max"):  # fmt: skip
         if key in m:
-            batch.add_row(key, fmt(m[key]))
+            batch.add_row(key, fmt(m[key]), "verl's" if METRICS.get(key, ("", ""))[1] == "verl" else "trm-diag's")
     console.print(batch)
 
     acc = Table(title="Masking: acceptance rate (paper advises > 70%)", title_justify="left")

@@ -85,6 +85,7 @@ class Backend(Protocol):
     tokenizer: Any
     vocab_width: int  # number of logit columns compared (config.vocab_size)
     model_path: str
+    max_model_len: int | None  # longest prompt + response the engine takes (None: no known limit)
 
     def generate(
         self,

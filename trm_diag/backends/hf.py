@@ -39,6 +39,21 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
     return ids
 
 
+def _check_loading_info(path: str, info: dict[str, Any]) -> None:
+    """Refuse a model transformers had to complete at random: missing, unexpected or misshapen tensors."""
+    for key, what in (
+        ("missing_keys", "lacks"),
+        ("unexpected_keys", "has unexpected"),
+        ("mismatched_keys", "has misshapen"),
+    ):
+        names = sorted(str(k) for k in info.get(key) or ())
+        if names:
+            raise ModelError(
+                f"'{path}' {what} tensor(s) {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}: transformers "
+                "would initialise them at random", "re-download or re-export the checkpoint",
+            )  # fmt: skip
+
+
 @dataclass
 class HiddenRows:
     """Response hidden states [T, H]; rows() applies the head and the sampling processing."""
@@ -100,12 +115,13 @@ class HFBackend:
             kwargs["device_map"] = "auto"
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(spec.model, trust_remote_code=trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(spec.model, **kwargs)
+            model, info = AutoModelForCausalLM.from_pretrained(spec.model, output_loading_info=True, **kwargs)
         except (OSError, ValueError, ImportError, KeyError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelError(
                 f"transformers could not load '{spec.model}': {first}", "check the folder and the spec keys"
             ) from None
+        _check_loading_info(spec.model, info)
         if device != "auto":
             model = model.to(device)
         model.eval()
@@ -113,6 +129,7 @@ class HFBackend:
         self.device = next(model.parameters()).device
         text_cfg = model.config.get_text_config()
         self.vocab_width = int(text_cfg.vocab_size)
+        self.max_model_len = getattr(text_cfg, "max_position_embeddings", None)  # positions the model was built for
         self.seed_override = spec.options.get("seed")
         self.eos_ids = _eos_ids(model, self.tokenizer)
         pad = self.tokenizer.pad_token_id

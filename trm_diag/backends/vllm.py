@@ -167,6 +167,7 @@ class VLLMBackend:
         self.tokenizer = self.llm.get_tokenizer()
         hf_cfg = self.llm.llm_engine.model_config.hf_text_config
         self.vocab_width = int(hf_cfg.vocab_size)
+        self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
         self.seed_override = spec.options.get("seed")
         self.description = spec.describe()
         self._capture = _RowCapture()

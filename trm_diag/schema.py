@@ -1,0 +1,22 @@
+"""The layout of a report folder, as data: fidelity tiers, token columns, required fields.
+
+No heavy imports, so the gate and other readers can validate a report without torch.
+"""
+
+from __future__ import annotations
+
+FIDELITIES = ("exact", "topk", "sampled")
+TOKEN_COLUMNS = (
+    "seq_id", "pos", "token_id", "lp_roll", "lp_train", "log_ratio", "k1", "k2", "k3", "abs_rho_m1",
+    "kl", "kl_rev", "tv", "tv_bin", "kl_bin", "kl_lo", "kl_hi", "tv_lo", "tv_hi", "ent_roll", "ent_train",
+    "lp_roll_prefill", "prefill_gap", "nonfinite", "zero_prob",
+)  # fmt: skip
+# sequences.parquet columns every reader relies on (statistics columns beyond these are optional)
+SEQUENCE_COLUMNS = (
+    "seq_id", "prompt_idx", "sample_idx", "prompt_token_ids", "response_token_ids", "finish_reason", "length",
+    "log_seq_ratio", "lp_roll_mean", "lp_train_mean",
+)  # fmt: skip
+# summary.json: key -> the JSON type it must have
+SUMMARY_FIELDS: dict[str, type] = {
+    "command": str, "fidelity": str, "metrics": dict, "sampling": dict, "thresholds": dict, "bound_inputs": dict,
+}  # fmt: skip
