@@ -174,3 +174,16 @@ def test_vllm_vs_vllm_exact_refuses_to_hold_too_many_rows(tmp_path, dense_model)
     with pytest.raises(UsageError, match="--fidelity topk"):
         run_compare(cfg)
     assert not (tmp_path / "o" / "summary.json").exists()
+
+
+def test_prompts_beyond_max_model_len_are_refused_before_generation(dense_model, tmp_path, capsys):
+    """vLLM's own error for an over-long prompt was a traceback: the prompt is named up front."""
+    from tests.helpers import run_cli
+
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "1+2=3. " * 200}) + "\n")
+    spec = f"vllm:model={dense_model},max_model_len=256"
+    code, _, err = run_cli(["compare", "--model", str(dense_model), "--rollout", spec, "--prompts", str(long),
+                            "--max-new-tokens", "8", "--out", str(tmp_path / "o"), "-q"], capsys)  # fmt: skip
+    assert code == 2 and "beyond the model's 256" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()

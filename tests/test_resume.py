@@ -28,6 +28,19 @@ def cli(args):
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
 
 
+def wait_for_chunks(p, manifest, n):
+    """Wait until the running command has checkpointed n chunks; it must still be running then."""
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        try:
+            if len(json.loads(manifest.read_text())["done"]) >= n:
+                break
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            pass
+        time.sleep(0.01)
+    assert p.poll() is None, "the run finished before it could be interrupted"
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, dense_model):
     out = tmp_path_factory.mktemp("ref") / "ref"
@@ -48,15 +61,7 @@ def test_sigint_then_resume_gives_the_same_report(reference, dense_model, tmp_pa
     out = tmp_path / "run"
     p = cli(command(dense_model, out))
     manifest = out / ".trm-partial" / "manifest.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and p.poll() is None:
-        try:
-            if len(json.loads(manifest.read_text())["done"]) >= 2:
-                break
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            pass
-        time.sleep(0.01)
-    assert p.poll() is None, "the run finished before it could be interrupted"
+    wait_for_chunks(p, manifest, 2)
     p.send_signal(signal.SIGINT)
     assert p.wait(timeout=120) == 130
     assert "--resume" in p.stderr.read()
@@ -89,16 +94,7 @@ def test_sigterm_ends_like_ctrl_c_and_the_run_resumes(dense_model, tmp_path, cap
     argv = ["compare", "--model", str(dense_model), "--rollout", "hf:dtype=bfloat16", "--num-prompts", "24",
             "--max-new-tokens", "32", "--chunk-prompts", "2", "--out", str(out), "-q"]  # fmt: skip
     p = cli(argv)
-    manifest = out / ".trm-partial" / "manifest.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and p.poll() is None:
-        try:
-            if json.loads(manifest.read_text())["done"]:
-                break
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            pass
-        time.sleep(0.01)
-    assert p.poll() is None, "the run finished before it could be terminated"
+    wait_for_chunks(p, out / ".trm-partial" / "manifest.json", 1)
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=120) == 143
     err = p.stderr.read()

@@ -86,6 +86,12 @@ def render_compare(console: Console, summary: dict[str, Any]) -> None:
         if f"token_{col}_mean" in m:
             head.add_row(label, *(fmt(m.get(f"token_{col}_{s}")) for s in ("mean", "p99", "max")))
     console.print(head)
+    infinite = [(label, m[f"token_{col}_n_inf"]) for col, label in rows if m.get(f"token_{col}_n_inf")]
+    if infinite:
+        parts = ", ".join(f"{label} at {n:,}" for label, n in infinite)
+        console.print(
+            f"[yellow]infinite values (probability 0 on one side), counted in every statistic: {parts} tokens[/yellow]"
+        )
     if summary["fidelity"] != "exact":
         console.print(f"[yellow]masks and bounds use {summary['criteria_basis']}[/yellow]")
 
