@@ -229,3 +229,21 @@ class _Factory:
         d = self.root / name
         d.mkdir()
         return d
+
+
+def test_bound_inputs_are_saved_once_and_equal_a_recomputation(report):
+    """gate reads delta, eps, D^seq and Dbar_t from summary.json; they equal those of the tables."""
+    import numpy as np
+    import pandas as pd
+
+    from trm_diag.bounds import BoundInputs, all_bounds
+    from trm_diag.metrics import bound_inputs
+
+    saved = BoundInputs.from_dict(json.loads((report / "summary.json").read_text())["bound_inputs"])
+    fresh = bound_inputs(
+        pd.read_parquet(report / "tokens.parquet"), pd.read_parquet(report / "sequences.parquet"), "exact"
+    )
+    assert saved is not None and saved.dbar is not None and np.array_equal(saved.dbar, fresh.dbar)
+    for T in (64, 4096):
+        assert all_bounds(T, saved)[0] == all_bounds(T, fresh)[0]
+        assert ReportMetrics(report).value(f"bounds.unified@{T}") == all_bounds(T, fresh)[0]["unified"]

@@ -32,7 +32,8 @@ from trm_diag.masking import acceptance_by_length, threshold_sweep, token_violat
 from trm_diag.metrics import batch_metrics, bound_inputs
 from trm_diag.moe import RoutingComparison, routing_summary
 from trm_diag.schema import TOKEN_COLUMNS
-from trm_diag.sequences import BASIS, sequence_stats
+from trm_diag.sequences import sequence_stats
+from trm_diag.tiers import TIERS
 
 WORST_K = 5
 ROUTE_COLUMNS = ("route_flips", "route_margin")
@@ -295,7 +296,7 @@ def assemble(
             "and KL are infinite, so the KL-based bounds are infinite (TV-based ones still hold); check that both "
             "sides use the same top-k/top-p"
         )
-    worst_key = BASIS[fidelity][0]
+    worst_key = TIERS[fidelity].trm_max
     parts: dict[str, list] = {}
     candidates, tally = [], _RoutingTally()
     for i in range(source.n_chunks):  # pass 1: statistics, one chunk in memory at a time
@@ -340,25 +341,18 @@ def assemble(
         **header,
         "sampling": as_dict(sampling),
         "compared_distribution": sampling.compared_distribution(),
-        "rollout_distributions": ROLLOUT_DISTRIBUTIONS[fidelity],
+        "rollout_distributions": TIERS[fidelity].rollout_distributions,
         "sign_convention": "log_ratio = lp_train - lp_roll; rho = exp(log_ratio)",
         "vocab": {"logits_width": width, "tokenizer_size": len(tokenizer)},
         "thresholds": as_dict(th),
-        "criteria_basis": CRITERIA_BASIS[fidelity],
+        "criteria_basis": TIERS[fidelity].criteria_basis,
         "metrics": metrics,
         "hygiene": {"nonfinite_tokens": n_bad, "zero_prob_tokens": n_zero},
-        "bound_inputs": {
-            "delta": inp.delta,
-            "eps": inp.eps,
-            "kl_seq": inp.kl_seq,
-            "tv_seq": inp.tv_seq,
+        "bound_inputs": {  # computed once here; gate and `bounds --report` read them back (dbar included)
+            **inp.as_dict(),
             "tv_seq_pinsker": None if inp.kl_seq is None else math.sqrt(inp.kl_seq / 2.0),
-            "kl_rate": inp.kl_rate,
-            "tv_rate": inp.tv_rate,
             "observed_T": t_obs,
-            "source": inp.source,
-            "samples": inp.samples,
-        },  # fmt: skip
+        },
         "bounds_at_observed_T": at_obs,
         "masking": {
             "token_violation_rate": token_violation_rate(tokens, th, fidelity),
@@ -399,18 +393,3 @@ def report_parts(a: Assembled) -> Iterator[tuple[str, pd.DataFrame]]:
         if sc.routing:
             yield "routing", _routing_frame(sc.routing)
         offset += n
-
-
-ROLLOUT_DISTRIBUTIONS = {
-    "exact": (
-        "exact kl/tv use a teacher-forced (prefill) re-pass of the rollout backend; lp_roll is the decode-step "
-        "log-prob recorded while sampling; prefill_gap = lp_roll_prefill - lp_roll"
-    ),
-    "topk": "kl/tv intervals from the rollout's decode-step top-K log-probs and the training side's full rows",
-    "sampled": "only the decode-step log-prob of each sampled token (lp_roll) and its training log-prob",
-}
-CRITERIA_BASIS = {
-    "exact": "exact kl (TRM-Max: max_t kl, TRM-Avg: mean_t kl)",
-    "topk": "certified upper ends kl_hi (TRM-Max: max_t kl_hi, TRM-Avg: mean_t kl_hi)",
-    "sampled": "heuristic k2 max / k3 mean (the guarantee needs exact KL from full logits)",
-}

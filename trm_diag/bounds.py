@@ -8,51 +8,11 @@ dbar[t-1] = Dbar_t. A bound >= 1 is vacuous (it exceeds the reward range).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-BOUND_NAMES = (
-    "classical",
-    "classical_kl",
-    "coupling",
-    "pm_kl",
-    "pm_tv",
-    "mix_kl",
-    "mix_tv",
-    "adaptive_kl",
-    "adaptive_tv",
-    "adaptive_hybrid",
-    "unified",
-)
-# Members of the unified minimum B* (DESIGN.md section 3).
-UNIFIED_MEMBERS = ("pm_kl", "pm_tv", "mix_kl", "mix_tv", "coupling", "adaptive_hybrid")
-ROUTE = {
-    "classical": "TV",
-    "classical_kl": "KL",
-    "coupling": "TV",
-    "pm_kl": "KL",
-    "pm_tv": "TV+KL",
-    "mix_kl": "KL",
-    "mix_tv": "TV",
-    "adaptive_kl": "KL",
-    "adaptive_tv": "TV",
-    "adaptive_hybrid": "TV+KL",
-    "unified": "min",
-}
-LABEL = {
-    "classical": "Classical (TV)",
-    "classical_kl": "Classical (KL)",
-    "coupling": "Coupling",
-    "pm_kl": "Pinsker-Marginal KL",
-    "pm_tv": "Pinsker-Marginal TV",
-    "mix_kl": "Mixed KL",
-    "mix_tv": "Mixed TV",
-    "adaptive_kl": "Adaptive KL",
-    "adaptive_tv": "Adaptive TV",
-    "adaptive_hybrid": "Adaptive hybrid",
-    "unified": "Unified B*",
-}
 ZETA_MINUS_HALF = -0.2078862250773545  # zeta(-1/2), for the Euler-Maclaurin tail of sum sqrt(k)
 EXACT_SUM_LIMIT = 2_000_000
 
@@ -149,6 +109,39 @@ def adaptive_hybrid(dbar: np.ndarray, eps: float, delta: float) -> float:
     return 4.0 * float(np.sum(dbar * np.minimum(np.minimum(1.0, _times(r, eps)), np.sqrt(_times(r, delta) / 2.0))))
 
 
+@dataclass(frozen=True)
+class Bound:
+    """One bound of the paper: its name everywhere, its label, the divergence route it takes, the inputs
+    it needs (called with them in this order; 'T' is the horizon, 'dbar' the array Dbar_1..T) and
+    whether it is a member of the unified minimum B* (DESIGN.md section 3)."""
+
+    name: str
+    label: str
+    route: str
+    inputs: tuple[str, ...]
+    fn: Callable[..., float]
+    unified: bool
+
+
+BOUNDS: tuple[Bound, ...] = (
+    Bound("classical", "Classical (TV)", "TV", ("T", "eps"), classical, False),
+    Bound("classical_kl", "Classical (KL)", "KL", ("T", "delta"), classical_kl, False),
+    Bound("coupling", "Coupling", "TV", ("T", "eps"), coupling, True),
+    Bound("pm_kl", "Pinsker-Marginal KL", "KL", ("T", "delta"), pm_kl, True),
+    Bound("pm_tv", "Pinsker-Marginal TV", "TV+KL", ("T", "eps", "delta"), pm_tv, True),
+    Bound("mix_kl", "Mixed KL", "KL", ("T", "delta", "kl_seq"), mix_kl, True),
+    Bound("mix_tv", "Mixed TV", "TV", ("T", "eps", "tv_seq"), mix_tv, True),
+    Bound("adaptive_kl", "Adaptive KL", "KL", ("dbar", "delta"), adaptive_kl, False),
+    Bound("adaptive_tv", "Adaptive TV", "TV", ("dbar", "eps"), adaptive_tv, False),
+    Bound("adaptive_hybrid", "Adaptive hybrid", "TV+KL", ("dbar", "eps", "delta"), adaptive_hybrid, True),
+)
+UNIFIED = "unified"  # B*: the minimum of the members
+BOUND_NAMES = (*(b.name for b in BOUNDS), UNIFIED)
+UNIFIED_MEMBERS = tuple(b.name for b in BOUNDS if b.unified)
+ROUTE = {**{b.name: b.route for b in BOUNDS}, UNIFIED: "min"}
+LABEL = {**{b.name: b.label for b in BOUNDS}, UNIFIED: "Unified B*"}
+
+
 @dataclass
 class BoundInputs:
     """Inputs of the bounds and how each was obtained ('given', 'measured', 'modelled', 'heuristic').
@@ -168,6 +161,34 @@ class BoundInputs:
     seq_T: int | None = None
     source: dict[str, str] = field(default_factory=dict)
     samples: dict[str, int] = field(default_factory=dict)
+
+    SAVED = ("delta", "eps", "kl_seq", "tv_seq", "kl_rate", "tv_rate", "seq_T", "source", "samples")
+
+    def as_dict(self) -> dict[str, object]:
+        """The inputs as summary.json keeps them (dbar as a list), so readers need not recompute them."""
+        out: dict[str, object] = {k: getattr(self, k) for k in self.SAVED}
+        out["dbar"] = None if self.dbar is None else [float(v) for v in self.dbar]
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BoundInputs | None:
+        """Inputs saved by :meth:`as_dict`; None for a report written before they were saved."""
+        if not isinstance(d, dict) or "dbar" not in d or "seq_T" not in d:
+            return None
+
+        def number(v: object) -> bool:
+            return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+        dbar = d["dbar"]
+        if not all(number(d.get(k)) for k in cls.SAVED[:7]) or not (
+            dbar is None or (isinstance(dbar, list) and all(number(v) and v is not None for v in dbar))
+        ):
+            return None  # damaged: the caller recomputes the inputs from the tables
+        kw = {k: d.get(k) for k in cls.SAVED}
+        kw["source"], kw["samples"] = dict(d.get("source") or {}), dict(d.get("samples") or {})
+        inp = cls(**kw)
+        inp.dbar = None if d["dbar"] is None else np.asarray(d["dbar"], dtype=np.float64)
+        return inp
 
 
 def worst_case_dbar(eps: float | None, delta: float | None) -> float:
@@ -221,28 +242,13 @@ def inputs_at(T: int, inp: BoundInputs) -> tuple[dict[str, float | np.ndarray | 
 def all_bounds(T: int, inp: BoundInputs) -> tuple[dict[str, float | None], dict[str, str]]:
     """Every bound at horizon T (None where an input is missing), and the input sources."""
     x, src = inputs_at(T, inp)
-    d, e, ks, ts, db = x["delta"], x["eps"], x["kl_seq"], x["tv_seq"], x["dbar"]
-    b: dict[str, float | None] = dict.fromkeys(BOUND_NAMES)
-    if e is not None:
-        b["classical"] = classical(T, e)
-        b["coupling"] = coupling(T, e)
-        if ts is not None:
-            b["mix_tv"] = mix_tv(T, e, ts)
-        if db is not None:
-            b["adaptive_tv"] = adaptive_tv(db, e)
-    if d is not None:
-        b["classical_kl"] = classical_kl(T, d)
-        b["pm_kl"] = pm_kl(T, d)
-        if ks is not None:
-            b["mix_kl"] = mix_kl(T, d, ks)
-        if db is not None:
-            b["adaptive_kl"] = adaptive_kl(db, d)
-    if d is not None and e is not None:
-        b["pm_tv"] = pm_tv(T, e, d)
-        if db is not None:
-            b["adaptive_hybrid"] = adaptive_hybrid(db, e, d)
+    x["T"] = T
+    b: dict[str, float | None] = {}
+    for bound in BOUNDS:
+        args = [x[k] for k in bound.inputs]
+        b[bound.name] = None if any(a is None for a in args) else bound.fn(*args)
     members = [b[k] for k in UNIFIED_MEMBERS if b[k] is not None]
-    b["unified"] = min(members) if members else None
+    b[UNIFIED] = min(members) if members else None
     return b, src
 
 

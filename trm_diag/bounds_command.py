@@ -42,14 +42,18 @@ def parameter_inputs(
 
 
 def report_inputs(report: str) -> BoundInputs:
-    """Measured inputs from a compare report folder."""
+    """Measured inputs of a report folder: as the run saved them, else recomputed from its tables."""
+    from trm_diag.report import complete_report
+
+    _, summary = complete_report(report)
+    saved = BoundInputs.from_dict(summary.get("bound_inputs"))
+    if saved is not None:
+        return saved
     from trm_diag.metrics import bound_inputs
     from trm_diag.report import load_report
 
     data = load_report(report)
-    if "tokens" not in data or "sequences" not in data:
-        raise UsageError(f"'{report}' lacks tokens.parquet or sequences.parquet", "re-run trm-diag compare")
-    return bound_inputs(data["tokens"], data["sequences"], fidelity=data["summary"].get("fidelity", "exact"))
+    return bound_inputs(data["tokens"], data["sequences"], fidelity=data["summary"]["fidelity"])
 
 
 def bounds_json(rows: list[dict], inp: BoundInputs, inverse: dict[int, dict] | None) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from trm_diag.config import parse_horizons
 from trm_diag.errors import ExitCode, TrmDiagError, UsageError
 from trm_diag.heap import tune_allocator
 from trm_diag.kernel_choice import kernel_name
+from trm_diag.tiers import TIERS
 
 app = typer.Typer(
     name="trm-diag",
@@ -147,10 +148,7 @@ def compare(
     num_prompts: Annotated[int | None, typer.Option(help="Use only the first N prompts.")] = None,
     fidelity: Annotated[
         str,
-        typer.Option(
-            help="exact: full next-token distributions of both sides (kl, tv); topk: certified \\[lo, hi] "
-            "intervals from the rollout's top-K log-probs; sampled: only the sampled token's log-probs."
-        ),
+        typer.Option(help="; ".join(f"{t.name}: {t.help}" for t in TIERS.values()).replace("[", "\\[") + "."),
     ] = "exact",
     topk: Annotated[int, typer.Option(help="Top-K log-probs recorded per sampled token (top-K intervals).")] = 20,
     samples: Annotated[int, typer.Option(help="Responses sampled per prompt.")] = 1,

@@ -30,11 +30,11 @@ from typing import Any
 import numpy as np
 
 from trm_diag.config import parse_horizons
+from trm_diag.criteria import CRITERIA
 from trm_diag.errors import InputError, UsageError
 from trm_diag.stats import STATS, describe
 
 OPS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt, "==": operator.eq}
-CRITERIA = ("trm_max", "trm_avg", "combined", "ln_trm", "ser")
 RULE_RE = re.compile(r"^\s*(?P<metric>[A-Za-z0-9_.@]+)\s*(?P<op><=|>=|==|<|>)\s*(?P<rhs>.+?)\s*$")
 NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 RHS_FORMS = [
@@ -215,17 +215,19 @@ class ReportMetrics:
         return d[stat]
 
     def _bound(self, bound: str, horizon: str) -> float:
-        from trm_diag.bounds import BOUND_NAMES, all_bounds
+        from trm_diag.bounds import BOUND_NAMES, BoundInputs, all_bounds
         from trm_diag.metrics import bound_inputs
 
         if bound not in BOUND_NAMES:
             raise ValueError(bound)
         (T,) = parse_horizons(horizon, f"bounds.{bound}@T: T", fix=f"write e.g. bounds.{bound}@4096")  # 4096 or 4e3
+        if self._bound_inputs is None:  # saved by the run; recomputed from the tables for older reports
+            self._bound_inputs = BoundInputs.from_dict(self.summary.get("bound_inputs"))
         if self._bound_inputs is None:
             tok_cols = ("log_ratio", "pos", "kl", "tv", "kl_hi", "tv_hi", "k2", "k3")
             tokens = {c: self.column("tokens", c) for c in tok_cols if c in self.numeric_columns("tokens")}
             seqs = {c: self.column("sequences", c) for c in ("length", "log_seq_ratio")}
-            self._bound_inputs = bound_inputs(tokens, seqs, self.summary.get("fidelity", "exact"))
+            self._bound_inputs = bound_inputs(tokens, seqs, self.summary["fidelity"])
         v = all_bounds(T, self._bound_inputs)[0][bound]
         return math.nan if v is None else float(v)
 

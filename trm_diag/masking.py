@@ -11,19 +11,17 @@ import numpy as np
 import pandas as pd
 
 from trm_diag.config import Thresholds
-from trm_diag.sequences import BASIS
+from trm_diag.criteria import CRITERIA, SCORED
+from trm_diag.tiers import TIERS
 
 SWEEP_FACTORS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
 
 def _scores(seqs: pd.DataFrame, basis: str) -> dict[str, tuple[np.ndarray, str]]:
-    """criterion -> (per-sequence score, threshold field of Thresholds)."""
-    mx, avg, _ = BASIS[basis]
+    """criterion -> (per-sequence score, threshold field of Thresholds), for criteria with a score."""
     return {
-        "trm_max": (seqs[mx].to_numpy(dtype=np.float64), "trm_max"),
-        "trm_avg": (seqs[avg].to_numpy(dtype=np.float64), "trm_avg"),
-        "ln_trm": (seqs["ln_trm"].to_numpy(dtype=np.float64), "ln_trm"),
-        "ser": (seqs["ser"].to_numpy(dtype=np.float64), "ser"),
+        name: (seqs[CRITERIA[name].score(TIERS[basis])].to_numpy(dtype=np.float64), CRITERIA[name].threshold)
+        for name in SCORED
     }
 
 
@@ -82,6 +80,6 @@ def acceptance_by_length(tokens: pd.DataFrame, seqs: pd.DataFrame, th: Threshold
 
 def token_violation_rate(tokens: pd.DataFrame, th: Thresholds, basis: str) -> float:
     """Fraction of tokens whose TRM-Max score exceeds its threshold (the p of (1 - p)^T)."""
-    s = tokens[BASIS[basis][2]].to_numpy(dtype=np.float64)
+    s = tokens[TIERS[basis].locate].to_numpy(dtype=np.float64)
     s = s[~np.isnan(s)]
     return float((s > th.trm_max).mean()) if s.size else float("nan")

@@ -14,8 +14,9 @@ import numpy as np
 
 from trm_diag.bounds import BoundInputs
 from trm_diag.config import Thresholds
-from trm_diag.sequences import CRITERIA
+from trm_diag.criteria import CRITERIA
 from trm_diag.stats import describe
+from trm_diag.tiers import TIERS
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -141,8 +142,7 @@ def batch_metrics(tokens: pd.DataFrame, seqs: pd.DataFrame, fidelity: str, thres
     m["abs_log_ratio_max"] = float(np.max(np.abs(lr_ok))) if lr_ok.size else math.nan
     for c in (2.0, 5.0):
         m[f"frac_ratio_outside_{c:g}"] = float(np.mean((rho > c) | (rho < 1.0 / c))) if lr_ok.size else math.nan
-    tier_cols = {"exact": ("kl", "kl_rev", "tv"), "topk": ("kl_lo", "kl_hi", "tv_lo", "tv_hi"), "sampled": ()}
-    for col in (*tier_cols[fidelity], "abs_log_ratio", "k2", "k3", "tv_bin", "kl_bin", "ent_train"):
+    for col in (*TIERS[fidelity].columns, "abs_log_ratio", "k2", "k3", "tv_bin", "kl_bin", "ent_train"):
         if col == "abs_log_ratio":
             values = np.abs(lr)
         elif col in tokens:
@@ -187,10 +187,10 @@ def bound_inputs(tokens: Any, seqs: Any, fidelity: str) -> BoundInputs:
     with np.errstate(over="ignore"):
         inp.tv_seq = float(np.nanmean(np.maximum(0.0, 1.0 - np.exp(seq_lr))))
     inp.source["tv_seq"] = f"measured (Monte-Carlo over {n_seq} rollouts)"
-    if fidelity in ("exact", "topk"):
-        kl_col, tv_col = ("kl", "tv") if fidelity == "exact" else ("kl_hi", "tv_hi")
-        how = "" if fidelity == "exact" else ", certified top-K upper ends"
-        kl, tv = col(tokens, kl_col), col(tokens, tv_col)
+    t = TIERS[fidelity]
+    if t.kl is not None and t.tv is not None:  # columns that bound the divergences from above
+        how = t.bound_how
+        kl, tv = col(tokens, t.kl), col(tokens, t.tv)
         inp.delta = float(np.nanmax(kl))
         inp.eps = float(np.nanmax(tv))
         inp.kl_seq = float(np.nansum(kl) / n_seq)

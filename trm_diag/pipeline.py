@@ -27,8 +27,8 @@ from trm_diag.outputs import check_out_dir, check_output_file, claim_out_dir
 from trm_diag.partial import PartialStore, run_fingerprint
 from trm_diag.prompts import PromptIds, load_prompts
 from trm_diag.report import write_summary, write_tables
-from trm_diag.schema import FIDELITIES
 from trm_diag.scoring import batch_columns
+from trm_diag.tiers import FIDELITIES, IMPORTABLE
 
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample_data"
 DEFAULT_MODEL = SAMPLE_DIR / "tiny-llama"
@@ -421,7 +421,7 @@ def _score(cfg: ScoreConfig, rep: Reporter, engines: _Engines, run: ExitStack) -
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     USED_KERNELS.clear()  # summary.json names the kernels of this run only
-    if cfg.fidelity is not None and cfg.fidelity not in ("topk", "sampled"):
+    if cfg.fidelity is not None and cfg.fidelity not in IMPORTABLE:
         raise UsageError(
             f"--fidelity {cfg.fidelity} is not available for imported rollouts",
             "use topk (needs topk_logprobs in the file) or sampled; exact needs the rollout engine: use compare",

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 from trm_diag.errors import InputError
 from trm_diag.heap import release_heap
 from trm_diag.outputs import MARKER, PARTIAL_DIR, REPORT_FILES
-from trm_diag.schema import FIDELITIES, SEQUENCE_COLUMNS, SUMMARY_FIELDS, TOKEN_COLUMNS
+from trm_diag.schema import SEQUENCE_COLUMNS, SUMMARY_FIELDS, TOKEN_COLUMNS
+from trm_diag.tiers import FIDELITIES
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -5,7 +5,6 @@ No heavy imports, so the gate and other readers can validate a report without to
 
 from __future__ import annotations
 
-FIDELITIES = ("exact", "topk", "sampled")
 TOKEN_COLUMNS = (
     "seq_id", "pos", "token_id", "lp_roll", "lp_train", "log_ratio", "k1", "k2", "k3", "abs_rho_m1",
     "kl", "kl_rev", "tv", "tv_bin", "kl_bin", "kl_lo", "kl_hi", "tv_lo", "tv_hi", "ent_roll", "ent_train",

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from trm_diag.config import Thresholds
-
-CRITERIA = ("trm_max", "trm_avg", "combined", "ln_trm", "ser")
+from trm_diag.criteria import CRITERIA
+from trm_diag.tiers import TIERS
 
 
 def _segments(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -72,14 +72,6 @@ def ln_trm_scores(abs_rho_m1: np.ndarray, lengths: np.ndarray, delta: float) -> 
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.where(lengths > 0, 0.0, np.nan))
 
 
-# basis -> (token column whose max / mean TRM-Max / TRM-Avg test, column that locates the worst token)
-BASIS = {
-    "exact": ("kl_max", "kl_mean", "kl"),
-    "topk": ("kl_hi_max", "kl_hi_mean", "kl_hi"),  # certified upper ends: conservative masks
-    "sampled": ("k2_max", "k3_mean", "k2"),  # heuristic stand-ins
-}
-
-
 def sequence_stats(
     tok: dict[str, np.ndarray], lengths: np.ndarray, th: Thresholds, basis: str | None = None
 ) -> dict[str, np.ndarray]:
@@ -88,7 +80,7 @@ def sequence_stats(
     ``tok`` needs log_ratio, k1, k2, k3, abs_rho_m1, lp_roll, lp_train, tv_bin, kl_bin,
     and whichever of kl, tv, kl_rev, kl_lo, kl_hi, tv_lo, tv_hi the fidelity tier has.
     ``basis`` (exact, topk, sampled; default: exact when kl is given) picks what the
-    TRM-Max / TRM-Avg masks test (see BASIS).
+    TRM-Max / TRM-Avg masks test (tiers.Tier.trm_max / trm_avg).
     """
     basis = basis or ("exact" if "kl" in tok else "sampled")
     lengths = np.asarray(lengths, dtype=np.int64)
@@ -99,7 +91,7 @@ def sequence_stats(
             out[f"{col}_sum"] = _seg_reduce(tok[col], lengths, "sum")
             out[f"{col}_mean"] = _seg_reduce(tok[col], lengths, "mean")
             out[f"{col}_max"] = _seg_reduce(tok[col], lengths, "max")
-    out["kl_argmax"] = _seg_argmax(tok[BASIS[basis][2]], lengths)
+    out["kl_argmax"] = _seg_argmax(tok[TIERS[basis].locate], lengths)
     out["k1_mean"] = _seg_reduce(tok["k1"], lengths, "mean")
     out["k2_max"] = _seg_reduce(tok["k2"], lengths, "max")
     out["k3_mean"] = _seg_reduce(tok["k3"], lengths, "mean")
@@ -119,19 +111,13 @@ def sequence_stats(
 
 
 def accept_flags(seq: dict[str, np.ndarray], th: Thresholds, basis: str) -> dict[str, np.ndarray]:
-    """One boolean per sequence and criterion (DESIGN.md section 4); empty sequences pass."""
-    max_score = seq[BASIS[basis][0]]
-    avg_score = seq[BASIS[basis][1]]
+    """One boolean per sequence and criterion (DESIGN.md section 4); empty sequences pass and
+    NaN scores (non-finite inputs) fail."""
     empty = seq["length"] == 0
-
-    def ok(score: np.ndarray, limit: float) -> np.ndarray:
-        return empty | (score <= limit)  # NaN scores (non-finite inputs) fail
-
-    flags = {
-        "accept_trm_max": ok(max_score, th.trm_max),
-        "accept_trm_avg": ok(avg_score, th.trm_avg),
-        "accept_ln_trm": ok(seq["ln_trm"], th.ln_trm),
-        "accept_ser": ok(seq["ser"], th.ser),
-    }
-    flags["accept_combined"] = flags["accept_trm_max"] & flags["accept_trm_avg"]
+    flags = {}
+    for name, c in CRITERIA.items():
+        if c.score is not None:
+            flags[f"accept_{name}"] = empty | (seq[c.score(TIERS[basis])] <= getattr(th, c.threshold))
+        else:
+            flags[f"accept_{name}"] = np.logical_and.reduce([flags[f"accept_{r}"] for r in c.requires])
     return flags

@@ -10,16 +10,9 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from trm_diag.bounds import LABEL
+from trm_diag.bounds import LABEL, UNIFIED_MEMBERS
+from trm_diag.criteria import CRITERIA
 from trm_diag.metrics import METRICS
-
-CRITERIA_LABELS = {
-    "trm_max": "TRM-Max",
-    "trm_avg": "TRM-Avg",
-    "combined": "TRM Max+Avg",
-    "ln_trm": "LN-TRM",
-    "ser": "SER",
-}
 
 
 def fmt(x: Any, digits: int = 3) -> str:
@@ -112,9 +105,11 @@ def render_compare(console: Console, summary: dict[str, Any]) -> None:
     acc.add_column("threshold", justify="right")
     acc.add_column("accepted", justify="right")
     th = summary["thresholds"]
-    th_of = {"trm_max": th["trm_max"], "trm_avg": th["trm_avg"], "combined": f"{th['trm_max']:g} & {th['trm_avg']:g}",
-             "ln_trm": th["ln_trm"], "ser": th["ser"]}  # fmt: skip
-    for key, label in CRITERIA_LABELS.items():
+    th_of = {
+        name: str(th[c.threshold]) if c.threshold else " & ".join(f"{th[CRITERIA[r].threshold]:g}" for r in c.requires)
+        for name, c in CRITERIA.items()
+    }
+    for key, label in ((k, c.label) for k, c in CRITERIA.items()):
         rate = m.get(f"accept_{key}")
         style = "red" if rate is not None and rate < 0.7 else "green"
         acc.add_row(label, str(th_of[key]), Text(f"{100 * rate:.1f}%" if rate is not None else "-", style=style))
@@ -133,7 +128,7 @@ def render_compare(console: Console, summary: dict[str, Any]) -> None:
         console.print(
             f"[bold]Bounds at the observed max length T={T}[/bold]: delta={fmt(bi['delta'])} eps={fmt(bi['eps'])} "
             f"D_KL^seq={fmt(bi['kl_seq'])} D_TV^seq={fmt(bi['tv_seq'])}  ->  B* = {fmt(unified)} ({verdict}); "
-            f"members: {', '.join(f'{LABEL[k]} {fmt(v)}' for k, v in b.items() if k in ('pm_kl', 'mix_kl', 'mix_tv', 'adaptive_hybrid') and v is not None)}"
+            f"members: {', '.join(f'{LABEL[k]} {fmt(v)}' for k, v in b.items() if k in UNIFIED_MEMBERS and v is not None)}"
         )
         console.print(
             "[dim]delta and eps are empirical maxima over the sampled positions; see bounds.parquet for other horizons.[/dim]"
@@ -183,7 +178,7 @@ def render_masking(console: Console, summary: dict[str, Any]) -> None:
         t.add_column("criterion")
         for f in factors:
             t.add_column(f"x{f:g}", justify="right")
-        for key, label in CRITERIA_LABELS.items():
+        for key, label in ((k, c.label) for k, c in CRITERIA.items()):
             cells = {r["factor"]: r["acceptance"] for r in mk["sweep"] if r["criterion"] == key}
             if cells:
                 t.add_row(label, *(f"{100 * cells[f]:.0f}%" for f in factors))
