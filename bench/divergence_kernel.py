@@ -7,7 +7,7 @@ Methods, all on the same float32 logits [N, V] of two sides:
 - stable chunks: exact_divergences on log_softmax outputs (trm-diag's support-aware path);
 - fused eager: logit_divergences op by op (cancellation-free terms, float64 sums);
 - inductor: the same function through torch.compile (inductor, C++ on CPU);
-- native C: trm_diag/rows_kernel.c, one row at a time (the default on CPU).
+- native C: trm_diag/kernels/rows_kernel.c, one row at a time (the default on CPU).
 Accuracy: max relative error against a float64 evaluation of the same float32 logits, over
 values float32 can resolve (> 1e-8). Memory: peak RSS growth during the call (sampled).
 """

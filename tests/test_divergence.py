@@ -287,43 +287,65 @@ def test_fallback_rows_keep_their_sampled_token_logprobs():
 def test_kernel_is_chosen_by_name_and_environment(monkeypatch):
     from trm_diag import divergence
     from trm_diag.errors import UsageError
-    from trm_diag.native import native_rows
+    from trm_diag.kernels import choice, compiled
+    from trm_diag.kernels.eager import fused_rows
+    from trm_diag.kernels.native import native_rows
 
     calls = []
-    monkeypatch.setattr(
-        divergence, "_compiled_rows", lambda: lambda a, b, y: calls.append(1) or divergence._fused_rows(a, b, y)
-    )
+    monkeypatch.setattr(compiled, "compiled_rows", lambda: lambda a, b, y: calls.append(1) or fused_rows(a, b, y))
     cpu = torch.device("cpu")
     assert native_rows() is not None, "the C kernel did not build: is a C compiler (cc/gcc) installed?"
     monkeypatch.setenv("TRM_DIAG_KERNEL", "eager")
-    assert divergence.kernel_for(64, cpu) is divergence._fused_rows
+    assert choice.kernel_for(64, cpu) == ("eager", fused_rows)
     monkeypatch.setenv("TRM_DIAG_KERNEL", "native")
-    assert divergence.kernel_for(64, cpu) is native_rows()
-    assert divergence.kernel_for(64, cpu, "auto") is native_rows()  # an argument beats the environment
+    assert choice.kernel_for(64, cpu) == ("native", native_rows())
+    assert choice.kernel_for(64, cpu, "auto") == ("native", native_rows())  # an argument beats the environment
     monkeypatch.setenv("TRM_DIAG_KERNEL", "nonsense")
     with pytest.raises(UsageError, match="TRM_DIAG_KERNEL"):
-        divergence.kernel_for(64, cpu)
+        choice.kernel_for(64, cpu)
     # auto where the C kernel is unavailable (a GPU, or no compiler): inductor by width, then by work done
     monkeypatch.setenv("TRM_DIAG_KERNEL", "auto")
-    monkeypatch.setattr("trm_diag.native._LOADED", {"fn": None})
+    monkeypatch.setattr("trm_diag.kernels.native._LOADED", {"fn": None})
     a, b = torch.randn(4, 64), torch.randn(4, 64)
-    monkeypatch.setattr(divergence, "_EAGER_ENTRIES", [0])
-    monkeypatch.setattr(divergence, "COMPILE_AFTER_ENTRIES", 2 * 4 * 64)
+    monkeypatch.setattr(choice, "EAGER_ENTRIES", [0])
+    monkeypatch.setattr(choice, "COMPILE_AFTER_ENTRIES", 2 * 4 * 64)
+    used: set[str] = set()
+    divergence.logit_divergences(a, b, rows_per_chunk=2, used=used)
     divergence.logit_divergences(a, b, rows_per_chunk=2)
-    divergence.logit_divergences(a, b, rows_per_chunk=2)
-    assert len(calls) == 0  # two eager calls of 4 x 64 entries each
-    divergence.logit_divergences(a, b, rows_per_chunk=2)
-    assert len(calls) == 2  # the eager budget is spent: compiled from now on
-    monkeypatch.setattr(divergence, "_EAGER_ENTRIES", [0])
-    monkeypatch.setattr(divergence, "COMPILE_MIN_VOCAB", 64)
+    assert len(calls) == 0 and used == {"eager"}  # two eager calls of 4 x 64 entries each
+    divergence.logit_divergences(a, b, rows_per_chunk=2, used=used)
+    assert len(calls) == 2 and used == {"eager", "inductor"}  # the eager budget is spent: compiled from now on
+    monkeypatch.setattr(choice, "EAGER_ENTRIES", [0])
+    monkeypatch.setattr(choice, "COMPILE_MIN_VOCAB", 64)
     divergence.logit_divergences(a, b, rows_per_chunk=2)
     assert len(calls) == 4
     divergence.logit_divergences(a, b, rows_per_chunk=2, kernel="inductor")
     assert len(calls) == 6
 
 
+def test_every_kernel_writes_the_outputs_in_the_order_of_one_table():
+    """kernels.OUTPUTS names the rows of every kernel: each row equals the named float64 reference."""
+    from trm_diag.divergence import gather_logprobs
+    from trm_diag.kernels import OUTPUTS
+    from trm_diag.kernels.compiled import compiled_rows
+    from trm_diag.kernels.eager import fused_rows
+    from trm_diag.kernels.native import native_rows
+
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(5, 300, generator=g) * 2, torch.randn(5, 300, generator=g) * 2
+    y = torch.randint(0, 300, (5,), generator=g)
+    ref = _ref64(a, b)
+    ref["lp_roll"] = gather_logprobs(torch.log_softmax(a.double(), -1), y)
+    ref["lp_train"] = gather_logprobs(torch.log_softmax(b.double(), -1), y)
+    for fn in (fused_rows, native_rows(), compiled_rows()):
+        got = fn(a, b, y)
+        assert got.shape == (len(OUTPUTS), 5)
+        for row, name in zip(got, OUTPUTS):
+            torch.testing.assert_close(row, ref[name], rtol=1e-5, atol=1e-9)
+
+
 def test_native_kernel_is_cached_and_refuses_bad_token_ids(tmp_path, monkeypatch):
-    from trm_diag import native
+    from trm_diag.kernels import native
 
     lib = native.library_path(native._compiler())
     assert lib.exists() and lib.parent.parent == native.cache_dir()

@@ -47,12 +47,14 @@ class Scored:
     rollouts: list[Rollout]
     columns: list[dict[str, np.ndarray]]
     routing: list[tuple[int, RoutingComparison]]
+    kernels: set[str] = field(default_factory=set)  # exact-tier kernels that scored these rows
 
 
 class ChunkSource(Protocol):
     """Scored rollouts in chunks, with global seq ids (0, 1, ... in chunk order)."""
 
     n_chunks: int
+    kernels: set[str]  # exact-tier kernels that scored the chunks (summary.json: hardware.exact_kernels)
 
     def chunk(self, i: int) -> Scored:
         """Chunk i: its rollouts, their token columns and MoE comparisons."""
@@ -74,6 +76,7 @@ class MemoryChunks:
 
     def __init__(self, scored: Scored) -> None:
         self.scored = scored
+        self.kernels = scored.kernels
 
     def chunk(self, i: int) -> Scored:
         return self.scored
@@ -143,7 +146,7 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
-def _hardware() -> dict[str, Any]:
+def _hardware(kernels: set[str]) -> dict[str, Any]:
     import torch
 
     hw: dict[str, Any] = {
@@ -154,10 +157,8 @@ def _hardware() -> dict[str, Any]:
     }
     if torch.cuda.is_available():
         hw["gpu"] = torch.cuda.get_device_name(0)
-    from trm_diag.divergence import USED_KERNELS
-
-    if USED_KERNELS:  # which exact-tier kernels scored this process's rows (values agree to ~1e-8)
-        hw["exact_kernels"] = sorted(USED_KERNELS)
+    if kernels:  # which exact-tier kernels scored the rows (values agree to ~1e-8)
+        hw["exact_kernels"] = sorted(kernels)
     return hw
 
 
@@ -360,7 +361,7 @@ def assemble(
             "sweep": threshold_sweep(seqs, th, fidelity),
         },
         "worst_sequences": _worst_sequences(candidates, tokenizer, worst_key),
-        "hardware": _hardware(),
+        "hardware": _hardware(set(source.kernels)),
         "versions": _versions(),
     }
     if routing_info is not None:

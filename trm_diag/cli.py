@@ -14,10 +14,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from trm_diag.config import parse_horizons
+from trm_diag.config import DEFAULT_HORIZONS, THRESHOLDS, parse_horizons
 from trm_diag.errors import ExitCode, TrmDiagError, UsageError
 from trm_diag.heap import tune_allocator
-from trm_diag.kernel_choice import kernel_name
+from trm_diag.kernels.choice import kernel_name
 from trm_diag.tiers import TIERS
 
 app = typer.Typer(
@@ -85,12 +85,13 @@ ModelOpt = Annotated[
 TrainOpt = Annotated[str, typer.Option("--train", help="Training backend spec, e.g. 'hf:dtype=float32,attn=eager'.")]
 OutOpt = Annotated[str, typer.Option("--out", help="Report folder.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a report already in --out.")]
-TrmMaxOpt = Annotated[float, typer.Option("--trm-max", help="TRM-Max threshold on max_t KL (paper: 0.05).")]
-TrmAvgOpt = Annotated[float, typer.Option("--trm-avg", help="TRM-Avg threshold on mean_t KL (paper: 0.001).")]
-LnTrmOpt = Annotated[float, typer.Option("--ln-trm", help="LN-TRM threshold on the weighted mean of |rho-1|.")]
-SerOpt = Annotated[float, typer.Option("--ser", help="SER threshold on mean_t |rho-1| (suggested 0.03-0.10).")]
-DppoTvOpt = Annotated[float, typer.Option("--dppo-tv", help="DPPO binary-TV token threshold (paper: 0.2).")]
-DppoKlOpt = Annotated[float, typer.Option("--dppo-kl", help="DPPO binary-KL token threshold (paper: 0.05).")]
+TrmMaxOpt = Annotated[float, typer.Option("--trm-max", help=THRESHOLDS["trm_max"].help)]
+TrmAvgOpt = Annotated[float, typer.Option("--trm-avg", help=THRESHOLDS["trm_avg"].help)]
+LnTrmOpt = Annotated[float, typer.Option("--ln-trm", help=THRESHOLDS["ln_trm"].help)]
+SerOpt = Annotated[float, typer.Option("--ser", help=THRESHOLDS["ser"].help)]
+DppoTvOpt = Annotated[float, typer.Option("--dppo-tv", help=THRESHOLDS["dppo_tv"].help)]
+DppoKlOpt = Annotated[float, typer.Option("--dppo-kl", help=THRESHOLDS["dppo_kl"].help)]
+DEFAULT = {k: t.default for k, t in THRESHOLDS.items()}
 HorizonsOpt = Annotated[
     str, typer.Option("--horizons", help="Horizons T for bounds.parquet (the observed max length is added).")
 ]
@@ -111,9 +112,7 @@ MinPOpt = Annotated[float, typer.Option("--min-p", help="Min-p sampling (0 = off
 def _thresholds(trm_max: float, trm_avg: float, ln_trm: float, ser: float, dppo_tv: float, dppo_kl: float):
     from trm_diag.config import Thresholds
 
-    return Thresholds(
-        trm_max=trm_max, trm_avg=trm_avg, ln_trm=ln_trm, ln_delta=trm_max, ser=ser, dppo_tv=dppo_tv, dppo_kl=dppo_kl
-    )
+    return Thresholds(trm_max=trm_max, trm_avg=trm_avg, ln_trm=ln_trm, ser=ser, dppo_tv=dppo_tv, dppo_kl=dppo_kl)
 
 
 def _render(summary: dict, out_dir, json_out: bool) -> None:
@@ -178,13 +177,13 @@ def compare(
         str | None,
         typer.Option(help="Run shard I of N ('I/N'): prompts whose index % N == I. Combine with `trm-diag merge`."),
     ] = None,
-    trm_max: TrmMaxOpt = 0.05,
-    trm_avg: TrmAvgOpt = 0.001,
-    ln_trm: LnTrmOpt = 0.05,
-    ser: SerOpt = 0.05,
-    dppo_tv: DppoTvOpt = 0.2,
-    dppo_kl: DppoKlOpt = 0.05,
-    horizons: HorizonsOpt = "1024,4096,16384",
+    trm_max: TrmMaxOpt = DEFAULT["trm_max"],
+    trm_avg: TrmAvgOpt = DEFAULT["trm_avg"],
+    ln_trm: LnTrmOpt = DEFAULT["ln_trm"],
+    ser: SerOpt = DEFAULT["ser"],
+    dppo_tv: DppoTvOpt = DEFAULT["dppo_tv"],
+    dppo_kl: DppoKlOpt = DEFAULT["dppo_kl"],
+    horizons: HorizonsOpt = ",".join(map(str, DEFAULT_HORIZONS)),
     trust_remote_code: RemoteCodeOpt = False,
     allow_pickle: PickleOpt = False,
     json_out: JsonOpt = False,
@@ -258,13 +257,13 @@ def score(
             "exports, scored as real tokens otherwise); the summary says how many.",
         ),
     ] = True,
-    trm_max: TrmMaxOpt = 0.05,
-    trm_avg: TrmAvgOpt = 0.001,
-    ln_trm: LnTrmOpt = 0.05,
-    ser: SerOpt = 0.05,
-    dppo_tv: DppoTvOpt = 0.2,
-    dppo_kl: DppoKlOpt = 0.05,
-    horizons: HorizonsOpt = "1024,4096,16384",
+    trm_max: TrmMaxOpt = DEFAULT["trm_max"],
+    trm_avg: TrmAvgOpt = DEFAULT["trm_avg"],
+    ln_trm: LnTrmOpt = DEFAULT["ln_trm"],
+    ser: SerOpt = DEFAULT["ser"],
+    dppo_tv: DppoTvOpt = DEFAULT["dppo_tv"],
+    dppo_kl: DppoKlOpt = DEFAULT["dppo_kl"],
+    horizons: HorizonsOpt = ",".join(map(str, DEFAULT_HORIZONS)),
     trust_remote_code: RemoteCodeOpt = False,
     allow_pickle: PickleOpt = False,
     json_out: JsonOpt = False,

@@ -179,26 +179,52 @@ class SamplingConfig:
 
 
 @dataclass(frozen=True)
-class Thresholds:
-    """Masking thresholds (DESIGN.md section 4); defaults are the paper's values."""
+class ThresholdSpec:
+    """A masking threshold's default and its one line of help (DESIGN.md section 4)."""
 
-    trm_max: float = 0.05  # TRM-Max on max_t kl
-    trm_avg: float = 0.001  # TRM-Avg on mean_t kl
-    ln_trm: float = 0.05  # LN-TRM on W~ (weighted mean of |rho-1|)
-    ln_delta: float = 0.05  # delta inside the LN-TRM weights w_t
-    ser: float = 0.05  # SER on mean_t |rho-1|
-    dppo_tv: float = 0.2  # DPPO binary-TV token threshold
-    dppo_kl: float = 0.05  # DPPO binary-KL token threshold
+    default: float
+    help: str
+    upper: float = math.inf  # largest meaningful value
+
+
+THRESHOLDS: dict[str, ThresholdSpec] = {
+    "trm_max": ThresholdSpec(0.05, "TRM-Max threshold on max_t KL (paper: 0.05)."),
+    "trm_avg": ThresholdSpec(0.001, "TRM-Avg threshold on mean_t KL (paper: 0.001)."),
+    "ln_trm": ThresholdSpec(0.05, "LN-TRM threshold on the weighted mean of |rho-1|."),
+    "ser": ThresholdSpec(0.05, "SER threshold on mean_t |rho-1| (suggested 0.03-0.10)."),
+    "dppo_tv": ThresholdSpec(0.2, "DPPO binary-TV token threshold (paper: 0.2).", upper=1.0),
+    "dppo_kl": ThresholdSpec(0.05, "DPPO binary-KL token threshold (paper: 0.05)."),
+}
+DEFAULT_HORIZONS = (1024, 4096, 16384)  # horizons T of bounds.parquet (the observed max length is added)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Masking thresholds (DESIGN.md section 4); defaults are the paper's values (THRESHOLDS).
+
+    ln_delta, the delta inside the LN-TRM weights w_t, is the TRM-Max threshold unless given.
+    """
+
+    trm_max: float = THRESHOLDS["trm_max"].default
+    trm_avg: float = THRESHOLDS["trm_avg"].default
+    ln_trm: float = THRESHOLDS["ln_trm"].default
+    ln_delta: float | None = None
+    ser: float = THRESHOLDS["ser"].default
+    dppo_tv: float = THRESHOLDS["dppo_tv"].default
+    dppo_kl: float = THRESHOLDS["dppo_kl"].default
 
     def __post_init__(self) -> None:
+        if self.ln_delta is None:
+            object.__setattr__(self, "ln_delta", self.trm_max)
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if not (v > 0 and math.isfinite(v)):
                 raise UsageError(
                     f"threshold {f.name}={v} is out of range", "thresholds must be positive finite numbers"
                 )
-        if self.dppo_tv > 1:
-            raise UsageError(f"threshold dppo_tv={self.dppo_tv} exceeds 1", "binary TV lies in [0, 1]")
+            upper = THRESHOLDS[f.name].upper if f.name in THRESHOLDS else math.inf
+            if v > upper:
+                raise UsageError(f"threshold {f.name}={v} exceeds {upper:g}", "binary TV lies in [0, 1]")
 
 
 def as_dict(obj: Any) -> Any:

@@ -7,17 +7,16 @@ log_ratio l_t = log q(y_t) - log p(y_t) = lp_train - lp_roll, rho_t = exp(l_t).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 
-from trm_diag.kernel_choice import kernel_name
+from trm_diag.kernels import DIVERGENCES, OUTPUTS, choice
 
 # Rows of a [rows, V] chunk are chosen so one chunk holds about this many elements;
 # memory of exact_divergences is then bounded independently of N.
 DEFAULT_CHUNK_ELEMENTS = 1 << 22  # 4M floats = 16 MB per temporary
 
-EXACT_KEYS = ("kl", "kl_rev", "tv", "ent_roll", "ent_train")
+EXACT_KEYS = DIVERGENCES  # the exact tier's per-token divergences and entropies
 
 
 def _kl_terms(lp: torch.Tensor, lq: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -69,111 +68,17 @@ def exact_divergences(
 FUSED_CHUNK_ELEMENTS = 1 << 19
 
 
-def _fused_rows(a: torch.Tensor, b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """[7, n] float64: kl, kl_rev, tv, ent_roll, ent_train, lp_roll[y], lp_train[y] for rows of finite
-    logits a (rollout) and b (training) [n, V], each known up to a constant per row.
-
-    p = softmax(a) from m = max a and w = exp(a - m) (float32: one exact 1 per maximum, so z - 1 is
-    summed without them and near-one-hot rows keep their tiny entropies). Everything else is
-    float64: dd = (b - a) - (b_y - a_y) is log q - log p up to the constant c = log1p(S) with
-    E = expm1(dd), S = sum p E, so q is never normalised; x = dd - c = log q - log p and
-    e = (E - S) / (1 + S) = q/p - 1 reuse E (one float64 exp per entry). The divergences are sums of
-    non-negative terms, so rounding never cancels: KL(p||q) = sum p (e - x), KL(q||p) =
-    sum p ((1 + e) x - e), TV = sum p |e| / 2, H(p) = sum p g + log z, H(q) = sum q (g - x) + log z
-    with g = m - a. The float32 w carries ~1e-7 relative error into every term alike, so results
-    agree with a float64 reference to ~1e-7 whatever the offset between a and b. Eager, each op is
-    a pass over [n, V]; torch.compile fuses it into three passes per row (max, exps, sums).
-    """
-    f64 = torch.float64
-    m = a.amax(-1, keepdim=True)  # (n, 1)
-    yy = y.unsqueeze(-1)
-    a_y, b_y = a.gather(-1, yy).to(f64), b.gather(-1, yy).to(f64)
-    a64 = a.to(f64)
-    below = a < m
-    w32 = torch.exp(a - m)  # (n, V), exactly 1 at the maxima
-    z1 = torch.where(below, w32, 0.0).to(f64).sum(-1, keepdim=True) + ((~below).sum(-1, keepdim=True) - 1)
-    z = 1 + z1  # sum exp(a - m)
-    w = w32.to(f64)
-    dd = (b.to(f64) - a64) - (b_y - a_y)  # (n, V), exactly 0 at y
-    big_e = torch.expm1(dd)
-    g = m.to(f64) - a64  # -log p - log z >= 0
-    s = (w * big_e).sum(-1, keepdim=True) / z  # sum p E
-    c = torch.log1p(s)
-    x = dd - c  # log q - log p
-    e = (big_e - s) * (1 / (1 + s))  # q/p - 1 (a reciprocal per row: no division per entry)
-    kl = (w * (e - x)).sum(-1, keepdim=True) / z
-    kl_rev = (w * (e * x)).sum(-1, keepdim=True) / z - kl  # sum p (1 + e) x - e, with sum p e = 0
-    tv = 0.5 * (w * e.abs()).sum(-1, keepdim=True) / z
-    h_p = (w * g).sum(-1, keepdim=True) / z
-    h_q = h_p + (w * (e * g)).sum(-1, keepdim=True) / z - kl_rev  # sum q (g - x), q = p (1 + e)
-    log_z = torch.log1p(z1)
-    lp_roll = a_y - m.to(f64) - log_z
-    return torch.cat([kl, kl_rev, tv, h_p + log_z, h_q + log_z, lp_roll, lp_roll - c], -1).T
-
-
 def _exact_rows(a: torch.Tensor, b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The outputs of _fused_rows [7, n] from normalised rows: the support-aware path for rows holding
-    -inf (truncated supports), NaN, or an infinite divergence."""
-    d = exact_divergences(torch.log_softmax(a, -1), torch.log_softmax(b, -1))
-    sampled = [sampled_logprob(x, y) for x in (a, b)]
-    return torch.stack([d[k].double() for k in EXACT_KEYS] + sampled)
+    """The kernels' OUTPUTS [len(OUTPUTS), n] from normalised rows: the support-aware path for rows
+    holding -inf (truncated supports), NaN, or an infinite divergence."""
+    d = {k: v.double() for k, v in exact_divergences(torch.log_softmax(a, -1), torch.log_softmax(b, -1)).items()}
+    d["lp_roll"], d["lp_train"] = (sampled_logprob(x, y) for x in (a, b))
+    return torch.stack([d[k] for k in OUTPUTS])
 
 
 def sampled_logprob(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """log softmax(scores)[y] in float64 [n], from scores [n, V] known up to a constant per row."""
     return gather_logprobs(scores, y).double() - torch.logsumexp(scores.double(), -1)
-
-
-_COMPILED: dict[str, object] = {}
-COMPILE_MIN_VOCAB = 16_384  # auto mode compiles the kernel from this width up (Llama-2 32,000 to Qwen 151,936)
-# Below that width, auto mode compiles once this process has spent this many entries (rows x V) in the
-# eager kernel: ~1.5 s of eager work on 2 cores, about what a first compile costs, so a run never pays
-# more than twice the best choice made in hindsight (the ski-rental rule), and short runs never compile.
-COMPILE_AFTER_ENTRIES = 1 << 28
-_EAGER_ENTRIES = [0]
-USED_KERNELS: set[str] = set()  # kernels this process ran (recorded in summary.json)
-
-
-def _compiled_rows():
-    """torch.compile of _fused_rows (three fused passes per row), rows dynamic so any chunk runs it;
-    None if unavailable."""
-    if "fn" not in _COMPILED:
-        compiled = torch.compile(_fused_rows, dynamic=False)
-
-        def guarded(a: torch.Tensor, b: torch.Tensor, y: torch.Tensor):
-            try:
-                for t in (a, b, y):  # one kernel for every row count (V stays static: vectorised rows)
-                    torch._dynamo.mark_dynamic(t, 0)
-                return compiled(a, b, y)
-            except Exception:  # no C++ toolchain or an inductor failure: eager from now on
-                _COMPILED["fn"] = None
-                return _fused_rows(a, b, y)
-
-        _COMPILED["fn"] = guarded
-    return _COMPILED["fn"]
-
-
-def kernel_for(vocab_width: int, device: torch.device, kernel: str | None = None) -> Callable:
-    """The exact-tier kernel fn(a, b, y) -> [7, n], by name or TRM_DIAG_KERNEL (default auto):
-    native = the C kernel (trm_diag/native.py, CPU only; ~1.7x inductor), inductor = torch.compile of
-    _fused_rows (any device), eager = _fused_rows op by op. auto: native on CPU; elsewhere, or without
-    a C compiler, inductor from COMPILE_MIN_VOCAB columns or once COMPILE_AFTER_ENTRIES eager entries
-    are done (a first compile takes seconds), eager before that. Unavailable kernels fall back in
-    that order; all agree to ~1e-8 relative."""
-    name = kernel_name(kernel)
-    if name in ("auto", "native") and device.type == "cpu":
-        from trm_diag.native import native_rows
-
-        if (fn := native_rows()) is not None:
-            USED_KERNELS.add("native")
-            return fn
-    eager_first = name == "auto" and vocab_width < COMPILE_MIN_VOCAB and _EAGER_ENTRIES[0] < COMPILE_AFTER_ENTRIES
-    fn = None if name == "eager" or eager_first else _compiled_rows()
-    USED_KERNELS.add("inductor" if fn is not None else "eager")
-    return fn or _fused_rows
-
-
-LP_KEYS = ("lp_roll", "lp_train")
 
 
 def logit_divergences(
@@ -182,11 +87,13 @@ def logit_divergences(
     token_ids: torch.Tensor | None = None,
     rows_per_chunk: int | None = None,
     kernel: str | None = None,
+    used: set[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Exact kl, kl_rev, tv and both entropies, each [N] (float64), from two logit tensors [N, V].
 
     Paper eq. for D_KL^tok / D_TV^tok (DESIGN.md section 2), computed a few rows at a time by the
-    kernel kernel_for picks (see _fused_rows), so memory is bounded whatever N. Logits need not be
+    kernel kernel_for picks (see kernels/eager.py), so memory is bounded whatever N; its name is added to
+    ``used`` (summary.json records the kernels of a run). Logits need not be
     normalised (log-probs work too). With token_ids [N] it also returns lp_roll and lp_train,
     the two sides' normalised log-probs of those tokens. Rows whose fused result is not finite
     (-inf from truncated supports, NaN, infinite KL) are recomputed by the support-aware path.
@@ -195,22 +102,23 @@ def logit_divergences(
     n, v = logits_roll.shape
     if rows_per_chunk is None:  # ~2 MB per temporary: cache-sized at V = 151,936, few Python steps at small V
         rows_per_chunk = max(1, FUSED_CHUNK_ELEMENTS // max(v, 1))
-    keys = EXACT_KEYS + LP_KEYS
-    out = torch.empty((len(keys), n), dtype=torch.float64)
-    fn = kernel_for(v, logits_roll.device, kernel)
-    if fn is _fused_rows:
-        _EAGER_ENTRIES[0] += n * v
+    out = torch.empty((len(OUTPUTS), n), dtype=torch.float64)
+    name, fn = choice.kernel_for(v, logits_roll.device, kernel)
+    if used is not None:
+        used.add(name)
+    if name == "eager":
+        choice.EAGER_ENTRIES[0] += n * v
     ids = torch.zeros(n, dtype=torch.long) if token_ids is None else token_ids.long()
     for s in range(0, n, rows_per_chunk):
         a = logits_roll[s : s + rows_per_chunk].float()
         b = logits_train[s : s + rows_per_chunk].to(a.device).float()
         y = ids[s : s + rows_per_chunk].to(a.device)
-        vals = fn(a, b, y)  # (7, n) float64
+        vals = fn(a, b, y)  # (len(OUTPUTS), n) float64
         bad = ~torch.isfinite(vals).all(0)  # (n,)
         if bool(bad.any()):
             vals[:, bad] = _exact_rows(a[bad], b[bad], y[bad]).to(vals.device)
         out[:, s : s + rows_per_chunk] = vals.cpu()
-    res = dict(zip(keys, out))
+    res = dict(zip(OUTPUTS, out))
     res["kl"].clamp_(min=0.0)
     res["kl_rev"].clamp_(min=0.0)
     res["tv"].clamp_(0.0, 1.0)

@@ -19,7 +19,7 @@ import torch
 
 from trm_diag.assemble import Scored, assemble, report_parts
 from trm_diag.backends.base import Rollout
-from trm_diag.config import SamplingConfig, Thresholds
+from trm_diag.config import DEFAULT_HORIZONS, SamplingConfig, Thresholds
 from trm_diag.errors import InputError, UsageError
 from trm_diag.moe import RoutingComparison
 from trm_diag.outputs import check_out_dir, claim_out_dir
@@ -160,6 +160,7 @@ class ShardChunks:
             )
         self.n = len(order)
         self.n_chunks = (self.n + CHUNK - 1) // CHUNK
+        self.kernels = {k for s in shards for k in (s.summary.get("hardware") or {}).get("exact_kernels") or ()}
         self._gather: np.ndarray | None = None
         self._counts: np.ndarray | None = None
 
@@ -267,7 +268,7 @@ def run_merge(reports: list[str], out: str, overwrite: bool = False, warn: Any =
         raise InputError(f"'{reports[0]}': summary.json has damaged settings ({e})", "re-run that shard") from None
     assembled = assemble(
         source, command=first["command"], fidelity=first["fidelity"], sampling=sampling, thresholds=thresholds,
-        horizons=tuple(first.get("horizons") or (1024, 4096, 16384)), tokenizer=tokenizer,
+        horizons=tuple(first.get("horizons") or DEFAULT_HORIZONS), tokenizer=tokenizer,
         width=first["vocab"]["logits_width"], moe=moe, header=header, warn=warn,
     )  # fmt: skip
     assembled.summary["timings"] = {}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +109,7 @@ class PartialStore:
             raise InputError(f"chunk {i} of the run was never generated in {self.dir}", "resume the run with --resume")
         return _rollouts_from(self._path(i, "generated"), 0)
 
-    def save(self, i: int, scored: Scored, kernels: Iterable[str] = ()) -> None:
+    def save(self, i: int, scored: Scored) -> None:
         """Store chunk i atomically, then mark it done (with the exact-tier kernels that scored it)."""
         rolls = _rollout_frame(scored.rollouts)
         tokens = pd.DataFrame(
@@ -123,7 +122,7 @@ class PartialStore:
             _write(self._path(i, "routing"), _routing_frame(scored))
         self.done.add(i)
         self.generated.discard(i)
-        self.kernels.update(kernels)
+        self.kernels.update(scored.kernels)
         self._write_manifest()
         self._path(i, "generated").unlink(missing_ok=True)
         release_heap()  # a chunk's temporaries are gone: give their pages back (heap.py)

@@ -20,8 +20,7 @@ import numpy as np
 from trm_diag.assemble import Assembled, Scored, assemble, model_fingerprint, report_parts
 from trm_diag.backends.base import Rollout, TokenRows
 from trm_diag.checkpoint import check_checkpoint, eos_token_ids, max_positions, read_config, vocab_size
-from trm_diag.config import BackendSpec, SamplingConfig, Thresholds, as_dict
-from trm_diag.divergence import USED_KERNELS
+from trm_diag.config import DEFAULT_HORIZONS, BackendSpec, SamplingConfig, Thresholds, as_dict
 from trm_diag.errors import InputError, ModelError, UsageError
 from trm_diag.outputs import check_out_dir, check_output_file, claim_out_dir
 from trm_diag.partial import PartialStore, run_fingerprint
@@ -33,7 +32,6 @@ from trm_diag.tiers import FIDELITIES, IMPORTABLE
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample_data"
 DEFAULT_MODEL = SAMPLE_DIR / "tiny-llama"
 DEFAULT_PROMPTS = SAMPLE_DIR / "prompts.jsonl"
-DEFAULT_HORIZONS = (1024, 4096, 16384)
 SCORE_CHUNK = 512  # imported rollouts scored per stored chunk
 
 
@@ -143,7 +141,7 @@ def score_rollouts(
     gives the rollout side's rows for the batch at ``start`` (exact tier only), or None when the
     rollout side is the training backend itself."""
     moe = getattr(train, "moe", None)
-    columns, routing = [], []
+    columns, routing, kernels = [], [], set()
     batch_size = max(1, getattr(train, "batch_size", 8))
     for s in range(0, len(rollouts), batch_size):
         batch = rollouts[s : s + batch_size]
@@ -152,13 +150,15 @@ def score_rollouts(
         p_rows = None  # the rollout side's rows: exact tier only; None from rollout_rows: it is the training side
         if fidelity == "exact":
             p_rows = list(rollout_rows(s, pairs) or q_rows)
-        done = batch_columns(batch, p_rows, list(q_rows), fidelity, width, experts_per_token=moe[1] if moe else None)
+        done = batch_columns(
+            batch, p_rows, list(q_rows), fidelity, width, experts_per_token=moe[1] if moe else None, kernels=kernels
+        )
         for r, (cols, comp) in zip(batch, done):
             columns.append(cols)
             if comp is not None:
                 routing.append((r.seq_id, comp))
         advance(len(batch))
-    return Scored(rollouts, columns, routing)
+    return Scored(rollouts, columns, routing, kernels)
 
 
 def _side(backend: Any) -> dict[str, Any]:
@@ -210,7 +210,6 @@ def run_compare(cfg: CompareConfig, reporter: Reporter | None = None) -> Compare
 def _compare(cfg: CompareConfig, rep: Reporter, engines: _Engines, run: ExitStack) -> CompareResult:
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    USED_KERNELS.clear()  # summary.json names the kernels of this run only
     fidelity, sampling = cfg.fidelity, cfg.sampling
     if fidelity not in FIDELITIES:
         raise UsageError(f"--fidelity {fidelity} is unknown", f"use one of: {', '.join(FIDELITIES)}")
@@ -299,7 +298,7 @@ def _compare(cfg: CompareConfig, rep: Reporter, engines: _Engines, run: ExitStac
             t = time.perf_counter()
             scored = score_rollouts(rollouts, train, rollout_rows, sampling, fidelity, width, advance)
             timings["score_s"] += time.perf_counter() - t
-            store.save(ci, scored, kernels=USED_KERNELS)
+            store.save(ci, scored)
     if cfg.save_rollouts:
         from trm_diag.rollouts_io import write_rollouts
 
@@ -321,8 +320,6 @@ def _compare(cfg: CompareConfig, rep: Reporter, engines: _Engines, run: ExitStac
         horizons=cfg.horizons, tokenizer=tokenizer, width=width, moe=getattr(train, "moe", None),
         header=header, warn=rep.warn,
     )  # fmt: skip
-    if store.kernels:  # a resumed run: the kernels of the chunks scored before the interruption too
-        assembled.summary["hardware"]["exact_kernels"] = sorted(store.kernels)
     result = _write(out_dir, assembled, timings, t_start)
     store.clear()
     return result
@@ -420,7 +417,6 @@ def _score(cfg: ScoreConfig, rep: Reporter, engines: _Engines, run: ExitStack) -
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    USED_KERNELS.clear()  # summary.json names the kernels of this run only
     if cfg.fidelity is not None and cfg.fidelity not in IMPORTABLE:
         raise UsageError(
             f"--fidelity {cfg.fidelity} is not available for imported rollouts",

@@ -93,11 +93,13 @@ def batch_columns(
     vocab_width: int,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     experts_per_token: int | None = None,
+    kernels: set[str] | None = None,
 ) -> list[tuple[dict[str, np.ndarray], RoutingComparison | None]]:
     """Token columns (see TOKEN_COLUMNS) of a batch of rollouts and, for MoE models whose two sides
     both reported router logits, each rollout's routing comparison. p_rows is None unless fidelity
     is exact. Rows of all rollouts are processed together in chunks of about chunk_elements, so
-    short responses share one kernel call and memory stays bounded whatever T and V."""
+    short responses share one kernel call and memory stays bounded whatever T and V. The exact-tier
+    kernels that ran are added to ``kernels``."""
     lengths = [len(r.response_ids) for r in rollouts]
     total = sum(lengths)
     ids = torch.tensor([t for r in rollouts for t in r.response_ids], dtype=torch.long)
@@ -122,7 +124,7 @@ def batch_columns(
             p_norm = p_rows[pieces[0][0]].normalized
             lq = _gather_scores(q_rows, pieces)  # (n, V) training side, up to a constant per row
             lp = lq if same else _gather_scores(p_rows, pieces)  # (n, V) rollout side
-            d = logit_divergences(lp, lq, token_ids=y)
+            d = logit_divergences(lp, lq, token_ids=y, used=kernels)
             bad = torch.isnan(d["kl"]) | torch.isnan(d["lp_train"])  # NaN logits on a side
             for key in EXACT_KEYS:
                 flat[key][s:e] = torch.where(bad, math.nan, d[key])

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from trm_diag.kernels import OUTPUTS
+
 SOURCE = Path(__file__).with_name("rows_kernel.c")
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared")
 _LOADED: dict[str, Callable | None] = {}
@@ -74,11 +76,15 @@ def _build() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(path))  # libgomp is torch's, already loaded: one OpenMP thread pool
     lib.trm_rows.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p]
     lib.trm_rows.restype = None
+    lib.trm_output_names.restype = ctypes.c_char_p
+    names = tuple(lib.trm_output_names().decode().split(","))
+    if names != OUTPUTS:  # a programming error: the C kernel and kernels.OUTPUTS disagree
+        raise RuntimeError(f"rows_kernel.c writes {names}, kernels.OUTPUTS says {OUTPUTS}")
     return lib
 
 
 def native_rows() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None:
-    """The C kernel as fn(a, b, y) -> [7, n] float64 (the outputs of divergence._fused_rows) for CPU
+    """The C kernel as fn(a, b, y) -> [len(OUTPUTS), n] float64 (as kernels/eager.fused_rows) for CPU
     rows a, b [n, V] and token ids y [n]; None where it cannot be built (no compiler, not Linux)."""
     if "fn" not in _LOADED:
         try:
@@ -97,7 +103,7 @@ def _caller(lib: ctypes.CDLL) -> Callable[[torch.Tensor, torch.Tensor, torch.Ten
         n, v = a.shape
         if b.shape != a.shape or y.shape != (n,):
             raise ValueError(f"shape mismatch {tuple(a.shape)}, {tuple(b.shape)}, {tuple(y.shape)}")
-        out = torch.empty((7, n), dtype=torch.float64)
+        out = torch.empty((len(OUTPUTS), n), dtype=torch.float64)
         if n:
             if int(y.min()) < 0 or int(y.max()) >= v:  # the C code reads a[y] unchecked
                 raise IndexError(f"token ids must lie in [0, {v}), got [{int(y.min())}, {int(y.max())}]")

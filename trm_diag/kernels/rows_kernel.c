@@ -1,6 +1,6 @@
-/* trm-diag's exact-tier kernel in C, built by trm_diag/native.py with the system compiler.
+/* trm-diag's exact-tier kernel in C, built by trm_diag/kernels/native.py with the system compiler.
 
-   The same mathematics as divergence._fused_rows (read its docstring first): for each row, pass 1
+   The same mathematics as kernels/eager.py fused_rows (read its docstring first): for each row, pass 1
    takes m = max a; pass 2 computes w = exp(a - m) in float32 and E = expm1(dd) in float64 with
    dd = (b - a) - (b_y - a_y), keeping both in a per-thread row buffer, and sums z - 1, sum w E and
    sum w g; pass 3 sums the non-negative divergence terms with e = (E - S) / (1 + S) and
@@ -12,6 +12,10 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* The rows of `out`, in order: trm_diag/kernels/__init__.py OUTPUTS (native.py checks they agree). */
+static const char OUTPUT_NAMES[] = "kl,kl_rev,tv,ent_roll,ent_train,lp_roll,lp_train";
+const char *trm_output_names(void) { return OUTPUT_NAMES; }
 
 #define MAGIC 6755399441055744.0 /* 1.5 * 2^52: adding it rounds a double to an integer */
 
