@@ -30,10 +30,10 @@ def main() -> None:
     ap.add_argument("--naive-max", type=int, default=4096, help="longest response the naive path is run on")
     args = ap.parse_args()
     from trm_diag.backends import load_backend, parse_spec
-    from trm_diag.backends.base import Rollout
     from trm_diag.config import SamplingConfig
     from trm_diag.sampling import processed_logprobs
     from trm_diag.scoring import token_columns
+    from trm_diag.types import Rollout
 
     with tempfile.TemporaryDirectory() as tmp:
         path = wide_llama(Path(tmp) / "wide", max_positions=40_000)

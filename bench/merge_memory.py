@@ -50,7 +50,8 @@ def build_shard(out: Path, n: int, shard: int, shards: int) -> None:
 def naive_merge(shards: list[str], out: str) -> None:
     """The merged rows all in memory before assembling (the pre-streaming merge)."""
     from trm_diag import merge
-    from trm_diag.assemble import MemoryChunks, Scored
+    from trm_diag.assemble import MemoryChunks
+    from trm_diag.types import Scored
 
     real = merge.assemble
 

@@ -40,9 +40,9 @@ def interleaved(fns: dict[str, tuple[str, object]], repeats: int = 7) -> dict[st
 def run(model: Path, n_seqs: int, resp_len: int, label: str, modes: dict[str, str]) -> None:
     """One bare baseline per model, then trm-diag with each TRM_DIAG_KERNEL."""
     from trm_diag.backends import load_backend, parse_spec
-    from trm_diag.backends.base import Rollout, TensorRows
     from trm_diag.config import SamplingConfig
     from trm_diag.scoring import batch_columns
+    from trm_diag.types import Rollout, TensorRows
 
     hf = load_backend(parse_spec(f"hf:dtype=float32,model={model},batch_size=8"))
     s = SamplingConfig()

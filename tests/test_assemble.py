@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from trm_diag import report
-from trm_diag.assemble import MemoryChunks, Scored, assemble, report_parts
-from trm_diag.backends.base import Rollout, TensorRows
+from trm_diag.assemble import MemoryChunks, assemble, report_parts
 from trm_diag.config import SamplingConfig, Thresholds
 from trm_diag.partial import PartialStore
 from trm_diag.report import write_summary, write_tables
 from trm_diag.scoring import token_columns
+from trm_diag.types import Rollout, Scored, TensorRows
 
 V, LAYERS, EXPERTS = 40, 2, 4
 

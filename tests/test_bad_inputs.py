@@ -14,10 +14,10 @@ import pandas as pd
 import torch
 
 from tests.helpers import run_cli
-from trm_diag.assemble import Scored, assemble
-from trm_diag.backends.base import Rollout, TensorRows
+from trm_diag.assemble import assemble
 from trm_diag.config import SamplingConfig, Thresholds
 from trm_diag.scoring import token_columns
+from trm_diag.types import Rollout, Scored, TensorRows
 
 
 def test_remote_code_needs_the_flag(dense_model, tmp_path, capsys):

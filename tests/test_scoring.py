@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from trm_diag.backends.base import Rollout, TensorRows
 from trm_diag.schema import TOKEN_COLUMNS
 from trm_diag.scoring import batch_columns, token_columns
+from trm_diag.types import Rollout, TensorRows
 
 V = 60
 

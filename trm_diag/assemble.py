@@ -23,7 +23,6 @@ import numpy as np
 import pandas as pd
 
 from trm_diag import __version__
-from trm_diag.backends.base import Rollout
 from trm_diag.bounds import bounds_table
 from trm_diag.config import SamplingConfig, Thresholds, as_dict
 from trm_diag.errors import BackendFailure
@@ -34,20 +33,11 @@ from trm_diag.moe import RoutingComparison, routing_summary
 from trm_diag.schema import TOKEN_COLUMNS
 from trm_diag.sequences import sequence_stats
 from trm_diag.tiers import TIERS
+from trm_diag.types import Rollout, Scored
 
 WORST_K = 5
 ROUTE_COLUMNS = ("route_flips", "route_margin")
 CARRIED = ("reward", "advantage")  # per-rollout values carried through from imported rollouts
-
-
-@dataclass
-class Scored:
-    """What scoring produced: one dict of token columns per rollout, and MoE comparisons."""
-
-    rollouts: list[Rollout]
-    columns: list[dict[str, np.ndarray]]
-    routing: list[tuple[int, RoutingComparison]]
-    kernels: set[str] = field(default_factory=set)  # exact-tier kernels that scored these rows
 
 
 class ChunkSource(Protocol):

@@ -17,8 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trm_diag.assemble import Scored, assemble, report_parts
-from trm_diag.backends.base import Rollout
+from trm_diag.assemble import assemble, report_parts
 from trm_diag.config import DEFAULT_HORIZONS, SamplingConfig, Thresholds
 from trm_diag.errors import InputError, UsageError
 from trm_diag.moe import RoutingComparison
@@ -31,6 +30,7 @@ from trm_diag.report import (
     write_summary,
     write_tables,
 )
+from trm_diag.types import Rollout, Scored
 
 MUST_MATCH = ("fidelity", "sampling", "thresholds", "compared_distribution")
 CHUNK = 64  # merged rollouts per chunk, as compare's default --chunk-prompts

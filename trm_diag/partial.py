@@ -19,13 +19,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from trm_diag.assemble import Scored
-from trm_diag.backends.base import Rollout
 from trm_diag.errors import InputError, UsageError
 from trm_diag.heap import release_heap
 from trm_diag.moe import RoutingComparison
 from trm_diag.outputs import PARTIAL_DIR
 from trm_diag.report import atomic_write
+from trm_diag.types import Rollout, Scored
 
 MANIFEST = "manifest.json"
 

@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from trm_diag.assemble import Assembled, Scored, assemble, model_fingerprint, report_parts
-from trm_diag.backends.base import Rollout, TokenRows
+from trm_diag.assemble import Assembled, assemble, model_fingerprint, report_parts
+from trm_diag.backends import can_coexist
+from trm_diag.backends.base import Backend
 from trm_diag.checkpoint import check_checkpoint, eos_token_ids, max_positions, read_config, vocab_size
 from trm_diag.config import DEFAULT_HORIZONS, BackendSpec, SamplingConfig, Thresholds, as_dict
 from trm_diag.errors import InputError, ModelError, UsageError
@@ -28,6 +29,7 @@ from trm_diag.prompts import PromptIds, load_prompts
 from trm_diag.report import write_summary, write_tables
 from trm_diag.scoring import batch_columns
 from trm_diag.tiers import FIDELITIES, IMPORTABLE
+from trm_diag.types import Rollout, Scored, TokenRows
 
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample_data"
 DEFAULT_MODEL = SAMPLE_DIR / "tiny-llama"
@@ -123,14 +125,9 @@ def default_rollout_spec() -> str:
     return "vllm:dtype=bfloat16" if importlib.util.find_spec("vllm") is not None else "hf:dtype=bfloat16"
 
 
-def _can_coexist(a: BackendSpec, b: BackendSpec) -> bool:
-    """Two vLLM engines never run at once (each reserves its KV cache); they run one after the other."""
-    return not (a.name == "vllm" and b.name == "vllm")
-
-
 def score_rollouts(
     rollouts: list[Rollout],
-    train: Any,
+    train: Backend,
     rollout_rows: Callable[[int, list[tuple[list[int], list[int]]]], list[TokenRows] | None],
     sampling: SamplingConfig,
     fidelity: str,
@@ -140,9 +137,9 @@ def score_rollouts(
     """Score every rollout with the training backend in batches; rollout_rows(start, pairs)
     gives the rollout side's rows for the batch at ``start`` (exact tier only), or None when the
     rollout side is the training backend itself."""
-    moe = getattr(train, "moe", None)
+    moe = train.moe
     columns, routing, kernels = [], [], set()
-    batch_size = max(1, getattr(train, "batch_size", 8))
+    batch_size = train.batch_size
     for s in range(0, len(rollouts), batch_size):
         batch = rollouts[s : s + batch_size]
         pairs = [(r.prompt_ids, r.response_ids) for r in batch]
@@ -161,7 +158,7 @@ def score_rollouts(
     return Scored(rollouts, columns, routing, kernels)
 
 
-def _side(backend: Any) -> dict[str, Any]:
+def _side(backend: Backend) -> dict[str, Any]:
     return {
         "spec": backend.description,
         "model": backend.model_path,
@@ -186,7 +183,7 @@ class _Engines:
     def __init__(self) -> None:
         self.opened: list[Any] = []
 
-    def load(self, spec: BackendSpec, **kw: Any) -> Any:
+    def load(self, spec: BackendSpec, **kw: Any) -> Backend:
         from trm_diag.backends import load_backend
 
         backend = load_backend(spec, **kw)
@@ -248,7 +245,7 @@ def _compare(cfg: CompareConfig, rep: Reporter, engines: _Engines, run: ExitStac
         PartialStore.check_resumable(out_dir, fingerprint, len(chunks))
     kw = {"trust_remote_code": cfg.trust_remote_code, "allow_pickle": cfg.allow_pickle}
     same = train_spec.describe() == roll_spec.describe()
-    coexist = same or _can_coexist(roll_spec, train_spec)
+    coexist = same or can_coexist(roll_spec, train_spec)
 
     t = time.perf_counter()
     with rep.phase(f"loading {roll_spec.name} (rollout)", 1) as advance:
@@ -303,7 +300,7 @@ def _compare(cfg: CompareConfig, rep: Reporter, engines: _Engines, run: ExitStac
         from trm_diag.rollouts_io import write_rollouts
 
         write_rollouts(cfg.save_rollouts, (store.rollouts(i) for i in range(store.n_chunks)), sampling)
-    notes = [getattr(b, "routing_note", None) for b in (roll, train)]
+    notes = [b.routing_note for b in (roll, train)]
     header = {
         "rollout": _side(roll),
         "train": _side(train),
@@ -317,7 +314,7 @@ def _compare(cfg: CompareConfig, rep: Reporter, engines: _Engines, run: ExitStac
     }
     assembled = assemble(
         store, command="compare", fidelity=fidelity, sampling=sampling, thresholds=cfg.thresholds,
-        horizons=cfg.horizons, tokenizer=tokenizer, width=width, moe=getattr(train, "moe", None),
+        horizons=cfg.horizons, tokenizer=tokenizer, width=width, moe=train.moe,
         header=header, warn=rep.warn,
     )  # fmt: skip
     result = _write(out_dir, assembled, timings, t_start)
@@ -325,7 +322,9 @@ def _compare(cfg: CompareConfig, rep: Reporter, engines: _Engines, run: ExitStac
     return result
 
 
-def _encode_prompts(prompts: list, roll: Any, train_spec: BackendSpec, cfg: CompareConfig, rep: Reporter) -> PromptIds:
+def _encode_prompts(
+    prompts: list, roll: Backend, train_spec: BackendSpec, cfg: CompareConfig, rep: Reporter
+) -> PromptIds:
     """Every prompt's ids, inside the vocabulary and, with the response, inside the positions both models
     take (too long: refused, or cut to its last tokens with --truncate-prompts)."""
     limits = [x for x in (roll.max_model_len, max_positions(read_config(train_spec.model))) if x]
@@ -352,7 +351,7 @@ def _encode_prompts(prompts: list, roll: Any, train_spec: BackendSpec, cfg: Comp
 
 
 def _generate_all(
-    roll: Any,
+    roll: Backend,
     prompt_ids: PromptIds,
     indices: list[int],
     chunks: list[tuple[int, int]],
@@ -395,7 +394,7 @@ def _generate_all(
     return held
 
 
-def _check_pair(roll: Any, train: Any, same: bool) -> None:
+def _check_pair(roll: Backend, train: Backend, same: bool) -> None:
     """Both sides must share the vocabulary and the tokenizer."""
     if train.vocab_width != roll.vocab_width:
         raise ModelError(
@@ -480,11 +479,11 @@ def _score(cfg: ScoreConfig, rep: Reporter, engines: _Engines, run: ExitStack) -
                     "after_eos": {"rollouts": data.after_eos_rollouts, "tokens": data.after_eos_tokens,
                                   "stripped": cfg.strip_after_eos, "eos_ids": sorted(eos)}},
         "train": _side(train),
-        "routing_note": "imported rollouts carry no router logits" if getattr(train, "moe", None) else None,
+        "routing_note": "imported rollouts carry no router logits" if train.moe else None,
     }  # fmt: skip
     assembled = assemble(
         store, command="score", fidelity=fidelity, sampling=sampling, thresholds=cfg.thresholds,
-        horizons=cfg.horizons, tokenizer=train.tokenizer, width=train.vocab_width, moe=getattr(train, "moe", None),
+        horizons=cfg.horizons, tokenizer=train.tokenizer, width=train.vocab_width, moe=train.moe,
         header=header, warn=rep.warn,
     )  # fmt: skip
     result = _write(out_dir, assembled, timings, t_start)

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trm_diag.backends.base import Rollout
 from trm_diag.config import SamplingConfig
 from trm_diag.errors import InputError, UsageError
 from trm_diag.rows import iter_jsonl, iter_parquet
+from trm_diag.types import Rollout
 
 FIELDS = (
     "prompt_ids", "response_ids", "rollout_logprobs", "topk_logprobs", "topk_k", "prompt_idx", "sample_idx",

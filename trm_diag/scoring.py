@@ -15,7 +15,6 @@ import math
 import numpy as np
 import torch
 
-from trm_diag.backends.base import Rollout, TokenRows
 from trm_diag.divergence import (
     DEFAULT_CHUNK_ELEMENTS,
     EXACT_KEYS,
@@ -27,6 +26,7 @@ from trm_diag.divergence import (
 )
 from trm_diag.heap import release_heap
 from trm_diag.moe import RoutingComparison, compare_routing
+from trm_diag.types import Rollout, TokenRows
 
 TRIM_EVERY = 8  # chunks between heap trims: a 2,048-token response at V = 151,936 grew 2.3 GB without
 INTERVAL_KEYS = ("kl_lo", "kl_hi", "tv_lo", "tv_hi")
@@ -73,7 +73,7 @@ def _gather_scores(rows: list[TokenRows], pieces: list[tuple[int, int, int]]) ->
         j, a, b = pieces[0]
         return rows[j].scores(a, b)
     kinds = {type(rows[j]) for j, _, _ in pieces}
-    joint = getattr(next(iter(kinds)), "joint_scores", None) if len(kinds) == 1 else None
+    joint = rows[pieces[0][0]].joint_scores if len(kinds) == 1 else None
     if joint is not None:
         return joint([(rows[j], a, b) for j, a, b in pieces])
     parts = [rows[j].scores(a, b) for j, a, b in pieces]

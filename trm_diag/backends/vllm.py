@@ -26,22 +26,15 @@ from typing import Any
 
 import torch
 
-from trm_diag.backends.base import Progress, Rollout, TensorRows, no_progress, seed_for
+from trm_diag.backends import REGISTRY
+from trm_diag.backends.base import batches, first_line, run_seed, seed_for
 from trm_diag.checkpoint import spec_checkpoint
 from trm_diag.config import BackendSpec, SamplingConfig
 from trm_diag.errors import BackendFailure, ModelError
 from trm_diag.moe import moe_shape
 from trm_diag.sampling import processed_logprobs
+from trm_diag.types import Progress, Rollout, TensorRows, no_progress
 
-ENGINE_KEYS = {  # spec key -> LLM(...) argument
-    "tp": "tensor_parallel_size",
-    "tensor_parallel_size": "tensor_parallel_size",
-    "gpu_memory_utilization": "gpu_memory_utilization",
-    "max_model_len": "max_model_len",
-    "enforce_eager": "enforce_eager",
-    "kv_cache_dtype": "kv_cache_dtype",
-    "kv_cache_memory_bytes": "kv_cache_memory_bytes",
-}
 CPU_KV_CACHE_BYTES = 1 << 30
 
 
@@ -146,7 +139,7 @@ class VLLMBackend:
         }
         if not allow_pickle:
             args["load_format"] = "safetensors"
-        for key, target in ENGINE_KEYS.items():
+        for key, target in REGISTRY["vllm"].engine_args.items():
             if key in spec.options:
                 args[target] = _coerce(spec.options[key])
         for key, value in spec.options.items():
@@ -160,15 +153,13 @@ class VLLMBackend:
                 warnings.simplefilter("ignore", FutureWarning)  # vllm's triton shim on CPU builds
                 self.llm = LLM(**args)
         except (OSError, ValueError, TypeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelError(
-                f"vLLM could not load '{spec.model}': {first}", "check the model folder and the engine keys"
+                f"vLLM could not load '{spec.model}': {first_line(e)}", "check the model folder and the engine keys"
             ) from None
         self.tokenizer = self.llm.get_tokenizer()
         hf_cfg = self.llm.llm_engine.model_config.hf_text_config
         self.vocab_width = int(hf_cfg.vocab_size)
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
-        self.seed_override = spec.options.get("seed")
         self.description = spec.describe()
         self._capture = _RowCapture()
         self.moe = moe_shape(hf_cfg)
@@ -201,7 +192,7 @@ class VLLMBackend:
     ) -> list[Rollout]:
         from vllm.inputs import TokensPrompt
 
-        seed = int(self.seed_override) if self.seed_override is not None else sampling.seed
+        seed = run_seed(self.spec, sampling)
         idx = list(prompt_indices) if prompt_indices is not None else list(range(len(prompts)))
         out: list[Rollout] = []
         for s in range(0, len(prompts), self.batch_size):
@@ -232,10 +223,7 @@ class VLLMBackend:
 
     # ------------------------------------------------------------------ score
     def score(self, seqs: Sequence[tuple[list[int], list[int]]], sampling: SamplingConfig) -> list[TensorRows]:
-        rows: list[TensorRows] = []
-        for s in range(0, len(seqs), self.batch_size):
-            rows.extend(self._score_batch(seqs[s : s + self.batch_size], sampling))
-        return rows
+        return [row for batch in batches(seqs, self.batch_size) for row in self._score_batch(batch, sampling)]
 
     def _score_batch(self, seqs: Sequence[tuple[list[int], list[int]]], sampling: SamplingConfig) -> list[TensorRows]:
         from vllm import SamplingParams

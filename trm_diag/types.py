@@ -1,0 +1,86 @@
+"""The data every stage exchanges: rollouts, a backend's rows of log-probs, and scored chunks.
+
+Backends produce Rollout and TokenRows (backends/base.py holds the Backend contract), scoring
+turns them into token columns, and assemble / partial / merge pass Scored chunks along.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+import torch
+
+from trm_diag.moe import RoutingComparison
+
+Progress = Callable[[int], None]  # called with the number of items just finished
+
+
+def no_progress(_: int) -> None:
+    """Default progress hook: does nothing."""
+
+
+@dataclass
+class Rollout:
+    """One sampled response. lp_roll[t] = log p(y_t) at the decode step that produced y_t."""
+
+    seq_id: int
+    prompt_idx: int
+    sample_idx: int
+    prompt_ids: list[int]
+    response_ids: list[int]
+    lp_roll: list[float]
+    finish_reason: str  # "stop" (end-of-sequence token) or "length"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class TokenRows(Protocol):
+    """Processed next-token log-probs of one scored response, computed on demand."""
+
+    length: int
+    routing: torch.Tensor | None  # (moe layers, T, E) router logits at the response positions
+    normalized: bool  # scores() are the engine's own log-probs: sampled-token values are read, not recomputed
+    # scores of row ranges of several responses of this type in one call ([(rows, start, stop)] -> [n, V]),
+    # or None: lets the transformers backend apply its head once to joined hidden states
+    joint_scores: ClassVar[Callable[[list[tuple[Any, int, int]]], torch.Tensor] | None]
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Log-probs [stop - start, V] (float32) predicting response tokens start..stop-1."""
+        ...
+
+    def scores(self, start: int, stop: int) -> torch.Tensor:
+        """rows(start, stop) up to an additive constant per row: may skip the normalisation."""
+        ...
+
+
+@dataclass
+class TensorRows:
+    """TokenRows over an already materialised [T, V] tensor of log-probs."""
+
+    logp: torch.Tensor  # (T, V)
+    routing: torch.Tensor | None = None  # (moe layers, T, E) router logits, MoE models only
+    normalized: bool = True
+    joint_scores: ClassVar[None] = None
+
+    @property
+    def length(self) -> int:
+        return int(self.logp.shape[0])
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.logp[start:stop].float()
+
+    def scores(self, start: int, stop: int) -> torch.Tensor:
+        return self.rows(start, stop)
+
+
+@dataclass
+class Scored:
+    """What scoring produced: one dict of token columns per rollout, MoE comparisons, and the
+    exact-tier kernels that ran."""
+
+    rollouts: list[Rollout]
+    columns: list[dict[str, np.ndarray]]
+    routing: list[tuple[int, RoutingComparison]]
+    kernels: set[str] = field(default_factory=set)
