@@ -330,3 +330,31 @@ def to_github(results: list[RuleResult]) -> str:
     failed = sum(not r.passed for r in results)
     lines.append(f"::notice title=trm-diag gate::{len(results) - failed}/{len(results)} rules passed")
     return "\n".join(lines) + "\n"
+
+
+def collect_rules(rules: list[str], config: Path | None) -> list[str]:
+    """--rule options plus the config file's; pyproject.toml's table when neither is given."""
+    out = list(rules)
+    if config is not None:
+        if not config.is_file():
+            raise InputError(f"gate config '{config}' does not exist", "pass --config with a TOML file")
+        out += load_rules_toml(config)
+    elif not out and Path("pyproject.toml").is_file():
+        out += load_rules_toml(Path("pyproject.toml"))
+    if not out:
+        raise UsageError("no gate rules given", "pass --rule 'token.kl.p99 <= 1e-3' or --config rules.toml")
+    return out
+
+
+def comparability(a: dict, b: dict) -> list[str]:
+    """How two reports differ in what makes their numbers comparable: models, tokenizer, fidelity tier."""
+    out = []
+    for side in ("rollout", "train"):
+        fa, fb = (s.get(side, {}).get("model_fingerprint") for s in (a, b))
+        if fa and fb and fa != fb:
+            out.append(f"the {side} model")
+    if a.get("vocab") != b.get("vocab"):
+        out.append("the vocabulary / tokenizer")
+    if a.get("fidelity") != b.get("fidelity"):
+        out.append(f"the fidelity tier ({a.get('fidelity')} vs {b.get('fidelity')})")
+    return out

@@ -227,7 +227,9 @@ class ShardChunks:
         return np.concatenate(parts)[gather]
 
 
-def run_merge(reports: list[str], out: str, overwrite: bool = False, warn: Any = print) -> tuple[Path, dict[str, Any]]:
+def run_merge(
+    reports: list[str], out: str, overwrite: bool = False, warn: Any = lambda message: None
+) -> tuple[Path, dict[str, Any]]:
     """Merge shard reports into ``out``; returns the folder and its summary."""
     if len(reports) < 2:
         raise UsageError("merge needs at least two reports", "pass every shard's report folder")

@@ -9,25 +9,20 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from trm_diag.errors import ExitCode, InputError, UsageError
-from trm_diag.gate import ReportMetrics, evaluate, load_rules_toml, parse_rule, to_github, to_json, to_junit
+from trm_diag.errors import ExitCode, UsageError
+from trm_diag.gate import (
+    ReportMetrics,
+    collect_rules,
+    comparability,
+    evaluate,
+    parse_rule,
+    to_github,
+    to_json,
+    to_junit,
+)
 from trm_diag.outputs import check_output_file
 
 FORMATS = ("table", "json", "junit", "github")
-
-
-def collect_rules(rules: list[str], config: Path | None) -> list[str]:
-    """--rule options plus the config file's; pyproject.toml's table when neither is given."""
-    out = list(rules)
-    if config is not None:
-        if not config.is_file():
-            raise InputError(f"gate config '{config}' does not exist", "pass --config with a TOML file")
-        out += load_rules_toml(config)
-    elif not out and Path("pyproject.toml").is_file():
-        out += load_rules_toml(Path("pyproject.toml"))
-    if not out:
-        raise UsageError("no gate rules given", "pass --rule 'token.kl.p99 <= 1e-3' or --config rules.toml")
-    return out
 
 
 def run_gate(
@@ -43,7 +38,7 @@ def run_gate(
     strict: bool = False,
     warn: Callable[[str], None] = print,
 ) -> int:
-    from trm_diag.summary import fmt as fmt_num
+    from trm_diag.cli.render import fmt as fmt_num
 
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt} is unknown", f"use one of: {', '.join(FORMATS)}")
@@ -104,17 +99,3 @@ def run_gate(
         content = text["json"]() + "\n" if fmt == "table" else text[fmt]()
         atomic_write(Path(output), lambda tmp: Path(tmp).write_text(content))
     return int(ExitCode.OK if all(r.passed for r in results) else ExitCode.GATE_FAILED)
-
-
-def comparability(a: dict, b: dict) -> list[str]:
-    """How two reports differ in what makes their numbers comparable: models, tokenizer, fidelity tier."""
-    out = []
-    for side in ("rollout", "train"):
-        fa, fb = (s.get(side, {}).get("model_fingerprint") for s in (a, b))
-        if fa and fb and fa != fb:
-            out.append(f"the {side} model")
-    if a.get("vocab") != b.get("vocab"):
-        out.append("the vocabulary / tokenizer")
-    if a.get("fidelity") != b.get("fidelity"):
-        out.append(f"the fidelity tier ({a.get('fidelity')} vs {b.get('fidelity')})")
-    return out

@@ -121,7 +121,7 @@ def _render(summary: dict, out_dir, json_out: bool) -> None:
 
         print(to_json(summary))
         return
-    from trm_diag.summary import render_compare
+    from trm_diag.cli.render import render_compare
 
     render_compare(err_console, summary)
     err_console.print(f"report written to [bold]{escape(str(out_dir))}/[/bold]")
@@ -348,7 +348,7 @@ def bounds(
 
     Example (the paper's table): trm-diag bounds --delta 1e-4 --eps 5e-3 --kl-seq 0.01 --tv-seq 0.05 --horizons 4096
     """
-    from trm_diag.bounds_command import run_bounds
+    from trm_diag.cli.bounds import run_bounds
 
     run_bounds(
         delta=delta, eps=eps, kl_seq=kl_seq, tv_seq=tv_seq, kl_rate=kl_rate, report=report,
@@ -397,7 +397,7 @@ def gate(
     """
     from pathlib import Path
 
-    from trm_diag.gate_command import run_gate
+    from trm_diag.cli.gate import run_gate
 
     code = run_gate(
         report=report, rules=rule or [], config=Path(config) if config else None,
