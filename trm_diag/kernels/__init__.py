@@ -11,4 +11,4 @@ implementation (docs/extending.md).
 """
 
 OUTPUTS = ("kl", "kl_rev", "tv", "ent_roll", "ent_train", "lp_roll", "lp_train")
-DIVERGENCES = OUTPUTS[:5]  # the per-row divergences and entropies (lp_* are the sampled token's log-probs)
+DIVERGENCES = tuple(o for o in OUTPUTS if not o.startswith("lp_"))  # per-row divergences and entropies
