@@ -22,10 +22,10 @@ from trm_diag.backends import can_coexist
 from trm_diag.backends.base import Backend
 from trm_diag.checkpoint import check_checkpoint, eos_token_ids, max_positions, read_config, vocab_size
 from trm_diag.config import DEFAULT_HORIZONS, BackendSpec, SamplingConfig, Thresholds, as_dict
-from trm_diag.errors import InputError, ModelError, UsageError
+from trm_diag.errors import BackendFailure, InputError, ModelError, UsageError
 from trm_diag.outputs import check_out_dir, check_output_file, claim_out_dir
 from trm_diag.partial import PartialStore, run_fingerprint
-from trm_diag.prompts import PromptIds, load_prompts
+from trm_diag.prompts import Prompt, PromptIds, load_prompts
 from trm_diag.report import write_summary, write_tables
 from trm_diag.scoring import batch_columns
 from trm_diag.tiers import FIDELITIES, IMPORTABLE
@@ -125,30 +125,32 @@ def default_rollout_spec() -> str:
     return "vllm:dtype=bfloat16" if importlib.util.find_spec("vllm") is not None else "hf:dtype=bfloat16"
 
 
+RolloutRows = Callable[[int, list[tuple[list[int], list[int]]]], list[TokenRows]]
+
+
 def score_rollouts(
     rollouts: list[Rollout],
     train: Backend,
-    rollout_rows: Callable[[int, list[tuple[list[int], list[int]]]], list[TokenRows] | None],
+    rollout_rows: RolloutRows | None,
     sampling: SamplingConfig,
     fidelity: str,
     width: int,
     advance: Callable[[int], None],
 ) -> Scored:
-    """Score every rollout with the training backend in batches; rollout_rows(start, pairs)
-    gives the rollout side's rows for the batch at ``start`` (exact tier only), or None when the
-    rollout side is the training backend itself."""
+    """Score every rollout with the training backend in batches. In the exact tier,
+    rollout_rows(start, pairs) gives the rollout side's rows of the batch at ``start``; None means
+    the rollout side is the training backend itself (its rows serve both sides)."""
     moe = train.moe
     columns, routing, kernels = [], [], set()
-    batch_size = train.batch_size
-    for s in range(0, len(rollouts), batch_size):
-        batch = rollouts[s : s + batch_size]
+    for s in range(0, len(rollouts), train.batch_size):
+        batch = rollouts[s : s + train.batch_size]
         pairs = [(r.prompt_ids, r.response_ids) for r in batch]
-        q_rows = train.score(pairs, sampling)
-        p_rows = None  # the rollout side's rows: exact tier only; None from rollout_rows: it is the training side
+        q_rows = list(train.score(pairs, sampling))
+        p_rows = None  # the rollout side's full rows: exact tier only
         if fidelity == "exact":
-            p_rows = list(rollout_rows(s, pairs) or q_rows)
+            p_rows = q_rows if rollout_rows is None else list(rollout_rows(s, pairs))
         done = batch_columns(
-            batch, p_rows, list(q_rows), fidelity, width, experts_per_token=moe[1] if moe else None, kernels=kernels
+            batch, p_rows, q_rows, fidelity, width, experts_per_token=moe[1] if moe else None, kernels=kernels
         )
         for r, (cols, comp) in zip(batch, done):
             columns.append(cols)
@@ -204,14 +206,8 @@ def run_compare(cfg: CompareConfig, reporter: Reporter | None = None) -> Compare
         return _compare(cfg, reporter or Reporter(), engines, run)
 
 
-def _compare(cfg: CompareConfig, rep: Reporter, engines: _Engines, run: ExitStack) -> CompareResult:
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-    fidelity, sampling = cfg.fidelity, cfg.sampling
-    if fidelity not in FIDELITIES:
-        raise UsageError(f"--fidelity {fidelity} is unknown", f"use one of: {', '.join(FIDELITIES)}")
-    if fidelity == "topk" and sampling.topk == 0:
-        raise UsageError("--fidelity topk needs top-K log-probs", "pass --topk K with K >= 1")
+def _select_prompts(cfg: CompareConfig) -> tuple[list[Prompt], list[int]]:
+    """The prompts of this run and their global indices (--num-prompts, then --shard I/N)."""
     prompts = load_prompts(cfg.prompts)
     if cfg.num_prompts is not None:
         prompts = prompts[: cfg.num_prompts]
@@ -222,9 +218,15 @@ def _compare(cfg: CompareConfig, rep: Reporter, engines: _Engines, run: ExitStac
         prompts = [prompts[i] for i in indices]
         if not prompts:
             raise UsageError(f"shard {shard_i}/{shard_n} holds no prompts", "use fewer shards than prompts")
-    roll_spec = cfg.rollout.with_model(cfg.model)
-    train_spec = cfg.train.with_model(cfg.model)
-    # every input and output is checked before an engine loads or the output folder is touched
+    return prompts, indices
+
+
+def _check_compare_inputs(cfg: CompareConfig, roll_spec: BackendSpec, train_spec: BackendSpec) -> Path:
+    """Every check that needs no engine: options, checkpoints, output paths; returns the --out folder."""
+    if cfg.fidelity not in FIDELITIES:
+        raise UsageError(f"--fidelity {cfg.fidelity} is unknown", f"use one of: {', '.join(FIDELITIES)}")
+    if cfg.fidelity == "topk" and cfg.sampling.topk == 0:
+        raise UsageError("--fidelity topk needs top-K log-probs", "pass --topk K with K >= 1")
     for spec in (roll_spec, train_spec):
         check_checkpoint(spec.model, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
     check_vocab_compatible(roll_spec, train_spec)
@@ -233,10 +235,19 @@ def _compare(cfg: CompareConfig, rep: Reporter, engines: _Engines, run: ExitStac
 
         check_rollouts_path(cfg.save_rollouts)
         check_output_file(cfg.save_rollouts, "--save-rollouts", inputs=[cfg.prompts])
-    out_dir = check_out_dir(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume, inputs=[cfg.prompts])
+    return check_out_dir(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume, inputs=[cfg.prompts])
+
+
+def _compare(cfg: CompareConfig, rep: Reporter, engines: _Engines, run: ExitStack) -> CompareResult:
+    t_start = time.perf_counter()
+    timings: dict[str, float] = dict.fromkeys(("generate_s", "rollout_rows_s", "score_s"), 0.0)
+    fidelity, sampling = cfg.fidelity, cfg.sampling
+    roll_spec, train_spec = cfg.rollout.with_model(cfg.model), cfg.train.with_model(cfg.model)
+    prompts, indices = _select_prompts(cfg)
+    # every input and output is checked before an engine loads or the output folder is touched
+    out_dir = _check_compare_inputs(cfg, roll_spec, train_spec)
     # Chunks of prompts: each finished chunk is checkpointed, so Ctrl-C loses at most one chunk.
-    n = len(prompts)
-    step = max(1, cfg.chunk_prompts)
+    n, step = len(prompts), max(1, cfg.chunk_prompts)
     chunks = [(a, min(n, a + step)) for a in range(0, n, step)]
     settings = {k: v for k, v in as_dict(cfg).items() if k not in ("out", "overwrite", "resume", "save_rollouts")}
     settings["specs"] = [roll_spec.describe(), train_spec.describe()]
@@ -252,23 +263,19 @@ def _compare(cfg: CompareConfig, rep: Reporter, engines: _Engines, run: ExitStac
         roll = engines.load(roll_spec, **kw)
         advance(1)
     timings["load_rollout_s"] = time.perf_counter() - t
-    tokenizer, width = roll.tokenizer, roll.vocab_width
     prompt_ids = _encode_prompts(prompts, roll, train_spec, cfg, rep)  # every prompt checked before any generation
-
     train = roll if same else (engines.load(train_spec, **kw) if coexist else None)
     if train is not None:
         _check_pair(roll, train, same)
     run.enter_context(claim_out_dir(out_dir, overwrite=cfg.overwrite, warn=rep.warn))  # the first write
     store = PartialStore(out_dir, fingerprint, len(chunks), cfg.resume, cfg.overwrite)
     resumed = len(store.done)
-    for key in ("generate_s", "rollout_rows_s", "score_s"):
-        timings[key] = 0.0
     total = n * sampling.samples_per_prompt
-    held: dict[int, list[TokenRows]] = {}  # exact tier, engines that swap: rollout rows by chunk
     with rep.phase(f"generating ({roll.description}) and scoring ({cfg.train.name}, {fidelity})", 2 * total) as advance:
-        if train is None:  # two vLLM engines, one after the other: every chunk generated, then scored
+        held: dict[int, list[TokenRows]] = {}  # exact tier, engines that swap: rollout rows by chunk
+        if train is None:  # two exclusive engines, one after the other: every chunk generated, then scored
             held = _generate_all(
-                roll, prompt_ids, indices, chunks, store, sampling, fidelity, width, cfg, advance, timings
+                roll, prompt_ids, indices, chunks, store, sampling, fidelity, roll.vocab_width, cfg, advance, timings
             )
             roll.close()
             t = time.perf_counter()
@@ -279,23 +286,19 @@ def _compare(cfg: CompareConfig, rep: Reporter, engines: _Engines, run: ExitStac
             if ci in store.done:
                 advance(2 * (b - a) * sampling.samples_per_prompt)
                 continue
+            rollout_rows: RolloutRows | None = None  # the same backend on both sides
             if coexist:
                 t = time.perf_counter()
                 rollouts = roll.generate(prompt_ids[a:b], sampling, advance, prompt_indices=indices[a:b])
                 timings["generate_s"] += time.perf_counter() - t
-                rows: list[TokenRows] | None = None
+                if not same:
+                    rollout_rows = lambda s, pairs: roll.score(pairs, sampling)  # noqa: E731
             else:
-                rollouts, rows = store.generated_rollouts(ci), held.pop(ci, None)
-
-            def rollout_rows(start: int, pairs: list, rows=rows) -> list[TokenRows] | None:
-                if rows is not None:
-                    return rows[start : start + len(pairs)]
-                return None if same or not coexist else roll.score(pairs, sampling)
-
+                rollouts = store.generated_rollouts(ci)
+                rollout_rows = _held_rows(held.pop(ci, None), fidelity)
             t = time.perf_counter()
-            scored = score_rollouts(rollouts, train, rollout_rows, sampling, fidelity, width, advance)
+            store.save(ci, score_rollouts(rollouts, train, rollout_rows, sampling, fidelity, roll.vocab_width, advance))
             timings["score_s"] += time.perf_counter() - t
-            store.save(ci, scored)
     if cfg.save_rollouts:
         from trm_diag.rollouts_io import write_rollouts
 
@@ -314,12 +317,21 @@ def _compare(cfg: CompareConfig, rep: Reporter, engines: _Engines, run: ExitStac
     }
     assembled = assemble(
         store, command="compare", fidelity=fidelity, sampling=sampling, thresholds=cfg.thresholds,
-        horizons=cfg.horizons, tokenizer=tokenizer, width=width, moe=train.moe,
+        horizons=cfg.horizons, tokenizer=roll.tokenizer, width=roll.vocab_width, moe=train.moe,
         header=header, warn=rep.warn,
     )  # fmt: skip
     result = _write(out_dir, assembled, timings, t_start)
     store.clear()
     return result
+
+
+def _held_rows(rows: list[TokenRows] | None, fidelity: str) -> RolloutRows | None:
+    """The rollout side's rows of a chunk, held across an engine swap (exact tier only)."""
+    if rows is None:
+        if fidelity == "exact":  # never scored against the training side's own rows instead
+            raise BackendFailure("the rollout rows of a chunk were lost across the engine swap", "run again")
+        return None
+    return lambda s, pairs: rows[s : s + len(pairs)]
 
 
 def _encode_prompts(
@@ -467,11 +479,10 @@ def _score(cfg: ScoreConfig, rep: Reporter, engines: _Engines, run: ExitStack) -
     n = data.count
     run.enter_context(claim_out_dir(out_dir, overwrite=cfg.overwrite, warn=rep.warn))  # every input passed
     store = PartialStore(out_dir, "score", -(-n // SCORE_CHUNK), resume=False, overwrite=True)
-    no_rows = lambda s, p: [None] * len(p)  # noqa: E731 - the rollout side has no rows to give
     with rep.phase(f"scoring ({train.description}, {fidelity})", n) as advance:
         chunks = iter_rollout_chunks(cfg.rollouts, cfg.mapping, train.tokenizer, train.vocab_width, SCORE_CHUNK, **read)
         for ci, rollouts in enumerate(chunks):
-            store.save(ci, score_rollouts(rollouts, train, no_rows, sampling, fidelity, train.vocab_width, advance))
+            store.save(ci, score_rollouts(rollouts, train, None, sampling, fidelity, train.vocab_width, advance))
     timings["score_s"] = time.perf_counter() - t
     header = {
         "rollout": {"source": str(cfg.rollouts), "mapping": cfg.mapping, "retokenized_fields": data.retokenized,
