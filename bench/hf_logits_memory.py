@@ -32,7 +32,7 @@ def main() -> None:
     from trm_diag.backends import load_backend, parse_spec
     from trm_diag.config import SamplingConfig
     from trm_diag.sampling import processed_logprobs
-    from trm_diag.scoring import token_columns
+    from trm_diag.scoring import batch_columns
     from trm_diag.types import Rollout
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -48,7 +48,7 @@ def main() -> None:
 
             def ours(prompt=prompt, resp=resp, r=r):
                 rows = hf.score([(prompt, resp)], s)[0]
-                token_columns(r, rows, rows, "exact", hf.vocab_width)
+                batch_columns([r], [rows], [rows], "exact", hf.vocab_width)[0]
 
             _, dt, mb = measure(ours)
             print(f"{T:>7} {'lazy head + fused divergences':<34}{dt:>9.1f}{mb:>15.0f}")

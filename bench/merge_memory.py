@@ -1,4 +1,4 @@
-"""`trm-diag merge`: peak memory versus the number of rollouts (issue 7, targets 4 and 5).
+"""`trm-diag merge`: peak memory versus the number of rollouts.
 
     .venv/bin/python bench/merge_memory.py [--sizes 5000,10000,20000,40000] [--shards 2]
 

@@ -1,4 +1,4 @@
-"""Scale-out: `--shard I/N` runs and `trm-diag merge` against one run (issue 7, target 5).
+"""Scale-out: `--shard I/N` runs and `trm-diag merge` against one run.
 
     .venv/bin/python bench/shards.py [--shards 2] [--prompts 48]
 

@@ -1,4 +1,4 @@
-"""Streaming reports: peak memory versus the number of rollouts (issue 7, target 4).
+"""Streaming reports: peak memory versus the number of rollouts.
 
     .venv/bin/python bench/streaming_reports.py [--sizes 2500,5000,10000,20000] [--e2e 2500,5000,10000,20000]
         [--e2e-rollout SPEC] [--e2e-train SPEC] [--e2e-extra "--fidelity topk --topk 8"]

@@ -20,3 +20,13 @@ def main_exit(argv: list[str]) -> int:
     with pytest.raises(SystemExit) as e:
         main(argv)
     return int(e.value.code or 0)
+
+
+def token_columns(r, p_rows, q_rows, fidelity, vocab_width, chunk_elements=None, experts_per_token=None):
+    """scoring.batch_columns of one rollout."""
+    from trm_diag.divergence import DEFAULT_CHUNK_ELEMENTS
+    from trm_diag.scoring import batch_columns
+
+    p = None if p_rows is None else [p_rows]
+    chunk = chunk_elements or DEFAULT_CHUNK_ELEMENTS
+    return batch_columns([r], p, [q_rows], fidelity, vocab_width, chunk, experts_per_token)[0]

@@ -1,5 +1,5 @@
 """Streaming assembly: a report built chunk by chunk from a checkpoint store equals the one built
-from every rollout in memory, table for table and number for number (issue 7, target 4)."""
+from every rollout in memory, table for table and number for number."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from tests.helpers import token_columns
 from trm_diag import report
 from trm_diag.assemble import MemoryChunks, assemble, report_parts
 from trm_diag.config import SamplingConfig, Thresholds
 from trm_diag.partial import PartialStore
 from trm_diag.report import write_summary, write_tables
-from trm_diag.scoring import token_columns
 from trm_diag.types import Rollout, Scored, TensorRows
 
 V, LAYERS, EXPERTS = 40, 2, 4

@@ -13,10 +13,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tests.helpers import run_cli
+from tests.helpers import run_cli, token_columns
 from trm_diag.assemble import assemble
 from trm_diag.config import SamplingConfig, Thresholds
-from trm_diag.scoring import token_columns
 from trm_diag.types import Rollout, Scored, TensorRows
 
 

@@ -56,14 +56,14 @@ def test_score_streams_the_file_in_chunks(saved, dense_model, tmp_path, fmt, mon
     from transformers import AutoTokenizer
 
     import trm_diag.pipeline
-    from trm_diag.rollouts_io import iter_rollout_chunks, read_rollouts
+    from trm_diag.rollouts_io import iter_rollout_chunks, scan_rollouts
 
     src = saved / "r.jsonl"
     if fmt == "parquet":
         src = tmp_path / "r.parquet"
         pd.DataFrame([json.loads(x) for x in (saved / "r.jsonl").read_text().splitlines()]).to_parquet(src)
     tok = AutoTokenizer.from_pretrained(dense_model)
-    whole = read_rollouts(src, {}, tok, 2048)
+    whole = scan_rollouts(src, {}, tok, 2048, keep=True)
     chunks = list(iter_rollout_chunks(src, {}, tok, 2048, 3))
     assert [len(c) for c in chunks] == [3, 3, 3, 1] and whole.count == 10
     assert [vars(r) for c in chunks for r in c] == [vars(r) for r in whole.rollouts]

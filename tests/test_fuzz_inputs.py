@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from trm_diag.errors import TrmDiagError
 from trm_diag.prompts import load_prompts
-from trm_diag.rollouts_io import read_rollouts
+from trm_diag.rollouts_io import scan_rollouts
 
 json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-5, 3000), st.floats(allow_nan=True), st.text(max_size=8))
 json_value = st.recursive(
@@ -83,7 +83,7 @@ def test_prompt_files_load_or_fail_cleanly(rows, extra):
 def test_rollout_files_load_or_fail_cleanly(rows, extra):
     f = _write(rows, extra)
     try:
-        data = read_rollouts(f, {}, _Tok(), vocab_width=2048)
+        data = scan_rollouts(f, {}, _Tok(), vocab_width=2048, keep=True)
     except TrmDiagError as e:
         assert "\n" not in e.one_line()
         return

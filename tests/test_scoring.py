@@ -1,5 +1,5 @@
 """Token columns: a batch of rollouts scored together, in chunks that span rollouts, gives the same
-columns as each rollout scored alone in one chunk (issue 7: chunked and unchunked paths agree)."""
+columns as each rollout scored alone in one chunk (chunked and unchunked paths agree)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import token_columns
 from trm_diag.schema import TOKEN_COLUMNS
-from trm_diag.scoring import batch_columns, token_columns
+from trm_diag.scoring import batch_columns
 from trm_diag.types import Rollout, TensorRows
 
 V = 60

@@ -1,7 +1,7 @@
 """Assemble a report from scored rollouts: tables, metrics, bounds, masking, routing, summary.
 
 Shared by `compare`, `score` and `merge`. Pure data work over a :class:`ChunkSource`, in two
-passes so memory does not grow with the number of rollouts (issue 7, target 4):
+passes so memory does not grow with the number of rollouts:
 :func:`assemble` computes per-sequence statistics chunk by chunk and reads single token
 columns back for quantiles, bounds and masks; :func:`report_parts` then yields the
 tables' rows chunk by chunk for the streaming writer in report.py.
@@ -254,6 +254,44 @@ def _chunk_sequences(sc: Scored, th: Thresholds, fidelity: str) -> dict[str, Any
     return seqs
 
 
+def _hygiene(tokens: TokenColumns, warn: Any) -> tuple[int, int]:
+    """Counts of tokens with NaN logits and of sampled tokens with probability 0, each named in a warning."""
+    n_bad = int(tokens["nonfinite"].sum())
+    if n_bad:
+        warn(f"{n_bad} token(s) had NaN logits on a side; they are excluded from statistics (column 'nonfinite')")
+        if n_bad == len(tokens):
+            raise BackendFailure("every scored token had NaN logits", "try dtype=float32 on the failing side")
+    n_zero = int(tokens["zero_prob"].sum())
+    if n_zero:
+        warn(
+            f"{n_zero} sampled token(s) have probability 0 under one side (column 'zero_prob'): their log ratio "
+            "and KL are infinite, so the KL-based bounds are infinite (TV-based ones still hold); check that both "
+            "sides use the same top-k/top-p"
+        )
+    return n_bad, n_zero
+
+
+def _sequence_pass(
+    source: ChunkSource, th: Thresholds, fidelity: str, has_routing: bool
+) -> tuple[pd.DataFrame, list[dict], _RoutingTally]:
+    """Pass 1, one chunk in memory at a time: one row of statistics per rollout, the worst-sequence
+    candidates and the routing tally."""
+    worst_key = TIERS[fidelity].trm_max
+    parts: dict[str, list] = {}
+    candidates, tally = [], _RoutingTally()
+    for i in range(source.n_chunks):
+        sc = source.chunk(i)
+        seqs_i = _chunk_sequences(sc, th, fidelity)
+        for key, values in seqs_i.items():
+            parts.setdefault(key, []).append(values)
+        candidates += _worst_candidates(seqs_i, sc.rollouts, worst_key)
+        if has_routing:
+            tally.add(sc, seqs_i)
+        if i % 16 == 15:
+            release_heap()
+    return pd.DataFrame({k: np.concatenate(v) for k, v in parts.items()}), candidates, tally
+
+
 def assemble(
     source: ChunkSource | Scored,
     *,
@@ -275,33 +313,9 @@ def assemble(
     th = thresholds
     has_routing = set(ROUTE_COLUMNS) <= set(source.column_names())
     tokens = TokenColumns(source, TOKEN_COLUMNS + (ROUTE_COLUMNS if has_routing else ()))
-    n_bad = int(tokens["nonfinite"].sum())
-    if n_bad:
-        warn(f"{n_bad} token(s) had NaN logits on a side; they are excluded from statistics (column 'nonfinite')")
-        if n_bad == len(tokens):
-            raise BackendFailure("every scored token had NaN logits", "try dtype=float32 on the failing side")
-    n_zero = int(tokens["zero_prob"].sum())
-    if n_zero:
-        warn(
-            f"{n_zero} sampled token(s) have probability 0 under one side (column 'zero_prob'): their log ratio "
-            "and KL are infinite, so the KL-based bounds are infinite (TV-based ones still hold); check that both "
-            "sides use the same top-k/top-p"
-        )
+    n_bad, n_zero = _hygiene(tokens, warn)
     worst_key = TIERS[fidelity].trm_max
-    parts: dict[str, list] = {}
-    candidates, tally = [], _RoutingTally()
-    for i in range(source.n_chunks):  # pass 1: statistics, one chunk in memory at a time
-        sc = source.chunk(i)
-        seqs_i = _chunk_sequences(sc, th, fidelity)
-        for key, values in seqs_i.items():
-            parts.setdefault(key, []).append(values)
-        candidates += _worst_candidates(seqs_i, sc.rollouts, worst_key)
-        if has_routing:
-            tally.add(sc, seqs_i)
-        if i % 16 == 15:
-            release_heap()
-    seqs = pd.DataFrame({k: np.concatenate(v) for k, v in parts.items()})
-    del parts
+    seqs, candidates, tally = _sequence_pass(source, th, fidelity, has_routing)
     carried = tuple(k for k in CARRIED if seqs[k].notna().any())
     seqs = seqs.drop(columns=[k for k in CARRIED if k not in carried])
     lengths = seqs["length"].to_numpy()
@@ -311,6 +325,7 @@ def assemble(
     t_obs = int(lengths.max()) if len(lengths) and lengths.max() > 0 else 1
     bounds = pd.DataFrame(bounds_table(sorted({t_obs, *horizons}), inp))
     at_obs = bounds[bounds["T"] == t_obs].set_index("bound")["value"].to_dict()
+    header = dict(header)  # the caller's dict stays as it was
     note = header.pop("routing_note", None)
     routing_info = None
     if moe and has_routing:

@@ -117,32 +117,13 @@ def check_weight_names(path: Path, cfg: dict, names: set[str]) -> None:
                 f"'layers.{i}.{lost[0]}'", "re-download or re-export the checkpoint",
             )  # fmt: skip
     outside = {n for n in names if not LAYER_KEY.match(n)}
-    expected = _expected_outside_layers(cfg)
+    from trm_diag.checkpoint_types import parameters_outside_layers
+
+    expected = parameters_outside_layers(cfg, LAYER_KEY)
     if expected is not None:
         lost = sorted(expected - outside)
         if lost:
             raise ModelError(f"'{path}' lacks the tensor(s) {', '.join(lost[:4])}", "re-download the checkpoint")
-
-
-def _expected_outside_layers(cfg: dict) -> set[str] | None:
-    """Names of the parameters outside the decoder layers of the model the config builds (tied output
-    embeddings left out), from a weightless model on the meta device; None when it cannot be built."""
-    try:
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        config = AutoConfig.for_model(**cfg)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-    except Exception:  # an architecture transformers cannot build from config alone: layers checked only
-        return None
-    tied = set()
-    text = config.get_text_config()
-    if getattr(text, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False):
-        head = model.get_output_embeddings()
-        tied = {n for n, p in model.named_parameters(remove_duplicate=False) if head is not None and p is head.weight}
-    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    return {n for n in params - tied if not LAYER_KEY.match(n)}
 
 
 def _check_index(p: Path) -> None:

@@ -251,9 +251,9 @@ def run_merge(
                     "merge shards of one command only",
                 )
     source = ShardChunks(shards)
-    from transformers import AutoTokenizer
+    from trm_diag.backends import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(first["train"]["model"])
+    tokenizer = load_tokenizer(first["train"]["model"])
     routing_info = first.get("routing") or {}
     moe = (routing_info["num_experts"], routing_info["experts_per_token"]) if "num_experts" in routing_info else None
     header = {

@@ -193,11 +193,6 @@ def scan_rollouts(
     return result
 
 
-def read_rollouts(path: str | Path, mapping: dict[str, str], tokenizer: Any, vocab_width: int) -> RolloutFile:
-    """Read and validate a rollout file, rollouts kept; every problem names the file and row and the fix."""
-    return scan_rollouts(path, mapping, tokenizer, vocab_width, keep=True)
-
-
 def iter_rollout_chunks(
     path: str | Path,
     mapping: dict[str, str],

@@ -1,4 +1,4 @@
-"""Token columns of one rollout from the two sides' rows, per fidelity tier (issue: three tiers).
+"""Token columns of rollouts from the two sides' rows, per fidelity tier (tiers.py).
 
 - sampled: only the sampled token's two log-probs (k1/k2/k3, binary TV/KL);
 - topk:    plus certified [lo, hi] intervals of kl and tv from the rollout's top-K;
@@ -170,17 +170,3 @@ def batch_columns(
         out.append((one, routing))
         offset += T
     return out
-
-
-def token_columns(
-    r: Rollout,
-    p_rows: TokenRows | None,
-    q_rows: TokenRows,
-    fidelity: str,
-    vocab_width: int,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-    experts_per_token: int | None = None,
-) -> tuple[dict[str, np.ndarray], RoutingComparison | None]:
-    """batch_columns of one rollout."""
-    p = None if p_rows is None else [p_rows]
-    return batch_columns([r], p, [q_rows], fidelity, vocab_width, chunk_elements, experts_per_token)[0]

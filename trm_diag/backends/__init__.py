@@ -84,3 +84,10 @@ def load_backend(spec: BackendSpec, *, trust_remote_code: bool = False, allow_pi
     module_name, _, cls_name = entry.target.partition(":")
     cls = getattr(importlib.import_module(module_name), cls_name)
     return cls(spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """A checkpoint's tokenizer alone (no weights), for readers that only decode tokens (merge)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

@@ -95,9 +95,7 @@ class HFBackend:
 
     def __init__(self, spec: BackendSpec, *, trust_remote_code: bool = False, allow_pickle: bool = False):
         self.spec = spec
-        self.model_path, self.config_dict = spec_checkpoint(
-            spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
-        )
+        self.model_path, _ = spec_checkpoint(spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 

@@ -147,7 +147,6 @@ class VLLMBackend:
                 args[key.removeprefix("engine.")] = _coerce(value)
         if on_cpu and "kv_cache_memory_bytes" not in args and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
             args["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
-        self.engine_args = {k: v for k, v in args.items() if k != "model"}
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # vllm's triton shim on CPU builds
