@@ -117,7 +117,7 @@ def check_weight_names(path: Path, cfg: dict, names: set[str]) -> None:
                 f"'layers.{i}.{lost[0]}'", "re-download or re-export the checkpoint",
             )  # fmt: skip
     outside = {n for n in names if not LAYER_KEY.match(n)}
-    from trm_diag.checkpoint_types import parameters_outside_layers
+    from trm_diag.backends.transformers_info import parameters_outside_layers
 
     expected = parameters_outside_layers(cfg, LAYER_KEY)
     if expected is not None:
@@ -162,7 +162,7 @@ def check_checkpoint(path: str | Path, *, trust_remote_code: bool, allow_pickle:
         _check_index(p)
         check_weight_names(p, cfg, check_safetensors(safetensors))
     if "auto_map" in cfg and not trust_remote_code:
-        from trm_diag.checkpoint_types import is_builtin_model_type
+        from trm_diag.backends.transformers_info import is_builtin_model_type
 
         if not is_builtin_model_type(cfg.get("model_type", "")):
             raise ModelError(
@@ -185,7 +185,7 @@ def _check_tokenizer_code(p: Path, trust_remote_code: bool) -> None:
         raise ModelError(f"cannot read {f}", "repair or re-download the checkpoint") from None
     if not isinstance(tc, dict) or not tc.get("auto_map"):
         return
-    from trm_diag.checkpoint_types import is_builtin_tokenizer_class
+    from trm_diag.backends.transformers_info import is_builtin_tokenizer_class
 
     if not is_builtin_tokenizer_class(tc.get("tokenizer_class")):
         raise ModelError(

@@ -6,6 +6,7 @@ need them, so `trm-diag --help`, `bounds` and `gate` start fast.
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 from typing import Annotated
@@ -457,6 +458,8 @@ def main(argv: list[str] | None = None) -> None:
     except (typer.Abort, KeyboardInterrupt):
         code = TERMINATED if _Signals.terminated else INTERRUPTED
     except OSError as e:  # disk full, read-only folder ...: the environment, not a bug
+        if os.environ.get("TRM_DIAG_DEBUG"):  # the traceback, for a bug report
+            raise
         err = os_error(e)
         _fail(err.problem, err.fix, int(err.exit_code))
     except Exception as e:  # bad options arrive here in non-standalone mode (typer's vendored click)
