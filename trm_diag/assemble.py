@@ -27,13 +27,14 @@ from trm_diag.bounds import bounds_table
 from trm_diag.config import SamplingConfig, Thresholds, as_dict
 from trm_diag.errors import BackendFailure
 from trm_diag.heap import release_heap
-from trm_diag.masking import acceptance_by_length, threshold_sweep, token_violation_rate
+from trm_diag.masking import acceptance_by_length, threshold_sweep, thresholds_for_target, token_violation_rate
 from trm_diag.metrics import batch_metrics, bound_inputs
 from trm_diag.moe import RoutingComparison, routing_summary
 from trm_diag.schema import TOKEN_COLUMNS
 from trm_diag.sequences import sequence_stats
 from trm_diag.tiers import TIERS
 from trm_diag.types import Rollout, Scored
+from trm_diag.verdict import ACCEPTANCE_TARGET, verdict
 
 WORST_K = 5
 ROUTE_COLUMNS = ("route_flips", "route_margin")
@@ -364,6 +365,7 @@ def assemble(
             "token_violation_rate": token_violation_rate(tokens, th, fidelity),
             "by_length": acceptance_by_length(tokens, seqs, th, fidelity),
             "sweep": threshold_sweep(seqs, th, fidelity),
+            "thresholds_for_target": thresholds_for_target(seqs, fidelity, ACCEPTANCE_TARGET),
         },
         "worst_sequences": _worst_sequences(candidates, tokenizer, worst_key),
         "hardware": _hardware(set(source.kernels)),
@@ -371,6 +373,11 @@ def assemble(
     }
     if routing_info is not None:
         summary["routing"] = routing_info
+    summary = {
+        **{k: summary[k] for k in ("tool", "command", "version", "complete")},
+        "verdict": verdict(summary),
+        **summary,
+    }
     return Assembled(summary, seqs, bounds, source, tokenizer, tokens.names, carried)
 
 

@@ -83,3 +83,15 @@ def token_violation_rate(tokens: pd.DataFrame, th: Thresholds, basis: str) -> fl
     s = tokens[TIERS[basis].locate].to_numpy(dtype=np.float64)
     s = s[~np.isnan(s)]
     return float((s > th.trm_max).mean()) if s.size else float("nan")
+
+
+def thresholds_for_target(seqs: pd.DataFrame, basis: str, target: float = 0.7) -> dict[str, float | None]:
+    """Per criterion, the smallest threshold that keeps at least ``target`` of the sequences (empty
+    sequences always pass, NaN scores never do); None where no threshold does."""
+    length = seqs["length"].to_numpy()
+    need = int(np.ceil(target * len(length) - 1e-9)) - int((length == 0).sum())  # non-empty ones that must pass
+    out: dict[str, float | None] = {}
+    for name, (score, _) in _scores(seqs, basis).items():
+        s = np.sort(score[(length > 0) & ~np.isnan(score)])
+        out[name] = 0.0 if need <= 0 else (float(s[need - 1]) if need <= len(s) else None)
+    return out

@@ -63,6 +63,11 @@ METRICS: dict[str, tuple[str, str]] = {
         "trm-diag (verl: rollout_is_ratio_fraction_high + _low at C = 2)",
     ),
     "frac_ratio_outside_5": ("fraction of tokens with rho > 5 or rho < 1/5", "trm-diag"),
+    "kl_share_low_prob": (
+        "share of the summed per-token KL (upper ends in the top-K tier) on tokens whose rollout probability "
+        "is below 1% (exact and top-K tiers)",
+        "trm-diag",
+    ),
     "token_<column>_<stat>": (
         "stat (mean p50 p90 p99 p999 max) of a token column; NaN skipped, inf kept",
         "trm-diag",
@@ -151,6 +156,12 @@ def batch_metrics(tokens: pd.DataFrame, seqs: pd.DataFrame, fidelity: str, thres
             continue
         for stat, v in describe(values, SUMMARY_STATS).items():
             m[f"token_{col}_{stat}"] = v
+    t = TIERS[fidelity]
+    if t.kl is not None:  # where does the KL sit: on tokens the sampler rarely picks?
+        kl = tokens[t.kl].to_numpy(dtype=np.float64)
+        low = np.exp(tokens["lp_roll"].to_numpy(dtype=np.float64)) < 0.01
+        total = float(np.nansum(kl))
+        m["kl_share_low_prob"] = float(np.nansum(kl[low]) / total) if 0 < total < math.inf else math.nan
     if fidelity == "exact" and "prefill_gap" in tokens:
         gap = np.abs(tokens["prefill_gap"].to_numpy(dtype=np.float64))
         m["prefill_gap_abs_mean"] = _nanmean(gap)

@@ -68,6 +68,7 @@ def render_compare(console: Console, summary: dict[str, Any]) -> None:
         f"[bold]trm-diag {summary['command']}[/bold]  rollout [cyan]{escape(roll_text)}[/cyan]  vs  "
         f"train [cyan]{escape(summary['train']['spec'])}[/cyan]  ({summary['fidelity']} fidelity)"
     )
+    render_verdict(console, summary)
     head = Table(title="Token-level mismatch", title_justify="left")
     head.add_column("metric")
     for c in ("mean", "p99", "max"):
@@ -152,6 +153,27 @@ def render_compare(console: Console, summary: dict[str, Any]) -> None:
     t = summary.get("timings", {})
     if t:
         console.print("[dim]" + "  ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in t.items()) + "[/dim]")
+
+
+def render_verdict(console: Console, summary: dict[str, Any], limit: int = 3) -> None:
+    """The verdict first: inside or outside the trust region, then the findings that explain it with
+    the action each suggests (summary.json's `verdict`; computed for reports written without one)."""
+    from trm_diag.verdict import verdict
+
+    v = summary.get("verdict") or verdict(summary)
+    style = (
+        "bold green" if v["status"] == "inside" else ("bold yellow" if v["status"].startswith("inside") else "bold red")
+    )
+    console.print(Text(v["headline"], style=style))
+    later = [h for h in v["horizons"] if not h["observed"] and h["B_star"] is not None]
+    if later:
+        console.print("  at your horizons: " + ", ".join(
+            f"T={h['T']:,}: B* {fmt(h['B_star'])} ({'inside' if h['inside'] else 'outside'})" for h in later))  # fmt: skip
+    for f in v["findings"][:limit]:
+        console.print(f"  [bold]-[/bold] {escape(f['finding'])}")
+        console.print(f"    [dim]->[/dim] {escape(f['action'])}")
+    if len(v["findings"]) > limit:
+        console.print(f"  [dim]({len(v['findings']) - limit} more finding(s) in summary.json 'verdict')[/dim]")
 
 
 def render_masking(console: Console, summary: dict[str, Any]) -> None:

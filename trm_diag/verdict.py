@@ -1,0 +1,176 @@
+"""The verdict of a report: inside or outside the trust region, and the findings that explain it.
+
+A pure function of summary.json's content (so `show` gives it for any saved report). The rules
+and their thresholds are written down in docs/decisions.md ('Verdict and advice'); each finding
+names what it saw and the action it suggests.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from trm_diag.bounds import BoundInputs, all_bounds, max_delta_for_budget
+
+ACCEPTANCE_TARGET = 0.7  # the paper advises keeping more than 70% of sequences
+LOW_PROB_SHARE = 0.5  # findings: more than half the KL on tokens the rollout gave < 1% probability
+ROUTING_SHARE = 0.5  # more than half the KL on tokens whose expert set flipped
+PREFILL_GAP = 1e-3  # decode-time and prefill log-probs of the rollout engine differ by more than this
+WIDE_INTERVALS = 10.0  # mean certified upper end KL over 10x its lower end: the top-K tier cannot decide
+
+
+def _num(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x) else None
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if math.isinf(x):
+        return "inf"
+    return f"{x:.3g}" if 1e-3 <= abs(x) < 1e4 or x == 0 else f"{x:.2e}"
+
+
+def horizon_verdicts(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """B* at the observed length and at each horizon of the run, and whether it is below 1."""
+    out = []
+    bi = summary.get("bound_inputs") or {}
+    t_obs = bi.get("observed_T")
+    at_obs = (summary.get("bounds_at_observed_T") or {}).get("unified")
+    if isinstance(t_obs, int):
+        out.append({"T": t_obs, "observed": True, "B_star": _num(at_obs) if at_obs is not None else None})
+    inp = BoundInputs.from_dict(bi)
+    for T in summary.get("horizons") or ():
+        if inp is not None and isinstance(T, int) and T != t_obs:
+            out.append({"T": T, "observed": False, "B_star": _num(all_bounds(T, inp)[0]["unified"])})
+    for row in out:
+        b = row["B_star"]
+        row["inside"] = None if b is None else b < 1.0
+    return out
+
+
+def findings(summary: dict[str, Any]) -> list[dict[str, str]]:
+    """What explains the verdict, most important first: {'id', 'finding', 'action'}."""
+    m = summary.get("metrics") or {}
+    th = summary.get("thresholds") or {}
+    fidelity = summary.get("fidelity")
+    out: list[dict[str, str]] = []
+    horizons = horizon_verdicts(summary)
+    observed = next((h for h in horizons if h["observed"]), None)
+    if observed and observed["B_star"] is not None and observed["B_star"] >= 1:
+        T = observed["T"]
+        delta = max_delta_for_budget(T, 1.0)
+        out.append({
+            "id": "vacuous_bound",
+            "finding": f"B* = {_fmt(observed['B_star'])} >= 1 at the observed length T = {T:,}: the paper's bounds "
+            "guarantee nothing for these rollouts",
+            "action": f"mask with TRM-Max at delta <= {_fmt(delta)} (the largest delta with B* <= 1 at T = {T:,}), "
+            "or reduce the mismatch itself (same dtype and kernels on both sides)",
+        })  # fmt: skip
+    accept = _num(m.get("accept_combined"))
+    if accept is not None and accept < ACCEPTANCE_TARGET:
+        keep = (summary.get("masking") or {}).get("thresholds_for_target") or {}
+        hint = ", ".join(
+            f"{k} <= {_fmt(_num(v))}" for k, v in keep.items() if k in ("trm_max", "trm_avg") and v is not None
+        )
+        out.append({
+            "id": "low_acceptance",
+            "finding": f"TRM Max+Avg keeps {100 * accept:.1f}% of sequences at trm_max = {th.get('trm_max')}, "
+            f"trm_avg = {th.get('trm_avg')} (the paper advises more than {100 * ACCEPTANCE_TARGET:.0f}%)",
+            "action": f"thresholds that keep {100 * ACCEPTANCE_TARGET:.0f}% here: {hint}" if hint
+            else "reduce the mismatch, or raise the thresholds",
+        })  # fmt: skip
+    zero = int((summary.get("hygiene") or {}).get("zero_prob_tokens") or 0)
+    if zero:
+        out.append({
+            "id": "impossible_tokens",
+            "finding": f"{zero:,} sampled token(s) have probability 0 on one side: their KL is infinite",
+            "action": "check that both sides apply the same temperature, top-k, top-p and min-p",
+        })  # fmt: skip
+    share = _num(m.get("kl_share_low_prob"))
+    if share is not None and share > LOW_PROB_SHARE:
+        out.append({
+            "id": "low_probability_tokens",
+            "finding": f"{100 * share:.0f}% of the KL sits on tokens the rollout gave less than 1% probability",
+            "action": "the tail of the sampler drives the mismatch: compare with the truncation the pipeline "
+            "samples with (--top-p / --top-k / --min-p), or mask such tokens",
+        })  # fmt: skip
+    r = summary.get("routing") or {}
+    if r.get("available"):
+        flip, rest = r.get("kl_flip") or {}, r.get("kl_no_flip") or {}
+        mf, nf, mr, nr = (_num(flip.get("mean")), flip.get("n") or 0, _num(rest.get("mean")), rest.get("n") or 0)
+        total = (mf or 0) * nf + (mr or 0) * nr
+        if total > 0 and mf is not None and (mf * nf) / total > ROUTING_SHARE:
+            out.append({
+                "id": "routing_flips",
+                "finding": f"tokens whose expert set flipped ({100 * r.get('token_any_flip_rate', 0):.1f}% of tokens) "
+                f"carry {100 * mf * nf / total:.0f}% of the KL",
+                "action": "replay the rollout's routing in training (routing replay), or train in the rollout's precision",
+            })  # fmt: skip
+    gap = _num(m.get("prefill_gap_abs_max"))
+    if fidelity == "exact" and gap is not None and gap > PREFILL_GAP:
+        out.append({
+            "id": "prefill_gap",
+            "finding": f"the rollout engine's decode-time log-probs differ from its own prefill by up to {_fmt(gap)}",
+            "action": "its decode and prefill paths differ (kernels that are not batch-invariant, or KV-cache "
+            "precision): use batch-invariant kernels, or rescore the rollouts in prefill",
+        })  # fmt: skip
+    lo, hi = _num(m.get("token_kl_lo_mean")), _num(m.get("token_kl_hi_mean"))
+    if fidelity == "topk" and hi is not None and (lo is None or hi > WIDE_INTERVALS * max(lo, 1e-12)):
+        out.append({
+            "id": "wide_intervals",
+            "finding": f"the top-K intervals are too wide to decide (mean KL between {_fmt(lo)} and {_fmt(hi)})",
+            "action": "use --fidelity exact, or record more log-probs (a larger --topk)",
+        })  # fmt: skip
+    bad = int((summary.get("hygiene") or {}).get("nonfinite_tokens") or 0)
+    if bad:
+        out.append({
+            "id": "nan_logits",
+            "finding": f"{bad:,} token(s) had NaN logits on a side and were left out",
+            "action": "try dtype=float32 on the failing side",
+        })  # fmt: skip
+    if fidelity == "sampled":
+        out.append({
+            "id": "heuristic",
+            "finding": "only the sampled tokens' log-probs are known: the bounds and masks are heuristic",
+            "action": "use compare (exact tier), or export the engine's top-K log-probs (top-K tier)",
+        })  # fmt: skip
+    return out
+
+
+def verdict(summary: dict[str, Any]) -> dict[str, Any]:
+    """{'status', 'headline', 'horizons', 'acceptance', 'findings'} for a report's summary (DESIGN.md s.3-4)."""
+    m = summary.get("metrics") or {}
+    horizons = horizon_verdicts(summary)
+    observed = next((h for h in horizons if h["observed"]), None)
+    accept = _num(m.get("accept_combined"))
+    b = observed["B_star"] if observed else None
+    if b is None:
+        status = "unknown"
+    elif b >= 1:
+        status = "outside"
+    elif accept is not None and accept < ACCEPTANCE_TARGET:
+        status = "inside, masking too much"
+    else:
+        status = "inside"
+    where = f"at the observed length T = {observed['T']:,}" if observed else ""
+    headline = {
+        "unknown": "no bound could be computed for this report",
+        "outside": f"OUTSIDE the trust region {where}: B* = {_fmt(b)} >= 1 (the bound is vacuous)",
+        "inside, masking too much": f"INSIDE the trust region {where} (B* = {_fmt(b)} < 1), but the masks keep only "
+        f"{100 * (accept or 0):.0f}% of sequences (target > {100 * ACCEPTANCE_TARGET:.0f}%)",
+        "inside": f"INSIDE the trust region {where}: B* = {_fmt(b)} < 1"
+        + (f"; the masks keep {100 * accept:.0f}% of sequences" if accept is not None else ""),
+    }[status]
+    later = [h for h in horizons if not h["observed"] and h["inside"] is False]
+    if status.startswith("inside") and later:
+        headline += f"; outside from T = {later[0]['T']:,} on"
+    if summary.get("fidelity") == "sampled" and status != "unknown":
+        headline += " (heuristic: sampled tier)"
+    return {
+        "status": status,
+        "headline": headline,
+        "horizons": horizons,
+        "acceptance": {"combined": accept, "trm_max": _num(m.get("accept_trm_max")), "target": ACCEPTANCE_TARGET},
+        "findings": findings(summary),
+    }
