@@ -86,7 +86,9 @@ def test_summary_is_printed(tmp_path, dense_model, capsys):
     code, out, err = run(["compare", "--model", str(dense_model), "--out", str(tmp_path / "x"), "--num-prompts", "4",
                           "--max-new-tokens", "16"], capsys)  # fmt: skip
     assert code == 0
-    assert "Token-level mismatch" in err and "TRM-Max" in err and "Worst sequences" in err and "report written" in err
+    # the answer on stdout (`> summary.txt` keeps it), progress and messages on stderr
+    assert "Token-level mismatch" in out and "TRM-Max" in out and "Worst sequences" in out and "INSIDE" in out
+    assert "report written" in err and "trm-diag show" in err and "Token-level" not in err
 
 
 def test_json_output_goes_to_stdout(tmp_path, dense_model, capsys):

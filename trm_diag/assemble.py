@@ -30,13 +30,12 @@ from trm_diag.heap import release_heap
 from trm_diag.masking import acceptance_by_length, threshold_sweep, thresholds_for_target, token_violation_rate
 from trm_diag.metrics import batch_metrics, bound_inputs
 from trm_diag.moe import RoutingComparison, routing_summary
-from trm_diag.schema import TOKEN_COLUMNS
+from trm_diag.schema import TOKEN_COLUMNS, WORST_K
 from trm_diag.sequences import sequence_stats
 from trm_diag.tiers import TIERS
 from trm_diag.types import Rollout, Scored
 from trm_diag.verdict import ACCEPTANCE_TARGET, verdict
 
-WORST_K = 5
 ROUTE_COLUMNS = ("route_flips", "route_margin")
 CARRIED = ("reward", "advantage")  # per-rollout values carried through from imported rollouts
 

@@ -285,3 +285,17 @@ def load_report(path: str | Path, tables: tuple[str, ...] = ("tokens", "sequence
         if f.is_file():
             out[name] = read_table(f).to_pandas()
     return out
+
+
+def worst_rows(path: Path, summary: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """The n sequences with the largest score the tier's TRM-Max tests, from sequences.parquet
+    (seq_id, prompt_idx, sample_idx, length, score, response_text)."""
+    from trm_diag.tiers import TIERS
+
+    key = TIERS[summary["fidelity"]].trm_max
+    cols = ["seq_id", "prompt_idx", "sample_idx", "length", key, "response_text"]
+    names = read_schema(path / "sequences.parquet").names
+    t = read_table(path / "sequences.parquet", columns=[c for c in cols if c in names]).to_pylist()
+    t = [r for r in t if r.get("length")]
+    t.sort(key=lambda r: (r.get(key) is None or r[key] != r[key], -(r.get(key) or 0.0)))  # NaN last
+    return [{**{c: r.get(c) for c in cols if c != key}, "score": r.get(key), "score_name": key} for r in t[:n]]

@@ -15,6 +15,7 @@ SEQUENCE_COLUMNS = (
     "seq_id", "prompt_idx", "sample_idx", "prompt_token_ids", "response_token_ids", "finish_reason", "length",
     "log_seq_ratio", "lp_roll_mean", "lp_train_mean",
 )  # fmt: skip
+WORST_K = 5  # worst sequences summary.json keeps (with the text around their worst token)
 # summary.json: key -> the JSON type it must have
 SUMMARY_FIELDS: dict[str, type] = {
     "command": str, "fidelity": str, "metrics": dict, "sampling": dict, "thresholds": dict, "bound_inputs": dict,

@@ -38,6 +38,24 @@ err_console = Console(stderr=True)  # progress, tables, messages
 SAMPLE_HELP = "Default: the bundled sample."
 
 
+def _version(value: bool) -> None:
+    if value:
+        from trm_diag import __version__
+
+        print(f"trm-diag {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Audit the mismatch between the policy that samples rollouts (pi_roll) and the policy that is trained
+    (pi_theta), with the bounds and masks of Trust Region Masking (arXiv 2512.23075)."""
+
+
 def _shard(text: str | None) -> tuple[int, int] | None:
     if text is None:
         return None
@@ -124,8 +142,10 @@ def _render(summary: dict, out_dir, json_out: bool) -> None:
         return
     from trm_diag.cli.render import render_compare
 
-    render_compare(err_console, summary)
-    err_console.print(f"report written to [bold]{escape(str(out_dir))}/[/bold]")
+    render_compare(out_console, summary)  # the answer goes to stdout; progress and messages to stderr
+    err_console.print(
+        f"report written to [bold]{escape(str(out_dir))}/[/bold] (see it again: trm-diag show {escape(str(out_dir))})"
+    )
 
 
 # ------------------------------------------------------------------ compare
@@ -323,6 +343,46 @@ def merge(
     _render(summary, out_dir, json_out)
 
 
+# ------------------------------------------------------------------ show
+SHOW_FORMATS = ("text", "json", "markdown")
+
+
+@app.command()
+def show(
+    report: Annotated[str, typer.Argument(help="Report folder (compare, score or merge).")],
+    fmt: Annotated[str, typer.Option("--format", help="text (the tables compare prints), json or markdown.")] = "text",
+    top: Annotated[int, typer.Option(help="How many of the worst sequences to list.")] = 5,
+) -> None:
+    """Show a saved report again: the verdict first, then the tables `compare` printed.
+
+    Example: trm-diag show ./trm-report --format markdown > report.md
+    """
+    from trm_diag.cli.render import render_compare, to_markdown
+    from trm_diag.report import complete_report, to_json, worst_rows
+    from trm_diag.schema import WORST_K
+    from trm_diag.verdict import verdict
+
+    if fmt not in SHOW_FORMATS:
+        raise UsageError(f"--format {fmt} is unknown", f"use one of: {', '.join(SHOW_FORMATS)}")
+    if top < 0:
+        raise UsageError(f"--top {top} is negative", "use 0 or more")
+    path, summary = complete_report(report)
+    summary.setdefault("verdict", verdict(summary))  # reports written before verdicts existed
+    saved = summary.get("worst_sequences") or []
+    summary["worst_sequences"] = saved[:top]
+    more = top > WORST_K and len(saved) == WORST_K  # beyond what summary.json keeps: read sequences.parquet
+    if fmt == "json":
+        print(to_json(summary))
+    elif fmt == "markdown":
+        print(to_markdown(summary, worst_rows(path, summary, top) if more else None))
+    else:
+        render_compare(out_console, summary)
+        if more:
+            from trm_diag.cli.render import worst_table
+
+            out_console.print(worst_table(worst_rows(path, summary, top)))
+
+
 # ------------------------------------------------------------------ bounds
 @app.command()
 def bounds(
@@ -413,7 +473,7 @@ TERMINATED = 143  # and for SIGTERM (128 + 15)
 
 # click's usage errors (typer vendors its own click, so they are matched by name)
 USAGE_EXCEPTIONS = {"UsageError", "BadParameter", "MissingParameter", "NoSuchOption", "BadOptionUsage",
-                    "BadArgumentUsage", "ClickException", "FileError"}  # fmt: skip
+                    "BadArgumentUsage", "ClickException", "FileError", "NoArgsIsHelpError"}  # fmt: skip
 
 
 class _Signals:

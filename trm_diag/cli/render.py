@@ -235,3 +235,79 @@ def render_routing(console: Console, r: dict[str, Any] | None) -> None:
         console.print(
             f"worst token of {w['count']} of {w['of']} sequences is a routing flip" + (f" (seq {ids})" if ids else "")
         )
+
+
+def worst_table(rows: list[dict[str, Any]]) -> Table:
+    """The worst sequences read from sequences.parquet (`show --top N` beyond the summary's five)."""
+    t = Table(title=f"Worst {len(rows)} sequences (sequences.parquet)", title_justify="left")
+    for c in ("seq", "prompt", "sample", rows[0]["score_name"] if rows else "score", "T", "response"):
+        t.add_column(c, justify="left" if c == "response" else "right")
+    for r in rows:
+        text = (r.get("response_text") or "").replace("\n", "\\n")
+        t.add_row(str(r["seq_id"]), str(r["prompt_idx"]), str(r["sample_idx"]), fmt(r["score"]), str(r["length"]),
+                  escape(text[:60]))  # fmt: skip
+    return t
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    cells = [[str(c).replace("|", "\\|").replace("\n", " ") for c in row] for row in rows]
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + " --- |" * len(header),
+        *("| " + " | ".join(r) + " |" for r in cells),
+    ]
+
+
+def to_markdown(summary: dict[str, Any], worst: list[dict[str, Any]] | None = None) -> str:
+    """The report as Markdown (a CI summary, a pull request): the verdict and its findings first,
+    then the headline numbers, acceptance, bounds at the observed length and the worst sequences."""
+    m, v = summary["metrics"], summary["verdict"]
+    roll = summary.get("rollout") or {}
+    lines = [
+        f"## trm-diag {summary['command']}: {v['headline']}",
+        "",
+        f"rollout `{roll.get('spec') or roll.get('source')}` vs train `{(summary.get('train') or {}).get('spec')}`"
+        f" ({summary['fidelity']} fidelity)",
+        "",
+    ]
+    for f in v["findings"]:
+        lines.append(f"- **{f['finding']}**: {f['action']}")
+    later = [h for h in v["horizons"] if not h["observed"] and h["B_star"] is not None]
+    if later:
+        lines += ["", "B* at your horizons: " + ", ".join(f"T={h['T']:,}: {fmt(h['B_star'])}" for h in later)]
+    stats = [
+        ("kl", "KL(p||q)"),
+        ("tv", "TV"),
+        ("kl_hi", "KL upper (top-K)"),
+        ("abs_log_ratio", "|log ratio|"),
+        ("k3", "k3"),
+    ]
+    rows = [[label, *(fmt(m.get(f"token_{c}_{s}")) for s in ("mean", "p99", "max"))] for c, label in stats
+            if f"token_{c}_mean" in m]  # fmt: skip
+    lines += ["", "### Token-level mismatch", "", *_md_table(["metric", "mean", "p99", "max"], rows)]
+    th = summary.get("thresholds") or {}
+    acc = [[c.label, str(th.get(c.threshold, "")) if c.threshold else " & ".join(str(th.get(CRITERIA[r].threshold)) for r in c.requires),
+            f"{100 * m[f'accept_{k}']:.1f}%" if m.get(f"accept_{k}") is not None else "-"]
+           for k, c in CRITERIA.items()]  # fmt: skip
+    lines += [
+        "",
+        "### Masking: acceptance (paper advises > 70%)",
+        "",
+        *_md_table(["criterion", "threshold", "accepted"], acc),
+    ]
+    b = summary.get("bounds_at_observed_T") or {}
+    if b:
+        T = (summary.get("bound_inputs") or {}).get("observed_T")
+        lines += ["", f"### Bounds at the observed length T = {T}", "",
+                  *_md_table(["bound", "value"], [[LABEL.get(k, k), fmt(x)] for k, x in b.items()])]  # fmt: skip
+    if worst is not None:
+        rows = [[str(r["seq_id"]), str(r["prompt_idx"]), str(r["sample_idx"]), fmt(r["score"]), str(r["length"]),
+                 (r.get("response_text") or "")[:80]] for r in worst]  # fmt: skip
+        name = worst[0]["score_name"] if worst else "score"
+        lines += ["", "### Worst sequences", "", *_md_table(["seq", "prompt", "sample", name, "T", "response"], rows)]
+    elif summary.get("worst_sequences"):
+        w = summary["worst_sequences"]
+        rows = [[str(x["seq_id"]), fmt(x["score"]), f"{x['pos']}/{x['length']}", f"{x['before'][-40:]}«{x['token']}»{x['after'][:30]}"]
+                for x in w]  # fmt: skip
+        lines += ["", "### Worst sequences", "", *_md_table(["seq", w[0]["score_name"], "pos / T", "context"], rows)]
+    return "\n".join(lines) + "\n"
