@@ -383,6 +383,42 @@ def show(
             out_console.print(worst_table(worst_rows(path, summary, top)))
 
 
+# ------------------------------------------------------------------ diff
+@app.command()
+def diff(
+    baseline: Annotated[str, typer.Argument(help="The older report (A).")],
+    report: Annotated[str, typer.Argument(help="The newer report (B).")],
+    fmt: Annotated[str, typer.Option("--format", help="text or json.")] = "text",
+    strict: Annotated[
+        bool, typer.Option(help="Refuse reports of another model, tokenizer or fidelity tier (default: warn).")
+    ] = False,
+) -> None:
+    """Two reports side by side: what got better or worse, and by how much (B against A).
+
+    Example: trm-diag diff ./before-upgrade ./after-upgrade
+    """
+    from trm_diag.diff import diff_summaries
+    from trm_diag.gate import comparability
+    from trm_diag.report import complete_report, to_json
+
+    if fmt not in ("text", "json"):
+        raise UsageError(f"--format {fmt} is unknown", "use text or json")
+    (_, a), (_, b) = complete_report(baseline), complete_report(report)
+    differences = comparability(a, b)
+    if differences:
+        text = f"'{baseline}' and '{report}' differ in {'; '.join(differences)}"
+        if strict:
+            raise UsageError(text, "diff reports of the same model, tokenizer and fidelity tier, or drop --strict")
+        RichReporter(quiet=True).warn(text + ": the changes compare unlike things")
+    result = diff_summaries(a, b)
+    if fmt == "json":
+        print(to_json({"baseline": baseline, "report": report, "comparable": not differences, **result}))
+        return
+    from trm_diag.cli.render import render_diff
+
+    render_diff(out_console, result, baseline, report)
+
+
 # ------------------------------------------------------------------ bounds
 @app.command()
 def bounds(

@@ -311,3 +311,27 @@ def to_markdown(summary: dict[str, Any], worst: list[dict[str, Any]] | None = No
                 for x in w]  # fmt: skip
         lines += ["", "### Worst sequences", "", *_md_table(["seq", w[0]["score_name"], "pos / T", "context"], rows)]
     return "\n".join(lines) + "\n"
+
+
+def render_diff(console: Console, result: dict[str, Any], a: str, b: str) -> None:
+    """`trm-diag diff`: both verdicts, then one row per quantity with its change, coloured by direction."""
+    console.print(f"[bold]A[/bold] {escape(a)}: {escape(result['verdicts'][0])}")
+    console.print(f"[bold]B[/bold] {escape(b)}: {escape(result['verdicts'][1])}")
+    t = Table(title="B against A (lower is better, except acceptance)", title_justify="left")
+    for c in ("metric", "A", "B", "change", ""):
+        t.add_column(c, justify="left" if c in ("metric", "") else "right")
+    styles = {"better": "green", "worse": "red", "same": "dim"}
+    for r in result["rows"]:
+        rel = r["relative"]
+        change = "-" if r["change"] is None else fmt(r["change"]) + ("" if rel is None else f" ({100 * rel:+.1f}%)")
+        t.add_row(
+            r["metric"],
+            fmt(r["a"]),
+            fmt(r["b"]),
+            change,
+            Text(r["direction"] or "", style=styles.get(r["direction"], "")),
+        )
+    console.print(t)
+    worse = sum(r["direction"] == "worse" for r in result["rows"])
+    better = sum(r["direction"] == "better" for r in result["rows"])
+    console.print(f"{better} better, {worse} worse, {sum(r['direction'] == 'same' for r in result['rows'])} unchanged")
