@@ -23,6 +23,7 @@ import json
 import math
 import operator
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -358,3 +359,17 @@ def comparability(a: dict, b: dict) -> list[str]:
     if a.get("fidelity") != b.get("fidelity"):
         out.append(f"the fidelity tier ({a.get('fidelity')} vs {b.get('fidelity')})")
     return out
+
+
+def require_comparable(
+    a: dict, b: dict, names: tuple[str, str], strict: bool, warn: Callable[[str], None], consequence: str
+) -> bool:
+    """Whether two reports are comparable; if not, a warning naming the difference and its
+    ``consequence``, or with ``strict`` a UsageError. Shared by `gate --baseline` and `diff`."""
+    differences = comparability(a, b)
+    if differences:
+        text = f"'{names[0]}' and '{names[1]}' differ in {'; '.join(differences)}"
+        if strict:
+            raise UsageError(text, "compare reports of the same model, tokenizer and fidelity tier, or drop --strict")
+        warn(f"{text}: {consequence}")
+    return not differences

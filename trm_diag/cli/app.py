@@ -398,21 +398,17 @@ def diff(
     Example: trm-diag diff ./before-upgrade ./after-upgrade
     """
     from trm_diag.diff import diff_summaries
-    from trm_diag.gate import comparability
+    from trm_diag.gate import require_comparable
     from trm_diag.report import complete_report, to_json
 
     if fmt not in ("text", "json"):
         raise UsageError(f"--format {fmt} is unknown", "use text or json")
     (_, a), (_, b) = complete_report(baseline), complete_report(report)
-    differences = comparability(a, b)
-    if differences:
-        text = f"'{baseline}' and '{report}' differ in {'; '.join(differences)}"
-        if strict:
-            raise UsageError(text, "diff reports of the same model, tokenizer and fidelity tier, or drop --strict")
-        RichReporter(quiet=True).warn(text + ": the changes compare unlike things")
+    warn = RichReporter(quiet=True).warn
+    comparable = require_comparable(a, b, (baseline, report), strict, warn, "the changes compare unlike things")
     result = diff_summaries(a, b)
     if fmt == "json":
-        print(to_json({"baseline": baseline, "report": report, "comparable": not differences, **result}))
+        print(to_json({"baseline": baseline, "report": report, "comparable": comparable, **result}))
         return
     from trm_diag.cli.render import render_diff
 

@@ -13,9 +13,9 @@ from trm_diag.errors import ExitCode, UsageError
 from trm_diag.gate import (
     ReportMetrics,
     collect_rules,
-    comparability,
     evaluate,
     parse_rule,
+    require_comparable,
     to_github,
     to_json,
     to_junit,
@@ -63,14 +63,8 @@ def run_gate(
     parsed = [parse_rule(r) for r in collect_rules(rules, config)]
     base = ReportMetrics(baseline) if baseline else None
     if base is not None:
-        differences = comparability(base.summary, rep.summary)
-        if differences:
-            text = f"the baseline '{baseline}' differs from '{report}' in {'; '.join(differences)}"
-            if strict:
-                raise UsageError(
-                    text, "compare reports of the same model, tokenizer and fidelity tier, or drop --strict"
-                )
-            warn(text + ": relative rules compare unlike things")
+        names = (f"baseline {baseline}", str(report))
+        require_comparable(base.summary, rep.summary, names, strict, warn, "relative rules compare unlike things")
     results = evaluate(parsed, rep, base)
     text = {
         "json": lambda: to_json(results, report, baseline),
