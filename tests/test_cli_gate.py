@@ -112,6 +112,26 @@ def test_list_metrics(report, capsys):
     names = json.loads(out)
     assert code == 0 and "token.kl.p999" in names and "accept.combined" in names and "bounds.unified@4096" in names
     assert "seq.kl_max.max" in names and "metrics.ess_seq" in names
+    # only meaningful metrics: no statistic of an identifier, no column another tier fills, flags by their mean
+    assert not [n for n in names if n.split(".")[1] in ("seq_id", "pos", "token_id", "prompt_idx", "sample_idx")]
+    assert not [n for n in names if n.startswith(("token.kl_lo.", "token.tv_hi.", "seq.kl_hi_max."))]
+    assert "token.zero_prob.mean" in names and "token.zero_prob.p99" not in names
+
+
+def test_report_tables_are_readable(report):
+    """Decoded text beside the ids; no column that is NaN throughout."""
+    import pyarrow.parquet as pq
+
+    from trm_diag.schema import TIER_ONLY
+
+    tokens, seqs = (pq.read_table(report / f"{t}.parquet").to_pandas() for t in ("tokens", "sequences"))
+    assert "token_text" in tokens and "prompt_text" in seqs and "response_text" in seqs
+    for (_, row), text in zip(seqs.iterrows(), seqs["response_text"]):
+        pieces = tokens[tokens["seq_id"] == row["seq_id"]]["token_text"]
+        assert "".join(pieces).strip() == text.strip()  # the byte-level pieces of this tokenizer concatenate back
+    for df in (tokens, seqs):
+        assert not [c for c in df if df[c].isna().all()]
+    assert not {"kl_lo", "tv_hi"} & set(tokens) and TIER_ONLY - set(tokens) == {"kl_lo", "kl_hi", "tv_lo", "tv_hi"}
 
 
 @pytest.mark.parametrize(

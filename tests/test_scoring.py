@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.helpers import token_columns
-from trm_diag.schema import TOKEN_COLUMNS
+from trm_diag.schema import TIER_ONLY, TOKEN_COLUMNS, tier_columns
 from trm_diag.scoring import batch_columns
 from trm_diag.types import Rollout, TensorRows
 
@@ -56,8 +56,9 @@ def test_batched_chunks_across_rollouts_equal_one_by_one(fidelity):
     for j, r in enumerate(rollouts):
         alone, _ = token_columns(r, p[j] if p else None, q_rows[j], fidelity, V)
         got, _ = together[j]
-        assert set(got) == set(TOKEN_COLUMNS) and all(len(got[c]) == len(r.response_ids) for c in TOKEN_COLUMNS)
-        for c in TOKEN_COLUMNS:
+        want = tier_columns(fidelity)
+        assert set(got) == set(want) and all(len(got[c]) == len(r.response_ids) for c in want)
+        for c in want:
             np.testing.assert_allclose(got[c], alone[c], rtol=1e-12, atol=1e-15, err_msg=f"{fidelity} {j} {c}")
     cols3 = together[3][0]
     assert cols3["nonfinite"].tolist() == [True]
@@ -82,3 +83,14 @@ def test_unnormalised_scores_give_normalised_logprobs():
             # the rollout side is normalised (an engine's own log-probs): read exactly as given
             if fidelity == "exact":
                 assert (cols["prefill_gap"][~cols["nonfinite"]] == 0).all()
+
+
+def test_each_tier_writes_only_the_columns_it_fills():
+    """No column that is NaN throughout: a tier's own columns are filled, the other tiers' are absent."""
+    for fidelity in ("exact", "topk", "sampled"):
+        rollouts, p_rows, q_rows = _batch(3, topk=fidelity == "topk")
+        got = batch_columns(rollouts, p_rows if fidelity == "exact" else None, q_rows, fidelity, V)[0][0]
+        assert set(got) == set(tier_columns(fidelity)), fidelity
+        assert {c for c in TOKEN_COLUMNS if c not in got} <= TIER_ONLY
+        for c, v in got.items():
+            assert not (np.issubdtype(v.dtype, np.floating) and np.isnan(v).all()), (fidelity, c)

@@ -30,7 +30,7 @@ from trm_diag.heap import release_heap
 from trm_diag.masking import acceptance_by_length, threshold_sweep, thresholds_for_target, token_violation_rate
 from trm_diag.metrics import batch_metrics, bound_inputs
 from trm_diag.moe import RoutingComparison, routing_summary
-from trm_diag.schema import TOKEN_COLUMNS, WORST_K
+from trm_diag.schema import TOKEN_COLUMNS, WORST_K, tier_columns
 from trm_diag.sequences import sequence_stats
 from trm_diag.tiers import TIERS
 from trm_diag.types import Rollout, Scored
@@ -157,7 +157,8 @@ def _worst_candidates(seqs: dict[str, Any], rollouts: list[Rollout], key: str, k
     rows = np.flatnonzero(seqs["length"] > 0)
     rows = rows[np.argsort(-seqs[key][rows], kind="stable")][:k]  # NaN scores sort last
     return [
-        {"seq_id": rollouts[j].seq_id, "score": float(seqs[key][j]), "pos": int(seqs["kl_argmax"][j]),
+        {"seq_id": rollouts[j].seq_id, "prompt_idx": rollouts[j].prompt_idx, "sample_idx": rollouts[j].sample_idx,
+         "score": float(seqs[key][j]), "pos": int(seqs["kl_argmax"][j]),
          "length": int(seqs["length"][j]), "ids": list(rollouts[j].response_ids)}
         for j in rows
     ]  # fmt: skip
@@ -173,6 +174,8 @@ def _worst_sequences(candidates: list[dict], tokenizer: Any, key: str, k: int = 
         out.append(
             {
                 "seq_id": c["seq_id"],
+                "prompt_idx": c["prompt_idx"],
+                "sample_idx": c["sample_idx"],
                 "score": c["score"],
                 "score_name": key,
                 "pos": pos,
@@ -183,6 +186,22 @@ def _worst_sequences(candidates: list[dict], tokenizer: Any, key: str, k: int = 
             }
         )
     return out
+
+
+def token_texts(tokenizer: Any, ids: np.ndarray, cache: dict[int, str]) -> list[str]:
+    """Each token id decoded on its own (a piece of a multi-byte character shows as U+FFFD); ``cache``
+    keeps ids already decoded, so a report decodes each vocabulary entry once."""
+    new = sorted({int(i) for i in np.unique(ids)} - cache.keys())
+    if new:
+        # decoded after a plain token: SentencePiece tokenizers drop a leading space when a token is decoded alone
+        ref = (tokenizer.encode("a", add_special_tokens=False) or [None])[-1]
+        head = tokenizer.decode([ref]) if ref is not None else ""
+        alone = tokenizer.batch_decode([[i] for i in new])
+        after = tokenizer.batch_decode([[ref, i] for i in new]) if ref is not None else alone
+        cache.update(
+            (i, a[len(head) :] if ref is not None and a.startswith(head) else b) for i, a, b in zip(new, after, alone)
+        )
+    return [cache[int(i)] for i in ids]
 
 
 def _routing_frame(parts: list[tuple[int, RoutingComparison]]) -> pd.DataFrame:
@@ -312,7 +331,7 @@ def assemble(
         source = MemoryChunks(source)
     th = thresholds
     has_routing = set(ROUTE_COLUMNS) <= set(source.column_names())
-    tokens = TokenColumns(source, TOKEN_COLUMNS + (ROUTE_COLUMNS if has_routing else ()))
+    tokens = TokenColumns(source, tier_columns(fidelity) + (ROUTE_COLUMNS if has_routing else ()))
     n_bad, n_zero = _hygiene(tokens, warn)
     worst_key = TIERS[fidelity].trm_max
     seqs, candidates, tally = _sequence_pass(source, th, fidelity, has_routing)
@@ -384,20 +403,25 @@ def report_parts(a: Assembled) -> Iterator[tuple[str, pd.DataFrame]]:
     """Pass 2: (table name, rows) pieces of tokens/sequences/routing/bounds.parquet, chunk by chunk."""
     yield "bounds", a.bounds
     offset = 0
+    texts: dict[int, str] = {}  # token id -> its decoded text, shared by every chunk
     for i in range(a.source.n_chunks):
         sc = a.source.chunk(i)
         n = len(sc.rollouts)
-        yield (
-            "tokens",
-            pd.DataFrame(
-                {c: np.concatenate([cols[c] for cols in sc.columns]) if sc.columns else [] for c in a.token_columns}
-            ),
+        tokens = pd.DataFrame(
+            {c: np.concatenate([cols[c] for cols in sc.columns]) if sc.columns else [] for c in a.token_columns}
         )
+        tokens.insert(
+            int(tokens.columns.get_loc("token_id")) + 1,
+            "token_text",
+            token_texts(a.tokenizer, tokens["token_id"].to_numpy(), texts),
+        )
+        yield "tokens", tokens
         stats = a.sequences.iloc[offset : offset + n].reset_index(drop=True)
         lists = pd.DataFrame(
             {
                 "prompt_token_ids": [r.prompt_ids for r in sc.rollouts],
                 "response_token_ids": [r.response_ids for r in sc.rollouts],
+                "prompt_text": [a.tokenizer.decode(r.prompt_ids) for r in sc.rollouts],
                 "response_text": [a.tokenizer.decode(r.response_ids) for r in sc.rollouts],
             }
         )

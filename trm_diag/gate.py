@@ -33,6 +33,7 @@ import numpy as np
 from trm_diag.config import parse_horizons
 from trm_diag.criteria import CRITERIA
 from trm_diag.errors import InputError, UsageError
+from trm_diag.schema import ID_COLUMNS
 from trm_diag.stats import STATS, describe
 
 OPS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt, "==": operator.eq}
@@ -104,6 +105,7 @@ class ReportMetrics:
 
         self.path, self.summary = complete_report(path)
         self._schemas: dict[str, list[str]] = {}
+        self._flags: dict[str, set[str]] = {}  # boolean columns: only their mean (a fraction) is a metric
         self._cols: dict[tuple[str, str], np.ndarray] = {}
         self._bound_inputs = None
         self.notes: dict[str, str] = {}  # metric -> what the reader should know about its value
@@ -128,6 +130,7 @@ class ReportMetrics:
                     for fld in schema
                     if pa.types.is_integer(fld.type) or pa.types.is_floating(fld.type) or pa.types.is_boolean(fld.type)
                 ]
+                self._flags[table] = {fld.name for fld in schema if pa.types.is_boolean(fld.type)}
         return self._schemas[table]
 
     def column(self, table: str, name: str) -> np.ndarray:
@@ -145,7 +148,11 @@ class ReportMetrics:
         out = []
         for prefix, table in (("token", "tokens"), ("seq", "sequences")):
             for c in self.numeric_columns(table):
-                out += [f"{prefix}.{c}.{s}" for s in STATS]
+                if c in ID_COLUMNS or c.startswith("accept_"):  # identifiers; acceptance is accept.<criterion>
+                    continue
+                out += (
+                    [f"{prefix}.{c}.mean"] if c in self._flags.get(table, ()) else [f"{prefix}.{c}.{s}" for s in STATS]
+                )
         out += [f"accept.{c}" for c in CRITERIA if f"accept_{c}" in self.numeric_columns("sequences")]
         horizons = sorted({int(r) for r in self._report_horizons()})
         from trm_diag.bounds import BOUND_NAMES
@@ -176,7 +183,7 @@ class ReportMetrics:
         try:
             if parts[0] in ("token", "seq") and len(parts) == 3 and parts[2] in STATS:
                 table = "tokens" if parts[0] == "token" else "sequences"
-                if parts[1] in self.numeric_columns(table):
+                if parts[1] in self.numeric_columns(table) and parts[1] not in ID_COLUMNS:
                     return self._stat(name, self.column(table, parts[1]), parts[2])
             elif parts[0] == "accept" and len(parts) == 2 and f"accept_{parts[1]}" in self.numeric_columns("sequences"):
                 x = self.column("sequences", f"accept_{parts[1]}")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from trm_diag.errors import InputError
 from trm_diag.heap import release_heap
 from trm_diag.outputs import MARKER, PARTIAL_DIR, REPORT_FILES
-from trm_diag.schema import SEQUENCE_COLUMNS, SUMMARY_FIELDS, TOKEN_COLUMNS
+from trm_diag.schema import SEQUENCE_COLUMNS, SUMMARY_FIELDS, tier_columns
 from trm_diag.tiers import FIDELITIES
 
 if TYPE_CHECKING:
@@ -218,7 +218,7 @@ def complete_report(path: str | Path) -> tuple[Path, dict[str, Any]]:
         raise InputError(f"cannot read {marker} ({e})", fix) from None
     check_summary(summary, str(marker))
     restore_infinities(summary, str(marker))
-    for name, columns in (("tokens", TOKEN_COLUMNS), ("sequences", SEQUENCE_COLUMNS)):
+    for name, columns in (("tokens", tier_columns(summary["fidelity"])), ("sequences", SEQUENCE_COLUMNS)):
         f = p / f"{name}.parquet"
         missing = [c for c in columns if c not in read_schema(f).names]
         if missing:

@@ -5,11 +5,26 @@ No heavy imports, so the gate and other readers can validate a report without to
 
 from __future__ import annotations
 
+from trm_diag.tiers import TIERS
+
 TOKEN_COLUMNS = (
     "seq_id", "pos", "token_id", "lp_roll", "lp_train", "log_ratio", "k1", "k2", "k3", "abs_rho_m1",
     "kl", "kl_rev", "tv", "tv_bin", "kl_bin", "kl_lo", "kl_hi", "tv_lo", "tv_hi", "ent_roll", "ent_train",
     "lp_roll_prefill", "prefill_gap", "nonfinite", "zero_prob",
 )  # fmt: skip
+# columns that only some tiers fill; a report holds those of its own tier (Tier.columns, Tier.also)
+TIER_ONLY = frozenset(c for t in TIERS.values() for c in (*t.columns, *t.also))
+# identifiers, not measurements: no statistic of them is a metric (`gate --list-metrics` leaves them out)
+ID_COLUMNS = frozenset(("seq_id", "pos", "token_id", "prompt_idx", "sample_idx", "kl_argmax"))
+TEXT_COLUMNS = {"tokens": ("token_text",), "sequences": ("prompt_text", "response_text")}  # decoded for reading
+
+
+def tier_columns(fidelity: str) -> tuple[str, ...]:
+    """tokens.parquet's measured columns in a tier: the common ones and the tier's own, in TOKEN_COLUMNS order."""
+    t = TIERS[fidelity]
+    return tuple(c for c in TOKEN_COLUMNS if c not in TIER_ONLY or c in t.columns or c in t.also)
+
+
 # sequences.parquet columns every reader relies on (statistics columns beyond these are optional)
 SEQUENCE_COLUMNS = (
     "seq_id", "prompt_idx", "sample_idx", "prompt_token_ids", "response_token_ids", "finish_reason", "length",

@@ -26,6 +26,7 @@ from trm_diag.divergence import (
 )
 from trm_diag.heap import release_heap
 from trm_diag.moe import RoutingComparison, compare_routing
+from trm_diag.schema import tier_columns
 from trm_diag.types import Rollout, TokenRows
 
 TRIM_EVERY = 8  # chunks between heap trims: a 2,048-token response at V = 151,936 grew 2.3 GB without
@@ -155,6 +156,7 @@ def batch_columns(
     cols["zero_prob"] = np.isneginf(cols["lp_roll"]) | np.isneginf(cols["lp_train"])
     cols["prefill_gap"] = cols["lp_roll_prefill"] - cols["lp_roll"]
     cols["token_id"] = ids.numpy()
+    cols = {k: cols[k] for k in tier_columns(fidelity) if k in cols}  # the tier's columns only (seq_id, pos below)
     out = []
     offset = 0
     for j, (r, T) in enumerate(zip(rollouts, lengths)):

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 class Tier:
     name: str
     help: str  # one line for --fidelity
-    columns: tuple[str, ...]  # divergence columns of tokens.parquet this tier fills (others stay NaN)
+    columns: tuple[str, ...]  # divergence columns of tokens.parquet this tier fills
+    also: tuple[str, ...]  # other columns only this tier has (tokens.parquet holds no column that is NaN throughout)
     kl: str | None  # column that bounds KL(p||q) per token from above (feeds delta, D_KL^seq); None: no bound input
     tv: str | None  # column that bounds TV per token from above (feeds eps, Dbar_t)
     trm_max: str  # sequences column TRM-Max tests (its max over t)
@@ -31,6 +32,7 @@ TIERS: dict[str, Tier] = {
             name="exact",
             help="full next-token distributions of both sides (exact kl, tv)",
             columns=("kl", "kl_rev", "tv"),
+            also=("ent_roll", "lp_roll_prefill", "prefill_gap"),
             kl="kl",
             tv="tv",
             trm_max="kl_max",
@@ -48,6 +50,7 @@ TIERS: dict[str, Tier] = {
             name="topk",
             help="certified [lo, hi] intervals from the rollout's top-K log-probs",
             columns=("kl_lo", "kl_hi", "tv_lo", "tv_hi"),
+            also=(),
             kl="kl_hi",
             tv="tv_hi",
             trm_max="kl_hi_max",  # certified upper ends: conservative masks
@@ -64,6 +67,7 @@ TIERS: dict[str, Tier] = {
             name="sampled",
             help="only the sampled token's log-probs",
             columns=(),
+            also=(),
             kl=None,
             tv=None,
             trm_max="k2_max",  # heuristic stand-ins

@@ -141,6 +141,8 @@ def render_compare(console: Console, summary: dict[str, Any]) -> None:
     if worst:
         wt = Table(title="Worst sequences (where the backends disagree most)", title_justify="left")
         wt.add_column("seq", justify="right")
+        wt.add_column("prompt", justify="right")
+        wt.add_column("sample", justify="right")
         wt.add_column(worst[0]["score_name"], justify="right")
         wt.add_column("pos / T", justify="right")
         wt.add_column("context (worst token in red, between \u00ab \u00bb)")
@@ -148,7 +150,7 @@ def render_compare(console: Console, summary: dict[str, Any]) -> None:
             ctx = Text(w["before"][-60:].replace("\n", "\\n"))
             ctx.append("\u00ab" + w["token"].replace("\n", "\\n") + "\u00bb", style="bold red")
             ctx.append(w["after"][:40].replace("\n", "\\n"))
-            wt.add_row(str(w["seq_id"]), fmt(w["score"]), f"{w['pos']}/{w['length']}", ctx)
+            wt.add_row(str(w["seq_id"]), *_origin(w), fmt(w["score"]), f"{w['pos']}/{w['length']}", ctx)
         console.print(wt)
     t = summary.get("timings", {})
     if t:
@@ -237,6 +239,11 @@ def render_routing(console: Console, r: dict[str, Any] | None) -> None:
         )
 
 
+def _origin(w: dict[str, Any]) -> tuple[str, str]:
+    """Prompt index and sample index of a worst sequence ('-' in reports written before they were kept)."""
+    return tuple("-" if w.get(k) is None else str(w[k]) for k in ("prompt_idx", "sample_idx"))  # type: ignore[return-value]
+
+
 def worst_table(rows: list[dict[str, Any]]) -> Table:
     """The worst sequences read from sequences.parquet (`show --top N` beyond the summary's five)."""
     t = Table(title=f"Worst {len(rows)} sequences (sequences.parquet)", title_justify="left")
@@ -307,9 +314,10 @@ def to_markdown(summary: dict[str, Any], worst: list[dict[str, Any]] | None = No
         lines += ["", "### Worst sequences", "", *_md_table(["seq", "prompt", "sample", name, "T", "response"], rows)]
     elif summary.get("worst_sequences"):
         w = summary["worst_sequences"]
-        rows = [[str(x["seq_id"]), fmt(x["score"]), f"{x['pos']}/{x['length']}", f"{x['before'][-40:]}«{x['token']}»{x['after'][:30]}"]
-                for x in w]  # fmt: skip
-        lines += ["", "### Worst sequences", "", *_md_table(["seq", w[0]["score_name"], "pos / T", "context"], rows)]
+        rows = [[str(x["seq_id"]), *_origin(x), fmt(x["score"]), f"{x['pos']}/{x['length']}",
+                 f"{x['before'][-40:]}«{x['token']}»{x['after'][:30]}"] for x in w]  # fmt: skip
+        header = ["seq", "prompt", "sample", w[0]["score_name"], "pos / T", "context"]
+        lines += ["", "### Worst sequences", "", *_md_table(header, rows)]
     return "\n".join(lines) + "\n"
 
 
