@@ -70,6 +70,7 @@ def test_bf16_flips_match_direct_recomputation(tmp_path, request, which):
     trained = which == "moe_model"  # the bundled, trained MoE; the Mixtral is random-init
     tok, s, out = compare(tmp_path, model, "hf:dtype=bfloat16")
     assert s["routing"]["available"]
+    assert 'alt="MoE routing flips per layer"' in (out / "report.html").read_text()  # report.html's MoE figure
     if trained:
         assert s["routing"]["token_any_flip_rate"] > 0 and tok["route_flips"].sum() > 0
     # recompute from router logits: same token ids, same batches, independent top-k comparison

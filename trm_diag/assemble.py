@@ -24,6 +24,7 @@ import pandas as pd
 
 from trm_diag import __version__
 from trm_diag.bounds import bounds_table
+from trm_diag.breakdowns import report_breakdowns
 from trm_diag.config import SamplingConfig, Thresholds, as_dict
 from trm_diag.errors import BackendFailure
 from trm_diag.heap import release_heap
@@ -385,6 +386,7 @@ def assemble(
             "sweep": threshold_sweep(seqs, th, fidelity),
             "thresholds_for_target": thresholds_for_target(seqs, fidelity, ACCEPTANCE_TARGET),
         },
+        **report_breakdowns(tokens, fidelity),  # where the mismatch sits; report.html's figures
         "worst_sequences": _worst_sequences(candidates, tokenizer, worst_key),
         "hardware": _hardware(set(source.kernels)),
         "versions": _versions(),

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from trm_diag.bounds import BOUND_NAMES, BoundInputs
+from trm_diag.bounds import BOUND_NAMES, LABEL, UNIFIED, BoundInputs
 from trm_diag.errors import UsageError
 
 
@@ -86,28 +86,12 @@ def write_bounds_parquet(report: Path, rows: list[dict]) -> None:
     atomic_write(report / "bounds.parquet", lambda tmp: pq.write_table(table, tmp))
 
 
-def plot_bounds(rows: list[dict], path: str) -> None:
+def plot_bounds(rows: list[dict], path: str, observed_T: int | None = None) -> None:
+    """`bounds --plot`: every bound and B* against T (plots.bounds_png), written as a PNG."""
     try:
-        import matplotlib
+        from trm_diag.plots import bounds_png
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        png = bounds_png(rows, LABEL, UNIFIED, observed_T)
     except ImportError:
-        raise UsageError(
-            "--plot needs matplotlib", "pip install 'trm-diag[plot]' (or pip install matplotlib)"
-        ) from None
-    from trm_diag.bounds import LABEL
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in BOUND_NAMES:
-        pts = sorted((r["T"], r["value"]) for r in rows if r["bound"] == name and r["value"] is not None)
-        if pts and all(v > 0 for _, v in pts):
-            ax.plot(*zip(*pts), marker="o", label=LABEL[name], lw=2.5 if name == "unified" else 1)
-    ax.axhspan(1, ax.get_ylim()[1] if ax.get_ylim()[1] > 1 else 10, color="red", alpha=0.08, label="vacuous (>= 1)")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("horizon T")
-    ax.set_ylabel("bound on surrogate error")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+        raise UsageError("--plot needs matplotlib", "pip install matplotlib (install.sh installs it)") from None
+    Path(path).write_bytes(png)

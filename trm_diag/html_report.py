@@ -319,3 +319,14 @@ def write_html(report: Path, summary: dict[str, Any]) -> Path:
     path = report / HTML_FILE
     atomic_write(path, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
     return path
+
+
+def write_html_or_warn(report: Path, summary: dict[str, Any], warn: Any) -> None:
+    """report.html for a report being written: a failure to draw it costs the page, never the report
+    (a warning says so and how to retry)."""
+    try:
+        write_html(report, summary)
+    except OSError:
+        raise  # a full disk or a read-only folder: the report cannot be written either
+    except Exception as e:  # noqa: BLE001 - any plotting failure
+        warn(f"report.html not written ({type(e).__name__}: {e}); retry with `trm-diag show {report} --html`")

@@ -20,6 +20,7 @@ import torch
 from trm_diag.assemble import assemble, report_parts
 from trm_diag.config import DEFAULT_HORIZONS, SamplingConfig, Thresholds
 from trm_diag.errors import InputError, UsageError
+from trm_diag.html_report import write_html_or_warn
 from trm_diag.moe import RoutingComparison
 from trm_diag.outputs import check_out_dir, claim_out_dir
 from trm_diag.report import (
@@ -276,5 +277,6 @@ def run_merge(
     assembled.summary["timings"] = {}
     with claim_out_dir(out_dir, overwrite=overwrite, warn=warn):
         write_tables(out_dir, report_parts(assembled), assembled.summary)
+        write_html_or_warn(out_dir, assembled.summary, warn)
         write_summary(out_dir, assembled.summary)
     return out_dir, assembled.summary

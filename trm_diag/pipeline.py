@@ -23,6 +23,7 @@ from trm_diag.backends.base import Backend
 from trm_diag.checkpoint import check_checkpoint, eos_token_ids, max_positions, read_config, vocab_size
 from trm_diag.config import DEFAULT_HORIZONS, BackendSpec, SamplingConfig, Thresholds, as_dict
 from trm_diag.errors import BackendFailure, InputError, ModelError, UsageError
+from trm_diag.html_report import write_html_or_warn
 from trm_diag.outputs import check_out_dir, check_output_file, claim_out_dir
 from trm_diag.partial import PartialStore, run_fingerprint
 from trm_diag.prompts import Prompt, PromptIds, load_prompts
@@ -168,12 +169,13 @@ def _side(backend: Backend) -> dict[str, Any]:
     }
 
 
-def _write(out_dir: Path, assembled: Assembled, timings: dict[str, float], t_start: float) -> CompareResult:
+def _write(out_dir: Path, assembled: Assembled, timings: dict[str, float], t_start: float, warn: Any) -> CompareResult:
     t = time.perf_counter()
     write_tables(out_dir, report_parts(assembled), assembled.summary)
     timings["write_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_start
     assembled.summary["timings"] = timings
+    write_html_or_warn(out_dir, assembled.summary, warn)
     write_summary(out_dir, assembled.summary)
     return CompareResult(out_dir, assembled.summary)
 
@@ -320,7 +322,7 @@ def _compare(cfg: CompareConfig, rep: Reporter, engines: _Engines, run: ExitStac
         horizons=cfg.horizons, tokenizer=roll.tokenizer, width=roll.vocab_width, moe=train.moe,
         header=header, warn=rep.warn,
     )  # fmt: skip
-    result = _write(out_dir, assembled, timings, t_start)
+    result = _write(out_dir, assembled, timings, t_start, rep.warn)
     store.clear()
     return result
 
@@ -497,6 +499,6 @@ def _score(cfg: ScoreConfig, rep: Reporter, engines: _Engines, run: ExitStack) -
         horizons=cfg.horizons, tokenizer=train.tokenizer, width=train.vocab_width, moe=train.moe,
         header=header, warn=rep.warn,
     )  # fmt: skip
-    result = _write(out_dir, assembled, timings, t_start)
+    result = _write(out_dir, assembled, timings, t_start, rep.warn)
     store.clear()
     return result

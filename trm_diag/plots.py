@@ -48,8 +48,9 @@ def profile_png(profile: dict[str, Any], labels: dict[str, str]) -> bytes:
     x = [(lo + hi) / 2 for lo, hi in zip(profile["pos_lo"], profile["pos_hi"])]
     for i, (ax, c) in enumerate(zip(axes, cols)):
         mean, p99 = profile[f"{c}_mean"], profile[f"{c}_p99"]
-        ax.plot(x, mean, marker="o", markersize=3, label="mean", **_style(i))
-        ax.plot(x, p99, label="p99", color=COLOURS[i % len(COLOURS)], linestyle="--", alpha=0.7)
+        colour = COLOURS[i % len(COLOURS)]
+        ax.plot(x, mean, marker="o", markersize=3, label="mean", color=colour, linestyle="-")
+        ax.plot(x, p99, label="p99", color=colour, linestyle="--", alpha=0.7)
         if _spans_decades(list(mean) + list(p99)):
             ax.set_yscale("log")
         ax.set_title(labels.get(c, c))

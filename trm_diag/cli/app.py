@@ -352,6 +352,10 @@ def show(
     report: Annotated[str, typer.Argument(help="Report folder (compare, score or merge).")],
     fmt: Annotated[str, typer.Option("--format", help="text (the tables compare prints), json or markdown.")] = "text",
     top: Annotated[int, typer.Option(help="How many of the worst sequences to list.")] = 5,
+    write_html: Annotated[
+        bool,
+        typer.Option("--html", help="(Re)write REPORT/report.html (figures and shaded worst sequences) and say where."),
+    ] = False,
 ) -> None:
     """Show a saved report again: the verdict first, then the tables `compare` printed.
 
@@ -368,6 +372,11 @@ def show(
         raise UsageError(f"--top {top} is negative", "use 0 or more")
     path, summary = complete_report(report)
     summary.setdefault("verdict", verdict(summary))  # reports written before verdicts existed
+    if write_html:
+        from trm_diag.html_report import write_html as html_page
+
+        err_console.print(f"wrote {escape(str(html_page(path, summary)))} (open it in a browser; no network needed)")
+        return
     saved = summary.get("worst_sequences") or []
     summary["worst_sequences"] = saved[:top]
     more = top > WORST_K and len(saved) == WORST_K  # beyond what summary.json keeps: read sequences.parquet

@@ -67,7 +67,7 @@ def run_bounds(
     if report is not None:
         write_bounds_parquet(Path(report), rows)
     if plot:
-        plot_bounds(rows, plot)
+        plot_bounds(rows, plot, inp.seq_T)
     if json_out:
         print(to_json(bounds_json(rows, inp, inverse)))  # strict JSON: infinite bounds are null
         return
