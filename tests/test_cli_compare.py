@@ -89,6 +89,19 @@ def test_summary_is_printed(tmp_path, dense_model, capsys):
     # the answer on stdout (`> summary.txt` keeps it), progress and messages on stderr
     assert "Token-level mismatch" in out and "TRM-Max" in out and "Worst sequences" in out and "INSIDE" in out
     assert "report written" in err and "trm-diag show" in err and "Token-level" not in err
+    # progress counts rollouts (not chunks) with an ETA, and its lines fit 80 columns
+    lines = [ln for ln in err.replace("\r", "\n").splitlines() if "rollouts" in ln]
+    assert lines and "4/4 rollouts" in lines[-1] and "eta" in lines[-1]
+    assert all(len(ln.rstrip()) <= 80 for ln in err.replace("\r", "\n").splitlines() if "\u2501" in ln)
+
+
+@pytest.mark.parametrize("command", ["compare", "score"])
+def test_help_groups_options_in_panels(command, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "120")
+    code, out, _ = run([command, "--help"], capsys)
+    panels = [p for p in ("Inputs", "Backends", "Sampling", "Thresholds", "Output") if f"\u2500 {p} " in out]
+    assert code == 0 and panels == ["Inputs", "Backends", "Sampling", "Thresholds", "Output"]
+    assert sorted(panels, key=lambda p: out.index(f"\u2500 {p} ")) == panels
 
 
 def test_json_output_goes_to_stdout(tmp_path, dense_model, capsys):

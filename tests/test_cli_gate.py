@@ -92,6 +92,26 @@ def test_json_junit_github_formats(report, tmp_path, capsys):
     assert ET.parse(tmp_path / "g.xml").getroot().get("failures") == "1"
     code, out, _ = run(["gate", str(report), *rules, "--format", "github"], capsys)
     assert code == 1 and out.count("::error") == 1 and "::notice" in out and "1/2 rules passed" in out
+    assert "above the limit 0" in out
+
+
+def test_a_failed_gate_says_which_rule_by_how_much_and_where_to_look(report, tmp_path, monkeypatch, capsys):
+    value = ReportMetrics(report).value("token.kl.p99")
+    limit = value / 4
+    code, out, _ = run(["gate", str(report), "-r", f"token.kl.p99 <= {limit!r}", "-r", "accept.combined >= 0"], capsys)
+    assert code == 1 and "1/2 rules passed" in out
+    line = " ".join(out[out.index("FAILED token.kl.p99") :].split())
+    assert f"value {value:.3g} is {value - limit:.3g} above the limit {limit:.3g} (4x)" in line
+    assert f"trm-diag show {report}" in line and "report.html" in line
+    # --format github also writes a Markdown job summary (appended, as GitHub expects) when GITHUB_STEP_SUMMARY is set
+    summary = tmp_path / "step_summary.md"
+    summary.write_text("earlier step\n")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    code, out, _ = run(["gate", str(report), "-r", f"token.kl.p99 <= {limit!r}", "--format", "github"], capsys)
+    md = summary.read_text()
+    headline = json.loads((report / "summary.json").read_text())["verdict"]["headline"]
+    assert code == 1 and md.startswith("earlier step\n") and "0/1 rules passed" in md and "| `token.kl.p99" in md
+    assert headline in md and "(4x)" in md
     code, out, _ = run(["gate", str(report), "-r", "token.kl.p99 <= 1", "--output", str(tmp_path / "t.json")], capsys)
     assert code == 0 and json.loads((tmp_path / "t.json").read_text())["passed"] is True
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from trm_diag.stats import statistic
+
 RATIO_BAND = (0.8, 1.25)  # the ratio band of the breakdowns: rho outside it counts as a large token ratio
 
 
@@ -55,13 +57,12 @@ BREAKDOWN_STATS = ("n", "token_share", "kl_mean", "kl_p99", "kl_share", "abs_log
 
 
 def _finite_mean(x: np.ndarray) -> float:
-    x = x[~np.isnan(x)]
-    return float(x.mean()) if x.size else math.nan
+    """Mean with NaN skipped and infinities kept (the report's one statistics function)."""
+    return statistic(x, "mean")
 
 
 def _p99(x: np.ndarray) -> float:
-    x = x[~np.isnan(x)]
-    return float(np.quantile(x, 0.99, method="linear")) if x.size else math.nan
+    return statistic(x, "p99")
 
 
 def breakdown(

@@ -249,6 +249,20 @@ class RuleResult:
     passed: bool
     note: str = ""
 
+    def miss(self) -> str:
+        """By how much a failed rule missed, in words ("" when it passed): 'value 3.2e-04 is 2.2e-04 above the
+        limit 1e-04 (3.2x)'."""
+        if self.passed:
+            return ""
+        v, t = self.value, self.threshold
+        if math.isnan(v) or math.isnan(t):
+            return self.note
+        if self.rule.op == "==" or math.isinf(v) or math.isinf(t):
+            return f"value {v:.3g}, limit {self.rule.op} {t:.3g}"
+        side = "above" if self.rule.op in ("<=", "<") else "below"
+        times = f" ({v / t:.3g}x)" if t > 0 and v >= 0 else ""
+        return f"value {v:.3g} is {abs(v - t):.3g} {side} the limit {t:.3g}{times}"
+
     def as_dict(self) -> dict[str, Any]:
         def clean(v: float | None) -> float | None:
             return None if v is None or not math.isfinite(v) else v
@@ -256,6 +270,7 @@ class RuleResult:
         return {
             "rule": self.rule.text, "metric": self.rule.metric, "op": self.rule.op, "value": clean(self.value),
             "threshold": clean(self.threshold), "baseline": clean(self.baseline), "passed": self.passed, "note": self.note,
+            "miss": self.miss(),
         }  # fmt: skip
 
 
@@ -332,12 +347,22 @@ def to_github(results: list[RuleResult]) -> str:
     lines = []
     for r in results:
         if not r.passed:
-            lines.append(
-                f"::error title=trm-diag gate::{esc(f'{r.rule.text} failed: value {r.value:.6g}, threshold {r.threshold:.6g} {r.note}'.strip())}"
-            )
+            why = "; ".join(x for x in (r.miss(), r.note if r.note != r.miss() else "") if x)
+            lines.append(f"::error title=trm-diag gate::{esc(f'{r.rule.text} failed: {why}')}")
     failed = sum(not r.passed for r in results)
     lines.append(f"::notice title=trm-diag gate::{len(results) - failed}/{len(results)} rules passed")
     return "\n".join(lines) + "\n"
+
+
+def to_markdown(results: list[RuleResult], report: str) -> str:
+    """The gate's result as Markdown (GitHub's job summary): a line, then one row per rule."""
+    failed = sum(not r.passed for r in results)
+    head = f"## trm-diag gate: {len(results) - failed}/{len(results)} rules passed ({report})"
+    rows = [
+        f"| `{r.rule.text}` | {r.value:.4g} | {'PASS' if r.passed else 'FAIL: ' + r.miss()} |".replace("\n", " ")
+        for r in results
+    ]
+    return "\n".join([head, "", "| rule | value | result |", "| --- | --- | --- |", *rows]) + "\n"
 
 
 def collect_rules(rules: list[str], config: Path | None) -> list[str]:

@@ -42,7 +42,7 @@ class Reporter:
     """Progress and warnings sink; the default one is silent."""
 
     @contextmanager
-    def phase(self, name: str, total: int) -> Iterator[Any]:
+    def phase(self, name: str, total: int, unit: str = "", steps: int = 1) -> Iterator[Any]:
         yield lambda n: None
 
     def warn(self, message: str) -> None:
@@ -261,7 +261,7 @@ def _compare(cfg: CompareConfig, rep: Reporter, engines: _Engines, run: ExitStac
     coexist = same or can_coexist(roll_spec, train_spec)
 
     t = time.perf_counter()
-    with rep.phase(f"loading {roll_spec.name} (rollout)", 1) as advance:
+    with rep.phase(f"load rollout ({roll_spec.name})", 1) as advance:
         roll = engines.load(roll_spec, **kw)
         advance(1)
     timings["load_rollout_s"] = time.perf_counter() - t
@@ -273,7 +273,7 @@ def _compare(cfg: CompareConfig, rep: Reporter, engines: _Engines, run: ExitStac
     store = PartialStore(out_dir, fingerprint, len(chunks), cfg.resume, cfg.overwrite)
     resumed = len(store.done)
     total = n * sampling.samples_per_prompt
-    with rep.phase(f"generating ({roll.description}) and scoring ({cfg.train.name}, {fidelity})", 2 * total) as advance:
+    with rep.phase("generate + score", 2 * total, "rollouts", steps=2) as advance:
         held: dict[int, list[TokenRows]] = {}  # exact tier, engines that swap: rollout rows by chunk
         if train is None:  # two exclusive engines, one after the other: every chunk generated, then scored
             held = _generate_all(
@@ -440,7 +440,7 @@ def _score(cfg: ScoreConfig, rep: Reporter, engines: _Engines, run: ExitStack) -
     check_checkpoint(train_spec.model, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
     out_dir = check_out_dir(cfg.out, overwrite=cfg.overwrite, inputs=[cfg.rollouts])
     t = time.perf_counter()
-    with rep.phase(f"loading {train_spec.name} (train)", 1) as advance:
+    with rep.phase(f"load train ({train_spec.name})", 1) as advance:
         train = engines.load(train_spec, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
         advance(1)
     timings["load_train_s"] = time.perf_counter() - t
@@ -481,7 +481,7 @@ def _score(cfg: ScoreConfig, rep: Reporter, engines: _Engines, run: ExitStack) -
     n = data.count
     run.enter_context(claim_out_dir(out_dir, overwrite=cfg.overwrite, warn=rep.warn))  # every input passed
     store = PartialStore(out_dir, "score", -(-n // SCORE_CHUNK), resume=False, overwrite=True)
-    with rep.phase(f"scoring ({train.description}, {fidelity})", n) as advance:
+    with rep.phase("score", n, "rollouts") as advance:
         chunks = iter_rollout_chunks(cfg.rollouts, cfg.mapping, train.tokenizer, train.vocab_width, SCORE_CHUNK, **read)
         for ci, rollouts in enumerate(chunks):
             store.save(ci, score_rollouts(rollouts, train, None, sampling, fidelity, train.vocab_width, advance))

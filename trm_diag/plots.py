@@ -31,6 +31,11 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
+def _finite(values: Sequence[Any]) -> list[float]:
+    """Plot data with None and +-inf as NaN (a gap in the line; infinities break matplotlib's transforms)."""
+    return [float(v) if v is not None and math.isfinite(v) else math.nan for v in values]
+
+
 def _spans_decades(values: Sequence[float], decades: float = 2.0) -> bool:
     pos = [v for v in values if v is not None and v > 0 and math.isfinite(v)]
     return len(pos) > 1 and math.log10(max(pos) / min(pos)) >= decades
@@ -47,7 +52,7 @@ def profile_png(profile: dict[str, Any], labels: dict[str, str]) -> bytes:
     fig, axes = _figure(4.2 * len(cols), 3.6, len(cols))
     x = [(lo + hi) / 2 for lo, hi in zip(profile["pos_lo"], profile["pos_hi"])]
     for i, (ax, c) in enumerate(zip(axes, cols)):
-        mean, p99 = profile[f"{c}_mean"], profile[f"{c}_p99"]
+        mean, p99 = _finite(profile[f"{c}_mean"]), _finite(profile[f"{c}_p99"])
         colour = COLOURS[i % len(COLOURS)]
         ax.plot(x, mean, marker="o", markersize=3, label="mean", color=colour, linestyle="-")
         ax.plot(x, p99, label="p99", color=colour, linestyle="--", alpha=0.7)
@@ -68,7 +73,7 @@ def acceptance_png(by_length: list[dict[str, Any]], series: dict[str, str], targ
     fig, (ax,) = _figure(7.0, 4.0)
     x = [r["mean_T"] for r in by_length]
     for i, (key, label) in enumerate(series.items()):
-        y = [100 * r[key] if r.get(key) is not None else math.nan for r in by_length]
+        y = [100 * v for v in _finite([r.get(key) for r in by_length])]
         ax.plot(x, y, marker=MARKERS[i % len(MARKERS)], label=label, **_style(i))
     ax.axhline(100 * target, color="black", linestyle=":", linewidth=1, label=f"target {target:.0%}")
     ax.set_ylim(-3, 103)
@@ -139,7 +144,7 @@ def breakdown_png(rows: list[dict[str, Any]], title: str, xlabel: str) -> bytes:
         ax.set_ylabel("share (%)")
         ax.legend(fontsize=8)
     else:
-        ax.bar(x, [r["abs_log_ratio_mean"] for r in rows], 0.6, color=COLOURS[0])
+        ax.bar(x, _finite([r["abs_log_ratio_mean"] for r in rows]), 0.6, color=COLOURS[0])
         ax.set_ylabel("mean |log ratio| per token")
     ax.set_xticks(x, names)
     ax.set_xlabel(xlabel)

@@ -76,22 +76,36 @@ class RichReporter:
         self.quiet = quiet
 
     @contextmanager
-    def phase(self, name: str, total: int):
+    def phase(self, name: str, total: int, unit: str = "", steps: int = 1):
+        """A progress line: label, bar, 'done/total unit', elapsed and remaining time (fits 80 columns).
+        ``steps``: advances per unit (compare counts a rollout's generation and its scoring)."""
         if self.quiet:
             yield lambda n: None
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         with Progress(
             TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
+            BarColumn(bar_width=20),
+            TextColumn("{task.fields[done]}"),
             TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
             console=err_console,
             transient=False,
         ) as progress:
-            task = progress.add_task(name, total=total)
-            yield lambda n: progress.advance(task, n)
+            of = total // steps
+
+            def label(completed: float) -> str:
+                return f"{int(completed) // steps:,}/{of:,} {unit}".rstrip()
+
+            task = progress.add_task(name[:24], total=total, done=label(0))
+
+            def advance(n: int) -> None:
+                progress.advance(task, n)
+                progress.update(task, done=label(progress.tasks[0].completed))
+
+            yield advance
 
     def warn(self, message: str) -> None:
         err_console.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True)
@@ -99,33 +113,60 @@ class RichReporter:
 
 # ------------------------------------------------------------------ options shared by compare and score
 ModelOpt = Annotated[
-    str, typer.Option("--model", help="Model folder (a spec's model=PATH overrides one side). " + SAMPLE_HELP)
+    str,
+    typer.Option(
+        "--model",
+        rich_help_panel="Inputs",
+        help="Model folder (a spec's model=PATH overrides one side). " + SAMPLE_HELP,
+    ),
 ]
-TrainOpt = Annotated[str, typer.Option("--train", help="Training backend spec, e.g. 'hf:dtype=float32,attn=eager'.")]
-OutOpt = Annotated[str, typer.Option("--out", help="Report folder.")]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a report already in --out.")]
-TrmMaxOpt = Annotated[float, typer.Option("--trm-max", help=THRESHOLDS["trm_max"].help)]
-TrmAvgOpt = Annotated[float, typer.Option("--trm-avg", help=THRESHOLDS["trm_avg"].help)]
-LnTrmOpt = Annotated[float, typer.Option("--ln-trm", help=THRESHOLDS["ln_trm"].help)]
-SerOpt = Annotated[float, typer.Option("--ser", help=THRESHOLDS["ser"].help)]
-DppoTvOpt = Annotated[float, typer.Option("--dppo-tv", help=THRESHOLDS["dppo_tv"].help)]
-DppoKlOpt = Annotated[float, typer.Option("--dppo-kl", help=THRESHOLDS["dppo_kl"].help)]
+TrainOpt = Annotated[
+    str,
+    typer.Option(
+        "--train", rich_help_panel="Backends", help="Training backend spec, e.g. 'hf:dtype=float32,attn=eager'."
+    ),
+]
+OutOpt = Annotated[str, typer.Option("--out", rich_help_panel="Output", help="Report folder.")]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", rich_help_panel="Output", help="Replace a report already in --out.")
+]
+TrmMaxOpt = Annotated[float, typer.Option("--trm-max", rich_help_panel="Thresholds", help=THRESHOLDS["trm_max"].help)]
+TrmAvgOpt = Annotated[float, typer.Option("--trm-avg", rich_help_panel="Thresholds", help=THRESHOLDS["trm_avg"].help)]
+LnTrmOpt = Annotated[float, typer.Option("--ln-trm", rich_help_panel="Thresholds", help=THRESHOLDS["ln_trm"].help)]
+SerOpt = Annotated[float, typer.Option("--ser", rich_help_panel="Thresholds", help=THRESHOLDS["ser"].help)]
+DppoTvOpt = Annotated[float, typer.Option("--dppo-tv", rich_help_panel="Thresholds", help=THRESHOLDS["dppo_tv"].help)]
+DppoKlOpt = Annotated[float, typer.Option("--dppo-kl", rich_help_panel="Thresholds", help=THRESHOLDS["dppo_kl"].help)]
 DEFAULT = {k: t.default for k, t in THRESHOLDS.items()}
 HorizonsOpt = Annotated[
-    str, typer.Option("--horizons", help="Horizons T for bounds.parquet (the observed max length is added).")
+    str,
+    typer.Option(
+        "--horizons",
+        rich_help_panel="Thresholds",
+        help="Horizons T for bounds.parquet (the observed max length is added).",
+    ),
 ]
 RemoteCodeOpt = Annotated[
-    bool, typer.Option("--trust-remote-code", help="Allow checkpoints that ship their own model code.")
+    bool,
+    typer.Option(
+        "--trust-remote-code", rich_help_panel="Backends", help="Allow checkpoints that ship their own model code."
+    ),
 ]
 PickleOpt = Annotated[
-    bool, typer.Option("--allow-pickle", help="Allow pickle (.bin) weights; safetensors only by default.")
+    bool,
+    typer.Option(
+        "--allow-pickle", rich_help_panel="Backends", help="Allow pickle (.bin) weights; safetensors only by default."
+    ),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print summary.json to stdout instead of tables.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
-TemperatureOpt = Annotated[float, typer.Option("--temperature", help="Sampling temperature (0 = greedy).")]
-TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus sampling (1 = off).")]
-TopKOpt = Annotated[int, typer.Option("--top-k", help="Top-k sampling (0 = off).")]
-MinPOpt = Annotated[float, typer.Option("--min-p", help="Min-p sampling (0 = off).")]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", rich_help_panel="Output", help="Print summary.json to stdout instead of tables.")
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", rich_help_panel="Output", help="No progress bars.")]
+TemperatureOpt = Annotated[
+    float, typer.Option("--temperature", rich_help_panel="Sampling", help="Sampling temperature (0 = greedy).")
+]
+TopPOpt = Annotated[float, typer.Option("--top-p", rich_help_panel="Sampling", help="Nucleus sampling (1 = off).")]
+TopKOpt = Annotated[int, typer.Option("--top-k", rich_help_panel="Sampling", help="Top-k sampling (0 = off).")]
+MinPOpt = Annotated[float, typer.Option("--min-p", rich_help_panel="Sampling", help="Min-p sampling (0 = off).")]
 
 
 def _thresholds(trm_max: float, trm_avg: float, ln_trm: float, ser: float, dppo_tv: float, dppo_kl: float):
@@ -153,51 +194,50 @@ def _render(summary: dict, out_dir, json_out: bool) -> None:
 def compare(
     model: ModelOpt = "",
     prompts: Annotated[
-        str, typer.Option(help="Prompt file: .jsonl ('prompt' or 'messages'), .parquet or .txt. " + SAMPLE_HELP)
+        str,
+        typer.Option(
+            rich_help_panel="Inputs",
+            help="Prompt file: .jsonl ('prompt' or 'messages'), .parquet or .txt. " + SAMPLE_HELP,
+        ),
     ] = "",
+    num_prompts: Annotated[
+        int | None, typer.Option(rich_help_panel="Inputs", help="Use only the first N prompts.")
+    ] = None,
+    samples: Annotated[int, typer.Option(rich_help_panel="Inputs", help="Responses sampled per prompt.")] = 1,
+    truncate_prompts: Annotated[
+        bool,
+        typer.Option(
+            rich_help_panel="Inputs",
+            help="Cut prompts too long for the model (prompt + --max-new-tokens beyond its positions) to their "
+            "last tokens, instead of refusing them.",
+        ),
+    ] = False,
     rollout: Annotated[
         str,
         typer.Option(
+            rich_help_panel="Backends",
             help="Rollout backend spec, e.g. 'vllm:dtype=bfloat16' or 'hf:dtype=bfloat16,attn=sdpa'. "
-            "Default: vllm:dtype=bfloat16 when vLLM is installed, else hf:dtype=bfloat16."
+            "Default: vllm:dtype=bfloat16 when vLLM is installed, else hf:dtype=bfloat16.",
         ),
     ] = "",
     train: TrainOpt = "hf:dtype=float32",
-    out: OutOpt = "trm-report",
-    overwrite: OverwriteOpt = False,
-    num_prompts: Annotated[int | None, typer.Option(help="Use only the first N prompts.")] = None,
     fidelity: Annotated[
         str,
-        typer.Option(help="; ".join(f"{t.name}: {t.help}" for t in TIERS.values()).replace("[", "\\[") + "."),
+        typer.Option(
+            rich_help_panel="Backends",
+            help="; ".join(f"{t.name}: {t.help}" for t in TIERS.values()).replace("[", "\\[") + ".",
+        ),
     ] = "exact",
-    topk: Annotated[int, typer.Option(help="Top-K log-probs recorded per sampled token (top-K intervals).")] = 20,
-    samples: Annotated[int, typer.Option(help="Responses sampled per prompt.")] = 1,
-    max_new_tokens: Annotated[int, typer.Option(help="Maximum response length.")] = 96,
+    topk: Annotated[
+        int,
+        typer.Option(rich_help_panel="Backends", help="Top-K log-probs recorded per sampled token (top-K intervals)."),
+    ] = 20,
+    max_new_tokens: Annotated[int, typer.Option(rich_help_panel="Sampling", help="Maximum response length.")] = 96,
     temperature: TemperatureOpt = 1.0,
     top_p: TopPOpt = 1.0,
     top_k: TopKOpt = 0,
     min_p: MinPOpt = 0.0,
-    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
-    truncate_prompts: Annotated[
-        bool,
-        typer.Option(
-            help="Cut prompts too long for the model (prompt + --max-new-tokens beyond its positions) to their "
-            "last tokens, instead of refusing them."
-        ),
-    ] = False,
-    save_rollouts: Annotated[
-        str | None, typer.Option(help="Also write the rollouts (.jsonl or .parquet) in the schema `score` reads.")
-    ] = None,
-    resume: Annotated[
-        bool, typer.Option(help="Finish an interrupted run in --out (same command); completed chunks are kept.")
-    ] = False,
-    chunk_prompts: Annotated[
-        int, typer.Option(help="Prompts per checkpointed chunk: an interruption loses at most one chunk.")
-    ] = 64,
-    shard: Annotated[
-        str | None,
-        typer.Option(help="Run shard I of N ('I/N'): prompts whose index % N == I. Combine with `trm-diag merge`."),
-    ] = None,
+    seed: Annotated[int, typer.Option(rich_help_panel="Sampling", help="Sampling seed.")] = 0,
     trm_max: TrmMaxOpt = DEFAULT["trm_max"],
     trm_avg: TrmAvgOpt = DEFAULT["trm_avg"],
     ln_trm: LnTrmOpt = DEFAULT["ln_trm"],
@@ -207,6 +247,34 @@ def compare(
     horizons: HorizonsOpt = ",".join(map(str, DEFAULT_HORIZONS)),
     trust_remote_code: RemoteCodeOpt = False,
     allow_pickle: PickleOpt = False,
+    out: OutOpt = "trm-report",
+    overwrite: OverwriteOpt = False,
+    save_rollouts: Annotated[
+        str | None,
+        typer.Option(
+            rich_help_panel="Output", help="Also write the rollouts (.jsonl or .parquet) in the schema `score` reads."
+        ),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            rich_help_panel="Output",
+            help="Finish an interrupted run in --out (same command); completed chunks are kept.",
+        ),
+    ] = False,
+    chunk_prompts: Annotated[
+        int,
+        typer.Option(
+            rich_help_panel="Output", help="Prompts per checkpointed chunk: an interruption loses at most one chunk."
+        ),
+    ] = 64,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            rich_help_panel="Output",
+            help="Run shard I of N ('I/N'): prompts whose index % N == I. Combine with `trm-diag merge`.",
+        ),
+    ] = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -253,31 +321,45 @@ def score(
     rollouts: Annotated[
         str, typer.Argument(help="Rollouts with token ids and rollout log-probs (.jsonl or .parquet).")
     ],
-    train: TrainOpt = "hf:dtype=float32",
     model: ModelOpt = "",
     mapping: Annotated[
         list[str] | None,
-        typer.Option("--map", help="Column mapping canonical=source, e.g. response_ids=output_ids. Repeatable."),
+        typer.Option(
+            "--map",
+            rich_help_panel="Inputs",
+            help="Column mapping canonical=source, e.g. response_ids=output_ids. Repeatable.",
+        ),
     ] = None,
-    out: OutOpt = "trm-report",
-    overwrite: OverwriteOpt = False,
-    fidelity: Annotated[
-        str | None, typer.Option(help="topk (needs topk_logprobs) or sampled. Default: topk when the file has it.")
-    ] = None,
-    temperature: Annotated[
-        float | None, typer.Option(help="Rollout temperature (default: the file's, else 1).")
-    ] = None,
-    top_p: Annotated[float | None, typer.Option(help="Rollout top-p (default: the file's, else 1).")] = None,
-    top_k: Annotated[int | None, typer.Option(help="Rollout top-k (default: the file's, else off).")] = None,
-    min_p: Annotated[float | None, typer.Option(help="Rollout min-p (default: the file's, else off).")] = None,
     strip_after_eos: Annotated[
         bool,
         typer.Option(
             "--strip-after-eos/--keep-after-eos",
+            rich_help_panel="Inputs",
             help="Drop tokens after a response's first end-of-sequence token (the right padding of verl-style "
             "exports, scored as real tokens otherwise); the summary says how many.",
         ),
     ] = True,
+    train: TrainOpt = "hf:dtype=float32",
+    fidelity: Annotated[
+        str | None,
+        typer.Option(
+            rich_help_panel="Backends",
+            help="topk (needs topk_logprobs) or sampled. Default: topk when the file has it.",
+        ),
+    ] = None,
+    temperature: Annotated[
+        float | None,
+        typer.Option(rich_help_panel="Sampling", help="Rollout temperature (default: the file's, else 1)."),
+    ] = None,
+    top_p: Annotated[
+        float | None, typer.Option(rich_help_panel="Sampling", help="Rollout top-p (default: the file's, else 1).")
+    ] = None,
+    top_k: Annotated[
+        int | None, typer.Option(rich_help_panel="Sampling", help="Rollout top-k (default: the file's, else off).")
+    ] = None,
+    min_p: Annotated[
+        float | None, typer.Option(rich_help_panel="Sampling", help="Rollout min-p (default: the file's, else off).")
+    ] = None,
     trm_max: TrmMaxOpt = DEFAULT["trm_max"],
     trm_avg: TrmAvgOpt = DEFAULT["trm_avg"],
     ln_trm: LnTrmOpt = DEFAULT["ln_trm"],
@@ -287,6 +369,8 @@ def score(
     horizons: HorizonsOpt = ",".join(map(str, DEFAULT_HORIZONS)),
     trust_remote_code: RemoteCodeOpt = False,
     allow_pickle: PickleOpt = False,
+    out: OutOpt = "trm-report",
+    overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:

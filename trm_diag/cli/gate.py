@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from trm_diag.gate import (
     to_json,
     to_junit,
 )
+from trm_diag.gate import to_markdown as gate_markdown
 from trm_diag.outputs import check_output_file
 
 FORMATS = ("table", "json", "junit", "github")
@@ -85,8 +87,20 @@ def run_gate(
         out_console.print(t)
         failed = sum(not r.passed for r in results)
         out_console.print(f"{len(results) - failed}/{len(results)} rules passed")
+        for r in results:
+            if not r.passed:
+                out_console.print(Text(f"FAILED {r.rule.text}: {r.miss()}", style="red"))
+        if failed:
+            out_console.print(f"Why: trm-diag show {report}   (or open {Path(report) / 'report.html'})")
     else:
         print(text[fmt](), end="" if fmt != "json" else "\n")
+    if fmt == "github" and os.environ.get("GITHUB_STEP_SUMMARY"):  # GitHub renders this file on the job page
+        from trm_diag.cli.render import to_markdown
+        from trm_diag.verdict import verdict
+
+        rep.summary.setdefault("verdict", verdict(rep.summary))  # reports written before verdicts existed
+        with open(os.environ["GITHUB_STEP_SUMMARY"], "a", encoding="utf-8") as f:
+            f.write(gate_markdown(results, report) + "\n" + to_markdown(rep.summary) + "\n")
     if output:
         from trm_diag.report import atomic_write
 

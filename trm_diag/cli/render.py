@@ -59,15 +59,28 @@ def bounds_rich_table(rows: list[dict], title: str = "Bounds on |J(pi_theta) - J
     return table
 
 
+def _without_model(spec: str, model: str) -> str:
+    """A backend spec without its model=PATH key (shown once when both sides load the same model)."""
+    name, _, keys = spec.partition(":")
+    rest = [k for k in keys.split(",") if k and k != f"model={model}"]
+    return f"{name}:{','.join(rest)}" if rest else name
+
+
 def render_compare(console: Console, summary: dict[str, Any]) -> None:
     """Headline table, acceptance, bounds at the observed length and the worst sequences."""
     m = summary["metrics"]
     roll = summary["rollout"]
     roll_text = roll["spec"] if "spec" in roll else f"file {roll['source']}"
+    train_text, model = summary["train"]["spec"], summary["train"].get("model")
+    shared = model and roll.get("model") == model  # one model on both sides: say it once, on its own line
+    if shared:
+        roll_text, train_text = (_without_model(t, model) for t in (roll_text, train_text))
     console.print(
-        f"[bold]trm-diag {summary['command']}[/bold]  rollout [cyan]{escape(roll_text)}[/cyan]  vs  "
-        f"train [cyan]{escape(summary['train']['spec'])}[/cyan]  ({summary['fidelity']} fidelity)"
+        f"[bold]trm-diag {summary['command']}[/bold]: rollout [cyan]{escape(roll_text)}[/cyan] vs "
+        f"train [cyan]{escape(train_text)}[/cyan] ({summary['fidelity']} fidelity)"
     )
+    if shared:
+        console.print(f"[dim]model {escape(str(model))}[/dim]")
     render_verdict(console, summary)
     head = Table(title="Token-level mismatch", title_justify="left")
     head.add_column("metric")

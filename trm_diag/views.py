@@ -1,0 +1,101 @@
+"""The three views of truncated sampling, exact and in float64 (DESIGN.md section 7).
+
+With top-k / top-p / min-p the rollout engine samples from p~: the tempered softmax p restricted to
+its kept set K_t and renormalised by the kept mass M_t = sum_{K_t} p. What a trainer compares it with
+depends on the pipeline:
+
+- ``pipeline``: p~ vs q (the trainer's full-vocabulary tempered softmax; verl/TRL/OpenRLHF defaults);
+  the sampled-token log ratio carries log M_t on top of the numerics.
+- ``replay``: p~ vs q~ (q restricted to K_t and renormalised by Q_t = sum_{K_t} q: the sampler's mask
+  replayed by the trainer); numerics on the kept support.
+- ``full``: p vs q, both untruncated: the pure numerical mismatch.
+
+Row by row: lr_pipeline = lr_full + log M_t and lr_replay = lr_full + log M_t - log Q_t.
+Pure torch over rows; no backend imports.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trm_diag.config import SamplingConfig
+
+VIEWS = ("pipeline", "replay", "full")
+DEFAULT_VIEW = "pipeline"
+VIEW_HELP = {
+    "pipeline": "the engine's truncated distribution vs the trainer's full softmax (verl/TRL/OpenRLHF defaults)",
+    "replay": "both restricted to the rollout's kept set (the trainer replays the sampler's mask)",
+    "full": "both untruncated: the pure numerical mismatch",
+}
+
+
+def kept_set(x: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """Tokens the sampler keeps [n, V] (bool) from tempered logits x [n, V], in vLLM's order
+    min_p -> top_k -> top_p, computed in x's dtype (float64 for the views)."""
+    keep = torch.ones_like(x, dtype=torch.bool)
+    if sampling.greedy or not sampling.truncated:
+        return keep
+    neg_inf = torch.tensor(float("-inf"), dtype=x.dtype, device=x.device)
+    if sampling.min_p > 0:
+        logp = torch.log_softmax(x, dim=-1)
+        # keep p_v >= min_p * max_v p_v
+        keep &= logp >= logp.max(dim=-1, keepdim=True).values + torch.log(torch.tensor(sampling.min_p, dtype=x.dtype))
+    x = torch.where(keep, x, neg_inf)
+    if 0 < sampling.top_k < x.shape[-1]:
+        kth = torch.topk(x, sampling.top_k, dim=-1).values[..., -1:]  # (n, 1); ties with the k-th stay
+        keep &= x >= kth
+        x = torch.where(keep, x, neg_inf)
+    if sampling.top_p < 1:
+        sorted_x, order = torch.sort(x, dim=-1, descending=False)  # (n, V) ascending
+        cum = torch.softmax(sorted_x, dim=-1).cumsum(dim=-1)
+        drop_sorted = cum <= 1 - sampling.top_p
+        drop_sorted[..., -1] = False  # the most likely token always stays
+        keep &= ~torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return keep
+
+
+def _kl(la: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
+    """KL(a || b) per row from log-probs; terms where a = 0 are 0, where b = 0 < a are +inf."""
+    pa = la.exp()
+    terms = torch.where(pa > 0, pa * (la - lb), torch.zeros((), dtype=la.dtype))
+    return terms.sum(-1)
+
+
+def _tv(la: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (la.exp() - lb.exp()).abs().sum(-1)
+
+
+def view_columns(
+    a: torch.Tensor, b: torch.Tensor, y: torch.Tensor, sampling: SamplingConfig
+) -> dict[str, torch.Tensor]:
+    """Per token [n] (float64): each view's kl, kl_rev, tv and sampled-token log ratio, the rollout's
+    kept mass and kept count, the trainer's mass on that set, and whether the trainer's own kept set
+    differs. a, b: tempered logits (rollout, training) [n, V]; y: sampled token ids [n].
+
+    The sampled token is always in K_t (the engine sampled it): a token at the truncation boundary
+    that the recomputed rows would drop is kept, so no view gives it probability 0."""
+    a64, b64 = a.double(), b.double()
+    lp, lq = torch.log_softmax(a64, -1), torch.log_softmax(b64, -1)  # (n, V) full tempered
+    rows = torch.arange(len(y), device=a.device)
+    keep = kept_set(a64, sampling)
+    keep[rows, y] = True
+    neg_inf = torch.tensor(float("-inf"), dtype=torch.float64, device=a.device)
+    log_m = torch.logsumexp(torch.where(keep, lp, neg_inf), -1)  # (n,) log M_t
+    log_q = torch.logsumexp(torch.where(keep, lq, neg_inf), -1)  # (n,) log Q_t
+    lpt = torch.where(keep, lp - log_m[:, None], neg_inf)  # p~
+    lqt = torch.where(keep, lq - log_q[:, None], neg_inf)  # q~
+    lr_full = lq[rows, y] - lp[rows, y]
+    out = {
+        "kept_mass": log_m.exp(),
+        "kept_count": keep.sum(-1).double(),
+        "train_kept_mass": log_q.exp(),
+        "support_differs": (kept_set(b64, sampling) != keep).any(-1),
+        "lr_full": lr_full,
+        "lr_pipeline": lr_full + log_m,
+        "lr_replay": lr_full + log_m - log_q,
+    }
+    for view, (la, lb) in {"full": (lp, lq), "pipeline": (lpt, lq), "replay": (lpt, lqt)}.items():
+        out[f"kl_{view}"] = _kl(la, lb)
+        out[f"kl_rev_{view}"] = _kl(lb, la)
+        out[f"tv_{view}"] = _tv(la, lb)
+    return out
