@@ -90,7 +90,8 @@ def test_sampled_tier_and_mapping(saved, dense_model, tmp_path, capsys):
     assert code == 0, err
     a = pd.read_parquet(saved / "cmp" / "tokens.parquet")
     b = pd.read_parquet(tmp_path / "m" / "tokens.parquet")
-    assert (a["lp_train"].to_numpy() == b["lp_train"].to_numpy()).all()
+    # the exact tier's pipeline view (float64 from the rows) and the sampled tier read the same full softmax
+    np.testing.assert_allclose(b["lp_train"].to_numpy(), a["lp_train"].to_numpy(), rtol=1e-12, atol=1e-14)
     s = json.loads((tmp_path / "m" / "summary.json").read_text())
     assert s["fidelity"] == "sampled" and "heuristic" in s["bound_inputs"]["source"]["delta"]
     assert (pd.read_parquet(tmp_path / "m" / "sequences.parquet")["reward"] == 1.0).all()

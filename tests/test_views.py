@@ -33,7 +33,8 @@ def _reference_keep(z, s):
         cum = np.cumsum(p[order])
         drop = cum <= 1 - s.top_p
         drop[-1] = False
-        keep[idx[order[drop]]] = False
+        kept = idx[order[~drop]]
+        keep[idx] = z[idx] >= z[kept].min()  # ties with the least likely kept token stay
     return keep
 
 

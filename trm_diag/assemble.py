@@ -25,17 +25,18 @@ import pandas as pd
 from trm_diag import __version__
 from trm_diag.bounds import bounds_table
 from trm_diag.breakdowns import report_breakdowns
-from trm_diag.config import SamplingConfig, Thresholds, as_dict
+from trm_diag.config import DEFAULT_VIEW, VIEW_HELP, SamplingConfig, Thresholds, as_dict
 from trm_diag.errors import BackendFailure
 from trm_diag.heap import release_heap
 from trm_diag.masking import acceptance_by_length, threshold_sweep, thresholds_for_target, token_violation_rate
 from trm_diag.metrics import batch_metrics, bound_inputs
 from trm_diag.moe import RoutingComparison, routing_summary
-from trm_diag.schema import TOKEN_COLUMNS, WORST_K, tier_columns
+from trm_diag.schema import TOKEN_COLUMNS, VIEW_COLUMNS, WORST_K, tier_columns
 from trm_diag.sequences import sequence_stats
 from trm_diag.tiers import TIERS
 from trm_diag.types import Rollout, Scored
 from trm_diag.verdict import ACCEPTANCE_TARGET, verdict
+from trm_diag.views import untruncated_note, views_summary
 
 ROUTE_COLUMNS = ("route_flips", "route_margin")
 CARRIED = ("reward", "advantage")  # per-rollout values carried through from imported rollouts
@@ -285,8 +286,8 @@ def _hygiene(tokens: TokenColumns, warn: Any) -> tuple[int, int]:
     if n_zero:
         warn(
             f"{n_zero} sampled token(s) have probability 0 under one side (column 'zero_prob'): their log ratio "
-            "and KL are infinite, so the KL-based bounds are infinite (TV-based ones still hold); check that both "
-            "sides use the same top-k/top-p"
+            "and KL are infinite, so the KL-based bounds are infinite (TV-based ones still hold); an engine never "
+            "samples a token it gives probability 0: check the rollout log-probs (an export's padding or -inf values)"
         )
     return n_bad, n_zero
 
@@ -325,6 +326,7 @@ def assemble(
     moe: tuple[int, int] | None,
     header: dict[str, Any],
     warn: Any,
+    view: str = DEFAULT_VIEW,
 ) -> Assembled:
     """summary.json and per-sequence statistics of a report (DESIGN.md section 6), in one pass over
     the chunks; ``header`` goes first in the summary. Tables are written by :func:`report_parts`."""
@@ -332,7 +334,8 @@ def assemble(
         source = MemoryChunks(source)
     th = thresholds
     has_routing = set(ROUTE_COLUMNS) <= set(source.column_names())
-    tokens = TokenColumns(source, tier_columns(fidelity) + (ROUTE_COLUMNS if has_routing else ()))
+    has_views = set(VIEW_COLUMNS) <= set(source.column_names())
+    tokens = TokenColumns(source, tier_columns(fidelity, has_views) + (ROUTE_COLUMNS if has_routing else ()))
     n_bad, n_zero = _hygiene(tokens, warn)
     worst_key = TIERS[fidelity].trm_max
     seqs, candidates, tally = _sequence_pass(source, th, fidelity, has_routing)
@@ -366,7 +369,12 @@ def assemble(
         "topk": sampling.topk,
         **header,
         "sampling": as_dict(sampling),
-        "compared_distribution": sampling.compared_distribution(),
+        "compared_distribution": sampling.compared_distribution()
+        + (f"; {view} view: {VIEW_HELP[view]}" if sampling.truncated and not sampling.greedy else ""),
+        "view": view,
+        "views": (
+            views_summary(tokens, lengths, th.trm_max, th.trm_avg, view) if has_views else untruncated_note(view)
+        ),
         "rollout_distributions": TIERS[fidelity].rollout_distributions,
         "sign_convention": "log_ratio = lp_train - lp_roll; rho = exp(log_ratio)",
         "vocab": {"logits_width": width, "tokenizer_size": len(tokenizer)},

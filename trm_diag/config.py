@@ -234,3 +234,28 @@ def as_dict(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+# ------------------------------------------------------------------ views of truncated sampling (views.py)
+VIEWS = ("pipeline", "replay", "full")
+DEFAULT_VIEW = "pipeline"
+VIEW_HELP = {
+    "pipeline": "the engine's truncated distribution vs the trainer's full softmax (verl/TRL/OpenRLHF defaults)",
+    "replay": "both restricted to the rollout's kept set (the trainer replays the sampler's mask)",
+    "full": "both untruncated: the pure numerical mismatch",
+}
+
+
+def check_view(view: str, fidelity: str, sampling: SamplingConfig) -> None:
+    """--view must name a view the tier's data can give: replay and full need the rollout's kept set,
+    which only the exact tier's full rows carry (without truncation every view is the same)."""
+    if view not in VIEWS:
+        raise UsageError(f"--view {view} is unknown", f"use one of: {', '.join(VIEWS)}")
+    if view != DEFAULT_VIEW and fidelity != "exact" and sampling.truncated and not sampling.greedy:
+        raise UsageError(
+            f"--view {view} needs the rollout's kept set (its full rows), which the {fidelity} tier does not have",
+            f"use --view {DEFAULT_VIEW} (the {fidelity} tier gives that view exactly), or compare with --fidelity exact",
+        )
+
+
+PPO_CLIP = (0.2, 0.28)  # PPO's ratio band [1 - 0.2, 1 + 0.28] (DAPO's higher upper clip)

@@ -143,7 +143,7 @@ def sampled_token_metrics(lp_roll: torch.Tensor, lp_train: torch.Tensor) -> dict
     b = lp_train.double()
     lr = b - a
     rho_m1 = torch.expm1(lr)
-    k3 = rho_m1 - lr
+    k3 = torch.where(torch.isposinf(lr), math.inf, rho_m1 - lr)  # rho = inf: k3 = inf (not inf - inf)
     pa, pb = a.exp(), b.exp()
     tv_bin = (pa - pb).abs()
     la, lb = _log1mexp(a), _log1mexp(b)

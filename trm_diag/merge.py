@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from trm_diag.assemble import assemble, report_parts
-from trm_diag.config import DEFAULT_HORIZONS, SamplingConfig, Thresholds
+from trm_diag.config import DEFAULT_HORIZONS, DEFAULT_VIEW, SamplingConfig, Thresholds
 from trm_diag.errors import InputError, UsageError
 from trm_diag.html_report import write_html_or_warn
 from trm_diag.moe import RoutingComparison
@@ -33,7 +33,7 @@ from trm_diag.report import (
 )
 from trm_diag.types import Rollout, Scored
 
-MUST_MATCH = ("fidelity", "sampling", "thresholds", "compared_distribution")
+MUST_MATCH = ("fidelity", "sampling", "thresholds", "compared_distribution", "view")
 CHUNK = 64  # merged rollouts per chunk, as compare's default --chunk-prompts
 SEQUENCE_FIELDS = ("prompt_token_ids", "response_token_ids", "finish_reason", "reward", "advantage")
 
@@ -273,6 +273,7 @@ def run_merge(
         source, command=first["command"], fidelity=first["fidelity"], sampling=sampling, thresholds=thresholds,
         horizons=tuple(first.get("horizons") or DEFAULT_HORIZONS), tokenizer=tokenizer,
         width=first["vocab"]["logits_width"], moe=moe, header=header, warn=warn,
+        view=first.get("view", DEFAULT_VIEW),
     )  # fmt: skip
     assembled.summary["timings"] = {}
     with claim_out_dir(out_dir, overwrite=overwrite, warn=warn):

@@ -21,7 +21,7 @@ from trm_diag.assemble import Assembled, assemble, model_fingerprint, report_par
 from trm_diag.backends import can_coexist
 from trm_diag.backends.base import Backend
 from trm_diag.checkpoint import check_checkpoint, eos_token_ids, max_positions, read_config, vocab_size
-from trm_diag.config import DEFAULT_HORIZONS, BackendSpec, SamplingConfig, Thresholds, as_dict
+from trm_diag.config import DEFAULT_HORIZONS, DEFAULT_VIEW, BackendSpec, SamplingConfig, Thresholds, as_dict, check_view
 from trm_diag.errors import BackendFailure, InputError, ModelError, UsageError
 from trm_diag.html_report import write_html_or_warn
 from trm_diag.outputs import check_out_dir, check_output_file, claim_out_dir
@@ -72,6 +72,7 @@ class CompareConfig:
     allow_pickle: bool = False
     horizons: tuple[int, ...] = DEFAULT_HORIZONS
     truncate_prompts: bool = False  # cut prompts too long for the model to their last tokens (else refuse)
+    view: str = DEFAULT_VIEW  # truncated sampling: the view that drives masks, bounds and metrics (views.py)
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ class ScoreConfig:
     trust_remote_code: bool = False
     allow_pickle: bool = False
     horizons: tuple[int, ...] = DEFAULT_HORIZONS
+    view: str = DEFAULT_VIEW
 
 
 @dataclass
@@ -137,6 +139,7 @@ def score_rollouts(
     fidelity: str,
     width: int,
     advance: Callable[[int], None],
+    view: str = DEFAULT_VIEW,
 ) -> Scored:
     """Score every rollout with the training backend in batches. In the exact tier,
     rollout_rows(start, pairs) gives the rollout side's rows of the batch at ``start``; None means
@@ -151,8 +154,9 @@ def score_rollouts(
         if fidelity == "exact":
             p_rows = q_rows if rollout_rows is None else list(rollout_rows(s, pairs))
         done = batch_columns(
-            batch, p_rows, q_rows, fidelity, width, experts_per_token=moe[1] if moe else None, kernels=kernels
-        )
+            batch, p_rows, q_rows, fidelity, width, experts_per_token=moe[1] if moe else None, kernels=kernels,
+            sampling=sampling, view=view,
+        )  # fmt: skip
         for r, (cols, comp) in zip(batch, done):
             columns.append(cols)
             if comp is not None:
@@ -229,6 +233,7 @@ def _check_compare_inputs(cfg: CompareConfig, roll_spec: BackendSpec, train_spec
         raise UsageError(f"--fidelity {cfg.fidelity} is unknown", f"use one of: {', '.join(FIDELITIES)}")
     if cfg.fidelity == "topk" and cfg.sampling.topk == 0:
         raise UsageError("--fidelity topk needs top-K log-probs", "pass --topk K with K >= 1")
+    check_view(cfg.view, cfg.fidelity, cfg.sampling)
     for spec in (roll_spec, train_spec):
         check_checkpoint(spec.model, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
     check_vocab_compatible(roll_spec, train_spec)
@@ -299,7 +304,10 @@ def _compare(cfg: CompareConfig, rep: Reporter, engines: _Engines, run: ExitStac
                 rollouts = store.generated_rollouts(ci)
                 rollout_rows = _held_rows(held.pop(ci, None), fidelity)
             t = time.perf_counter()
-            store.save(ci, score_rollouts(rollouts, train, rollout_rows, sampling, fidelity, roll.vocab_width, advance))
+            store.save(
+                ci,
+                score_rollouts(rollouts, train, rollout_rows, sampling, fidelity, roll.vocab_width, advance, cfg.view),
+            )
             timings["score_s"] += time.perf_counter() - t
     if cfg.save_rollouts:
         from trm_diag.rollouts_io import write_rollouts
@@ -320,7 +328,7 @@ def _compare(cfg: CompareConfig, rep: Reporter, engines: _Engines, run: ExitStac
     assembled = assemble(
         store, command="compare", fidelity=fidelity, sampling=sampling, thresholds=cfg.thresholds,
         horizons=cfg.horizons, tokenizer=roll.tokenizer, width=roll.vocab_width, moe=train.moe,
-        header=header, warn=rep.warn,
+        header=header, warn=rep.warn, view=cfg.view,
     )  # fmt: skip
     result = _write(out_dir, assembled, timings, t_start, rep.warn)
     store.clear()
@@ -475,6 +483,7 @@ def _score(cfg: ScoreConfig, rep: Reporter, engines: _Engines, run: ExitStack) -
     sampling = cfg.sampling or SamplingConfig(
         **{k: (int(v) if k == "top_k" else v) for k, v in data.sampling_hints.items()}
     )
+    check_view(cfg.view, fidelity, sampling)  # before the output folder is touched
     t = time.perf_counter()
     # read again and scored chunk by chunk, kept on disk like compare's (no --resume here: a new score
     # always starts afresh), so neither the rollouts nor their token rows are ever all in memory
@@ -484,7 +493,9 @@ def _score(cfg: ScoreConfig, rep: Reporter, engines: _Engines, run: ExitStack) -
     with rep.phase("score", n, "rollouts") as advance:
         chunks = iter_rollout_chunks(cfg.rollouts, cfg.mapping, train.tokenizer, train.vocab_width, SCORE_CHUNK, **read)
         for ci, rollouts in enumerate(chunks):
-            store.save(ci, score_rollouts(rollouts, train, None, sampling, fidelity, train.vocab_width, advance))
+            store.save(
+                ci, score_rollouts(rollouts, train, None, sampling, fidelity, train.vocab_width, advance, cfg.view)
+            )
     timings["score_s"] = time.perf_counter() - t
     header = {
         "rollout": {"source": str(cfg.rollouts), "mapping": cfg.mapping, "retokenized_fields": data.retokenized,
@@ -497,7 +508,7 @@ def _score(cfg: ScoreConfig, rep: Reporter, engines: _Engines, run: ExitStack) -
     assembled = assemble(
         store, command="score", fidelity=fidelity, sampling=sampling, thresholds=cfg.thresholds,
         horizons=cfg.horizons, tokenizer=train.tokenizer, width=train.vocab_width, moe=train.moe,
-        header=header, warn=rep.warn,
+        header=header, warn=rep.warn, view=cfg.view,
     )  # fmt: skip
     result = _write(out_dir, assembled, timings, t_start, rep.warn)
     store.clear()

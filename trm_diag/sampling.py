@@ -1,9 +1,9 @@
 """The sampling distribution as a pure tensor function of the logits.
 
-Both sides of a comparison go through :func:`processed_logprobs`, so they describe the
-distribution the rollout engine actually sampled from (DESIGN.md section 2: "p is the
-distribution the rollout backend sampled from, after the same temperature is applied").
-The order follows vLLM's sampler: temperature -> min_p -> top_k -> top_p -> renormalise.
+A sampler draws from :func:`processed_logprobs` (vLLM's order: temperature -> min_p -> top_k ->
+top_p -> renormalise). Scoring rows are the untruncated tempered distribution
+(:func:`tempered_scores`); the truncated views are computed from them by views.py (DESIGN.md
+section 7).
 """
 
 from __future__ import annotations
@@ -47,10 +47,13 @@ def processed_logprobs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.
     return torch.log_softmax(x, dim=-1)
 
 
-def processed_scores(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
-    """processed_logprobs up to an additive constant per row [N, V] (float32): without truncation
-    only the temperature is applied, saving the normalisation pass over V (the divergence kernel
-    normalises by itself)."""
-    if sampling.greedy or not sampling.truncated:
-        return _tempered(logits, sampling)
-    return processed_logprobs(logits, sampling)
+def tempered_scores(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """Scores [N, V] (float32) of the untruncated tempered distribution, up to an additive constant per
+    row: what the scoring side of every tier compares. Truncation (top-k / top-p / min-p) is applied
+    by views.py, in float64, from the rollout's rows."""
+    return _tempered(logits, sampling)
+
+
+def tempered_logprobs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """Log-probs [N, V] (float32) of the untruncated tempered distribution."""
+    return torch.log_softmax(_tempered(logits, sampling), dim=-1)

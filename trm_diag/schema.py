@@ -19,10 +19,19 @@ ID_COLUMNS = frozenset(("seq_id", "pos", "token_id", "prompt_idx", "sample_idx",
 TEXT_COLUMNS = {"tokens": ("token_text",), "sequences": ("prompt_text", "response_text")}  # decoded for reading
 
 
-def tier_columns(fidelity: str) -> tuple[str, ...]:
-    """tokens.parquet's measured columns in a tier: the common ones and the tier's own, in TOKEN_COLUMNS order."""
+# exact tier with truncated sampling (views.py): the rollout's kept set, and every view side by side
+VIEW_COLUMNS = (
+    "kept_mass", "kept_count", "train_kept_mass", "support_differs", "lr_pipeline", "lr_replay", "lr_full",
+    "kl_pipeline", "kl_replay", "kl_full",
+)  # fmt: skip
+
+
+def tier_columns(fidelity: str, views: bool = False) -> tuple[str, ...]:
+    """tokens.parquet's measured columns in a tier: the common ones and the tier's own, in TOKEN_COLUMNS order,
+    then VIEW_COLUMNS when ``views`` (exact tier, truncated sampling)."""
     t = TIERS[fidelity]
-    return tuple(c for c in TOKEN_COLUMNS if c not in TIER_ONLY or c in t.columns or c in t.also)
+    own = tuple(c for c in TOKEN_COLUMNS if c not in TIER_ONLY or c in t.columns or c in t.also)
+    return own + (VIEW_COLUMNS if views else ())
 
 
 # sequences.parquet columns every reader relies on (statistics columns beyond these are optional)

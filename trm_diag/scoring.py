@@ -15,6 +15,7 @@ import math
 import numpy as np
 import torch
 
+from trm_diag.config import DEFAULT_VIEW, SamplingConfig
 from trm_diag.divergence import (
     DEFAULT_CHUNK_ELEMENTS,
     EXACT_KEYS,
@@ -26,8 +27,9 @@ from trm_diag.divergence import (
 )
 from trm_diag.heap import release_heap
 from trm_diag.moe import RoutingComparison, compare_routing
-from trm_diag.schema import tier_columns
+from trm_diag.schema import VIEW_COLUMNS, tier_columns
 from trm_diag.types import Rollout, TokenRows
+from trm_diag.views import view_columns
 
 TRIM_EVERY = 8  # chunks between heap trims: a 2,048-token response at V = 151,936 grew 2.3 GB without
 INTERVAL_KEYS = ("kl_lo", "kl_hi", "tv_lo", "tv_hi")
@@ -81,6 +83,16 @@ def _gather_scores(rows: list[TokenRows], pieces: list[tuple[int, int, int]]) ->
     return torch.cat([x.to(parts[0].device) for x in parts])
 
 
+def _view_pieces(flat: dict[str, torch.Tensor], v: dict[str, torch.Tensor], view: str, s: int, e: int) -> None:
+    """Rows s..e of the token columns from views.view_columns: the chosen view fills kl / kl_rev / tv /
+    lp_train / lp_roll_prefill (so masks, bounds and metrics follow it); VIEW_COLUMNS keep every view."""
+    for key in ("kl", "kl_rev", "tv", "lp_train"):
+        flat[key][s:e] = v[f"{key}_{view}"].cpu()
+    flat["lp_roll_prefill"][s:e] = v[f"lp_roll_{view}"].cpu()
+    for key in ("ent_roll", "ent_train", *VIEW_COLUMNS):
+        flat[key][s:e] = v[key].double().cpu()
+
+
 def _read(logp: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The given log-probs [n, V] at tokens y [n], float64 on the CPU (gathered where the rows live)."""
     return gather_logprobs(logp, y.to(logp.device)).double().cpu()
@@ -95,6 +107,8 @@ def batch_columns(
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     experts_per_token: int | None = None,
     kernels: set[str] | None = None,
+    sampling: SamplingConfig | None = None,
+    view: str = DEFAULT_VIEW,
 ) -> list[tuple[dict[str, np.ndarray], RoutingComparison | None]]:
     """Token columns (see TOKEN_COLUMNS) of a batch of rollouts and, for MoE models whose two sides
     both reported router logits, each rollout's routing comparison. p_rows is None unless fidelity
@@ -104,7 +118,8 @@ def batch_columns(
     lengths = [len(r.response_ids) for r in rollouts]
     total = sum(lengths)
     ids = torch.tensor([t for r in rollouts for t in r.response_ids], dtype=torch.long)
-    keys = (*EXACT_KEYS, *INTERVAL_KEYS, "lp_train", "lp_roll_prefill")
+    views = p_rows is not None and sampling is not None and sampling.truncated and not sampling.greedy
+    keys = (*EXACT_KEYS, *INTERVAL_KEYS, "lp_train", "lp_roll_prefill", *(VIEW_COLUMNS if views else ()))
     flat = {k: torch.full((total,), math.nan, dtype=torch.float64) for k in keys}
     nonfinite = torch.zeros(total, dtype=torch.bool)
     topk: list[dict[int, float] | None] = []  # per flat row; None where a rollout has no top-K
@@ -125,6 +140,12 @@ def batch_columns(
             p_norm = p_rows[pieces[0][0]].normalized
             lq = _gather_scores(q_rows, pieces)  # (n, V) training side, up to a constant per row
             lp = lq if same else _gather_scores(p_rows, pieces)  # (n, V) rollout side
+            if views:  # truncated sampling: every view from the untruncated rows, in float64 (views.py)
+                _view_pieces(flat, view_columns(lp, lq, y.to(lp.device), sampling), view, s, e)
+                if kernels is not None:
+                    kernels.add("views-float64")
+                nonfinite[s:e] = torch.isnan(flat["kl"][s:e]) | torch.isnan(flat["lp_train"][s:e])
+                continue
             d = logit_divergences(lp, lq, token_ids=y, used=kernels)
             bad = torch.isnan(d["kl"]) | torch.isnan(d["lp_train"])  # NaN logits on a side
             for key in EXACT_KEYS:
@@ -148,6 +169,8 @@ def batch_columns(
                     flat[key][has] = torch.where(bad[rows], math.nan, iv[key])
         nonfinite[s:e] = bad.cpu()
     lp_roll = torch.tensor([x for r in rollouts for x in r.lp_roll], dtype=torch.float64)
+    if views and view == "full":  # the engine reports log p~(y); untruncated: log p(y) = log p~(y) + log M
+        lp_roll = lp_roll + flat["kept_mass"].log()
     st = sampled_token_metrics(lp_roll, flat["lp_train"])
     cols = {k: v.numpy() for k, v in {**flat, **st}.items()}
     cols["lp_roll"] = lp_roll.numpy()
@@ -156,7 +179,12 @@ def batch_columns(
     cols["zero_prob"] = np.isneginf(cols["lp_roll"]) | np.isneginf(cols["lp_train"])
     cols["prefill_gap"] = cols["lp_roll_prefill"] - cols["lp_roll"]
     cols["token_id"] = ids.numpy()
-    cols = {k: cols[k] for k in tier_columns(fidelity) if k in cols}  # the tier's columns only (seq_id, pos below)
+    if views:
+        cols["support_differs"] = cols["support_differs"] > 0.5
+        cols["kept_count"] = cols["kept_count"].astype(np.int64)
+    cols = {
+        k: cols[k] for k in tier_columns(fidelity, views) if k in cols
+    }  # the tier's columns only (seq_id, pos below)
     out = []
     offset = 0
     for j, (r, T) in enumerate(zip(rollouts, lengths)):

@@ -45,6 +45,11 @@ def _seg_reduce(x: np.ndarray, lengths: np.ndarray, op: str) -> np.ndarray:
     return out
 
 
+def per_sequence(x: np.ndarray, lengths: np.ndarray, op: str) -> np.ndarray:
+    """sum / mean / max of a flat token column over each sequence (NaN skipped, inf kept)."""
+    return _seg_reduce(np.asarray(x, dtype=np.float64), np.asarray(lengths, dtype=np.int64), op)
+
+
 def _seg_argmax(x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Position (within its sequence) of each sequence's max of x; -1 for empty sequences."""
     starts, seg = _segments(lengths)

@@ -85,7 +85,8 @@ def findings(summary: dict[str, Any]) -> list[dict[str, str]]:
         out.append({
             "id": "impossible_tokens",
             "finding": f"{zero:,} sampled token(s) have probability 0 on one side: their KL is infinite",
-            "action": "check that both sides apply the same temperature, top-k, top-p and min-p",
+            "action": "check the rollout log-probs (an engine never samples a token it gives probability 0): "
+            "padding or -inf values in an export, or a temperature that differs between the file and --temperature",
         })  # fmt: skip
     share = _num(m.get("kl_share_low_prob"))
     if share is not None and share > LOW_PROB_SHARE:

@@ -18,20 +18,13 @@ from __future__ import annotations
 
 import torch
 
-from trm_diag.config import SamplingConfig
-
-VIEWS = ("pipeline", "replay", "full")
-DEFAULT_VIEW = "pipeline"
-VIEW_HELP = {
-    "pipeline": "the engine's truncated distribution vs the trainer's full softmax (verl/TRL/OpenRLHF defaults)",
-    "replay": "both restricted to the rollout's kept set (the trainer replays the sampler's mask)",
-    "full": "both untruncated: the pure numerical mismatch",
-}
+from trm_diag.config import PPO_CLIP, VIEWS, SamplingConfig
 
 
 def kept_set(x: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
     """Tokens the sampler keeps [n, V] (bool) from tempered logits x [n, V], in vLLM's order
-    min_p -> top_k -> top_p, computed in x's dtype (float64 for the views)."""
+    min_p -> top_k -> top_p, computed in x's dtype (float64 for the views). Ties at a cut stay kept
+    (top-k: with the k-th; top-p: with the least likely token of the nucleus)."""
     keep = torch.ones_like(x, dtype=torch.bool)
     if sampling.greedy or not sampling.truncated:
         return keep
@@ -50,7 +43,11 @@ def kept_set(x: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
         cum = torch.softmax(sorted_x, dim=-1).cumsum(dim=-1)
         drop_sorted = cum <= 1 - sampling.top_p
         drop_sorted[..., -1] = False  # the most likely token always stays
-        keep &= ~torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        nucleus = keep & ~torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        # tokens tied with the least likely kept one stay too (a sort may order ties either way: bf16
+        # logits tie often, and which of them a sampler drops is arbitrary)
+        edge = torch.where(nucleus, x, torch.tensor(float("inf"), dtype=x.dtype, device=x.device))
+        keep &= x >= edge.min(dim=-1, keepdim=True).values
     return keep
 
 
@@ -68,9 +65,9 @@ def _tv(la: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
 def view_columns(
     a: torch.Tensor, b: torch.Tensor, y: torch.Tensor, sampling: SamplingConfig
 ) -> dict[str, torch.Tensor]:
-    """Per token [n] (float64): each view's kl, kl_rev, tv and sampled-token log ratio, the rollout's
-    kept mass and kept count, the trainer's mass on that set, and whether the trainer's own kept set
-    differs. a, b: tempered logits (rollout, training) [n, V]; y: sampled token ids [n].
+    """Per token [n] (float64): each view's kl, kl_rev, tv, sampled-token log ratio and the two sides'
+    log-probs of the sampled token, the rollout's kept mass and kept count, the trainer's mass on that
+    set, whether the trainer's own kept set differs, and the entropies of p~ and q. a, b: tempered logits (rollout, training) [n, V]; y: sampled token ids [n].
 
     The sampled token is always in K_t (the engine sampled it): a token at the truncation boundary
     that the recomputed rows would drop is kept, so no view gives it probability 0."""
@@ -98,4 +95,51 @@ def view_columns(
         out[f"kl_{view}"] = _kl(la, lb)
         out[f"kl_rev_{view}"] = _kl(lb, la)
         out[f"tv_{view}"] = _tv(la, lb)
+        out[f"lp_roll_{view}"] = la[rows, y]
+        out[f"lp_train_{view}"] = lb[rows, y]
+    out["ent_roll"] = -_kl(lpt, torch.zeros((), dtype=torch.float64))  # H(p~): what the sampler draws from
+    out["ent_train"] = -_kl(lq, torch.zeros((), dtype=torch.float64))  # H(q)
     return out
+
+
+def views_summary(tokens, lengths, trm_max: float, trm_avg: float, view: str) -> dict:
+    """summary.json's ``views``: per view the mean sampled-token log ratio (bias), token KL mean / p99,
+    the share of sequences TRM-Max and TRM-Avg accept, and the share of tokens whose ratio leaves the
+    PPO clip band through mismatch alone; plus how often the two sides' kept sets differ and the kept
+    mass. ``tokens``: a mapping with VIEW_COLUMNS; ``lengths``: tokens per sequence, in table order."""
+    import numpy as np
+
+    from trm_diag.sequences import per_sequence
+    from trm_diag.stats import describe
+
+    lengths = np.asarray(lengths, dtype=np.int64)
+    empty = lengths == 0
+    out: dict = {"truncated": True, "view": view, "by_view": {}}
+    lo, hi = np.log1p(-PPO_CLIP[0]), np.log1p(PPO_CLIP[1])
+    for v in VIEWS:
+        kl = np.asarray(tokens[f"kl_{v}"], dtype=np.float64)
+        lr = np.asarray(tokens[f"lr_{v}"], dtype=np.float64)
+        d = describe(kl, ("mean", "p99"))
+        with np.errstate(invalid="ignore"):
+            accept_max = empty | (per_sequence(kl, lengths, "max") <= trm_max)
+            accept_avg = empty | (per_sequence(kl, lengths, "mean") <= trm_avg)
+        out["by_view"][v] = {
+            "bias": describe(lr, ("mean",))["mean"],
+            "kl_mean": d["mean"],
+            "kl_p99": d["p99"],
+            "accept_trm_max": float(accept_max.mean()) if len(lengths) else float("nan"),
+            "accept_trm_avg": float(accept_avg.mean()) if len(lengths) else float("nan"),
+            "ppo_clip_frac": float(((lr < lo) | (lr > hi)).mean()) if lr.size else float("nan"),
+        }
+    differs = np.asarray(tokens["support_differs"], dtype=bool)
+    mass = describe(np.asarray(tokens["kept_mass"], dtype=np.float64), ("mean", "p50", "min"))
+    out["support_differs_frac"] = float(differs.mean()) if differs.size else float("nan")
+    out["kept_mass"] = {k: mass[k] for k in ("mean", "p50", "min")}
+    out["kept_count_mean"] = describe(np.asarray(tokens["kept_count"], dtype=np.float64), ("mean",))["mean"]
+    return out
+
+
+def untruncated_note(view: str) -> dict:
+    """summary.json's ``views`` when nothing truncates: the three views are one."""
+    return {"truncated": False, "view": view, "note": "no truncation (top-p 1, top-k off, min-p 0): the "
+            "pipeline, replay and full views coincide"}  # fmt: skip

@@ -23,7 +23,7 @@ from trm_diag.checkpoint import spec_checkpoint
 from trm_diag.config import BackendSpec, SamplingConfig
 from trm_diag.errors import BackendFailure, ModelError
 from trm_diag.moe import moe_shape
-from trm_diag.sampling import processed_logprobs, processed_scores
+from trm_diag.sampling import processed_logprobs, tempered_logprobs, tempered_scores
 from trm_diag.types import Progress, Rollout, no_progress
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -72,12 +72,12 @@ class HiddenRows:
     def rows(self, start: int, stop: int) -> torch.Tensor:
         with torch.inference_mode():
             logits = self.backend.logits_from_hidden(self.hidden[start:stop])  # (n, V)
-            return processed_logprobs(logits, self.sampling)
+            return tempered_logprobs(logits, self.sampling)
 
     def scores(self, start: int, stop: int) -> torch.Tensor:
         with torch.inference_mode():
             logits = self.backend.logits_from_hidden(self.hidden[start:stop])  # (n, V)
-            return processed_scores(logits, self.sampling)
+            return tempered_scores(logits, self.sampling)
 
     @staticmethod
     def joint_scores(pieces: list[tuple[HiddenRows, int, int]]) -> torch.Tensor:
@@ -85,7 +85,7 @@ class HiddenRows:
         first = pieces[0][0]
         with torch.inference_mode():
             hidden = torch.cat([rows.hidden[a:b] for rows, a, b in pieces])  # (n, H)
-            return processed_scores(first.backend.logits_from_hidden(hidden), first.sampling)
+            return tempered_scores(first.backend.logits_from_hidden(hidden), first.sampling)
 
 
 class HFBackend:

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from trm_diag.config import DEFAULT_HORIZONS, THRESHOLDS, parse_horizons
+from trm_diag.config import DEFAULT_HORIZONS, DEFAULT_VIEW, THRESHOLDS, VIEW_HELP, parse_horizons
 from trm_diag.errors import ExitCode, TrmDiagError, UsageError
 from trm_diag.heap import tune_allocator
 from trm_diag.kernels.choice import kernel_name
@@ -166,6 +166,16 @@ TemperatureOpt = Annotated[
 ]
 TopPOpt = Annotated[float, typer.Option("--top-p", rich_help_panel="Sampling", help="Nucleus sampling (1 = off).")]
 TopKOpt = Annotated[int, typer.Option("--top-k", rich_help_panel="Sampling", help="Top-k sampling (0 = off).")]
+ViewOpt = Annotated[
+    str,
+    typer.Option(
+        "--view",
+        rich_help_panel="Sampling",
+        help="With top-p / top-k / min-p: the view that drives masks, bounds, metrics and the gate; "
+        + "; ".join(f"{v}: {h}" for v, h in VIEW_HELP.items())
+        + ". The summary shows all three.",
+    ),
+]
 MinPOpt = Annotated[float, typer.Option("--min-p", rich_help_panel="Sampling", help="Min-p sampling (0 = off).")]
 
 
@@ -237,6 +247,7 @@ def compare(
     top_p: TopPOpt = 1.0,
     top_k: TopKOpt = 0,
     min_p: MinPOpt = 0.0,
+    view: ViewOpt = DEFAULT_VIEW,
     seed: Annotated[int, typer.Option(rich_help_panel="Sampling", help="Sampling seed.")] = 0,
     trm_max: TrmMaxOpt = DEFAULT["trm_max"],
     trm_avg: TrmAvgOpt = DEFAULT["trm_avg"],
@@ -310,6 +321,7 @@ def compare(
         allow_pickle=allow_pickle,
         horizons=parse_horizons(horizons),
         truncate_prompts=truncate_prompts,
+        view=view,
     )
     result = run_compare(cfg, RichReporter(quiet or json_out))
     _render(result.summary, result.out_dir, json_out)
@@ -360,6 +372,7 @@ def score(
     min_p: Annotated[
         float | None, typer.Option(rich_help_panel="Sampling", help="Rollout min-p (default: the file's, else off).")
     ] = None,
+    view: ViewOpt = DEFAULT_VIEW,
     trm_max: TrmMaxOpt = DEFAULT["trm_max"],
     trm_avg: TrmAvgOpt = DEFAULT["trm_avg"],
     ln_trm: LnTrmOpt = DEFAULT["ln_trm"],
@@ -404,6 +417,7 @@ def score(
         trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,
         horizons=parse_horizons(horizons),
+        view=view,
     )
     result = run_score(cfg, RichReporter(quiet or json_out))
     _render(result.summary, result.out_dir, json_out)

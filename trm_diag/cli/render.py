@@ -15,6 +15,11 @@ from trm_diag.criteria import CRITERIA
 from trm_diag.metrics import METRICS
 
 
+def pct(x: Any) -> str:
+    """A fraction as a percentage ('n/a' when missing)."""
+    return "n/a" if x is None or x != x else f"{100 * x:.1f}%"
+
+
 def fmt(x: Any, digits: int = 3) -> str:
     """Compact number: scientific for small/large magnitudes, '-' for missing."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
@@ -82,6 +87,7 @@ def render_compare(console: Console, summary: dict[str, Any]) -> None:
     if shared:
         console.print(f"[dim]model {escape(str(model))}[/dim]")
     render_verdict(console, summary)
+    render_views(console, summary.get("views"))
     head = Table(title="Token-level mismatch", title_justify="left")
     head.add_column("metric")
     for c in ("mean", "p99", "max"):
@@ -168,6 +174,32 @@ def render_compare(console: Console, summary: dict[str, Any]) -> None:
     t = summary.get("timings", {})
     if t:
         console.print("[dim]" + "  ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in t.items()) + "[/dim]")
+
+
+def render_views(console: Console, views: dict[str, Any] | None) -> None:
+    """Truncated sampling: the three views side by side (or the line that says they coincide)."""
+    if not views:
+        return
+    if not views.get("truncated"):
+        console.print(f"[dim]{escape(views.get('note', ''))}[/dim]")
+        return
+    t = Table(
+        title=f"Truncated sampling: three views (masks, bounds and metrics use: {views['view']})",
+        title_justify="left",
+    )
+    for c in ("view", "bias", "KL mean", "KL p99", "TRM-Max", "TRM-Avg", "PPO clip"):
+        t.add_column(c, justify="left" if c == "view" else "right")
+    for name, v in views["by_view"].items():
+        style = "bold" if name == views["view"] else ""
+        t.add_row(name, fmt(v["bias"]), fmt(v["kl_mean"]), fmt(v["kl_p99"]), pct(v["accept_trm_max"]),
+                  pct(v["accept_trm_avg"]), pct(v["ppo_clip_frac"]), style=style)  # fmt: skip
+    console.print(t)
+    km = views["kept_mass"]
+    console.print(
+        f"[dim]bias = mean sampled-token log ratio; PPO clip = tokens whose ratio leaves [0.8, 1.28]. Kept mass "
+        f"mean {fmt(km['mean'])} (min {fmt(km['min'])}), {fmt(views['kept_count_mean'])} tokens kept on average; "
+        f"the two sides' kept sets differ at {pct(views['support_differs_frac'])} of tokens.[/dim]"
+    )
 
 
 def render_verdict(console: Console, summary: dict[str, Any], limit: int = 3) -> None:

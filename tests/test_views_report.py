@@ -1,0 +1,143 @@
+"""The three views in a real report (transformers and vLLM rollouts): every view's columns equal a float64
+recomputation from the two backends' own rows; the identities hold row by row; --view picks the driver."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.helpers import run_cli
+from tests.test_views import _kl, _reference_keep, _softmax
+from trm_diag.config import SamplingConfig
+
+SETTINGS = {
+    "top_p": (["--top-p", "0.9"], SamplingConfig(temperature=0.8, top_p=0.9)),
+    "top_k": (["--top-k", "5"], SamplingConfig(temperature=0.8, top_k=5)),
+    "min_p": (["--min-p", "0.1"], SamplingConfig(temperature=0.8, min_p=0.1)),
+}
+KV = "kv_cache_memory_bytes=268435456"
+
+
+def _compare(tmp_path, model, rollout, flags, view="pipeline", capsys=None, prompts="5"):
+    out = tmp_path / f"r-{view}"
+    code, _, err = run_cli(["compare", "--model", str(model), "--rollout", rollout, "--out", str(out),
+                            "--num-prompts", prompts, "--max-new-tokens", "20", "--temperature", "0.8", *flags,
+                            "--view", view, "-q"], capsys)  # fmt: skip
+    assert code == 0, err
+    return out
+
+
+def _recompute(out, model, rollout_spec, sampling):
+    """Each token's views from the two backends' own rows (same batches as the run), in numpy float64."""
+    from trm_diag.backends import load_backend, parse_spec
+
+    seqs = pd.read_parquet(out / "sequences.parquet")
+    pairs = [(list(p), list(r)) for p, r in zip(seqs["prompt_token_ids"], seqs["response_token_ids"])]
+    rows = {}
+    for side, spec in (("roll", rollout_spec), ("train", "hf:dtype=float32")):
+        b = load_backend(parse_spec(f"{spec},model={model}"))
+        rows[side] = [r.scores(0, r.length).double().numpy() for r in b.score(pairs, sampling)]
+        b.close()
+    ref = []
+    for (_, resp), a_rows, b_rows in zip(pairs, rows["roll"], rows["train"]):
+        for t, y in enumerate(resp):
+            p, q = _softmax(a_rows[t]), _softmax(b_rows[t])
+            keep = _reference_keep(a_rows[t], sampling)
+            keep[y] = True
+            m, qm = p[keep].sum(), q[keep].sum()
+            pt, qt = np.where(keep, p / m, 0.0), np.where(keep, q / qm, 0.0)
+            ref.append({
+                "kept_mass": m, "kept_count": int(keep.sum()), "train_kept_mass": qm,
+                "kl_pipeline": _kl(pt, q), "kl_replay": _kl(pt, qt), "kl_full": _kl(p, q),
+                "tv_pipeline": 0.5 * np.abs(pt - q).sum(), "tv_replay": 0.5 * np.abs(pt - qt).sum(),
+                "tv_full": 0.5 * np.abs(p - q).sum(), "kl_rev_replay": _kl(qt, pt), "kl_rev_full": _kl(q, p),
+                "lr_full": math.log(q[y] / p[y]), "lr_pipeline": math.log(q[y] / pt[y]),
+                "lr_replay": math.log(qt[y] / pt[y]),
+            })  # fmt: skip
+    return pd.DataFrame(ref)
+
+
+def _check(tok, ref, view):
+    for c in (
+        "kept_mass",
+        "train_kept_mass",
+        "kl_pipeline",
+        "kl_replay",
+        "kl_full",
+        "lr_full",
+        "lr_pipeline",
+        "lr_replay",
+    ):
+        np.testing.assert_allclose(tok[c], ref[c], rtol=1e-6, atol=1e-12, err_msg=c)
+    assert (tok["kept_count"].to_numpy() == ref["kept_count"].to_numpy()).all()
+    for c in ("kl", "tv"):  # the chosen view drives kl / tv
+        np.testing.assert_allclose(tok[c], ref[f"{c}_{view}"], rtol=1e-6, atol=1e-12, err_msg=c)
+    if view != "pipeline":  # KL(q || p~) is infinite in the pipeline view (q > 0 outside the kept set)
+        np.testing.assert_allclose(tok["kl_rev"], ref[f"kl_rev_{view}"], rtol=1e-6, atol=1e-12)
+    # finite where the issue says so, and the identities between views row by row
+    assert np.isfinite(tok[["kl_pipeline", "kl_replay", "lr_pipeline", "lr_replay"]].to_numpy()).all()
+    np.testing.assert_allclose(tok["lr_pipeline"], tok["lr_full"] + np.log(tok["kept_mass"]), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        tok["lr_replay"], tok["lr_pipeline"] - np.log(tok["train_kept_mass"]), rtol=0, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_views_in_a_transformers_report_match_float64(name, dense_model, tmp_path, capsys):
+    flags, sampling = SETTINGS[name]
+    out = _compare(tmp_path, dense_model, "hf:dtype=bfloat16", flags, capsys=capsys)
+    tok = pd.read_parquet(out / "tokens.parquet")
+    _check(tok, _recompute(out, dense_model, "hf:dtype=bfloat16", sampling), "pipeline")
+    s = json.loads((out / "summary.json").read_text())
+    assert s["view"] == "pipeline" and s["views"]["truncated"] and set(s["views"]["by_view"]) == {
+        "pipeline", "replay", "full"
+    }  # fmt: skip
+    assert "pipeline view" in s["compared_distribution"]
+    # the pipeline view's bias carries log M: below the replay view's by the mean -log kept mass
+    bias = {v: s["views"]["by_view"][v]["bias"] for v in ("pipeline", "replay", "full")}
+    assert bias["pipeline"] < bias["replay"] and math.isclose(
+        bias["pipeline"], float(tok["lr_pipeline"].mean()), rel_tol=1e-9
+    )
+
+
+def test_view_option_drives_the_report(dense_model, tmp_path, capsys):
+    flags, sampling = SETTINGS["top_p"]
+    out = _compare(tmp_path, dense_model, "hf:dtype=bfloat16", flags, view="replay", capsys=capsys)
+    tok = pd.read_parquet(out / "tokens.parquet")
+    _check(tok, _recompute(out, dense_model, "hf:dtype=bfloat16", sampling), "replay")
+    s = json.loads((out / "summary.json").read_text())
+    assert s["view"] == "replay" and s["metrics"]["token_kl_max"] == pytest.approx(tok["kl_replay"].max())
+    full = _compare(tmp_path, dense_model, "hf:dtype=bfloat16", flags, view="full", capsys=capsys)
+    tf = pd.read_parquet(full / "tokens.parquet")
+    # untruncated: the engine's processed log-prob plus log M is the raw one
+    np.testing.assert_allclose(tf["lp_roll"], tok["lp_roll"] + np.log(tok["kept_mass"]), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(tf["kl"], tok["kl_full"], rtol=1e-12)
+
+
+def test_without_truncation_one_line_and_no_view_columns(dense_model, tmp_path, capsys):
+    out = tmp_path / "plain"
+    code, stdout, err = run_cli(["compare", "--model", str(dense_model), "--rollout", "hf:dtype=bfloat16", "--out",
+                                 str(out), "--num-prompts", "3", "--max-new-tokens", "8"], capsys)  # fmt: skip
+    s = json.loads((out / "summary.json").read_text())
+    assert code == 0 and not s["views"]["truncated"] and "coincide" in stdout
+    assert "kept_mass" not in pd.read_parquet(out / "tokens.parquet")
+
+
+@pytest.mark.parametrize("fidelity", ["topk", "sampled"])
+def test_tiers_without_full_rows_give_the_pipeline_view_only(fidelity, dense_model, tmp_path, capsys):
+    code, _, err = run_cli(["compare", "--model", str(dense_model), "--rollout", "hf:dtype=bfloat16", "--top-p", "0.9",
+                            "--fidelity", fidelity, "--view", "replay", "--out", str(tmp_path / "x")], capsys)  # fmt: skip
+    assert code == 2 and "--view replay needs the rollout's kept set" in err and len(err.strip().splitlines()) <= 2
+    assert not (tmp_path / "x").exists()
+
+
+def test_views_with_the_vllm_rollout_backend(dense_model, tmp_path, capsys):
+    flags, sampling = SETTINGS["top_k"]
+    spec = f"vllm:dtype=bfloat16,{KV}"
+    out = _compare(tmp_path, dense_model, spec, flags, capsys=capsys, prompts="4")
+    tok = pd.read_parquet(out / "tokens.parquet")
+    _check(tok, _recompute(out, dense_model, spec, sampling), "pipeline")
