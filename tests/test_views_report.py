@@ -9,10 +9,12 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from tests.helpers import run_cli
 from tests.test_views import _kl, _reference_keep, _softmax
 from trm_diag.config import SamplingConfig
+from trm_diag.views import kept_set
 
 SETTINGS = {
     "top_p": (["--top-p", "0.9"], SamplingConfig(temperature=0.8, top_p=0.9)),
@@ -47,6 +49,12 @@ def _recompute(out, model, rollout_spec, sampling):
         for t, y in enumerate(resp):
             p, q = _softmax(a_rows[t]), _softmax(b_rows[t])
             keep = _reference_keep(a_rows[t], sampling)
+            engine = kept_set(torch.from_numpy(a_rows[t][None]), sampling)[0].numpy()
+            differ = keep != engine
+            if differ.any():  # only at the cut: tied logits (bf16) the engine's sort ordered its own way
+                cut = {a_rows[t][keep].min(), a_rows[t][engine].min()}
+                assert set(a_rows[t][differ]) <= cut, (t, a_rows[t][differ], cut)
+                keep = engine
             keep[y] = True
             m, qm = p[keep].sum(), q[keep].sum()
             pt, qt = np.where(keep, p / m, 0.0), np.where(keep, q / qm, 0.0)

@@ -19,32 +19,35 @@ def _tempered(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
     return x / sampling.temperature if not sampling.greedy and sampling.temperature != 1.0 else x
 
 
-def processed_logprobs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
-    """Log-probs [N, V] (float32) of the distribution sampled from, given raw logits [N, V].
-
-    Tokens removed by min_p / top_k / top_p get log-prob -inf; the rest is renormalised.
-    Greedy decoding (temperature 0) compares the untempered distribution.
-    """
-    x = _tempered(logits, sampling)  # (N, V)
+def truncate(x: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """Tempered logits x [N, V] (float32) with the tokens the sampler drops set to -inf, step by step as
+    vLLM's PyTorch sampler does it, so the kept set (ties included) is the engine's: min_p on float32
+    probabilities, then one ascending sort serving top-k (ties with the k-th stay) and top-p (the most
+    likely token always stays); top-k alone uses a top-k threshold. Greedy or untruncated: x unchanged."""
     if sampling.greedy or not sampling.truncated:
-        return torch.log_softmax(x, dim=-1)
-    neg_inf = torch.tensor(float("-inf"), dtype=x.dtype, device=x.device)
+        return x
+    neg_inf = float("-inf")
     if sampling.min_p > 0:
-        logp = torch.log_softmax(x, dim=-1)
-        # keep p_v >= min_p * max p  <=>  logp_v >= log(min_p) + max logp
-        cut = logp.max(dim=-1, keepdim=True).values + torch.log(torch.tensor(sampling.min_p))
-        x = torch.where(logp < cut, neg_inf, x)
-    if sampling.top_k > 0 and sampling.top_k < x.shape[-1]:
-        kth = torch.topk(x, sampling.top_k, dim=-1).values[..., -1:]  # (N, 1)
-        x = torch.where(x < kth, neg_inf, x)
+        p = torch.softmax(x, dim=-1)
+        x = x.masked_fill(p < p.amax(dim=-1, keepdim=True) * sampling.min_p, neg_inf)
+    top_k = sampling.top_k if 0 < sampling.top_k < x.shape[-1] else 0
     if sampling.top_p < 1:
-        sorted_x, order = torch.sort(x, dim=-1, descending=False)  # (N, V) ascending
-        cum = torch.softmax(sorted_x, dim=-1).cumsum(dim=-1)
-        drop_sorted = cum <= 1 - sampling.top_p
-        drop_sorted[..., -1] = False  # always keep the most likely token
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        x = torch.where(drop, neg_inf, x)
-    return torch.log_softmax(x, dim=-1)
+        xs, order = x.sort(dim=-1, descending=False)  # (N, V) ascending
+        if top_k:
+            xs = xs.masked_fill(xs < xs[..., -top_k:].min(dim=-1, keepdim=True).values, neg_inf)
+        drop = torch.softmax(xs, dim=-1).cumsum(dim=-1) <= 1 - sampling.top_p
+        drop[..., -1] = False
+        x = x.scatter(-1, order, xs.masked_fill(drop, neg_inf))
+    elif top_k:
+        x = x.masked_fill(x < torch.topk(x, top_k, dim=-1).values[..., -1:], neg_inf)
+    return x
+
+
+def processed_logprobs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """Log-probs [N, V] (float32) of the distribution sampled from, given raw logits [N, V]: tempered,
+    truncated (:func:`truncate`; dropped tokens -inf) and renormalised. Greedy decoding compares the
+    untempered distribution."""
+    return torch.log_softmax(truncate(_tempered(logits, sampling), sampling), dim=-1)
 
 
 def tempered_scores(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:

@@ -59,7 +59,7 @@ class TokenRows(Protocol):
 class TensorRows:
     """TokenRows over an already materialised [T, V] tensor of log-probs."""
 
-    logp: torch.Tensor  # (T, V)
+    logp: torch.Tensor  # (T, V) log-probs, or scores (log-probs up to a constant per row) when not normalized
     routing: torch.Tensor | None = None  # (moe layers, T, E) router logits, MoE models only
     normalized: bool = True
     joint_scores: ClassVar[None] = None
@@ -69,10 +69,11 @@ class TensorRows:
         return int(self.logp.shape[0])
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
-        return self.logp[start:stop].float()
+        x = self.logp[start:stop].float()
+        return x if self.normalized else torch.log_softmax(x, dim=-1)
 
     def scores(self, start: int, stop: int) -> torch.Tensor:
-        return self.rows(start, stop)
+        return self.logp[start:stop].float()
 
 
 @dataclass

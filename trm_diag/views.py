@@ -19,36 +19,14 @@ from __future__ import annotations
 import torch
 
 from trm_diag.config import PPO_CLIP, VIEWS, SamplingConfig
+from trm_diag.sampling import truncate
 
 
 def kept_set(x: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
-    """Tokens the sampler keeps [n, V] (bool) from tempered logits x [n, V], in vLLM's order
-    min_p -> top_k -> top_p, computed in x's dtype (float64 for the views). Ties at a cut stay kept
-    (top-k: with the k-th; top-p: with the least likely token of the nucleus)."""
-    keep = torch.ones_like(x, dtype=torch.bool)
-    if sampling.greedy or not sampling.truncated:
-        return keep
-    neg_inf = torch.tensor(float("-inf"), dtype=x.dtype, device=x.device)
-    if sampling.min_p > 0:
-        logp = torch.log_softmax(x, dim=-1)
-        # keep p_v >= min_p * max_v p_v
-        keep &= logp >= logp.max(dim=-1, keepdim=True).values + torch.log(torch.tensor(sampling.min_p, dtype=x.dtype))
-    x = torch.where(keep, x, neg_inf)
-    if 0 < sampling.top_k < x.shape[-1]:
-        kth = torch.topk(x, sampling.top_k, dim=-1).values[..., -1:]  # (n, 1); ties with the k-th stay
-        keep &= x >= kth
-        x = torch.where(keep, x, neg_inf)
-    if sampling.top_p < 1:
-        sorted_x, order = torch.sort(x, dim=-1, descending=False)  # (n, V) ascending
-        cum = torch.softmax(sorted_x, dim=-1).cumsum(dim=-1)
-        drop_sorted = cum <= 1 - sampling.top_p
-        drop_sorted[..., -1] = False  # the most likely token always stays
-        nucleus = keep & ~torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        # tokens tied with the least likely kept one stay too (a sort may order ties either way: bf16
-        # logits tie often, and which of them a sampler drops is arbitrary)
-        edge = torch.where(nucleus, x, torch.tensor(float("inf"), dtype=x.dtype, device=x.device))
-        keep &= x >= edge.min(dim=-1, keepdim=True).values
-    return keep
+    """Tokens the sampler keeps [n, V] (bool) given tempered logits x [n, V]: decided on float32 values
+    exactly as the engine decides them (sampling.truncate: vLLM's steps, its tie order), so K_t is the
+    engine's kept set; masses and divergences are then computed in float64."""
+    return torch.isfinite(truncate(x.float(), sampling))
 
 
 def _kl(la: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:

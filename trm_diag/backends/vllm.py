@@ -32,7 +32,7 @@ from trm_diag.checkpoint import spec_checkpoint
 from trm_diag.config import BackendSpec, SamplingConfig
 from trm_diag.errors import BackendFailure, ModelError
 from trm_diag.moe import moe_shape
-from trm_diag.sampling import tempered_logprobs
+from trm_diag.sampling import tempered_scores
 from trm_diag.types import Progress, Rollout, TensorRows, no_progress
 
 CPU_KV_CACHE_BYTES = 1 << 30
@@ -259,7 +259,8 @@ class VLLMBackend:
                 start = tok_offset + len(p) - 1
                 routing = router[:, start : start + len(r)]
             tok_offset += len(p) + len(r)
-            out.append(TensorRows(tempered_logprobs(resp, sampling), routing))
+            # tempered logits as the engine's sampler saw them (not renormalised: a kept set is decided on these)
+            out.append(TensorRows(tempered_scores(resp, sampling), routing, normalized=False))
         return out
 
     def _router_rows(self, expected_tokens: int) -> torch.Tensor | None:
