@@ -119,6 +119,16 @@ def test_view_option_drives_the_report(dense_model, tmp_path, capsys):
     _check(tok, _recompute(out, dense_model, "hf:dtype=bfloat16", sampling), "replay")
     s = json.loads((out / "summary.json").read_text())
     assert s["view"] == "replay" and s["metrics"]["token_kl_max"] == pytest.approx(tok["kl_replay"].max())
+    # the gate reads every view and every breakdown bucket
+    from trm_diag.gate import ReportMetrics
+
+    g = ReportMetrics(out)
+    assert g.value("views.replay.kl_mean") == pytest.approx(s["views"]["by_view"]["replay"]["kl_mean"])
+    assert g.value("views.pipeline.accept_trm_max") == s["views"]["by_view"]["pipeline"]["accept_trm_max"]
+    low = int((np.exp(tok["lp_roll"]) < 0.01).sum())
+    assert g.value("breakdown.prob_lt_1pct.n") == low or (low == 0 and "breakdown.prob_lt_1pct.n" not in g.names())
+    assert "views.full.ppo_clip_frac" in g.names() and "breakdown.pos_0_15.kl_mean" in g.names()
+    assert "Truncated sampling: three views" in (out / "report.html").read_text()
     full = _compare(tmp_path, dense_model, "hf:dtype=bfloat16", flags, view="full", capsys=capsys)
     tf = pd.read_parquet(full / "tokens.parquet")
     # untruncated: the engine's processed log-prob plus log M is the raw one

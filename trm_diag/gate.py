@@ -30,11 +30,14 @@ from typing import Any
 
 import numpy as np
 
+from trm_diag.breakdowns import BREAKDOWN_STATS
 from trm_diag.config import parse_horizons
 from trm_diag.criteria import CRITERIA
 from trm_diag.errors import InputError, UsageError
 from trm_diag.schema import ID_COLUMNS
 from trm_diag.stats import STATS, describe
+
+VIEW_STATS = ("bias", "kl_mean", "kl_p99", "accept_trm_max", "accept_trm_avg", "ppo_clip_frac")
 
 OPS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt, "==": operator.eq}
 RULE_RE = re.compile(r"^\s*(?P<metric>[A-Za-z0-9_.@]+)\s*(?P<op><=|>=|==|<|>)\s*(?P<rhs>.+?)\s*$")
@@ -163,9 +166,16 @@ class ReportMetrics:
             for k, v in self.summary.get("metrics", {}).items()
             if isinstance(v, (int, float)) or v is None
         ]
+        for view, stats in ((self.summary.get("views") or {}).get("by_view") or {}).items():
+            out += [f"views.{view}.{k}" for k in stats]
+        out += [f"breakdown.{r['bucket']}.{k}" for r in self._breakdown_rows() for k in BREAKDOWN_STATS if k in r]
         if self._file("routing").is_file() or "routing" in self.summary:
             out.append("routing.flip_rate")
         return out
+
+    def _breakdown_rows(self) -> list[dict]:
+        """summary.json's breakdown rows (none in reports written before breakdowns existed)."""
+        return list((self.summary.get("breakdowns") or {}).get("rows") or [])
 
     def _report_horizons(self) -> list[int]:
         f = self._file("bounds")
@@ -197,6 +207,15 @@ class ReportMetrics:
                     if key != parts[1]:
                         self.notes[name] = f"renamed to metrics.{key} (verl's name)"
                     v = metrics[key]
+                    return math.nan if v is None else float(v)
+            elif parts[0] == "views" and len(parts) == 3:  # views.<view>.<stat>: truncated sampling
+                v = ((self.summary.get("views") or {}).get("by_view") or {}).get(parts[1], {}).get(parts[2])
+                if isinstance(v, (int, float)) or (v is None and parts[2] in VIEW_STATS):
+                    return math.nan if v is None else float(v)
+            elif parts[0] == "breakdown" and len(parts) == 3:  # breakdown.<bucket>.<stat>
+                row = next((r for r in self._breakdown_rows() if r["bucket"] == parts[1]), None)
+                if row is not None and parts[2] in BREAKDOWN_STATS:
+                    v = row.get(parts[2])
                     return math.nan if v is None else float(v)
             elif name == "routing.flip_rate":
                 r = self.summary.get("routing") or {}

@@ -592,7 +592,8 @@ def gate(
     """Check rules against a report: exit 0 when all hold, 1 when any fails, 2 on a usage or input error.
 
     Metric names: token.<column>.<stat>, seq.<column>.<stat> (stat: mean p50 p90 p99 p999 max min),
-    accept.<criterion>, bounds.<bound>@<T>, metrics.<name>, routing.flip_rate.
+    accept.<criterion>, bounds.<bound>@<T>, metrics.<name>, routing.flip_rate, views.<view>.<stat>,
+    breakdown.<bucket>.<stat> (`--list-metrics` lists them all).
     Example: trm-diag gate ./trm-report -r 'token.kl.p99 <= 1e-3' -r 'accept.trm_max >= 0.7'
     """
     from pathlib import Path
