@@ -125,6 +125,7 @@ def test_view_option_drives_the_report(dense_model, tmp_path, capsys):
     g = ReportMetrics(out)
     assert g.value("views.replay.kl_mean") == pytest.approx(s["views"]["by_view"]["replay"]["kl_mean"])
     assert g.value("views.pipeline.accept_trm_max") == s["views"]["by_view"]["pipeline"]["accept_trm_max"]
+    assert g.value("breakdown.pos_0_15.kl.mean") == g.value("breakdown.pos_0_15.kl_mean") > 0  # both spellings
     low = int((np.exp(tok["lp_roll"]) < 0.01).sum())
     assert g.value("breakdown.prob_lt_1pct.n") == low or (low == 0 and "breakdown.prob_lt_1pct.n" not in g.names())
     assert "views.full.ppo_clip_frac" in g.names() and "breakdown.pos_0_15.kl_mean" in g.names()

@@ -212,10 +212,11 @@ class ReportMetrics:
                 v = ((self.summary.get("views") or {}).get("by_view") or {}).get(parts[1], {}).get(parts[2])
                 if isinstance(v, (int, float)) or (v is None and parts[2] in VIEW_STATS):
                     return math.nan if v is None else float(v)
-            elif parts[0] == "breakdown" and len(parts) == 3:  # breakdown.<bucket>.<stat>
+            elif parts[0] == "breakdown" and len(parts) in (3, 4):  # breakdown.<bucket>.<stat> (kl_mean or kl.mean)
                 row = next((r for r in self._breakdown_rows() if r["bucket"] == parts[1]), None)
-                if row is not None and parts[2] in BREAKDOWN_STATS:
-                    v = row.get(parts[2])
+                stat = "_".join(parts[2:])
+                if row is not None and stat in BREAKDOWN_STATS:
+                    v = row.get(stat)
                     return math.nan if v is None else float(v)
             elif name == "routing.flip_rate":
                 r = self.summary.get("routing") or {}
