@@ -130,6 +130,17 @@ def test_view_option_drives_the_report(dense_model, tmp_path, capsys):
     assert g.value("breakdown.prob_lt_1pct.n") == low or (low == 0 and "breakdown.prob_lt_1pct.n" not in g.names())
     assert "views.full.ppo_clip_frac" in g.names() and "breakdown.pos_0_15.kl_mean" in g.names()
     assert "Truncated sampling: three views" in (out / "report.html").read_text()
+    # breakdowns of every view: breakdowns.parquet, summary.json and the gate agree; counts from the tokens
+    brk = pd.read_parquet(out / "breakdowns.parquet")
+    assert set(brk["view"]) == {"pipeline", "replay", "full"}
+    replay = brk[(brk["view"] == "replay") & (brk["bucket"] == "prob_gt_90pct")].iloc[0]
+    assert replay["n"] == int((np.exp(tok["lp_roll"]) >= 0.9).sum())
+    sel = np.exp(tok["lp_roll"]) >= 0.9
+    assert replay["kl_mean"] == pytest.approx(float(tok.loc[sel, "kl_replay"].mean()), rel=1e-12)
+    assert g.value("breakdown.replay.prob_gt_90pct.kl_mean") == pytest.approx(replay["kl_mean"], rel=1e-12)
+    assert g.value("breakdown.full.prob_gt_90pct.kl.mean") == pytest.approx(
+        float(tok.loc[sel, "kl_full"].mean()), rel=1e-12
+    )
     full = _compare(tmp_path, dense_model, "hf:dtype=bfloat16", flags, view="full", capsys=capsys)
     tf = pd.read_parquet(full / "tokens.parquet")
     # untruncated: the engine's processed log-prob plus log M is the raw one
@@ -144,6 +155,9 @@ def test_without_truncation_one_line_and_no_view_columns(dense_model, tmp_path, 
     s = json.loads((out / "summary.json").read_text())
     assert code == 0 and not s["views"]["truncated"] and "coincide" in stdout
     assert "kept_mass" not in pd.read_parquet(out / "tokens.parquet")
+    brk = pd.read_parquet(out / "breakdowns.parquet")
+    assert set(brk["view"]) == {"pipeline"} and set(brk["axis"]) == {"prob", "entropy", "position"}
+    assert "Where the mismatch sits" in stdout
 
 
 @pytest.mark.parametrize("fidelity", ["topk", "sampled"])

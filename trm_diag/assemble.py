@@ -412,6 +412,11 @@ def assemble(
 def report_parts(a: Assembled) -> Iterator[tuple[str, pd.DataFrame]]:
     """Pass 2: (table name, rows) pieces of tokens/sequences/routing/bounds.parquet, chunk by chunk."""
     yield "bounds", a.bounds
+    brk = a.summary.get("breakdowns") or {}
+    by_view = brk.get("by_view") or {a.summary.get("view", DEFAULT_VIEW): brk.get("rows") or []}
+    rows = [{"view": v, **r} for v, view_rows in by_view.items() for r in view_rows]
+    if rows:
+        yield "breakdowns", pd.DataFrame(rows)
     offset = 0
     texts: dict[int, str] = {}  # token id -> its decoded text, shared by every chunk
     for i in range(a.source.n_chunks):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from trm_diag.config import VIEWS
 from trm_diag.stats import statistic
 
 RATIO_BAND = (0.8, 1.25)  # the ratio band of the breakdowns: rho outside it counts as a large token ratio
@@ -163,8 +164,23 @@ def report_breakdowns(tokens, fidelity: str) -> dict[str, dict]:
         along[t.kl] = kl
     if t.tv:
         along[t.tv] = col(t.tv)
+    by_view = {}
+    if all(f"{k}_{v}" in tokens for v in VIEWS for k in ("kl", "lr")):  # truncated sampling: every view
+        for v in VIEWS:
+            kl_v, lr_v = col(f"kl_{v}"), col(f"lr_{v}")
+            by_view[v] = [
+                r
+                for axis in AXES
+                for r in breakdown(col(ent if axis.name == "entropy" else axis.column), axis, kl_v, lr_v)
+            ]
     return {
-        "breakdowns": {"kl_column": t.kl, "entropy_column": ent, "ratio_band": list(RATIO_BAND), "rows": rows},
+        "breakdowns": {
+            "kl_column": t.kl,
+            "entropy_column": ent,
+            "ratio_band": list(RATIO_BAND),
+            "rows": rows,
+            **({"by_view": by_view} if by_view else {}),
+        },  # fmt: skip
         "profile": {"columns": sorted(along), **position_profile(np.asarray(tokens["pos"]), along)},
         "histograms": {"log_ratio": histogram(lr)},
     }

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from trm_diag.breakdowns import BREAKDOWN_STATS
-from trm_diag.config import parse_horizons
+from trm_diag.config import VIEWS, parse_horizons
 from trm_diag.criteria import CRITERIA
 from trm_diag.errors import InputError, UsageError
 from trm_diag.schema import ID_COLUMNS
@@ -169,13 +169,21 @@ class ReportMetrics:
         for view, stats in ((self.summary.get("views") or {}).get("by_view") or {}).items():
             out += [f"views.{view}.{k}" for k in stats]
         out += [f"breakdown.{r['bucket']}.{k}" for r in self._breakdown_rows() for k in BREAKDOWN_STATS if k in r]
+        for view in (self.summary.get("breakdowns") or {}).get("by_view") or {}:
+            out += [
+                f"breakdown.{view}.{r['bucket']}.{k}"
+                for r in self._breakdown_rows(view)
+                for k in BREAKDOWN_STATS
+                if k in r
+            ]
         if self._file("routing").is_file() or "routing" in self.summary:
             out.append("routing.flip_rate")
         return out
 
-    def _breakdown_rows(self) -> list[dict]:
-        """summary.json's breakdown rows (none in reports written before breakdowns existed)."""
-        return list((self.summary.get("breakdowns") or {}).get("rows") or [])
+    def _breakdown_rows(self, view: str | None = None) -> list[dict]:
+        """summary.json's breakdown rows of one view (default: the report's); none in older reports."""
+        brk = self.summary.get("breakdowns") or {}
+        return list((brk.get("by_view") or {}).get(view) or []) if view else list(brk.get("rows") or [])
 
     def _report_horizons(self) -> list[int]:
         f = self._file("bounds")
@@ -212,9 +220,12 @@ class ReportMetrics:
                 v = ((self.summary.get("views") or {}).get("by_view") or {}).get(parts[1], {}).get(parts[2])
                 if isinstance(v, (int, float)) or (v is None and parts[2] in VIEW_STATS):
                     return math.nan if v is None else float(v)
-            elif parts[0] == "breakdown" and len(parts) in (3, 4):  # breakdown.<bucket>.<stat> (kl_mean or kl.mean)
-                row = next((r for r in self._breakdown_rows() if r["bucket"] == parts[1]), None)
-                stat = "_".join(parts[2:])
+            elif parts[0] == "breakdown" and len(parts) in (3, 4, 5):
+                # breakdown.[<view>.]<bucket>.<stat>, the stat as kl_mean or kl.mean; no view: the report's view
+                view = parts[1] if parts[1] in VIEWS else None
+                rest = parts[2:] if view else parts[1:]
+                row = next((r for r in self._breakdown_rows(view) if r["bucket"] == rest[0]), None)
+                stat = "_".join(rest[1:])
                 if row is not None and stat in BREAKDOWN_STATS:
                     v = row.get(stat)
                     return math.nan if v is None else float(v)

@@ -20,7 +20,8 @@ from trm_diag.errors import UsageError
 
 LOCK = ".trm-lock"
 REPORT_FILES = (
-    "tokens.parquet", "sequences.parquet", "bounds.parquet", "routing.parquet", "report.html", "summary.json",
+    "tokens.parquet", "sequences.parquet", "bounds.parquet", "routing.parquet", "breakdowns.parquet", "report.html",
+    "summary.json",
 )  # fmt: skip
 MARKER = "summary.json"  # written last: marks a report complete
 PARTIAL_DIR = ".trm-partial"

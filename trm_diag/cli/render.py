@@ -99,6 +99,7 @@ def render_compare(console: Console, summary: dict[str, Any]) -> None:
         if f"token_{col}_mean" in m:
             head.add_row(label, *(fmt(m.get(f"token_{col}_{s}")) for s in ("mean", "p99", "max")))
     console.print(head)
+    render_breakdown(console, summary.get("breakdowns"))
     infinite = [(label, m[f"token_{col}_n_inf"]) for col, label in rows if m.get(f"token_{col}_n_inf")]
     if infinite:
         parts = ", ".join(f"{label} at {n:,}" for label, n in infinite)
@@ -174,6 +175,23 @@ def render_compare(console: Console, summary: dict[str, Any]) -> None:
     t = summary.get("timings", {})
     if t:
         console.print("[dim]" + "  ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in t.items()) + "[/dim]")
+
+
+def render_breakdown(console: Console, brk: dict[str, Any] | None, axis: str = "prob") -> None:
+    """Where the mismatch sits: one row per bucket of the rollout's probability of the sampled token
+    (summary.json `breakdowns`; entropy and position buckets are in breakdowns.parquet and report.html)."""
+    rows = [r for r in (brk or {}).get("rows", []) if r["axis"] == axis]
+    if not rows:
+        return
+    band = (brk or {}).get("ratio_band") or [0.8, 1.25]
+    t = Table(title="Where the mismatch sits: by the rollout's probability of the sampled token", title_justify="left")
+    cols = ["p(sampled)", "tokens", "KL share", "KL mean", "|log ratio|", f"ratio outside [{band[0]}, {band[1]}]"]
+    for c in cols:
+        t.add_column(c, justify="left" if c == "p(sampled)" else "right")
+    for r in rows:
+        t.add_row(r["range"], pct(r["token_share"]), pct(r.get("kl_share")), fmt(r.get("kl_mean")),
+                  fmt(r["abs_log_ratio_mean"]), pct(r["outside_band"]))  # fmt: skip
+    console.print(t)
 
 
 def render_views(console: Console, views: dict[str, Any] | None) -> None:
