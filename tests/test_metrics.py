@@ -89,10 +89,9 @@ def test_batch_metrics_reference():
     assert math.isclose(m["ess_seq"], float(seq_w.sum() ** 2 / (len(seq_w) * (seq_w**2).sum())), rel_tol=1e-9)
     assert math.isclose(m["ess_token"], float(rho.sum() ** 2 / (len(rho) * (rho**2).sum())), rel_tol=1e-9)
     assert math.isclose(m["frac_ratio_outside_2"], float(np.mean((rho > 2) | (rho < 0.5))))
-    low = sum(1 for r in rho.tolist() if r < 0.8) / len(rho)  # PPO's clip band [0.8, 1.28], counted by hand
-    high = sum(1 for r in rho.tolist() if r > 1.28) / len(rho)
-    assert (m["ppo_clip_low_frac"], m["ppo_clip_high_frac"]) == (pytest.approx(low), pytest.approx(high))
-    assert m["ppo_clip_frac"] == pytest.approx(low + high)
+    # clip bands counted by hand: PPO [0.8, 1.2], DAPO [0.8, 1.28]
+    assert m["ppo_clip_frac"] == pytest.approx(sum(1 for r in rho.tolist() if not 0.8 <= r <= 1.2) / len(rho))
+    assert m["dapo_clip_frac"] == pytest.approx(sum(1 for r in rho.tolist() if not 0.8 <= r <= 1.28) / len(rho))
     assert math.isclose(m["token_kl_max"], tokens["kl"].max())
     assert math.isclose(m["token_kl_p99"], float(np.quantile(tokens["kl"], 0.99)))
     assert m["token_kl_n_inf"] == 0 and m["token_kl_n_nan"] == 0

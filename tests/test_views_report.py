@@ -128,7 +128,7 @@ def test_view_option_drives_the_report(dense_model, tmp_path, capsys):
     assert g.value("breakdown.pos_0_15.kl.mean") == g.value("breakdown.pos_0_15.kl_mean") > 0  # both spellings
     low = int((np.exp(tok["lp_roll"]) < 0.01).sum())
     assert g.value("breakdown.prob_lt_1pct.n") == low or (low == 0 and "breakdown.prob_lt_1pct.n" not in g.names())
-    assert "views.full.ppo_clip_frac" in g.names() and "breakdown.pos_0_15.kl_mean" in g.names()
+    assert "views.full.dapo_clip_frac" in g.names() and "breakdown.pos_0_15.kl_mean" in g.names()
     assert "Truncated sampling: three views" in (out / "report.html").read_text()
     # breakdowns of every view: breakdowns.parquet, summary.json and the gate agree; counts from the tokens
     brk = pd.read_parquet(out / "breakdowns.parquet")

@@ -258,4 +258,6 @@ def check_view(view: str, fidelity: str, sampling: SamplingConfig) -> None:
         )
 
 
-PPO_CLIP = (0.2, 0.28)  # PPO's ratio band [1 - 0.2, 1 + 0.28] (DAPO's higher upper clip)
+# ratio bands of clipped policy-gradient objectives: a token whose rho leaves one through the mismatch alone
+# has its gradient clipped before the policy has moved (PPO: eps = 0.2; DAPO: 0.28 on the high side)
+CLIP_BANDS = {"ppo": (0.2, 0.2), "dapo": (0.2, 0.28)}

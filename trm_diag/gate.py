@@ -37,7 +37,7 @@ from trm_diag.errors import InputError, UsageError
 from trm_diag.schema import ID_COLUMNS
 from trm_diag.stats import STATS, describe
 
-VIEW_STATS = ("bias", "kl_mean", "kl_p99", "accept_trm_max", "accept_trm_avg", "ppo_clip_frac")
+VIEW_STATS = ("bias", "kl_mean", "kl_p99", "accept_trm_max", "accept_trm_avg", "ppo_clip_frac", "dapo_clip_frac")
 
 OPS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt, "==": operator.eq}
 RULE_RE = re.compile(r"^\s*(?P<metric>[A-Za-z0-9_.@]+)\s*(?P<op><=|>=|==|<|>)\s*(?P<rhs>.+?)\s*$")

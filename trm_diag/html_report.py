@@ -185,8 +185,8 @@ def build_html(report: Path, summary: dict[str, Any], figures: dict[str, Any]) -
     if views.get("truncated"):
         parts.append(f"<h2>Truncated sampling: three views (this report uses {_e(views['view'])})</h2>")
         rows_v = [[name, _fmt(x["bias"]), _fmt(x["kl_mean"]), _fmt(x["kl_p99"]), _pct(x["accept_trm_max"]),
-                   _pct(x["accept_trm_avg"]), _pct(x["ppo_clip_frac"])] for name, x in views["by_view"].items()]  # fmt: skip
-        parts.append(_table(["view", "bias", "KL mean", "KL p99", "TRM-Max", "TRM-Avg", "PPO clip"], rows_v))
+                   _pct(x["accept_trm_avg"]), f"{_pct(x['ppo_clip_frac'])} / {_pct(x['dapo_clip_frac'])}"] for name, x in views["by_view"].items()]  # fmt: skip
+        parts.append(_table(["view", "bias", "KL mean", "KL p99", "TRM-Max", "TRM-Avg", "clip PPO / DAPO"], rows_v))
         km = views["kept_mass"]
         parts.append(
             f"<p class=\"muted\">pipeline: the engine's truncated distribution vs the trainer's full softmax; "

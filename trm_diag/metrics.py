@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from trm_diag.bounds import BoundInputs
-from trm_diag.config import PPO_CLIP, Thresholds
+from trm_diag.config import CLIP_BANDS, Thresholds
 from trm_diag.criteria import CRITERIA
 from trm_diag.stats import describe
 from trm_diag.tiers import TIERS
@@ -64,12 +64,11 @@ METRICS: dict[str, tuple[str, str]] = {
     ),
     "frac_ratio_outside_5": ("fraction of tokens with rho > 5 or rho < 1/5", "trm-diag"),
     "ppo_clip_frac": (
-        "fraction of tokens whose rho leaves PPO's clip band [1 - 0.2, 1 + 0.28] through the mismatch alone "
-        "(the policies are equal before the update): the tokens whose gradient PPO would clip",
+        "fraction of tokens whose rho leaves PPO's clip band [1 - 0.2, 1 + 0.2] through the mismatch alone "
+        "(the policies are equal before the update): the tokens whose gradient PPO clips before learning",
         "trm-diag",
     ),
-    "ppo_clip_low_frac": ("fraction of tokens with rho < 1 - 0.2 (PPO's lower clip)", "trm-diag"),
-    "ppo_clip_high_frac": ("fraction of tokens with rho > 1 + 0.28 (DAPO's higher upper clip)", "trm-diag"),
+    "dapo_clip_frac": ("the same for DAPO's band [1 - 0.2, 1 + 0.28]", "trm-diag"),
     "kl_share_low_prob": (
         "share of the summed per-token KL (upper ends in the top-K tier) on tokens whose rollout probability "
         "is below 1% (exact and top-K tiers)",
@@ -154,10 +153,8 @@ def batch_metrics(tokens: pd.DataFrame, seqs: pd.DataFrame, fidelity: str, thres
     m["abs_log_ratio_max"] = float(np.max(np.abs(lr_ok))) if lr_ok.size else math.nan
     for c in (2.0, 5.0):
         m[f"frac_ratio_outside_{c:g}"] = float(np.mean((rho > c) | (rho < 1.0 / c))) if lr_ok.size else math.nan
-    low, high = (rho < 1.0 - PPO_CLIP[0]), (rho > 1.0 + PPO_CLIP[1])  # PPO's clip band, mismatch alone
-    m["ppo_clip_low_frac"] = float(np.mean(low)) if lr_ok.size else math.nan
-    m["ppo_clip_high_frac"] = float(np.mean(high)) if lr_ok.size else math.nan
-    m["ppo_clip_frac"] = float(np.mean(low | high)) if lr_ok.size else math.nan
+    for name, (lo, hi) in CLIP_BANDS.items():  # clipped objectives' ratio bands, left by the mismatch alone
+        m[f"{name}_clip_frac"] = float(np.mean((rho < 1.0 - lo) | (rho > 1.0 + hi))) if lr_ok.size else math.nan
     for col in (*TIERS[fidelity].columns, "abs_log_ratio", "k2", "k3", "tv_bin", "kl_bin", "ent_train"):
         if col == "abs_log_ratio":
             values = np.abs(lr)

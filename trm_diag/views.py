@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from trm_diag.config import PPO_CLIP, VIEWS, SamplingConfig
+from trm_diag.config import CLIP_BANDS, VIEWS, SamplingConfig
 from trm_diag.sampling import truncate
 
 
@@ -93,7 +93,6 @@ def views_summary(tokens, lengths, trm_max: float, trm_avg: float, view: str) ->
     lengths = np.asarray(lengths, dtype=np.int64)
     empty = lengths == 0
     out: dict = {"truncated": True, "view": view, "by_view": {}}
-    lo, hi = np.log1p(-PPO_CLIP[0]), np.log1p(PPO_CLIP[1])
     for v in VIEWS:
         kl = np.asarray(tokens[f"kl_{v}"], dtype=np.float64)
         lr = np.asarray(tokens[f"lr_{v}"], dtype=np.float64)
@@ -107,7 +106,12 @@ def views_summary(tokens, lengths, trm_max: float, trm_avg: float, view: str) ->
             "kl_p99": d["p99"],
             "accept_trm_max": float(accept_max.mean()) if len(lengths) else float("nan"),
             "accept_trm_avg": float(accept_avg.mean()) if len(lengths) else float("nan"),
-            "ppo_clip_frac": float(((lr < lo) | (lr > hi)).mean()) if lr.size else float("nan"),
+            **{
+                f"{name}_clip_frac": float(((lr < np.log1p(-lo)) | (lr > np.log1p(hi))).mean())
+                if lr.size
+                else float("nan")
+                for name, (lo, hi) in CLIP_BANDS.items()
+            },
         }
     differs = np.asarray(tokens["support_differs"], dtype=bool)
     mass = describe(np.asarray(tokens["kept_mass"], dtype=np.float64), ("mean", "p50", "min"))

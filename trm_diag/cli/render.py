@@ -205,16 +205,16 @@ def render_views(console: Console, views: dict[str, Any] | None) -> None:
         title=f"Truncated sampling: three views (masks, bounds and metrics use: {views['view']})",
         title_justify="left",
     )
-    for c in ("view", "bias", "KL mean", "KL p99", "TRM-Max", "TRM-Avg", "PPO clip"):
+    for c in ("view", "bias", "KL mean", "KL p99", "TRM-Max", "TRM-Avg", "clip PPO/DAPO"):
         t.add_column(c, justify="left" if c == "view" else "right")
     for name, v in views["by_view"].items():
         style = "bold" if name == views["view"] else ""
         t.add_row(name, fmt(v["bias"]), fmt(v["kl_mean"]), fmt(v["kl_p99"]), pct(v["accept_trm_max"]),
-                  pct(v["accept_trm_avg"]), pct(v["ppo_clip_frac"]), style=style)  # fmt: skip
+                  pct(v["accept_trm_avg"]), f"{pct(v['ppo_clip_frac'])} / {pct(v['dapo_clip_frac'])}", style=style)  # fmt: skip
     console.print(t)
     km = views["kept_mass"]
     console.print(
-        f"[dim]bias = mean sampled-token log ratio; PPO clip = tokens whose ratio leaves [0.8, 1.28]. Kept mass "
+        f"[dim]bias = mean sampled-token log ratio; clip = tokens whose ratio leaves [0.8, 1.2] / [0.8, 1.28]. Kept mass "
         f"mean {fmt(km['mean'])} (min {fmt(km['min'])}), {fmt(views['kept_count_mean'])} tokens kept on average; "
         f"the two sides' kept sets differ at {pct(views['support_differs_frac'])} of tokens.[/dim]"
     )
