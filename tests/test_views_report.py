@@ -174,3 +174,12 @@ def test_views_with_the_vllm_rollout_backend(dense_model, tmp_path, capsys):
     out = _compare(tmp_path, dense_model, spec, flags, capsys=capsys, prompts="4")
     tok = pd.read_parquet(out / "tokens.parquet")
     _check(tok, _recompute(out, dense_model, spec, sampling), "pipeline")
+
+
+def test_vllm_raw_logprobs_mode_is_refused(dense_model, tmp_path, capsys):
+    """Raw log-probs ignore temperature and truncation: the report would compare another distribution."""
+    code, _, err = run_cli(["compare", "--model", str(dense_model), "--rollout",
+                            f"vllm:dtype=bfloat16,{KV},engine.logprobs_mode=raw_logprobs", "--top-p", "0.9",
+                            "--out", str(tmp_path / "x"), "--num-prompts", "2"], capsys)  # fmt: skip
+    assert code == 2 and "engine.logprobs_mode=raw_logprobs" in err and "Traceback" not in err
+    assert not (tmp_path / "x" / "summary.json").exists()

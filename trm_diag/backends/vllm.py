@@ -30,7 +30,7 @@ from trm_diag.backends import REGISTRY
 from trm_diag.backends.base import batches, first_line, run_seed, seed_for
 from trm_diag.checkpoint import spec_checkpoint
 from trm_diag.config import BackendSpec, SamplingConfig
-from trm_diag.errors import BackendFailure, ModelError
+from trm_diag.errors import BackendFailure, ModelError, UsageError
 from trm_diag.moe import moe_shape
 from trm_diag.sampling import tempered_scores
 from trm_diag.types import Progress, Rollout, TensorRows, no_progress
@@ -145,6 +145,13 @@ class VLLMBackend:
         for key, value in spec.options.items():
             if key.startswith("engine."):
                 args[key.removeprefix("engine.")] = _coerce(value)
+        if args["logprobs_mode"] != "processed_logprobs":  # raw log-probs are untempered and untruncated
+            raise UsageError(
+                f"engine.logprobs_mode={args['logprobs_mode']} would make vLLM report log-probs of another "
+                "distribution than the one it samples from (raw ones ignore temperature, top-k, top-p, min-p)",
+                "drop engine.logprobs_mode: trm-diag reads processed_logprobs and derives the other views itself "
+                "(--view full for the untruncated distribution)",
+            )
         if on_cpu and "kv_cache_memory_bytes" not in args and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
             args["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
         try:
