@@ -102,11 +102,12 @@ def _worst_html(report: Path, summary: dict[str, Any], kl_col: str | None) -> st
         ]  # fmt: skip
         head = ["seq", worst[0]["score_name"], "pos / T", "context (worst token between \u00ab \u00bb)"]
         return _table(head, rows, 0)
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     ids = [int(w["seq_id"]) for w in worst]
     t = read_table(report / "tokens.parquet", columns=["seq_id", "pos", "token_text", score])
-    t = t.filter(pc.is_in(t["seq_id"], value_set=__import__("pyarrow").array(ids, type=t["seq_id"].type)))
+    t = t.filter(pc.is_in(t["seq_id"], value_set=pa.array(ids, type=t["seq_id"].type)))
     rows = t.to_pylist()
     values = [abs(r[score]) for r in rows if r[score] is not None and math.isfinite(r[score]) and r[score] != 0]
     hi = math.log10(max(values)) if values else 0.0

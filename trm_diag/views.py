@@ -16,6 +16,8 @@ Pure torch over rows; no backend imports.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from trm_diag.config import CLIP_BANDS, VIEWS, SamplingConfig
@@ -29,54 +31,60 @@ def kept_set(x: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
     return torch.isfinite(truncate(x.float(), sampling))
 
 
-def _kl(la: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
-    """KL(a || b) per row from log-probs; terms where a = 0 are 0, where b = 0 < a are +inf."""
-    pa = la.exp()
-    terms = torch.where(pa > 0, pa * (la - lb), torch.zeros((), dtype=la.dtype))
-    return terms.sum(-1)
-
-
-def _tv(la: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (la.exp() - lb.exp()).abs().sum(-1)
+def _weighted(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """w * x with 0 where w = 0 (so 0 * -inf terms vanish), [n, V]."""
+    return torch.where(w > 0, w * x, torch.zeros((), dtype=w.dtype, device=w.device))
 
 
 def view_columns(
     a: torch.Tensor, b: torch.Tensor, y: torch.Tensor, sampling: SamplingConfig
 ) -> dict[str, torch.Tensor]:
     """Per token [n] (float64): each view's kl, kl_rev, tv, sampled-token log ratio and the two sides'
-    log-probs of the sampled token, the rollout's kept mass and kept count, the trainer's mass on that
-    set, whether the trainer's own kept set differs, and the entropies of p~ and q. a, b: tempered logits (rollout, training) [n, V]; y: sampled token ids [n].
+    log-probs of the sampled token, the rollout's kept mass M and kept count, the trainer's mass Q on
+    that set, whether the trainer's own kept set differs, and the entropies of p~ and q.
+    a, b: tempered logits (rollout, training) [n, V]; y: sampled token ids [n].
 
-    The sampled token is always in K_t (the engine sampled it): a token at the truncation boundary
-    that the recomputed rows would drop is kept, so no view gives it probability 0."""
-    a64, b64 = a.double(), b.double()
-    lp, lq = torch.log_softmax(a64, -1), torch.log_softmax(b64, -1)  # (n, V) full tempered
+    One pass of masked sums over the full rows serves every view: with S = sum_K p (log p - log q),
+    KL(p~ || q) = S / M - log M and KL(p~ || q~) = S / M - log M + log Q (DESIGN.md section 7).
+    The sampled token is always in K_t (the engine sampled it), so no view gives it probability 0."""
+    lp, lq = torch.log_softmax(a.double(), -1), torch.log_softmax(b.double(), -1)  # (n, V) full tempered
+    p, q = lp.exp(), lq.exp()
     rows = torch.arange(len(y), device=a.device)
-    keep = kept_set(a64, sampling)
+    keep = kept_set(a, sampling)
     keep[rows, y] = True
-    neg_inf = torch.tensor(float("-inf"), dtype=torch.float64, device=a.device)
-    log_m = torch.logsumexp(torch.where(keep, lp, neg_inf), -1)  # (n,) log M_t
-    log_q = torch.logsumexp(torch.where(keep, lq, neg_inf), -1)  # (n,) log Q_t
-    lpt = torch.where(keep, lp - log_m[:, None], neg_inf)  # p~
-    lqt = torch.where(keep, lq - log_q[:, None], neg_inf)  # q~
+    k = keep.double()  # (n, V) 1 on K_t
+    m, qm = (p * k).sum(-1), (q * k).sum(-1)  # (n,) M_t, Q_t
+    log_m, log_q = m.log(), qm.log()
+    p_lr, q_lr = _weighted(p, lp - lq), _weighted(q, lq - lp)  # (n, V) KL(p||q) and KL(q||p) terms
+    s_pk, s_qk = (p_lr * k).sum(-1), (q_lr * k).sum(-1)
+    outside = ((q > 0) & ~keep).any(-1)  # q puts mass where p~ has none: KL(q || p~) is infinite
+    pt = p / m[:, None]  # (n, V) p~ on K_t (masked below)
     lr_full = lq[rows, y] - lp[rows, y]
     out = {
-        "kept_mass": log_m.exp(),
-        "kept_count": keep.sum(-1).double(),
-        "train_kept_mass": log_q.exp(),
-        "support_differs": (kept_set(b64, sampling) != keep).any(-1),
+        "kept_mass": m,
+        "kept_count": k.sum(-1),
+        "train_kept_mass": qm,
+        "support_differs": (kept_set(b, sampling) != keep).any(-1),
         "lr_full": lr_full,
         "lr_pipeline": lr_full + log_m,
         "lr_replay": lr_full + log_m - log_q,
+        "kl_full": p_lr.sum(-1),
+        "kl_rev_full": q_lr.sum(-1),
+        "tv_full": 0.5 * (p - q).abs().sum(-1),
+        "kl_pipeline": s_pk / m - log_m,
+        "kl_rev_pipeline": torch.where(outside, math.inf, s_qk + log_m),
+        "tv_pipeline": 0.5 * (((pt - q).abs() * k).sum(-1) + (1.0 - qm)),
+        "kl_replay": s_pk / m - log_m + log_q,
+        "kl_rev_replay": s_qk / qm - log_q + log_m,
+        "tv_replay": 0.5 * ((pt - q / qm[:, None]).abs() * k).sum(-1),
+        "ent_roll": log_m - (_weighted(p, lp) * k).sum(-1) / m,  # H(p~): what the sampler draws from
+        "ent_train": -_weighted(q, lq).sum(-1),  # H(q)
     }
-    for view, (la, lb) in {"full": (lp, lq), "pipeline": (lpt, lq), "replay": (lpt, lqt)}.items():
-        out[f"kl_{view}"] = _kl(la, lb)
-        out[f"kl_rev_{view}"] = _kl(lb, la)
-        out[f"tv_{view}"] = _tv(la, lb)
-        out[f"lp_roll_{view}"] = la[rows, y]
-        out[f"lp_train_{view}"] = lb[rows, y]
-    out["ent_roll"] = -_kl(lpt, torch.zeros((), dtype=torch.float64))  # H(p~): what the sampler draws from
-    out["ent_train"] = -_kl(lq, torch.zeros((), dtype=torch.float64))  # H(q)
+    lp_y, lq_y = lp[rows, y], lq[rows, y]
+    for view, (roll_y, train_y) in {
+        "full": (lp_y, lq_y), "pipeline": (lp_y - log_m, lq_y), "replay": (lp_y - log_m, lq_y - log_q)
+    }.items():  # fmt: skip
+        out[f"lp_roll_{view}"], out[f"lp_train_{view}"] = roll_y, train_y
     return out
 
 
