@@ -154,11 +154,9 @@ def report_breakdowns(tokens, fidelity: str) -> dict[str, dict]:
     kl = col(t.kl) if t.kl else None
     lr = col("log_ratio")
     ent = "ent_roll" if "ent_roll" in tokens else "ent_train"
-    rows = []
-    for axis in AXES:
-        name = ent if axis.name == "entropy" else axis.column
-        if name in tokens:
-            rows += breakdown(col(name), axis, kl, lr)
+    # each axis column read once (a report's columns may live on disk), shared by every view below
+    values = {a.name: col(c) for a in AXES if (c := ent if a.name == "entropy" else a.column) in tokens}
+    rows = [r for a in AXES if a.name in values for r in breakdown(values[a.name], a, kl, lr)]
     along = {"abs_log_ratio": np.abs(lr)}
     if t.kl:
         along[t.kl] = kl
@@ -168,11 +166,7 @@ def report_breakdowns(tokens, fidelity: str) -> dict[str, dict]:
     if all(f"{k}_{v}" in tokens for v in VIEWS for k in ("kl", "lr")):  # truncated sampling: every view
         for v in VIEWS:
             kl_v, lr_v = col(f"kl_{v}"), col(f"lr_{v}")
-            by_view[v] = [
-                r
-                for axis in AXES
-                for r in breakdown(col(ent if axis.name == "entropy" else axis.column), axis, kl_v, lr_v)
-            ]
+            by_view[v] = [r for a in AXES if a.name in values for r in breakdown(values[a.name], a, kl_v, lr_v)]
     return {
         "breakdowns": {
             "kl_column": t.kl,
@@ -181,6 +175,6 @@ def report_breakdowns(tokens, fidelity: str) -> dict[str, dict]:
             "rows": rows,
             **({"by_view": by_view} if by_view else {}),
         },  # fmt: skip
-        "profile": {"columns": sorted(along), **position_profile(np.asarray(tokens["pos"]), along)},
+        "profile": {"columns": sorted(along), **position_profile(values["position"], along)},
         "histograms": {"log_ratio": histogram(lr)},
     }
