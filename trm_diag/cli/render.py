@@ -185,7 +185,7 @@ def render_breakdown(console: Console, brk: dict[str, Any] | None, axis: str = "
         return
     band = (brk or {}).get("ratio_band") or [0.8, 1.25]
     t = Table(title="Where the mismatch sits: by the rollout's probability of the sampled token", title_justify="left")
-    cols = ["p(sampled)", "tokens", "KL share", "KL mean", "|log ratio|", f"ratio outside [{band[0]}, {band[1]}]"]
+    cols = ["p(sampled)", "tokens", "KL share", "KL mean", "|log ratio|", f"rho outside [{band[0]},{band[1]}]"]
     for c in cols:
         t.add_column(c, justify="left" if c == "p(sampled)" else "right")
     for r in rows:
