@@ -97,6 +97,24 @@ def test_sampled_tier_and_mapping(saved, dense_model, tmp_path, capsys):
     assert (pd.read_parquet(tmp_path / "m" / "sequences.parquet")["reward"] == 1.0).all()
 
 
+def test_what_the_log_probs_are_comes_from_the_file_or_the_option(saved, dense_model, tmp_path, capsys):
+    """`logprobs: raw` (vLLM's default export) is recorded and named; --logprobs overrides the file; the
+    sampled tier gives the pipeline view only and says so."""
+    rows = [json.loads(x) for x in (saved / "r.jsonl").read_text().splitlines()]
+    assert {r["logprobs"] for r in rows} == {"processed"}  # compare --save-rollouts writes what they are
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("".join(json.dumps({**r, "logprobs": "raw"}) + "\n" for r in rows))
+    argv = ["score", str(raw), "--model", str(dense_model), "--fidelity", "sampled", "-q"]
+    assert run([*argv, "--out", str(tmp_path / "a")], capsys)[0] == 0
+    s = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert s["sampling"]["logprobs"] == "raw" and "raw log-probs" in s["compared_distribution"]
+    assert "pipeline view only" in s["views"]["note"]
+    assert run([*argv, "--out", str(tmp_path / "b"), "--logprobs", "processed"], capsys)[0] == 0
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["sampling"]["logprobs"] == "processed"
+    code, _, err = run([*argv, "--out", str(tmp_path / "c"), "--logprobs", "raw_logits"], capsys)
+    assert code == 2 and "logprobs 'raw_logits' is unknown" in err and not (tmp_path / "c").exists()
+
+
 def test_text_only_rows_are_retokenized_with_a_warning(dense_model, tmp_path, capsys):
     from transformers import AutoTokenizer
 
@@ -163,6 +181,10 @@ BAD = {
     "top-K positive logprob": (
         {"prompt_ids": [5], "response_ids": [6], "rollout_logprobs": [-1.0], "topk_logprobs": [[[6, 0.7]]]},
         "invalid top-K log-prob 0.7",
+    ),
+    "logprobs mode unknown": (
+        {"prompt_ids": [5], "response_ids": [6], "rollout_logprobs": [-1.0], "logprobs": "raw_logprobs"},
+        "logprobs 'raw_logprobs' is unknown",
     ),
     "reward infinite": (
         {"prompt_ids": [5], "response_ids": [6], "rollout_logprobs": [-1.0], "reward": float("inf")},

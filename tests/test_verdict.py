@@ -67,3 +67,20 @@ def test_thresholds_for_target_keep_exactly_enough_sequences():
         assert keep.mean() >= 0.7, name
         tighter = (seqs["length"] == 0) | (seqs[col] < got[name])
         assert tighter.mean() < 0.7, name  # the smallest such threshold
+
+
+def _views(pipeline, replay, full):
+    return {"view": "pipeline", "by_view": {v: {"kl_mean": k} for v, k in zip(("pipeline", "replay", "full"), (pipeline, replay, full))}}  # fmt: skip
+
+
+def test_the_sampler_side_of_the_mismatch_is_named_with_its_fix():
+    s = {**summary(), "sampling": {"temperature": 0.8, "logprobs": "processed"}, "views": _views(0.02, 5e-5, 6e-5)}
+    f = [f for f in verdict(s)["findings"] if f["id"] == "truncation"]
+    assert len(f) == 1 and "0.02" in f[0]["finding"] and "6.00e-05" in f[0]["finding"] and "replay" in f[0]["action"]
+    s["views"] = _views(5e-4, 5e-5, 6e-5)  # under 10x the numerics: the sampler is not the cause
+    assert not [f for f in verdict(s)["findings"] if f["id"] == "truncation"]
+    s = {**summary(), "sampling": {"temperature": 0.8, "logprobs": "raw"}, "views": _views(0.3, 5e-5, 6e-5)}
+    f = [f for f in verdict(s)["findings"] if f["id"] in ("raw_logprobs", "truncation")]
+    assert [x["id"] for x in f] == ["raw_logprobs"] and "logprobs=processed" in f[0]["action"]
+    s["sampling"]["temperature"] = 1.0  # raw and processed agree at temperature 1 without truncation
+    assert not [f for f in verdict(s)["findings"] if f["id"] == "raw_logprobs"]

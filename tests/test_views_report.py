@@ -58,18 +58,19 @@ def _recompute(out, model, rollout_spec, sampling):
             keep[y] = True
             m, qm = p[keep].sum(), q[keep].sum()
             pt, qt = np.where(keep, p / m, 0.0), np.where(keep, q / qm, 0.0)
+            roll = _softmax(a_rows[t] * sampling.temperature) if sampling.logprobs == "raw" else pt  # reported
             ref.append({
                 "kept_mass": m, "kept_count": int(keep.sum()), "train_kept_mass": qm,
-                "kl_pipeline": _kl(pt, q), "kl_replay": _kl(pt, qt), "kl_full": _kl(p, q),
-                "tv_pipeline": 0.5 * np.abs(pt - q).sum(), "tv_replay": 0.5 * np.abs(pt - qt).sum(),
+                "kl_pipeline": _kl(roll, q), "kl_replay": _kl(pt, qt), "kl_full": _kl(p, q),
+                "tv_pipeline": 0.5 * np.abs(roll - q).sum(), "tv_replay": 0.5 * np.abs(pt - qt).sum(),
                 "tv_full": 0.5 * np.abs(p - q).sum(), "kl_rev_replay": _kl(qt, pt), "kl_rev_full": _kl(q, p),
-                "lr_full": math.log(q[y] / p[y]), "lr_pipeline": math.log(q[y] / pt[y]),
-                "lr_replay": math.log(qt[y] / pt[y]),
+                "lr_full": math.log(q[y] / p[y]), "lr_pipeline": math.log(q[y] / roll[y]),
+                "lr_replay": math.log(qt[y] / pt[y]), "lp_processed": math.log(pt[y]), "lp_raw": math.log(roll[y]),
             })  # fmt: skip
     return pd.DataFrame(ref)
 
 
-def _check(tok, ref, view):
+def _check(tok, ref, view, raw=False):
     for c in (
         "kept_mass",
         "train_kept_mass",
@@ -88,10 +89,11 @@ def _check(tok, ref, view):
         np.testing.assert_allclose(tok["kl_rev"], ref[f"kl_rev_{view}"], rtol=1e-6, atol=1e-12)
     # finite where the issue says so, and the identities between views row by row
     assert np.isfinite(tok[["kl_pipeline", "kl_replay", "lr_pipeline", "lr_replay"]].to_numpy()).all()
-    np.testing.assert_allclose(tok["lr_pipeline"], tok["lr_full"] + np.log(tok["kept_mass"]), rtol=0, atol=1e-12)
     np.testing.assert_allclose(
-        tok["lr_replay"], tok["lr_pipeline"] - np.log(tok["train_kept_mass"]), rtol=0, atol=1e-12
+        tok["lr_replay"], tok["lr_full"] + np.log(tok["kept_mass"]) - np.log(tok["train_kept_mass"]), rtol=0, atol=1e-12
     )
+    if not raw:
+        np.testing.assert_allclose(tok["lr_pipeline"], tok["lr_full"] + np.log(tok["kept_mass"]), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", list(SETTINGS))
@@ -129,7 +131,7 @@ def test_view_option_drives_the_report(dense_model, tmp_path, capsys):
     low = int((np.exp(tok["lp_roll"]) < 0.01).sum())
     assert g.value("breakdown.prob_lt_1pct.n") == low or (low == 0 and "breakdown.prob_lt_1pct.n" not in g.names())
     assert "views.full.dapo_clip_frac" in g.names() and "breakdown.pos_0_15.kl_mean" in g.names()
-    assert "Truncated sampling: three views" in (out / "report.html").read_text()
+    assert "Three views of the rollout" in (out / "report.html").read_text()
     # breakdowns of every view: breakdowns.parquet, summary.json and the gate agree; counts from the tokens
     brk = pd.read_parquet(out / "breakdowns.parquet")
     assert set(brk["view"]) == {"pipeline", "replay", "full"}
@@ -176,10 +178,28 @@ def test_views_with_the_vllm_rollout_backend(dense_model, tmp_path, capsys):
     _check(tok, _recompute(out, dense_model, spec, sampling), "pipeline")
 
 
-def test_vllm_raw_logprobs_mode_is_refused(dense_model, tmp_path, capsys):
-    """Raw log-probs ignore temperature and truncation: the report would compare another distribution."""
+def test_vllm_raw_logprobs_give_the_pipeline_a_raw_rollout_side(dense_model, tmp_path, capsys):
+    """vLLM's default raw_logprobs: the engine hands the trainer untempered, untruncated log-probs; the
+    pipeline view compares those with the trainer's tempered softmax; replay and full are unchanged."""
+    flags, sampling = SETTINGS["top_p"]
+    spec = f"vllm:dtype=bfloat16,{KV},logprobs=raw"
+    out = _compare(tmp_path, dense_model, spec, flags, capsys=capsys, prompts="3")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sampling"]["logprobs"] == "raw" and "raw log-probs" in summary["compared_distribution"]
+    tok = pd.read_parquet(out / "tokens.parquet")
+    raw = SamplingConfig(temperature=0.8, top_p=0.9, logprobs="raw")
+    ref = _recompute(out, dense_model, spec, raw)
+    _check(tok, ref, "pipeline", raw=True)
+    # what the engine reported is the raw log-prob (decode vs prefill aside), not the processed one
+    to_raw = np.abs(tok["lp_roll"] - ref["lp_raw"]).mean()
+    assert to_raw < 1e-2 and to_raw < 0.1 * np.abs(tok["lp_roll"] - ref["lp_processed"]).mean()
+    assert np.isfinite(tok["kl"]).all() and (tok["kl"] > tok["kl_full"]).mean() > 0.9
+
+
+def test_vllm_logprobs_modes_without_log_probs_are_refused(dense_model, tmp_path, capsys):
+    """Logit modes report no log-probs: one line before any engine loads."""
     code, _, err = run_cli(["compare", "--model", str(dense_model), "--rollout",
-                            f"vllm:dtype=bfloat16,{KV},engine.logprobs_mode=raw_logprobs", "--top-p", "0.9",
+                            f"vllm:dtype=bfloat16,{KV},engine.logprobs_mode=raw_logits", "--top-p", "0.9",
                             "--out", str(tmp_path / "x"), "--num-prompts", "2"], capsys)  # fmt: skip
-    assert code == 2 and "engine.logprobs_mode=raw_logprobs" in err and "Traceback" not in err
-    assert not (tmp_path / "x" / "summary.json").exists()
+    assert code == 2 and "engine.logprobs_mode=raw_logits" in err and "logprobs=raw" in err
+    assert "Traceback" not in err and not (tmp_path / "x").exists()

@@ -25,7 +25,7 @@ import pandas as pd
 from trm_diag import __version__
 from trm_diag.bounds import bounds_table
 from trm_diag.breakdowns import report_breakdowns
-from trm_diag.config import DEFAULT_VIEW, VIEW_HELP, SamplingConfig, Thresholds, as_dict
+from trm_diag.config import DEFAULT_VIEW, SamplingConfig, Thresholds, as_dict, view_help
 from trm_diag.errors import BackendFailure
 from trm_diag.heap import release_heap
 from trm_diag.masking import acceptance_by_length, threshold_sweep, thresholds_for_target, token_violation_rate
@@ -36,7 +36,7 @@ from trm_diag.sequences import sequence_stats
 from trm_diag.tiers import TIERS
 from trm_diag.types import Rollout, Scored
 from trm_diag.verdict import ACCEPTANCE_TARGET, verdict
-from trm_diag.views import untruncated_note, views_summary
+from trm_diag.views import views_note, views_summary
 
 ROUTE_COLUMNS = ("route_flips", "route_margin")
 CARRIED = ("reward", "advantage")  # per-rollout values carried through from imported rollouts
@@ -370,10 +370,12 @@ def assemble(
         **header,
         "sampling": as_dict(sampling),
         "compared_distribution": sampling.compared_distribution()
-        + (f"; {view} view: {VIEW_HELP[view]}" if sampling.truncated and not sampling.greedy else ""),
+        + (f"; {view} view: {view_help(view, sampling)}" if sampling.has_views else ""),
         "view": view,
         "views": (
-            views_summary(tokens, lengths, th.trm_max, th.trm_avg, view) if has_views else untruncated_note(view)
+            views_summary(tokens, lengths, th.trm_max, th.trm_avg, view, sampling.truncated)
+            if has_views
+            else views_note(view, sampling, fidelity)
         ),
         "rollout_distributions": TIERS[fidelity].rollout_distributions,
         "sign_convention": "log_ratio = lp_train - lp_roll; rho = exp(log_ratio)",

@@ -126,7 +126,9 @@ class SamplingConfig:
 
     Order of processing (vLLM's): temperature -> min_p -> top_k -> top_p, then
     renormalisation. temperature=0 means greedy decoding; the compared distributions
-    are then the untempered (temperature 1) ones, and the report says so.
+    are then the untempered (temperature 1) ones, and the report says so. ``logprobs`` says what
+    the rollout engine reports as the sampled token's log-prob (LOGPROBS): the distribution it
+    sampled from (``processed``) or the untempered, untruncated softmax (``raw``).
     """
 
     temperature: float = 1.0
@@ -137,8 +139,11 @@ class SamplingConfig:
     samples_per_prompt: int = 1
     seed: int = 0
     topk: int = 20  # top-K log-probs recorded per sampled position (the top-K tier); 0 = none
+    logprobs: str = "processed"  # what the rollout engine reports (LOGPROBS)
 
     def __post_init__(self) -> None:
+        if self.logprobs not in LOGPROBS:
+            raise UsageError(f"logprobs '{self.logprobs}' is unknown", f"use one of: {', '.join(LOGPROBS)}")
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
             raise UsageError(f"--temperature {self.temperature} is invalid", "use a value >= 0 (0 = greedy)")
         if 0 < self.temperature < MIN_TEMPERATURE:
@@ -168,6 +173,12 @@ class SamplingConfig:
         """True when top-k / top-p / min-p change the support of the distribution."""
         return self.top_k > 0 or self.top_p < 1 or self.min_p > 0
 
+    @property
+    def has_views(self) -> bool:
+        """True when the pipeline, replay and full views differ (views.py): the sampler truncates, or the
+        engine reports raw log-probs of a tempered sampler."""
+        return not self.greedy and (self.truncated or (self.logprobs == "raw" and self.temperature != 1.0))
+
     def compared_distribution(self) -> str:
         """Which distribution the report compares, in words (recorded in summary.json)."""
         if self.greedy:
@@ -175,6 +186,8 @@ class SamplingConfig:
         text = f"softmax(logits / {self.temperature:g})"
         if self.truncated:
             text += f" truncated by min_p={self.min_p:g}, top_k={self.top_k}, top_p={self.top_p:g} and renormalised"
+        if self.logprobs == "raw":
+            text += "; the rollout engine reports raw log-probs (untempered, untruncated softmax)"
         return text
 
 
@@ -237,6 +250,11 @@ def as_dict(obj: Any) -> Any:
 
 
 # ------------------------------------------------------------------ views of truncated sampling (views.py)
+# what the rollout engine reports as a sampled token's log-prob (vLLM's logprobs_mode; rollout files' `logprobs`)
+LOGPROBS = {
+    "processed": "the distribution it sampled from: tempered, truncated, renormalised (vLLM processed_logprobs)",
+    "raw": "the untempered, untruncated softmax of its logits (vLLM's default raw_logprobs)",
+}
 VIEWS = ("pipeline", "replay", "full")
 DEFAULT_VIEW = "pipeline"
 VIEW_HELP = {
@@ -246,12 +264,19 @@ VIEW_HELP = {
 }
 
 
+def view_help(view: str, sampling: SamplingConfig) -> str:
+    """What the view compares, in words; with raw log-probs the pipeline's rollout side is the raw softmax."""
+    if view == "pipeline" and sampling.logprobs == "raw":
+        return "the engine's raw log-probs (untempered, untruncated) vs the trainer's tempered full softmax"
+    return VIEW_HELP[view]
+
+
 def check_view(view: str, fidelity: str, sampling: SamplingConfig) -> None:
     """--view must name a view the tier's data can give: replay and full need the rollout's kept set,
     which only the exact tier's full rows carry (without truncation every view is the same)."""
     if view not in VIEWS:
         raise UsageError(f"--view {view} is unknown", f"use one of: {', '.join(VIEWS)}")
-    if view != DEFAULT_VIEW and fidelity != "exact" and sampling.truncated and not sampling.greedy:
+    if view != DEFAULT_VIEW and fidelity != "exact" and sampling.has_views:
         raise UsageError(
             f"--view {view} needs the rollout's kept set (its full rows), which the {fidelity} tier does not have",
             f"use --view {DEFAULT_VIEW} (the {fidelity} tier gives that view exactly), or compare with --fidelity exact",

@@ -183,14 +183,14 @@ def build_html(report: Path, summary: dict[str, Any], figures: dict[str, Any]) -
            "n/a" if h["B_star"] is None else ("inside" if h["inside"] else "outside (vacuous)")] for h in v["horizons"]]  # fmt: skip
     parts.append(_table(["horizon T", "B*", "trust region"], hz))
     views = summary.get("views") or {}
-    if views.get("truncated"):
-        parts.append(f"<h2>Truncated sampling: three views (this report uses {_e(views['view'])})</h2>")
+    if "by_view" in views:
+        parts.append(f"<h2>Three views of the rollout's distribution (this report uses {_e(views['view'])})</h2>")
         rows_v = [[name, _fmt(x["bias"]), _fmt(x["kl_mean"]), _fmt(x["kl_p99"]), _pct(x["accept_trm_max"]),
                    _pct(x["accept_trm_avg"]), f"{_pct(x['ppo_clip_frac'])} / {_pct(x['dapo_clip_frac'])}"] for name, x in views["by_view"].items()]  # fmt: skip
         parts.append(_table(["view", "bias", "KL mean", "KL p99", "TRM-Max", "TRM-Avg", "clip PPO / DAPO"], rows_v))
         km = views["kept_mass"]
         parts.append(
-            f"<p class=\"muted\">pipeline: the engine's truncated distribution vs the trainer's full softmax; "
+            f'<p class="muted">pipeline: what the engine reports vs the trainer\'s full softmax; '
             f"replay: both on the rollout's kept set; full: both untruncated. Kept mass mean {_fmt(km['mean'])} "
             f"(min {_fmt(km['min'])}); the two sides' kept sets differ at {_pct(views['support_differs_frac'])} "
             "of tokens.</p>"

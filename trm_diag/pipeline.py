@@ -11,14 +11,14 @@ import importlib.util
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from trm_diag.assemble import Assembled, assemble, model_fingerprint, report_parts
-from trm_diag.backends import can_coexist
+from trm_diag.backends import can_coexist, reported_logprobs
 from trm_diag.backends.base import Backend
 from trm_diag.checkpoint import check_checkpoint, eos_token_ids, max_positions, read_config, vocab_size
 from trm_diag.config import DEFAULT_HORIZONS, DEFAULT_VIEW, BackendSpec, SamplingConfig, Thresholds, as_dict, check_view
@@ -93,6 +93,7 @@ class ScoreConfig:
     allow_pickle: bool = False
     horizons: tuple[int, ...] = DEFAULT_HORIZONS
     view: str = DEFAULT_VIEW
+    logprobs: str | None = None  # None: the file's `logprobs` field, else processed (config.LOGPROBS)
 
 
 @dataclass
@@ -248,8 +249,10 @@ def _check_compare_inputs(cfg: CompareConfig, roll_spec: BackendSpec, train_spec
 def _compare(cfg: CompareConfig, rep: Reporter, engines: _Engines, run: ExitStack) -> CompareResult:
     t_start = time.perf_counter()
     timings: dict[str, float] = dict.fromkeys(("generate_s", "rollout_rows_s", "score_s"), 0.0)
-    fidelity, sampling = cfg.fidelity, cfg.sampling
     roll_spec, train_spec = cfg.rollout.with_model(cfg.model), cfg.train.with_model(cfg.model)
+    # what the rollout engine reports as log-probs decides the pipeline view (views.py)
+    cfg = replace(cfg, sampling=replace(cfg.sampling, logprobs=reported_logprobs(roll_spec)))
+    fidelity, sampling = cfg.fidelity, cfg.sampling
     prompts, indices = _select_prompts(cfg)
     # every input and output is checked before an engine loads or the output folder is touched
     out_dir = _check_compare_inputs(cfg, roll_spec, train_spec)
@@ -480,9 +483,10 @@ def _score(cfg: ScoreConfig, rep: Reporter, engines: _Engines, run: ExitStack) -
         raise InputError(
             f"'{cfg.rollouts}' has no topk_logprobs", "use --fidelity sampled, or export the top-K log-probs"
         )
-    sampling = cfg.sampling or SamplingConfig(
-        **{k: (int(v) if k == "top_k" else v) for k, v in data.sampling_hints.items()}
-    )
+    hints = dict(data.sampling_hints)
+    file_logprobs = hints.pop("logprobs", "processed")  # what the file's log-probs are: options never drop it
+    sampling = cfg.sampling or SamplingConfig(**{k: (int(v) if k == "top_k" else v) for k, v in hints.items()})
+    sampling = replace(sampling, logprobs=cfg.logprobs or file_logprobs)
     check_view(cfg.view, fidelity, sampling)  # before the output folder is touched
     t = time.perf_counter()
     # read again and scored chunk by chunk, kept on disk like compare's (no --resume here: a new score

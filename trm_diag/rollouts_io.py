@@ -14,6 +14,7 @@ One row per rollout, JSONL or Parquet (docs/rollout-schema.md):
 | reward, advantage | float | no (carried into sequences.parquet) |
 | prompt, response | str | no (tokenised only when ids are missing) |
 | temperature, top_p, top_k, min_p | sampling settings of the rollout | no |
+| logprobs | "processed" (the distribution sampled from) or "raw" (untempered, untruncated softmax) | no (default processed) |
 
 ``mapping`` renames columns of the file to these names (``--map response_ids=output_ids``).
 """
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trm_diag.config import SamplingConfig
+from trm_diag.config import LOGPROBS, SamplingConfig
 from trm_diag.errors import InputError, UsageError
 from trm_diag.rows import iter_jsonl, iter_parquet
 from trm_diag.types import Rollout
@@ -35,8 +36,9 @@ from trm_diag.types import Rollout
 FIELDS = (
     "prompt_ids", "response_ids", "rollout_logprobs", "topk_logprobs", "topk_k", "prompt_idx", "sample_idx",
     "finish_reason", "reward", "advantage", "prompt", "response", "temperature", "top_p", "top_k", "min_p",
+    "logprobs",
 )  # fmt: skip
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p")
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "logprobs")
 LOGPROB_SLACK = 1e-4  # engines report log-probs a hair above 0 for near-certain tokens
 MASS_SLACK = 1e-3  # a position's top-K probabilities sum to at most 1, up to float32 rounding of K values
 
@@ -288,7 +290,7 @@ def _parse(
                 extra[key] = _number(row[key], where, key)
         for key in SAMPLING_FIELDS:
             if row.get(key) is not None:
-                hints[key].add(_number(row[key], where, key))
+                hints[key].add(_logprobs(row[key], where) if key == "logprobs" else _number(row[key], where, key))
         end = next((t for t, tok in enumerate(resp) if tok in eos_ids), len(resp))
         if end < len(resp) - 1:  # tokens after the first EOS: padding of a right-padded export
             result.after_eos_rollouts += 1
@@ -316,6 +318,13 @@ def _parse(
 ROLLOUT_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
+def _logprobs(value: Any, where: str) -> str:
+    """A row's ``logprobs`` field: what its rollout_logprobs are (config.LOGPROBS)."""
+    if value not in LOGPROBS:
+        raise InputError(f"{where}: logprobs {value!r} is unknown", f"use one of: {', '.join(LOGPROBS)}")
+    return value
+
+
 def _rollout_rows(rollouts: list[Rollout], sampling: SamplingConfig) -> list[dict[str, Any]]:
     rows = []
     for r in rollouts:
@@ -323,6 +332,7 @@ def _rollout_rows(rollouts: list[Rollout], sampling: SamplingConfig) -> list[dic
             "prompt_ids": r.prompt_ids, "response_ids": r.response_ids, "rollout_logprobs": r.lp_roll,
             "prompt_idx": r.prompt_idx, "sample_idx": r.sample_idx, "finish_reason": r.finish_reason,
             "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k, "min_p": sampling.min_p,
+            "logprobs": sampling.logprobs,
         }  # fmt: skip
         if "topk" in r.extra:
             row["topk_logprobs"] = [[[int(k), float(v)] for k, v in d.items()] for d in r.extra["topk"]]
@@ -338,7 +348,7 @@ def _rollout_schema(topk: bool) -> Any:
         ("prompt_ids", pa.list_(pa.int64())), ("response_ids", pa.list_(pa.int64())),
         ("rollout_logprobs", pa.list_(pa.float64())), ("prompt_idx", pa.int64()), ("sample_idx", pa.int64()),
         ("finish_reason", pa.string()), ("temperature", pa.float64()), ("top_p", pa.float64()), ("top_k", pa.int64()),
-        ("min_p", pa.float64()),
+        ("min_p", pa.float64()), ("logprobs", pa.string()),
     ]  # fmt: skip
     if topk:
         # per response token, a list of [token_id, logprob] pairs (ids are exact in float64 up to 2^53)

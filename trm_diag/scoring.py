@@ -118,8 +118,9 @@ def batch_columns(
     lengths = [len(r.response_ids) for r in rollouts]
     total = sum(lengths)
     ids = torch.tensor([t for r in rollouts for t in r.response_ids], dtype=torch.long)
-    views = p_rows is not None and sampling is not None and sampling.truncated and not sampling.greedy
+    views = p_rows is not None and sampling is not None and sampling.has_views
     keys = (*EXACT_KEYS, *INTERVAL_KEYS, "lp_train", "lp_roll_prefill", *(VIEW_COLUMNS if views else ()))
+    roll_shift = torch.zeros(total, dtype=torch.float64)  # views: log pi_roll(y) of the view minus the reported one
     flat = {k: torch.full((total,), math.nan, dtype=torch.float64) for k in keys}
     nonfinite = torch.zeros(total, dtype=torch.bool)
     topk: list[dict[int, float] | None] = []  # per flat row; None where a rollout has no top-K
@@ -141,7 +142,9 @@ def batch_columns(
             lq = _gather_scores(q_rows, pieces)  # (n, V) training side, up to a constant per row
             lp = lq if same else _gather_scores(p_rows, pieces)  # (n, V) rollout side
             if views:  # truncated sampling: every view from the untruncated rows, in float64 (views.py)
-                _view_pieces(flat, view_columns(lp, lq, y.to(lp.device), sampling), view, s, e)
+                vc = view_columns(lp, lq, y.to(lp.device), sampling)
+                _view_pieces(flat, vc, view, s, e)
+                roll_shift[s:e] = (vc[f"lp_roll_{view}"] - vc["lp_roll_pipeline"]).cpu()
                 if kernels is not None:
                     kernels.add("views-float64")
                 nonfinite[s:e] = torch.isnan(flat["kl"][s:e]) | torch.isnan(flat["lp_train"][s:e])
@@ -169,8 +172,9 @@ def batch_columns(
                     flat[key][has] = torch.where(bad[rows], math.nan, iv[key])
         nonfinite[s:e] = bad.cpu()
     lp_roll = torch.tensor([x for r in rollouts for x in r.lp_roll], dtype=torch.float64)
-    if views and view == "full":  # the engine reports log p~(y); untruncated: log p(y) = log p~(y) + log M
-        lp_roll = lp_roll + flat["kept_mass"].log()
+    # the engine reports the pipeline view's log pi_roll(y); another view's differs from it by what the rows
+    # give (full, processed log-probs: + log M), so the decode-vs-prefill gap is kept in every view
+    lp_roll = lp_roll + roll_shift
     st = sampled_token_metrics(lp_roll, flat["lp_train"])
     cols = {k: v.numpy() for k, v in {**flat, **st}.items()}
     cols["lp_roll"] = lp_roll.numpy()

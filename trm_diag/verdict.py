@@ -17,6 +17,7 @@ LOW_PROB_SHARE = 0.5  # findings: more than half the KL on tokens the rollout ga
 ROUTING_SHARE = 0.5  # more than half the KL on tokens whose expert set flipped
 PREFILL_GAP = 1e-3  # decode-time and prefill log-probs of the rollout engine differ by more than this
 WIDE_INTERVALS = 10.0  # mean certified upper end KL over 10x its lower end: the top-K tier cannot decide
+SAMPLER_SHARE = 10.0  # the pipeline view's KL mean over 10x the numerical one: the sampler's side causes it
 
 
 def _num(x: Any) -> float | None:
@@ -116,6 +117,7 @@ def findings(summary: dict[str, Any]) -> list[dict[str, str]]:
             "action": "its decode and prefill paths differ (kernels that are not batch-invariant, or KV-cache "
             "precision): use batch-invariant kernels, or rescore the rollouts in prefill",
         })  # fmt: skip
+    out += _sampler_findings(summary)
     lo, hi = _num(m.get("token_kl_lo_mean")), _num(m.get("token_kl_hi_mean"))
     if fidelity == "topk" and hi is not None and (lo is None or hi > WIDE_INTERVALS * max(lo, 1e-12)):
         out.append({
@@ -135,6 +137,35 @@ def findings(summary: dict[str, Any]) -> list[dict[str, str]]:
             "id": "heuristic",
             "finding": "only the sampled tokens' log-probs are known: the bounds and masks are heuristic",
             "action": "use compare (exact tier), or export the engine's top-K log-probs (top-K tier)",
+        })  # fmt: skip
+    return out
+
+
+def _sampler_findings(summary: dict[str, Any]) -> list[dict[str, str]]:
+    """The mismatch a pipeline adds on top of the numerics (views.py): raw log-probs of a tempered sampler,
+    and truncation the trainer does not replay; judged from the three views' KL means."""
+    s = summary.get("sampling") or {}
+    by_view = (summary.get("views") or {}).get("by_view") or {}
+    pipe, full = (_num((by_view.get(v) or {}).get("kl_mean")) for v in ("pipeline", "full"))
+    replay = _num((by_view.get("replay") or {}).get("kl_mean"))
+    out = []
+    tempered = s.get("temperature") not in (None, 0, 1, 1.0)
+    if s.get("logprobs") == "raw" and tempered:
+        seen = f" (pipeline view KL mean {_fmt(pipe)} against {_fmt(full)} for the numerics)" if pipe and full else ""
+        out.append({
+            "id": "raw_logprobs",
+            "finding": f"the rollout engine reports raw log-probs (untempered, untruncated) while it samples at "
+            f"temperature {s['temperature']:g}: the trainer's ratio carries the temperature{seen}",
+            "action": "have the engine report the distribution it samples from (vLLM: logprobs_mode="
+            "processed_logprobs, trm-diag spec key logprobs=processed)",
+        })  # fmt: skip
+    elif pipe is not None and full is not None and pipe > SAMPLER_SHARE * max(full, 1e-300):
+        out.append({
+            "id": "truncation",
+            "finding": f"truncated sampling causes most of the mismatch: pipeline view KL mean {_fmt(pipe)} "
+            f"against {_fmt(full)} for the numerics alone",
+            "action": "replay the sampler's kept set in training (sampling-mask replay: the replay view, "
+            f"KL mean {_fmt(replay)}), or sample without top-p / top-k / min-p",
         })  # fmt: skip
     return out
 

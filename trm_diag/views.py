@@ -11,7 +11,11 @@ depends on the pipeline:
 - ``full``: p vs q, both untruncated: the pure numerical mismatch.
 
 Row by row: lr_pipeline = lr_full + log M_t and lr_replay = lr_full + log M_t - log Q_t.
-Pure torch over rows; no backend imports.
+
+An engine that reports raw log-probs (``SamplingConfig.logprobs == "raw"``, vLLM's default) hands the
+trainer log r(y) with r = softmax(logits) untempered and untruncated; the ``pipeline`` view is then
+r vs q (lr_pipeline = lr_full + log p(y) - log r(y)), while replay and full, which describe the
+sampler, are unchanged. Pure torch over rows; no backend imports.
 """
 
 from __future__ import annotations
@@ -81,14 +85,22 @@ def view_columns(
         "ent_train": -_weighted(q, lq).sum(-1),  # H(q)
     }
     lp_y, lq_y = lp[rows, y], lq[rows, y]
-    for view, (roll_y, train_y) in {
-        "full": (lp_y, lq_y), "pipeline": (lp_y - log_m, lq_y), "replay": (lp_y - log_m, lq_y - log_q)
-    }.items():  # fmt: skip
-        out[f"lp_roll_{view}"], out[f"lp_train_{view}"] = roll_y, train_y
+    roll_y = {"full": lp_y, "pipeline": lp_y - log_m, "replay": lp_y - log_m}
+    train_y = {"full": lq_y, "pipeline": lq_y, "replay": lq_y - log_q}
+    if sampling.logprobs == "raw":  # the trainer is handed log r(y): r = softmax(logits), untempered
+        lr = torch.log_softmax(a.double() * sampling.temperature, -1)  # (n, V) a = logits / T
+        r = lr.exp()
+        out["kl_pipeline"] = _weighted(r, lr - lq).sum(-1)
+        out["kl_rev_pipeline"] = _weighted(q, lq - lr).sum(-1)
+        out["tv_pipeline"] = 0.5 * (r - q).abs().sum(-1)
+        roll_y["pipeline"] = lr[rows, y]
+        out["lr_pipeline"] = lq_y - roll_y["pipeline"]
+    for view in VIEWS:
+        out[f"lp_roll_{view}"], out[f"lp_train_{view}"] = roll_y[view], train_y[view]
     return out
 
 
-def views_summary(tokens, lengths, trm_max: float, trm_avg: float, view: str) -> dict:
+def views_summary(tokens, lengths, trm_max: float, trm_avg: float, view: str, truncated: bool = True) -> dict:
     """summary.json's ``views``: per view the mean sampled-token log ratio (bias), token KL mean / p99,
     the share of sequences TRM-Max and TRM-Avg accept, and the share of tokens whose ratio leaves the
     PPO clip band through mismatch alone; plus how often the two sides' kept sets differ and the kept
@@ -100,7 +112,7 @@ def views_summary(tokens, lengths, trm_max: float, trm_avg: float, view: str) ->
 
     lengths = np.asarray(lengths, dtype=np.int64)
     empty = lengths == 0
-    out: dict = {"truncated": True, "view": view, "by_view": {}}
+    out: dict = {"truncated": truncated, "view": view, "by_view": {}}
     for v in VIEWS:
         kl = np.asarray(tokens[f"kl_{v}"], dtype=np.float64)
         lr = np.asarray(tokens[f"lr_{v}"], dtype=np.float64)
@@ -129,7 +141,14 @@ def views_summary(tokens, lengths, trm_max: float, trm_avg: float, view: str) ->
     return out
 
 
-def untruncated_note(view: str) -> dict:
-    """summary.json's ``views`` when nothing truncates: the three views are one."""
-    return {"truncated": False, "view": view, "note": "no truncation (top-p 1, top-k off, min-p 0): the "
-            "pipeline, replay and full views coincide"}  # fmt: skip
+def views_note(view: str, sampling: SamplingConfig, fidelity: str) -> dict:
+    """summary.json's ``views`` without the side-by-side table: the views coincide, or the tier's data
+    (no full rollout rows) give the pipeline view only."""
+    if not sampling.has_views:
+        note = "no truncation (top-p 1, top-k off, min-p 0): the pipeline, replay and full views coincide"
+    else:
+        note = (
+            f"the {fidelity} tier gives the pipeline view only (the replay and full views need the "
+            "rollout's full rows: --fidelity exact)"
+        )
+    return {"truncated": sampling.truncated, "view": view, "note": note}  # fmt: skip

