@@ -7,14 +7,18 @@ Methods, all on the same float32 logits [N, V] of two sides:
 - stable chunks: exact_divergences on log_softmax outputs (trm-diag's support-aware path);
 - fused eager: logit_divergences op by op (cancellation-free terms, float64 sums);
 - inductor: the same function through torch.compile (inductor, C++ on CPU);
-- native C: trm_diag/kernels/rows_kernel.c, one row at a time (the default on CPU).
-Accuracy: max relative error against a float64 evaluation of the same float32 logits, over
+- native C: trm_diag/kernels/rows_kernel.c, one row at a time, built for this CPU (-march=native);
+- native C AVX2 (x86-64 only): the same source built for x86-64-v3, what an AVX2-only server runs;
+- auto: what `auto` picks here (measured once per machine, kernels/choice.py).
+Runs alternate between methods, best of --repeats rounds each, so a noisy neighbour hits every
+method alike. Accuracy: max relative error against a float64 evaluation of the same float32 logits, over
 values float32 can resolve (> 1e-8). Memory: peak RSS growth during the call (sampled).
 """
 
 from __future__ import annotations
 
 import argparse
+import platform
 import time
 
 import torch
@@ -22,6 +26,9 @@ from _memory import measure
 
 from trm_diag.divergence import exact_divergences, logit_divergences
 from trm_diag.heap import tune_allocator
+from trm_diag.kernels import OUTPUTS
+from trm_diag.kernels.choice import measured_choice
+from trm_diag.kernels.native import _cpu, native_rows
 
 KEYS = ("kl", "kl_rev", "tv", "ent_roll", "ent_train")
 
@@ -50,35 +57,50 @@ def main() -> None:
         "stable chunks (log-probs)": stable,
         "fused eager": lambda a, b: logit_divergences(a, b, kernel="eager"),
         "inductor": lambda a, b: logit_divergences(a, b, kernel="inductor"),
-        "native C (default)": lambda a, b: logit_divergences(a, b, kernel="native"),
+        "native C (-march=native)": lambda a, b: logit_divergences(a, b, kernel="native"),
     }
+    if platform.machine() == "x86_64" and (avx2 := native_rows("x86-64-v3")) is not None:
+        methods["native C AVX2 (x86-64-v3)"] = lambda a, b, fn=avx2: dict(
+            zip(OUTPUTS, fn(a, b, torch.zeros(len(a), dtype=torch.long)))
+        )
     for kernel in ("inductor", "native"):
         t0 = time.perf_counter()
         logit_divergences(torch.randn(4, V), torch.randn(4, V), kernel=kernel)  # compile once
         print(f"{kernel} first call: {time.perf_counter() - t0:.1f} s (cached on disk afterwards)")
-    print(f"threads: {torch.get_num_threads()}, V = {V:,}")
-    print(f"\n{'N':>6} {'method':<26}{'rows/s':>9}{'x naive':>9}{'max rel err':>13}{'peak extra MB':>15}")
+    t0 = time.perf_counter()
+    picked = measured_choice(torch.device("cpu"))
+    print(f"auto: {picked['kernel']} ({time.perf_counter() - t0:.2f} s to decide; {picked['why']})")
+    methods["auto"] = lambda a, b: logit_divergences(a, b, kernel="auto")
+    flags = _cpu().split("flags", 1)[-1].split()
+    isa = [f for f in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16") if f in flags]
+    print(
+        f"CPU: {_cpu().split('flags')[0].split(':', 1)[-1].strip()} ({platform.machine()}); vector flags: {' '.join(isa)}"
+    )
+    print(f"threads: {torch.get_num_threads()}, V = {V:,}, best of {args.repeats} alternating rounds")
+    print(f"\n{'N':>6} {'method':<28}{'rows/s':>9}{'x naive':>9}{'max rel err':>13}{'peak extra MB':>15}")
     for n in [int(x) for x in args.rows.split(",")]:
         g = torch.Generator().manual_seed(n)
         a = torch.randn(n, V, generator=g) * 4  # peaked rows like a trained model's, plus a near-one-hot block
         a[: n // 4] *= 6
         b = a + torch.randn(n, V, generator=g) * 0.02
         ref = {k: v for k, v in naive(a[:32].double(), b[:32].double()).items()}
-        base = None
-        for name, fn in methods.items():
+        best = dict.fromkeys(methods, float("inf"))
+        mem = dict.fromkeys(methods, 0.0)
+        outs = {}
+        for fn in methods.values():
             fn(a[:8], b[:8])
-            best, mem, out = float("inf"), 0.0, None
-            for _ in range(args.repeats):
-                out, dt, mb = measure(lambda fn=fn, a=a, b=b: fn(a, b))
-                best, mem = min(best, dt), max(mem, mb)
-            rps = n / best
-            base = base or rps
-            err = 0.0
+        for _ in range(args.repeats):  # alternating: each round times every method once
+            for name, fn in methods.items():
+                outs[name], dt, mb = measure(lambda fn=fn, a=a, b=b: fn(a, b))
+                best[name], mem[name] = min(best[name], dt), max(mem[name], mb)
+        base = n / best["naive (materialised)"]
+        for name in methods:
+            rps, err = n / best[name], 0.0
             for k in KEYS:
                 r = ref[k]
                 big = r.abs() > 1e-8
-                err = max(err, float(((out[k][:32].double() - r).abs() / r.abs())[big].max()))
-            print(f"{n:>6} {name:<26}{rps:>9.0f}{rps / base:>9.2f}{err:>13.1e}{mem:>15.0f}")
+                err = max(err, float(((outs[name][k][:32].double() - r).abs() / r.abs())[big].max()))
+            print(f"{n:>6} {name:<28}{rps:>9.0f}{rps / base:>9.2f}{err:>13.1e}{mem[name]:>15.0f}")
 
 
 if __name__ == "__main__":

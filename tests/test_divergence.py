@@ -300,12 +300,13 @@ def test_kernel_is_chosen_by_name_and_environment(monkeypatch):
     monkeypatch.setenv("TRM_DIAG_KERNEL", "native")
     assert choice.kernel_for(64, cpu) == ("native", native_rows())
     assert choice.kernel_for(64, cpu, "auto") == ("native", native_rows())  # an argument beats the environment
+    calls.clear()  # auto measured every kernel once (tests/kernels/test_choice.py)
     monkeypatch.setenv("TRM_DIAG_KERNEL", "nonsense")
     with pytest.raises(UsageError, match="TRM_DIAG_KERNEL"):
         choice.kernel_for(64, cpu)
-    # auto where the C kernel is unavailable (a GPU, or no compiler): inductor by width, then by work done
+    # auto where inductor measured fastest (a GPU, or no compiler): inductor by width, then by work done
     monkeypatch.setenv("TRM_DIAG_KERNEL", "auto")
-    monkeypatch.setattr("trm_diag.kernels.native._LOADED", {"fn": None})
+    monkeypatch.setattr(choice, "_DECIDED", {"cpu": {"kernel": "inductor", "why": "measured"}})
     a, b = torch.randn(4, 64), torch.randn(4, 64)
     monkeypatch.setattr(choice, "EAGER_ENTRIES", [0])
     monkeypatch.setattr(choice, "COMPILE_AFTER_ENTRIES", 2 * 4 * 64)
@@ -347,9 +348,10 @@ def test_every_kernel_writes_the_outputs_in_the_order_of_one_table():
 def test_native_kernel_is_cached_and_refuses_bad_token_ids(tmp_path, monkeypatch):
     from trm_diag.kernels import native
 
+    monkeypatch.setattr(native, "_LOADED", {})
+    fn = native.native_rows()
     lib = native.library_path(native._compiler())
     assert lib.exists() and lib.parent.parent == native.cache_dir()
-    fn = native.native_rows()
     a = torch.randn(3, 50)
     with pytest.raises(IndexError, match="token ids"):
         fn(a, a, torch.tensor([0, 50, 1]))

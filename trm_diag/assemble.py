@@ -149,8 +149,12 @@ def _hardware(kernels: set[str]) -> dict[str, Any]:
     }
     if torch.cuda.is_available():
         hw["gpu"] = torch.cuda.get_device_name(0)
-    if kernels:  # which exact-tier kernels scored the rows (values agree to ~1e-8)
+    if kernels:  # which exact-tier kernels scored the rows (values agree to ~1e-8), and why that one
+        from trm_diag.kernels.choice import decisions
+
         hw["exact_kernels"] = sorted(kernels)
+        if chosen := decisions():
+            hw["kernel_choice"] = chosen
     return hw
 
 

@@ -7,6 +7,8 @@
    x = dd - log1p(S). A row stays in cache between passes, which is why this beats inductor's
    fused kernel (it keeps [rows, V] intermediates in memory). Non-finite inputs give non-finite
    outputs, which the caller recomputes on its support-aware path. Token ids must lie in [0, V).
+   Every row loop must vectorise on AVX2, AVX-512 and aarch64: no int64 <-> double conversions, and
+   -fno-trapping-math so the clamps if-convert (tests/kernels/test_native.py reads gcc's report).
 */
 #include <math.h>
 #include <stdint.h>
@@ -39,8 +41,11 @@ static inline double exp_d(double x) {
     p = p * r + 0.5;
     p = p * r + 1.0;
     p = p * r + 1.0;
-    int64_t ki = (int64_t)k;
-    uint64_t bits = (uint64_t)(ki + 1023) << 52;
+    /* 2^k from t's bits (t = 1.5 * 2^52 + k exactly, k in [-1022, 1023]): its low bits hold k, so the
+       exponent field is (bits(t) + 1023) << 52, integer ops only: AVX2 and NEON have no double -> int64. */
+    uint64_t tb;
+    memcpy(&tb, &t, sizeof tb);
+    uint64_t bits = (tb + 1023) << 52;
     double scale;
     memcpy(&scale, &bits, sizeof scale);
     double res = p * scale;
