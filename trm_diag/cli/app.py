@@ -286,6 +286,16 @@ def compare(
             help="Run shard I of N ('I/N'): prompts whose index % N == I. Combine with `trm-diag merge`.",
         ),
     ] = None,
+    ray: Annotated[
+        int | None,
+        typer.Option(
+            "--ray",
+            rich_help_panel="Output",
+            help="Run N shards as tasks on the running Ray cluster (RAY_ADDRESS, else `ray start`'s; one GPU per "
+            "shard where there are GPUs), then merge them into --out. Shards go to OUT.shards/; --resume re-runs "
+            "only unfinished ones. Needs trm-diag[ray] and the model, prompts and --out on a filesystem every node sees.",
+        ),
+    ] = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -323,7 +333,12 @@ def compare(
         truncate_prompts=truncate_prompts,
         view=view,
     )
-    result = run_compare(cfg, RichReporter(quiet or json_out))
+    if ray is not None:
+        from trm_diag.ray_shards import run_ray
+
+        result = run_ray(cfg, ray, RichReporter(quiet or json_out))
+    else:
+        result = run_compare(cfg, RichReporter(quiet or json_out))
     _render(result.summary, result.out_dir, json_out)
 
 
