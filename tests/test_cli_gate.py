@@ -287,3 +287,29 @@ def test_bound_inputs_are_saved_once_and_equal_a_recomputation(report):
     for T in (64, 4096):
         assert all_bounds(T, saved)[0] == all_bounds(T, fresh)[0]
         assert ReportMetrics(report).value(f"bounds.unified@{T}") == all_bounds(T, fresh)[0]["unified"]
+
+
+HEAVY = ("torch", "transformers", "pandas", "pyarrow")
+
+
+def _loaded_after(argv: list[str]) -> list[str]:
+    """The heavy packages a fresh interpreter has imported once `trm-diag ARGV` returned."""
+    code = (f"import sys; from trm_diag.cli import main\ntry: main({argv!r})\n"
+            "except SystemExit as e: assert e.code in (0, 1, None), e.code\n"
+            f"print('LOADED:' + ','.join(m for m in {HEAVY + ('numpy',)!r} if m in sys.modules), file=sys.stderr)")  # fmt: skip
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    line = next(x for x in p.stderr.splitlines() if x.startswith("LOADED:"))
+    return [m for m in line.removeprefix("LOADED:").split(",") if m]
+
+
+def test_summary_only_commands_never_import_the_parquet_stack(report):
+    """gate on summary.json's numbers, show, bounds from parameters and --help start in a fraction of a
+    second: the Parquet stack (pyarrow, pandas) loads only for rules and commands that read tables."""
+    rules = ["-r", "views.pipeline.kl_mean <= 1", "-r", "breakdown.prob_gt_90pct.kl.mean <= 1",
+             "-r", "metrics.ppo_clip_frac <= 1", "-r", "bounds.unified@4096 <= 1e9"]  # fmt: skip
+    assert not set(_loaded_after(["gate", str(report), *rules])) & set(HEAVY)
+    assert not set(_loaded_after(["show", str(report)])) & set(HEAVY)
+    assert not set(_loaded_after(["bounds", "--delta", "1e-4", "--horizons", "4096"])) & set(HEAVY)
+    assert _loaded_after(["--help"]) == []  # not even numpy
+    assert "pyarrow" in _loaded_after(["gate", str(report), "-r", "token.kl.p99 <= 1"])  # a rule on a table

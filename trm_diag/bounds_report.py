@@ -40,7 +40,7 @@ def report_inputs(report: str) -> BoundInputs:
     """Measured inputs of a report folder: as the run saved them, else recomputed from its tables."""
     from trm_diag.report import complete_report
 
-    _, summary = complete_report(report)
+    _, summary = complete_report(report, tables=False)
     saved = BoundInputs.from_dict(summary.get("bound_inputs"))
     if saved is not None:
         return saved
@@ -73,13 +73,12 @@ def bounds_json(rows: list[dict], inp: BoundInputs, inverse: dict[int, dict] | N
 
 
 def write_bounds_parquet(report: Path, rows: list[dict]) -> None:
-    import pandas as pd
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from trm_diag.report import META_KEY, atomic_write, read_schema
 
-    table = pa.Table.from_pandas(pd.DataFrame(rows), preserve_index=False)
+    table = pa.Table.from_pylist(rows)
     old = read_schema(report / "tokens.parquet").metadata or {}
     if META_KEY in old:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY: old[META_KEY]})

@@ -54,7 +54,6 @@ AXES: tuple[Axis, ...] = (
 )  # fmt: skip
 AXIS = {a.name: a for a in AXES}
 BUCKETS = {b: a for a in AXES for b in a.buckets}
-BREAKDOWN_STATS = ("n", "token_share", "kl_mean", "kl_p99", "kl_share", "abs_log_ratio_mean", "outside_band")
 
 
 def _finite_mean(x: np.ndarray) -> float:

@@ -26,16 +26,22 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from trm_diag.breakdowns import BREAKDOWN_STATS
 from trm_diag.config import VIEWS, parse_horizons
 from trm_diag.criteria import CRITERIA
 from trm_diag.errors import InputError, UsageError
-from trm_diag.schema import ID_COLUMNS
-from trm_diag.stats import STATS, describe
+from trm_diag.schema import BREAKDOWN_STATS, ID_COLUMNS
+
+if TYPE_CHECKING:  # numpy, the Parquet stack and the statistics load only for rules that read tables
+    import numpy as np
+
+
+def _stat_names() -> tuple[str, ...]:
+    from trm_diag.stats import STATS
+
+    return tuple(STATS)
+
 
 VIEW_STATS = ("bias", "kl_mean", "kl_p99", "accept_trm_max", "accept_trm_avg", "ppo_clip_frac", "dapo_clip_frac")
 
@@ -106,7 +112,8 @@ class ReportMetrics:
     def __init__(self, path: str | Path) -> None:
         from trm_diag.report import complete_report
 
-        self.path, self.summary = complete_report(path)
+        self.path, self.summary = complete_report(path, tables=False)  # tables checked when a rule reads one
+        self._checked = False
         self._schemas: dict[str, list[str]] = {}
         self._flags: dict[str, set[str]] = {}  # boolean columns: only their mean (a fraction) is a metric
         self._cols: dict[tuple[str, str], np.ndarray] = {}
@@ -115,6 +122,11 @@ class ReportMetrics:
 
     # -------------------------------------------------------------- tables
     def _file(self, table: str) -> Path:
+        if not self._checked:
+            from trm_diag.report import check_tables
+
+            check_tables(self.path, self.summary)
+            self._checked = True
         return self.path / f"{table}.parquet"
 
     def numeric_columns(self, table: str) -> list[str]:
@@ -139,6 +151,8 @@ class ReportMetrics:
     def column(self, table: str, name: str) -> np.ndarray:
         key = (table, name)
         if key not in self._cols:
+            import numpy as np
+
             from trm_diag.report import read_table
 
             arr = read_table(self._file(table), columns=[name]).column(0).to_numpy(zero_copy_only=False)
@@ -148,6 +162,8 @@ class ReportMetrics:
     # -------------------------------------------------------------- names
     def names(self) -> list[str]:
         """Every metric name this report can answer."""
+        from trm_diag.stats import STATS
+
         out = []
         for prefix, table in (("token", "tokens"), ("seq", "sequences")):
             for c in self.numeric_columns(table):
@@ -199,7 +215,7 @@ class ReportMetrics:
 
         parts = name.split(".")
         try:
-            if parts[0] in ("token", "seq") and len(parts) == 3 and parts[2] in STATS:
+            if parts[0] in ("token", "seq") and len(parts) == 3 and parts[2] in _stat_names():
                 table = "tokens" if parts[0] == "token" else "sequences"
                 if parts[1] in self.numeric_columns(table) and parts[1] not in ID_COLUMNS:
                     return self._stat(name, self.column(table, parts[1]), parts[2])
@@ -243,6 +259,8 @@ class ReportMetrics:
 
     def _stat(self, name: str, x: np.ndarray, stat: str) -> float:
         """One statistic of a column (stats.describe: the summary's own); notes how many values were not finite."""
+        from trm_diag.stats import describe
+
         d = describe(x, (stat,))
         parts = []
         if d["n_inf"]:

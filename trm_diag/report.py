@@ -196,8 +196,10 @@ def write_summary(out: Path, summary: dict[str, Any]) -> None:
     atomic_write(out / MARKER, lambda tmp: Path(tmp).write_text(to_json(summary) + "\n"))
 
 
-def complete_report(path: str | Path) -> tuple[Path, dict[str, Any]]:
-    """The folder and summary.json of a complete, well-formed report; InputError naming what is wrong."""
+def complete_report(path: str | Path, tables: bool = True) -> tuple[Path, dict[str, Any]]:
+    """The folder and summary.json of a complete, well-formed report; InputError naming what is wrong.
+    tables=False: the tables are only checked to be whole Parquet files (their footer), without
+    importing the Parquet stack, for readers of summary.json alone; call check_tables before reading one."""
     p = Path(path)
     if not p.is_dir():
         raise InputError(f"report folder '{path}' does not exist", "run `trm-diag compare --out DIR` first")
@@ -218,6 +220,29 @@ def complete_report(path: str | Path) -> tuple[Path, dict[str, Any]]:
         raise InputError(f"cannot read {marker} ({e})", fix) from None
     check_summary(summary, str(marker))
     restore_infinities(summary, str(marker))
+    if tables:
+        check_tables(p, summary)
+    else:
+        for name in ("tokens", "sequences"):
+            _check_footer(p / f"{name}.parquet")
+    return p, summary
+
+
+def _check_footer(f: Path) -> None:
+    """A whole Parquet file ends with its magic bytes: a cheap check that needs no Parquet reader."""
+    try:
+        with open(f, "rb") as fh:
+            fh.seek(-4, os.SEEK_END)
+            whole = fh.read(4) == b"PAR1"
+    except OSError as e:
+        raise unreadable(f, e) from None
+    if not whole:
+        raise unreadable(f, ValueError("no Parquet footer"))
+
+
+def check_tables(p: Path, summary: dict[str, Any]) -> None:
+    """Every column readers rely on is in tokens.parquet and sequences.parquet (schemas only, no rows)."""
+    fix = "re-run the command that writes the report"
     for name, columns in (("tokens", tier_columns(summary["fidelity"])), ("sequences", SEQUENCE_COLUMNS)):
         f = p / f"{name}.parquet"
         missing = [c for c in columns if c not in read_schema(f).names]
@@ -225,7 +250,6 @@ def complete_report(path: str | Path) -> tuple[Path, dict[str, Any]]:
             raise InputError(
                 f"'{f}' lacks the column(s) {', '.join(missing)} (a report of an older trm-diag, or damaged)", fix
             )
-    return p, summary
 
 
 def check_summary(summary: Any, where: str) -> None:

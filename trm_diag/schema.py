@@ -39,6 +39,8 @@ SEQUENCE_COLUMNS = (
     "seq_id", "prompt_idx", "sample_idx", "prompt_token_ids", "response_token_ids", "finish_reason", "length",
     "log_seq_ratio", "lp_roll_mean", "lp_train_mean",
 )  # fmt: skip
+# the statistics of one breakdown row (breakdowns.py; the gate's breakdown.<bucket>.<stat>)
+BREAKDOWN_STATS = ("n", "token_share", "kl_mean", "kl_p99", "kl_share", "abs_log_ratio_mean", "outside_band")
 WORST_K = 5  # worst sequences summary.json keeps (with the text around their worst token)
 # summary.json: key -> the JSON type it must have
 SUMMARY_FIELDS: dict[str, type] = {

@@ -485,7 +485,7 @@ def show(
     Example: trm-diag show ./trm-report --format markdown > report.md
     """
     from trm_diag.cli.render import render_compare, to_markdown
-    from trm_diag.report import complete_report, to_json, worst_rows
+    from trm_diag.report import check_tables, complete_report, to_json, worst_rows
     from trm_diag.schema import WORST_K
     from trm_diag.verdict import verdict
 
@@ -493,16 +493,19 @@ def show(
         raise UsageError(f"--format {fmt} is unknown", f"use one of: {', '.join(SHOW_FORMATS)}")
     if top < 0:
         raise UsageError(f"--top {top} is negative", "use 0 or more")
-    path, summary = complete_report(report)
+    path, summary = complete_report(report, tables=False)  # tables are read (and checked) only when shown
     summary.setdefault("verdict", verdict(summary))  # reports written before verdicts existed
     if write_html:
         from trm_diag.html_report import write_html as html_page
 
+        check_tables(path, summary)
         err_console.print(f"wrote {escape(str(html_page(path, summary)))} (open it in a browser; no network needed)")
         return
     saved = summary.get("worst_sequences") or []
     summary["worst_sequences"] = saved[:top]
     more = top > WORST_K and len(saved) == WORST_K  # beyond what summary.json keeps: read sequences.parquet
+    if more:
+        check_tables(path, summary)
     if fmt == "json":
         print(to_json(summary))
     elif fmt == "markdown":
@@ -535,7 +538,7 @@ def diff(
 
     if fmt not in ("text", "json"):
         raise UsageError(f"--format {fmt} is unknown", "use text or json")
-    (_, a), (_, b) = complete_report(baseline), complete_report(report)
+    (_, a), (_, b) = complete_report(baseline, tables=False), complete_report(report, tables=False)
     warn = RichReporter(quiet=True).warn
     comparable = require_comparable(a, b, (baseline, report), strict, warn, "the changes compare unlike things")
     result = diff_summaries(a, b)

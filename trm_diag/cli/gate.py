@@ -40,7 +40,7 @@ def run_gate(
     strict: bool = False,
     warn: Callable[[str], None] = print,
 ) -> int:
-    from trm_diag.cli.render import fmt as fmt_num
+    from trm_diag.cli.numbers import fmt as fmt_num
 
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt} is unknown", f"use one of: {', '.join(FORMATS)}")

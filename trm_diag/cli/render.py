@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from rich.console import Console
@@ -11,29 +10,9 @@ from rich.table import Table
 from rich.text import Text
 
 from trm_diag.bounds import LABEL, UNIFIED_MEMBERS
+from trm_diag.cli.numbers import fmt, pct
 from trm_diag.criteria import CRITERIA
 from trm_diag.metrics import METRICS
-
-
-def pct(x: Any) -> str:
-    """A fraction as a percentage ('n/a' when missing)."""
-    return "n/a" if x is None or x != x else f"{100 * x:.1f}%"
-
-
-def fmt(x: Any, digits: int = 3) -> str:
-    """Compact number: scientific for small/large magnitudes, '-' for missing."""
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    if isinstance(x, (int,)) and not isinstance(x, bool):
-        return f"{x:,}"
-    x = float(x)
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    if x == 0:
-        return "0"
-    if 1e-2 <= abs(x) < 1e5:
-        return f"{x:.{digits}g}"
-    return f"{x:.{max(digits - 1, 1)}e}"
 
 
 def _bound_cell(v: float | None, best: bool) -> Text:
