@@ -28,7 +28,7 @@ from trm_diag.divergence import exact_divergences, logit_divergences
 from trm_diag.heap import tune_allocator
 from trm_diag.kernels import OUTPUTS
 from trm_diag.kernels.choice import measured_choice
-from trm_diag.kernels.native import _cpu, native_rows
+from trm_diag.kernels.native import _cpu, cpu_model, native_rows
 
 KEYS = ("kl", "kl_rev", "tv", "ent_roll", "ent_train")
 
@@ -73,9 +73,7 @@ def main() -> None:
     methods["auto"] = lambda a, b: logit_divergences(a, b, kernel="auto")
     flags = _cpu().split("flags", 1)[-1].split()
     isa = [f for f in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16") if f in flags]
-    print(
-        f"CPU: {_cpu().split('flags')[0].split(':', 1)[-1].strip()} ({platform.machine()}); vector flags: {' '.join(isa)}"
-    )
+    print(f"CPU: {cpu_model()} ({platform.machine()}); vector flags: {' '.join(isa)}")
     print(f"threads: {torch.get_num_threads()}, V = {V:,}, best of {args.repeats} alternating rounds")
     print(f"\n{'N':>6} {'method':<28}{'rows/s':>9}{'x naive':>9}{'max rel err':>13}{'peak extra MB':>15}")
     for n in [int(x) for x in args.rows.split(",")]:

@@ -72,3 +72,13 @@ def test_ray_misuse_is_one_line(dense_model, tmp_path, capsys):
     code, _, err = run_cli([*model, "--ray", "2", "--shard", "0/2", "--out", str(tmp_path / "b")], capsys)
     assert code == 2 and "--ray and --shard" in err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    # inputs are checked once, before any task starts (no cluster needed to say so)
+    code, _, err = run_cli(["compare", "--model", str(tmp_path / "nowhere"), *BASE, "--ray", "2",
+                            "--out", str(tmp_path / "c")], capsys)  # fmt: skip
+    assert code == 2 and "nowhere" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli([*model, "--ray", "50", "--out", str(tmp_path / "d")], capsys)
+    assert code == 2 and "holds no prompts" in err
+    code, _, err = run_cli([*model, "--ray", "2", "--save-rollouts", str(tmp_path / "r.jsonl"),
+                            "--out", str(tmp_path / "e")], capsys)  # fmt: skip
+    assert code == 2 and "--save-rollouts with --ray" in err
+    assert not any((tmp_path / x).exists() for x in ("c", "d", "e", "c.shards", "d.shards"))

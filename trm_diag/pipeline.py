@@ -213,7 +213,7 @@ def run_compare(cfg: CompareConfig, reporter: Reporter | None = None) -> Compare
         return _compare(cfg, reporter or Reporter(), engines, run)
 
 
-def _select_prompts(cfg: CompareConfig) -> tuple[list[Prompt], list[int]]:
+def select_prompts(cfg: CompareConfig) -> tuple[list[Prompt], list[int]]:
     """The prompts of this run and their global indices (--num-prompts, then --shard I/N)."""
     prompts = load_prompts(cfg.prompts)
     if cfg.num_prompts is not None:
@@ -228,7 +228,7 @@ def _select_prompts(cfg: CompareConfig) -> tuple[list[Prompt], list[int]]:
     return prompts, indices
 
 
-def _check_compare_inputs(cfg: CompareConfig, roll_spec: BackendSpec, train_spec: BackendSpec) -> Path:
+def check_compare_inputs(cfg: CompareConfig, roll_spec: BackendSpec, train_spec: BackendSpec) -> Path:
     """Every check that needs no engine: options, checkpoints, output paths; returns the --out folder."""
     if cfg.fidelity not in FIDELITIES:
         raise UsageError(f"--fidelity {cfg.fidelity} is unknown", f"use one of: {', '.join(FIDELITIES)}")
@@ -253,9 +253,9 @@ def _compare(cfg: CompareConfig, rep: Reporter, engines: _Engines, run: ExitStac
     # what the rollout engine reports as log-probs decides the pipeline view (views.py)
     cfg = replace(cfg, sampling=replace(cfg.sampling, logprobs=reported_logprobs(roll_spec)))
     fidelity, sampling = cfg.fidelity, cfg.sampling
-    prompts, indices = _select_prompts(cfg)
+    prompts, indices = select_prompts(cfg)
     # every input and output is checked before an engine loads or the output folder is touched
-    out_dir = _check_compare_inputs(cfg, roll_spec, train_spec)
+    out_dir = check_compare_inputs(cfg, roll_spec, train_spec)
     # Chunks of prompts: each finished chunk is checkpointed, so Ctrl-C loses at most one chunk.
     n, step = len(prompts), max(1, cfg.chunk_prompts)
     chunks = [(a, min(n, a + step)) for a in range(0, n, step)]

@@ -16,9 +16,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from trm_diag.errors import BackendFailure, BackendUnavailable, ExitCode, TrmDiagError, UsageError
+from trm_diag.errors import BackendFailure, BackendUnavailable, ExitCode, InputError, TrmDiagError, UsageError
 from trm_diag.outputs import PARTIAL_DIR
-from trm_diag.pipeline import CompareConfig, CompareResult, Reporter, run_compare
+from trm_diag.pipeline import CompareConfig, CompareResult, Reporter, check_compare_inputs, run_compare, select_prompts
+from trm_diag.report import complete_report
 
 
 def shard_dir(out: str | Path, i: int, n: int) -> Path:
@@ -28,10 +29,12 @@ def shard_dir(out: str | Path, i: int, n: int) -> Path:
 
 
 def _complete(path: Path) -> bool:
+    """A shard that finished: its report is complete (report.complete_report's checks)."""
     try:
-        return bool(json.loads((path / "summary.json").read_text()).get("complete"))
-    except (OSError, ValueError):
+        complete_report(path, tables=False)
+    except InputError:
         return False
+    return True
 
 
 def _run_shard(cfg: CompareConfig) -> str:
@@ -66,7 +69,6 @@ def _connect() -> Any:
 def run_ray(cfg: CompareConfig, n: int, reporter: Reporter | None = None) -> CompareResult:
     """Run the N shards of ``cfg`` as Ray tasks, wait, merge into cfg.out; returns the merged report."""
     from trm_diag.merge import run_merge
-    from trm_diag.outputs import check_out_dir
 
     rep = reporter or Reporter()
     if n < 2:
@@ -75,7 +77,13 @@ def run_ray(cfg: CompareConfig, n: int, reporter: Reporter | None = None) -> Com
         )
     if cfg.shard is not None:
         raise UsageError("--ray and --shard both split the prompts", "use one: --ray N runs every shard for you")
-    check_out_dir(cfg.out, overwrite=cfg.overwrite or cfg.resume)  # the merged report: checked before any task
+    if cfg.save_rollouts:
+        raise UsageError("--save-rollouts with --ray would have every shard write one file", "run with --shard I/N "
+                         "and a --save-rollouts file per shard, or drop --save-rollouts")  # fmt: skip
+    # every input is checked here, before a task starts: a bad path fails once, not once per shard
+    select_prompts(replace(cfg, shard=(n - 1, n)))  # the prompts file, and the last shard has prompts
+    specs = cfg.rollout.with_model(cfg.model), cfg.train.with_model(cfg.model)
+    check_compare_inputs(replace(cfg, resume=False, overwrite=cfg.overwrite or cfg.resume), *specs)  # merged --out
     dirs = [shard_dir(cfg.out, i, n) for i in range(n)]
     todo = [i for i in range(n) if not (cfg.resume and _complete(dirs[i]))]
     ray = _connect()

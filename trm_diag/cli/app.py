@@ -494,7 +494,8 @@ def show(
     if top < 0:
         raise UsageError(f"--top {top} is negative", "use 0 or more")
     path, summary = complete_report(report, tables=False)  # tables are read (and checked) only when shown
-    summary.setdefault("verdict", verdict(summary))  # reports written before verdicts existed
+    if "verdict" not in summary:  # reports written before verdicts existed
+        summary["verdict"] = verdict(summary)
     if write_html:
         from trm_diag.html_report import write_html as html_page
 

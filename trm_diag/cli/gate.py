@@ -98,7 +98,8 @@ def run_gate(
         from trm_diag.cli.render import to_markdown
         from trm_diag.verdict import verdict
 
-        rep.summary.setdefault("verdict", verdict(rep.summary))  # reports written before verdicts existed
+        if "verdict" not in rep.summary:  # reports written before verdicts existed
+            rep.summary["verdict"] = verdict(rep.summary)
         with open(os.environ["GITHUB_STEP_SUMMARY"], "a", encoding="utf-8") as f:
             f.write(gate_markdown(results, report) + "\n" + to_markdown(rep.summary) + "\n")
     if output:

@@ -67,11 +67,9 @@ def _device_text(device: Any) -> str:
 
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    from trm_diag.kernels.native import _cpu
+    from trm_diag.kernels.native import cpu_model
 
-    flags = _cpu()
-    name = flags.split("flags", 1)[0].split(":", 1)[-1].strip() or platform.processor() or platform.machine()
-    return f"{name} ({platform.machine()})"
+    return f"{cpu_model()} ({platform.machine()})"
 
 
 def _cache_file(device: Any) -> Path:

@@ -57,6 +57,12 @@ def _cpu() -> str:
     return "".join(next((x for x in lines if x.startswith(k)), "") for k in ("model name", "flags"))
 
 
+def cpu_model() -> str:
+    """This CPU's model name, as /proc/cpuinfo gives it (else what platform knows)."""
+    name = _cpu().split("flags", 1)[0].partition(":")[2].strip()
+    return name or platform.processor() or platform.machine()
+
+
 def library_path(cc: str, march: str = "native") -> Path:
     """The cached library's path for this source, compiler, flags, target and CPU."""
     parts = [cc, *FLAGS, f"-march={march}", platform.machine(), _cpu()]
