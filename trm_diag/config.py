@@ -38,8 +38,15 @@ def parse_horizons(
     return tuple(int(v) for v in floats)
 
 
-DTYPES = ("float32", "bfloat16", "float16", "auto")
-DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+DTYPES = ("float32", "bfloat16", "float16", "float64", "auto")  # float64: transformers only (a sweep's reference)
+DTYPE_ALIASES = {
+    "fp32": "float32",
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "half": "float16",
+    "fp64": "float64",
+    "double": "float64",
+}
 
 
 @dataclass(frozen=True)
@@ -110,11 +117,11 @@ def parse_backend_spec(text: str, known: dict[str, tuple[str, ...]]) -> BackendS
                 f"backend spec '{text}': unknown key '{key}' for backend '{name}'",
                 f"valid keys: {', '.join(accepted)}",
             )
-        if key == "dtype":
+        if key in ("dtype", "lm_head_dtype"):
             value = DTYPE_ALIASES.get(value.lower(), value.lower())
             if value not in DTYPES:
                 raise UsageError(
-                    f"backend spec '{text}': dtype={value} is not supported", f"use one of: {', '.join(DTYPES)}"
+                    f"backend spec '{text}': {key}={value} is not supported", f"use one of: {', '.join(DTYPES)}"
                 )
         options[key] = value
     return BackendSpec(name, options, text)

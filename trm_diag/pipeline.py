@@ -166,7 +166,7 @@ def score_rollouts(
     return Scored(rollouts, columns, routing, kernels)
 
 
-def _side(backend: Backend) -> dict[str, Any]:
+def side_info(backend: Backend) -> dict[str, Any]:
     return {
         "spec": backend.description,
         "model": backend.model_path,
@@ -174,7 +174,9 @@ def _side(backend: Backend) -> dict[str, Any]:
     }
 
 
-def _write(out_dir: Path, assembled: Assembled, timings: dict[str, float], t_start: float, warn: Any) -> CompareResult:
+def write_report(
+    out_dir: Path, assembled: Assembled, timings: dict[str, float], t_start: float, warn: Any
+) -> CompareResult:
     t = time.perf_counter()
     write_tables(out_dir, report_parts(assembled), assembled.summary)
     timings["write_s"] = time.perf_counter() - t
@@ -185,7 +187,7 @@ def _write(out_dir: Path, assembled: Assembled, timings: dict[str, float], t_sta
     return CompareResult(out_dir, assembled.summary)
 
 
-class _Engines:
+class Engines:
     """The backends a run opened, all closed when it ends however it ends: an interrupted run must
     not leave a vLLM engine holding its KV cache in a process that goes on (a notebook, a test)."""
 
@@ -199,7 +201,7 @@ class _Engines:
         self.opened.append(backend)
         return backend
 
-    def __enter__(self) -> _Engines:
+    def __enter__(self) -> Engines:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -209,7 +211,7 @@ class _Engines:
 
 def run_compare(cfg: CompareConfig, reporter: Reporter | None = None) -> CompareResult:
     """Generate with the rollout backend, rescore with the training backend, write the report."""
-    with ExitStack() as run, _Engines() as engines:
+    with ExitStack() as run, Engines() as engines:
         return _compare(cfg, reporter or Reporter(), engines, run)
 
 
@@ -246,7 +248,7 @@ def check_compare_inputs(cfg: CompareConfig, roll_spec: BackendSpec, train_spec:
     return check_out_dir(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume, inputs=[cfg.prompts])
 
 
-def _compare(cfg: CompareConfig, rep: Reporter, engines: _Engines, run: ExitStack) -> CompareResult:
+def _compare(cfg: CompareConfig, rep: Reporter, engines: Engines, run: ExitStack) -> CompareResult:
     t_start = time.perf_counter()
     timings: dict[str, float] = dict.fromkeys(("generate_s", "rollout_rows_s", "score_s"), 0.0)
     roll_spec, train_spec = cfg.rollout.with_model(cfg.model), cfg.train.with_model(cfg.model)
@@ -273,10 +275,10 @@ def _compare(cfg: CompareConfig, rep: Reporter, engines: _Engines, run: ExitStac
         roll = engines.load(roll_spec, **kw)
         advance(1)
     timings["load_rollout_s"] = time.perf_counter() - t
-    prompt_ids = _encode_prompts(prompts, roll, train_spec, cfg, rep)  # every prompt checked before any generation
+    prompt_ids = encode_prompts(prompts, roll, train_spec, cfg, rep)  # every prompt checked before any generation
     train = roll if same else (engines.load(train_spec, **kw) if coexist else None)
     if train is not None:
-        _check_pair(roll, train, same)
+        check_pair(roll, train, same)
     run.enter_context(claim_out_dir(out_dir, overwrite=cfg.overwrite, warn=rep.warn))  # the first write
     store = PartialStore(out_dir, fingerprint, len(chunks), cfg.resume, cfg.overwrite)
     resumed = len(store.done)
@@ -291,7 +293,7 @@ def _compare(cfg: CompareConfig, rep: Reporter, engines: _Engines, run: ExitStac
             t = time.perf_counter()
             train = engines.load(train_spec, **kw)
             timings["load_train_s"] = time.perf_counter() - t
-            _check_pair(roll, train, same)
+            check_pair(roll, train, same)
         for ci, (a, b) in enumerate(chunks):
             if ci in store.done:
                 advance(2 * (b - a) * sampling.samples_per_prompt)
@@ -318,8 +320,8 @@ def _compare(cfg: CompareConfig, rep: Reporter, engines: _Engines, run: ExitStac
         write_rollouts(cfg.save_rollouts, (store.rollouts(i) for i in range(store.n_chunks)), sampling)
     notes = [b.routing_note for b in (roll, train)]
     header = {
-        "rollout": _side(roll),
-        "train": _side(train),
+        "rollout": side_info(roll),
+        "train": side_info(train),
         "same_backend_instance": same,
         "engines_sequential": not coexist,
         "prompts": {"path": str(cfg.prompts), "count": len(prompts), "chat": sum(p.is_chat for p in prompts)},
@@ -333,7 +335,7 @@ def _compare(cfg: CompareConfig, rep: Reporter, engines: _Engines, run: ExitStac
         horizons=cfg.horizons, tokenizer=roll.tokenizer, width=roll.vocab_width, moe=train.moe,
         header=header, warn=rep.warn, view=cfg.view,
     )  # fmt: skip
-    result = _write(out_dir, assembled, timings, t_start, rep.warn)
+    result = write_report(out_dir, assembled, timings, t_start, rep.warn)
     store.clear()
     return result
 
@@ -347,7 +349,7 @@ def _held_rows(rows: list[TokenRows] | None, fidelity: str) -> RolloutRows | Non
     return lambda s, pairs: rows[s : s + len(pairs)]
 
 
-def _encode_prompts(
+def encode_prompts(
     prompts: list, roll: Backend, train_spec: BackendSpec, cfg: CompareConfig, rep: Reporter
 ) -> PromptIds:
     """Every prompt's ids, inside the vocabulary and, with the response, inside the positions both models
@@ -419,7 +421,7 @@ def _generate_all(
     return held
 
 
-def _check_pair(roll: Backend, train: Backend, same: bool) -> None:
+def check_pair(roll: Backend, train: Backend, same: bool) -> None:
     """Both sides must share the vocabulary and the tokenizer."""
     if train.vocab_width != roll.vocab_width:
         raise ModelError(
@@ -432,11 +434,11 @@ def _check_pair(roll: Backend, train: Backend, same: bool) -> None:
 
 def run_score(cfg: ScoreConfig, reporter: Reporter | None = None) -> CompareResult:
     """Rescore rollouts from a file with the training backend and write the same report as compare."""
-    with ExitStack() as run, _Engines() as engines:
+    with ExitStack() as run, Engines() as engines:
         return _score(cfg, reporter or Reporter(), engines, run)
 
 
-def _score(cfg: ScoreConfig, rep: Reporter, engines: _Engines, run: ExitStack) -> CompareResult:
+def _score(cfg: ScoreConfig, rep: Reporter, engines: Engines, run: ExitStack) -> CompareResult:
     from trm_diag.rollouts_io import iter_rollout_chunks, scan_rollouts
 
     t_start = time.perf_counter()
@@ -506,7 +508,7 @@ def _score(cfg: ScoreConfig, rep: Reporter, engines: _Engines, run: ExitStack) -
                     "empty_responses": data.empty, "sampling_from": "options" if cfg.sampling else "file",
                     "after_eos": {"rollouts": data.after_eos_rollouts, "tokens": data.after_eos_tokens,
                                   "stripped": cfg.strip_after_eos, "eos_ids": sorted(eos)}},
-        "train": _side(train),
+        "train": side_info(train),
         "routing_note": "imported rollouts carry no router logits" if train.moe else None,
     }  # fmt: skip
     assembled = assemble(
@@ -514,6 +516,6 @@ def _score(cfg: ScoreConfig, rep: Reporter, engines: _Engines, run: ExitStack) -
         horizons=cfg.horizons, tokenizer=train.tokenizer, width=train.vocab_width, moe=train.moe,
         header=header, warn=rep.warn, view=cfg.view,
     )  # fmt: skip
-    result = _write(out_dir, assembled, timings, t_start, rep.warn)
+    result = write_report(out_dir, assembled, timings, t_start, rep.warn)
     store.clear()
     return result

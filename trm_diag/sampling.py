@@ -14,8 +14,9 @@ from trm_diag.config import SamplingConfig
 
 
 def _tempered(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
-    """Logits in float32 divided by the temperature (greedy: untempered)."""
-    x = logits.float()
+    """Logits in float32 (float64 ones stay float64: a sweep's reference) divided by the temperature
+    (greedy: untempered)."""
+    x = logits if logits.dtype == torch.float64 else logits.float()
     return x / sampling.temperature if not sampling.greedy and sampling.temperature != 1.0 else x
 
 

