@@ -218,6 +218,11 @@ def complete_report(path: str | Path, tables: bool = True) -> tuple[Path, dict[s
         raise InputError(f"{marker} is not valid JSON ({e.msg})", fix) from None
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read {marker} ({e})", fix) from None
+    if isinstance(summary, dict) and summary.get("command") == "sweep":
+        raise InputError(
+            f"'{path}' holds a sweep, not a report",
+            f"read one arm's report ({path}/<arm>), sweep.parquet, or `trm-diag show {path}`",
+        )
     check_summary(summary, str(marker))
     restore_infinities(summary, str(marker))
     if tables:
@@ -226,6 +231,15 @@ def complete_report(path: str | Path, tables: bool = True) -> tuple[Path, dict[s
         for name in ("tokens", "sequences"):
             _check_footer(p / f"{name}.parquet")
     return p, summary
+
+
+def read_sweep(path: str | Path) -> dict[str, Any] | None:
+    """The summary.json of a finished sweep folder, or None when the folder holds no sweep."""
+    try:
+        summary = json.loads((Path(path) / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and summary.get("command") == "sweep" else None
 
 
 def _check_footer(f: Path) -> None:

@@ -598,7 +598,7 @@ SHOW_FORMATS = ("text", "json", "markdown")
 
 @app.command()
 def show(
-    report: Annotated[str, typer.Argument(help="Report folder (compare, score or merge).")],
+    report: Annotated[str, typer.Argument(help="Report folder (compare, score or merge), or a sweep folder.")],
     fmt: Annotated[str, typer.Option("--format", help="text (the tables compare prints), json or markdown.")] = "text",
     top: Annotated[int, typer.Option(help="How many of the worst sequences to list.")] = 5,
     write_html: Annotated[
@@ -611,7 +611,7 @@ def show(
     Example: trm-diag show ./trm-report --format markdown > report.md
     """
     from trm_diag.cli.render import render_compare, to_markdown
-    from trm_diag.report import check_tables, complete_report, to_json, worst_rows
+    from trm_diag.report import check_tables, complete_report, read_sweep, to_json, worst_rows
     from trm_diag.schema import WORST_K
     from trm_diag.verdict import verdict
 
@@ -619,6 +619,15 @@ def show(
         raise UsageError(f"--format {fmt} is unknown", f"use one of: {', '.join(SHOW_FORMATS)}")
     if top < 0:
         raise UsageError(f"--top {top} is negative", "use 0 or more")
+    swept = read_sweep(report)
+    if swept is not None:  # a sweep folder: its verdict and ranked table
+        from trm_diag.cli.sweep import render_sweep
+
+        if fmt == "json":
+            print(to_json(swept))
+        else:
+            render_sweep(out_console, swept)
+        return
     path, summary = complete_report(report, tables=False)  # tables are read (and checked) only when shown
     if "verdict" not in summary:  # reports written before verdicts existed
         summary["verdict"] = verdict(summary)
