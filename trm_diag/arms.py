@@ -33,7 +33,7 @@ ARM_PRESETS: dict[str, tuple[Knob, ...]] = {
         *DTYPE_KNOBS,
         Knob("eager", {"enforce_eager": "true"}, "eager mode (no CUDA graphs / compilation)", ("vllm",)),
         Knob("batch-1", {"batch_size": "1"}, "batch size 1 (batch invariance)"),
-        Knob("chunked-prefill-off", {"engine.enable_chunked_prefill": "false"}, "chunked prefill off", ("vllm",)),
+        Knob("no-chunked-prefill", {"engine.enable_chunked_prefill": "false"}, "chunked prefill off", ("vllm",)),
         Knob("prefix-caching-on", {"engine.enable_prefix_caching": "true"}, "prefix caching on", ("vllm",)),
         Knob("kv-cache-fp8", {"kv_cache_dtype": "fp8"}, "KV cache in fp8", ("vllm",)),
         Knob("batch-invariant", {"batch_invariant": "true"}, "vLLM's batch-invariant mode", ("vllm",)),

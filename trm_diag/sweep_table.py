@@ -76,41 +76,48 @@ def _g(x: float) -> str:
     return f"{x:.3g}"
 
 
+def _group(arms: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
+    return [r for r in arms if r["arm"].startswith(prefix)]
+
+
 def verdict(rows: list[dict[str, Any]], reference: str | None) -> list[str]:
-    """One line answering 'which setting causes the mismatch', then what the decomposition says."""
+    """Lines answering 'which setting causes the mismatch': which side carries the gap of the default
+    trainer (else the largest gap), then the arm that lowers that side's own error most."""
     roll, arms = rows[0], [r for r in rows[1:] if r["status"] == "done"]
     if not arms:
         return ["no arm ran: see the skipped arms' reasons"]
-    lines = []
-    if reference and roll["ref_kl_mean"] == roll["ref_kl_mean"]:
-        best = min(arms, key=lambda r: r["ref_kl_mean"])
-        own, base = best["ref_kl_mean"], roll["ref_kl_mean"]
-        if own < base:
-            times = f"{base / own:.3g}x lower" if own > 0 else "exact"
-            lines.append(
-                f"the largest reduction comes from {best['changed']} ({best['arm']}): own error against the "
-                f"{reference} reference KL {_g(own)}, against {_g(base)} for the rollout side ({times})"
-            )
-        else:
-            lines.append(f"no arm is closer to the {reference} reference than the rollout side (KL {_g(base)})")
-        # the decomposition of the default trainer's gap, else of the largest gap
-        baseline = [r for r in arms if r["arm"] == BASELINE_ARM]
-        biggest = baseline[0] if baseline else max(arms, key=lambda r: _num(r["gap_lp_rms"]))
-        share = biggest["gap_share_roll"]
-        if share == share:
-            side = "the rollout side" if share >= 0.5 else f"the arm ({biggest['arm']})"
-            corr = biggest["err_corr"]
-            what = "gap" if baseline else "largest gap"
-            lines.append(
-                f"{what} to {biggest['arm']}: rms {_g(biggest['gap_lp_rms'])} (independent errors predict "
-                f"{_g(biggest['indep_lp_rms'])}, correlation {_g(corr) if corr == corr else 'n/a'}); "
-                f"{side} carries {max(share, 1 - share):.0%} of it"
-            )
-    else:
+    if not (reference and roll["ref_kl_mean"] == roll["ref_kl_mean"]):
         close = min(arms, key=lambda r: r["token_kl_mean"])
         far = max(arms, key=lambda r: r["token_kl_mean"])
-        lines.append(
+        return [
             f"closest to the rollout side: {close['arm']} ({close['changed']}; token KL mean "
             f"{_g(close['token_kl_mean'])}); farthest: {far['arm']} ({_g(far['token_kl_mean'])})"
+        ]
+    lines = []
+    baseline = [r for r in arms if r["arm"] == BASELINE_ARM]
+    gap = baseline[0] if baseline else max(arms, key=lambda r: _num(r["gap_lp_rms"]))
+    share = gap["gap_share_roll"]
+    engine_side = share != share or share >= 0.5
+    if share == share:
+        corr = gap["err_corr"]
+        side = "the rollout side" if engine_side else f"the arm ({gap['arm']})"
+        lines.append(
+            f"{'gap' if baseline else 'largest gap'} to {gap['arm']}: rms {_g(gap['gap_lp_rms'])} (independent errors "
+            f"predict {_g(gap['indep_lp_rms'])}, correlation {_g(corr) if corr == corr else 'n/a'}); {side} carries "
+            f"{max(share, 1 - share):.0%} of it"
         )
+    # the side that carries the gap: its preset's arms, measured against that side's own error
+    group, base, who = (_group(arms, "engine-"), roll, "the rollout side") if engine_side else (
+        _group(arms, "trainer-"), gap, gap["arm"])  # fmt: skip
+    group = group or arms
+    best = min(group, key=lambda r: r["ref_kl_mean"])
+    own, was = best["ref_kl_mean"], base["ref_kl_mean"]
+    if own < was:
+        times = f"{was / own:.3g}x lower" if own > 0 else "exact"
+        lines.insert(0,
+            f"the largest reduction comes from {best['changed']} ({best['arm']}): own error against the {reference} "
+            f"reference KL {_g(own)}, against {_g(was)} for {who} ({times})"
+        )  # fmt: skip
+    else:
+        lines.insert(0, f"no arm is closer to the {reference} reference than {who} (KL {_g(was)})")
     return lines

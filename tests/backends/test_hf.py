@@ -68,3 +68,27 @@ def test_responses_stop_at_eos(fp32, prompt_ids):
 
 def test_padded_vocab_is_explicit(fp32):
     assert fp32.vocab_width == 2048 and len(fp32.tokenizer) == 2000  # logits wider than the tokenizer
+
+
+def test_float64_scores_stay_float64_and_match_the_fp32_model(fp32, dense_model, prompt_ids):
+    f64 = load_backend(parse_spec(f"hf:dtype=float64,model={dense_model}"))
+    seqs = [(prompt_ids[0], prompt_ids[1][:7])]
+    s64 = f64.score(seqs, SamplingConfig())[0].scores(0, 7)
+    s32 = fp32.score(seqs, SamplingConfig())[0].scores(0, 7)
+    assert s64.dtype == torch.float64 and s32.dtype == torch.float32
+    assert 0 < (s64 - s32.double()).abs().max() < 1e-4  # fp32 rounding, nothing more
+
+
+def test_lm_head_dtype_gives_an_fp32_head_on_a_bf16_body(dense_model, prompt_ids):
+    spec = f"hf:dtype=bfloat16,lm_head_dtype=fp32,model={dense_model}"
+    mixed = load_backend(parse_spec(spec))
+    plain = load_backend(parse_spec(f"hf:dtype=bfloat16,model={dense_model}"))
+    assert mixed._head.weight.dtype == torch.float32
+    assert mixed.model.get_input_embeddings().weight.dtype == torch.bfloat16  # a tied embedding keeps its dtype
+    seqs = [(prompt_ids[0], prompt_ids[1][:7])]
+    a, b = mixed.score(seqs, SamplingConfig())[0].scores(0, 7), plain.score(seqs, SamplingConfig())[0].scores(0, 7)
+    assert a.dtype == torch.float32 and not torch.equal(a, b) and (a - b).abs().max() < 0.1
+    rollouts = mixed.generate(prompt_ids[:2], SamplingConfig(max_new_tokens=4, topk=0))  # samples through it too
+    assert all(len(r.response_ids) >= 1 for r in rollouts)
+    with pytest.raises(Exception, match="lm_head_dtype=int8"):
+        load_backend(parse_spec(f"hf:dtype=bfloat16,lm_head_dtype=int8,model={dense_model}"))

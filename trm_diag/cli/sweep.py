@@ -17,7 +17,6 @@ SHOWN = (
     ("ref_lp_err_rms", "own err"),  # headers of 7 characters at most: the table fits 80 columns
     ("token_kl_mean", "KL roll"),
     ("gap_lp_rms", "gap"),
-    ("err_corr", "corr"),
     ("b_star_4096", "B*@4096"),
 )
 
@@ -27,8 +26,6 @@ def _cell(value: Any, column: str) -> str:
         return escape(value)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    if column == "err_corr":
-        return f"{value:.2f}"
     return f"{value:.2g}"  # 7 characters at most: the table fits 80 columns
 
 
@@ -58,7 +55,7 @@ def render_sweep(console: Console, summary: dict[str, Any]) -> None:
                       soft_wrap=True)  # fmt: skip
     console.print(
         "own KL, own err: KL and rms log-prob error against the reference; KL roll, B*@4096: the arm's report "
-        "(rollout side vs arm); gap: rms of e_arm - e_roll; corr: correlation of the two errors. Every column, "
-        "TRM-Max acceptance included: sweep.parquet.",
+        "(rollout side vs arm); gap: rms of e_arm - e_roll. Every column (the errors' correlation, TRM-Max "
+        "acceptance, ...): sweep.parquet.",
         soft_wrap=True,
     )
