@@ -55,7 +55,11 @@ def test_fp32_own_error_is_far_below_bf16_against_the_float64_reference(hf_sweep
     # an accurate rollout side: the gap to the bf16 arm is the bf16 arm's own error
     assert bf16["gap_share_roll"] < 1e-4
     assert math.isclose(bf16["gap_lp_rms"], bf16["ref_lp_err_rms"], rel_tol=1e-3)
-    assert summary["verdict"][0].startswith("no arm is closer")  # the rollout side already is fp32
+    # the bf16 arm carries the gap; the fp32 spec is the setting that removes it
+    assert (
+        "(hf-dtype-float32-batch-size-1)" in summary["verdict"][0] and "for hf-dtype-bfloat16" in summary["verdict"][0]
+    )
+    assert "the arm (hf-dtype-bfloat16) carries 100%" in summary["verdict"][1]
 
 
 def test_own_error_matches_a_direct_float64_recomputation(hf_sweep, dense_model):
@@ -92,7 +96,7 @@ def test_every_arm_folder_is_a_normal_report(hf_sweep, capsys):
     code, _, _ = run_cli(["gate", str(out / "hf-dtype-bfloat16"), "--rule", "token.kl.mean <= 1"], capsys)
     assert code == 0
     code, text, _ = run_cli(["show", str(out)], capsys)
-    assert code == 0 and "no arm is closer" in text and "hf-dtype-bfloat16" in text
+    assert code == 0 and "largest reduction" in text and "hf-dtype-bfloat16" in text
     code, _, err = run_cli(["gate", str(out), "--rule", "token.kl.mean <= 1"], capsys)
     assert code == 2 and "holds a sweep, not a report" in err
 

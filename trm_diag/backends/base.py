@@ -68,6 +68,11 @@ class Backend(Protocol):
         """Teacher-forced next-token distributions for each (prompt_ids, response_ids)."""
         ...
 
+    def capture_layers(self, ids: list[int], positions: list[int]) -> Any:
+        """Teacher-forced pass over ids keeping, at ``positions`` only, each decoder layer's attention, MLP and
+        output states, the final norm and router logits (a backends.capture.LayerCapture): `locate`."""
+        ...
+
     def close(self) -> None:
         """Release the engine's memory."""
         ...

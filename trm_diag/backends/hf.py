@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from trm_diag.backends.base import batches, first_line, run_seed, seed_for
+from trm_diag.backends.capture import LayerCapture
 from trm_diag.checkpoint import spec_checkpoint
 from trm_diag.config import BackendSpec, SamplingConfig
 from trm_diag.errors import BackendFailure, ModelError, UsageError
@@ -292,6 +293,18 @@ class HFBackend:
             sl = slice(len(p) - 1, len(p) - 1 + len(r))
             out.append(HiddenRows(hidden[i, sl], self, sampling, None if router is None else router[:, i, sl].cpu()))
         return out
+
+    # ------------------------------------------------------------------ locate
+    @torch.inference_mode()
+    def capture_layers(self, ids: list[int], positions: list[int]) -> LayerCapture:
+        """Teacher-forced pass over ids keeping each layer's states at ``positions`` (backends/capture.py)."""
+        cap = LayerCapture(positions, self.moe[0] if self.moe else None)
+        cap.install(self._decoder)
+        try:
+            self._decoder(input_ids=torch.tensor([ids], device=self.device))
+        finally:
+            cap.remove()
+        return cap
 
     def close(self) -> None:
         self.model = None

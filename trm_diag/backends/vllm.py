@@ -301,6 +301,23 @@ class VLLMBackend:
                     "use batch_size=1 in the vllm spec, or --fidelity sampled",
                 )
 
+    # ------------------------------------------------------------------ locate
+    def capture_layers(self, ids: list[int], positions: list[int]) -> Any:
+        """One prefill over ids with hooks on the engine's decoder layers (in this process: apply_model),
+        keeping each layer's states at ``positions`` (backends/capture.py)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        from trm_diag.backends.capture import LayerCapture
+
+        cap = LayerCapture(positions, self.moe[0] if self.moe else None)
+        self.llm.apply_model(lambda m: cap.install(m.model))
+        try:
+            self.llm.generate([TokensPrompt(prompt_token_ids=list(ids))], SamplingParams(max_tokens=1), use_tqdm=False)
+        finally:
+            self.llm.apply_model(lambda m: cap.remove())
+        return cap
+
     def close(self) -> None:
         self.llm = None
         gc.collect()

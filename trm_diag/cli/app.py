@@ -296,6 +296,14 @@ def compare(
             "only unfinished ones. Needs trm-diag[ray] and the model, prompts and --out on a filesystem every node sees.",
         ),
     ] = None,
+    locate_top: Annotated[
+        int | None,
+        typer.Option(
+            "--locate",
+            rich_help_panel="Output",
+            help="Then locate the K worst tokens: the layer where the two sides part (as `trm-diag locate`).",
+        ),
+    ] = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -333,6 +341,8 @@ def compare(
         truncate_prompts=truncate_prompts,
         view=view,
     )
+    if locate_top is not None and locate_top < 1:
+        raise UsageError(f"--locate {locate_top} must be >= 1", "give the number of tokens to locate, e.g. --locate 8")
     if ray is not None:
         from trm_diag.ray_shards import run_ray
 
@@ -340,6 +350,12 @@ def compare(
     else:
         result = run_compare(cfg, RichReporter(quiet or json_out))
     _render(result.summary, result.out_dir, json_out)
+    if locate_top is not None:
+        from trm_diag.locate import LocateConfig, run_locate
+
+        found = run_locate(LocateConfig(str(result.out_dir), top=locate_top, trust_remote_code=trust_remote_code,
+                                        allow_pickle=allow_pickle), RichReporter(quiet or json_out))  # fmt: skip
+        _render_locate(found.summary, json_out)
 
 
 # ------------------------------------------------------------------ sweep
@@ -466,6 +482,41 @@ def sweep(
         f"sweep written to [bold]{escape(str(result.out_dir))}/[/bold]: one report per arm (trm-diag show "
         f"{escape(str(result.out_dir))}/<arm>), sweep.parquet"
     )
+
+
+# ------------------------------------------------------------------ locate
+@app.command()
+def locate(
+    report: Annotated[str, typer.Argument(help="Report folder written by compare.")],
+    top: Annotated[int, typer.Option(help="Locate the K tokens with the largest KL.")] = 8,
+    seq: Annotated[int | None, typer.Option(help="Locate one sequence's token (its worst unless --pos).")] = None,
+    pos: Annotated[int | None, typer.Option(help="Response position of the token, with --seq.")] = None,
+    trust_remote_code: RemoteCodeOpt = False,
+    allow_pickle: PickleOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Where in the network the two sides part: re-run tokens of a report on both backends and find the
+    layer (and attention or MLP) where their hidden states first jump apart.
+
+    Writes REPORT/locate.parquet (token x layer x component) and REPORT/locate.json.
+    Example: trm-diag locate ./trm-report --top 8;  trm-diag locate ./trm-report --seq 12 --pos 40
+    """
+    from trm_diag.locate import LocateConfig, run_locate
+
+    cfg = LocateConfig(report, top, seq, pos, trust_remote_code, allow_pickle)
+    _render_locate(run_locate(cfg, RichReporter(quiet or json_out)).summary, json_out)
+
+
+def _render_locate(summary: dict, json_out: bool) -> None:
+    if json_out:
+        from trm_diag.report import to_json
+
+        print(to_json(summary))
+        return
+    from trm_diag.cli.locate import render_locate
+
+    render_locate(out_console, summary)
 
 
 # ------------------------------------------------------------------ score
