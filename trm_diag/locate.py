@@ -147,9 +147,17 @@ def token_verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
         comp = carrier(by.get((enters, "attn"), {}).get("rel_err", 0.0), by.get((enters, "mlp"), {}).get("rel_err", 0.0),
                        before)  # fmt: skip
         out["component"] = comp
-        words = f"enters at layer {enters}, {comp} (error {layer_err[enters]:.2g}, {g[enters]:.3g}x the layer before)"
+        if enters == 0:
+            words = f"enters at layer 0, {comp} (error {layer_err[0]:.2g}: the sides differ from the first layer on)"
+        else:
+            words = (
+                f"enters at layer {enters}, {comp} (error {layer_err[enters]:.2g}, {g[enters]:.3g}x the layer before)"
+            )
         if enters in flips:
             words += f"; router flip at layer {enters}"
+        jump = max(range(enters + 1, len(g)), key=lambda i: g[i], default=None)
+        if jump is not None and g[jump] >= JUMP:  # a second, later jump (a router flip, one odd kernel)
+            words += f"; largest later jump at layer {jump} ({g[jump]:.3g}x)"
     if flips and enters not in flips:
         words += f"; router flips at layer(s) {', '.join(map(str, flips))}"
     out["text"] = words
