@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from trm_diag.config import BackendSpec
 from trm_diag.errors import UsageError
 
+DEFAULT_REFERENCE = "hf:dtype=float64"  # what every side's own error is measured against (`sweep --reference`)
+
 
 @dataclass(frozen=True)
 class Knob:

@@ -18,7 +18,7 @@ from typing import Any
 from trm_diag.config import BackendSpec, SamplingConfig
 from trm_diag.errors import InputError, UsageError
 from trm_diag.locate_math import FLOOR, JUMP, carrier, entry_layer, expert_flip, growth, relative_error
-from trm_diag.pipeline import Engines, Reporter
+from trm_diag.pipeline import CompareResult, Engines, Reporter
 from trm_diag.report import atomic_write, complete_report, read_table, to_json
 
 LOCATE_FILE = "locate.parquet"
@@ -33,12 +33,6 @@ class LocateConfig:
     pos: int | None = None  # None with seq: the sequence's worst token
     trust_remote_code: bool = False
     allow_pickle: bool = False
-
-
-@dataclass
-class LocateResult:
-    path: Path
-    summary: dict[str, Any]
 
 
 def _sides(summary: dict[str, Any], where: str) -> tuple[BackendSpec, BackendSpec]:
@@ -164,7 +158,7 @@ def token_verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def run_locate(cfg: LocateConfig, reporter: Reporter | None = None) -> LocateResult:
+def run_locate(cfg: LocateConfig, reporter: Reporter | None = None) -> CompareResult:
     """Re-run the chosen tokens of a compare report on both sides; write locate.parquet and locate.json."""
     import pandas as pd
 
@@ -220,7 +214,7 @@ def run_locate(cfg: LocateConfig, reporter: Reporter | None = None) -> LocateRes
         "seconds": time.perf_counter() - t0,
     }
     atomic_write(path / LOCATE_SUMMARY, lambda tmp: Path(tmp).write_text(to_json(out) + "\n"))
-    return LocateResult(path, out)
+    return CompareResult(path, out)
 
 
 def layer_bars(medians: dict[int, float]) -> list[tuple[int, float, int]]:

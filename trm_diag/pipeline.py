@@ -98,6 +98,8 @@ class ScoreConfig:
 
 @dataclass
 class CompareResult:
+    """What a run wrote: its folder and its summary (compare, score, sweep, locate)."""
+
     out_dir: Path
     summary: dict[str, Any]
 

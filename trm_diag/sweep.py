@@ -26,7 +26,7 @@ from trm_diag.backends import load_tokenizer, reported_logprobs
 from trm_diag.backends.base import Backend
 from trm_diag.checkpoint import check_checkpoint
 from trm_diag.config import DEFAULT_HORIZONS, DEFAULT_VIEW, BackendSpec, SamplingConfig, Thresholds, as_dict, check_view
-from trm_diag.errors import BackendFailure, BackendUnavailable, ModelError, UsageError
+from trm_diag.errors import BackendFailure, BackendUnavailable, InputError, ModelError, UsageError
 from trm_diag.outputs import PARTIAL_DIR, check_out_dir, claim_out_dir
 from trm_diag.partial import PartialStore, run_fingerprint
 from trm_diag.pipeline import (
@@ -34,6 +34,7 @@ from trm_diag.pipeline import (
     DEFAULT_PROMPTS,
     SCORE_CHUNK,
     CompareConfig,
+    CompareResult,
     Engines,
     Reporter,
     check_tokenizers,
@@ -49,7 +50,6 @@ from trm_diag.row_file import RowReader, RowWriter, bytes_needed
 from trm_diag.sweep_table import HORIZON_4096, headline, table_rows, verdict
 from trm_diag.types import Rollout, TokenRows
 
-DEFAULT_REFERENCE = "hf:dtype=float64"
 STATE = "sweep-state.json"
 ERR_BLOCK = 1 << 22  # reference-error entries per step (~32 MB of float64 per temporary)
 
@@ -76,12 +76,6 @@ class SweepConfig:
     overwrite: bool = False
     trust_remote_code: bool = False
     allow_pickle: bool = False
-
-
-@dataclass
-class SweepResult:
-    out_dir: Path
-    summary: dict[str, Any]
 
 
 class _Tee:
@@ -114,7 +108,7 @@ def _errors_against(ref: RowReader, index: int, scores: Any, response: list[int]
     return kl, err
 
 
-def run_sweep(cfg: SweepConfig, reporter: Reporter | None = None) -> SweepResult:
+def run_sweep(cfg: SweepConfig, reporter: Reporter | None = None) -> CompareResult:
     """Run the sweep (or finish an interrupted one with cfg.resume) and write its folder."""
     with ExitStack() as run, Engines() as engines:
         return _Sweep(cfg, reporter or Reporter(), engines, run).run()
@@ -155,7 +149,7 @@ class _Sweep:
             PartialStore.check_resumable(self.out, self.fingerprint, 1)
 
     # ------------------------------------------------------------------ the run
-    def run(self) -> SweepResult:
+    def run(self) -> CompareResult:
         cfg = self.cfg
         self._check()
         self.stack.enter_context(claim_out_dir(self.out, overwrite=cfg.overwrite, warn=self.rep.warn))
@@ -289,7 +283,7 @@ class _Sweep:
             try:
                 complete_report(folder, tables=False)
                 return done
-            except Exception:
+            except InputError:
                 pass  # its report is gone or damaged: run the arm again
         if folder.exists():
             shutil.rmtree(folder)  # an arm this sweep started and did not finish
@@ -365,7 +359,7 @@ class _Sweep:
         self._save_state()
         return row
 
-    def _finish(self, rollouts: list[Rollout], arms: list[dict[str, Any]]) -> SweepResult:
+    def _finish(self, rollouts: list[Rollout], arms: list[dict[str, Any]]) -> CompareResult:
         """Phase 4: sweep.parquet, rollouts.parquet, then summary.json (last: the sweep is complete)."""
         import pandas as pd
 
@@ -402,7 +396,7 @@ class _Sweep:
         }
         atomic_write(self.out / "summary.json", lambda tmp: Path(tmp).write_text(to_json(summary) + "\n"))
         self.store.clear()
-        return SweepResult(self.out, summary)
+        return CompareResult(self.out, summary)
 
 
 def _short(spec: BackendSpec) -> str:

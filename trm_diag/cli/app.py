@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from trm_diag.arms import DEFAULT_REFERENCE
 from trm_diag.config import DEFAULT_HORIZONS, DEFAULT_VIEW, THRESHOLDS, VIEW_HELP, parse_horizons
 from trm_diag.errors import ExitCode, TrmDiagError, UsageError
 from trm_diag.heap import tune_allocator
@@ -177,6 +178,8 @@ ViewOpt = Annotated[
     ),
 ]
 MinPOpt = Annotated[float, typer.Option("--min-p", rich_help_panel="Sampling", help="Min-p sampling (0 = off).")]
+MaxNewTokensOpt = Annotated[int, typer.Option(rich_help_panel="Sampling", help="Maximum response length.")]
+SeedOpt = Annotated[int, typer.Option(rich_help_panel="Sampling", help="Sampling seed.")]
 
 
 def _thresholds(trm_max: float, trm_avg: float, ln_trm: float, ser: float, dppo_tv: float, dppo_kl: float):
@@ -242,13 +245,13 @@ def compare(
         int,
         typer.Option(rich_help_panel="Backends", help="Top-K log-probs recorded per sampled token (top-K intervals)."),
     ] = 20,
-    max_new_tokens: Annotated[int, typer.Option(rich_help_panel="Sampling", help="Maximum response length.")] = 96,
+    max_new_tokens: MaxNewTokensOpt = 96,
     temperature: TemperatureOpt = 1.0,
     top_p: TopPOpt = 1.0,
     top_k: TopKOpt = 0,
     min_p: MinPOpt = 0.0,
     view: ViewOpt = DEFAULT_VIEW,
-    seed: Annotated[int, typer.Option(rich_help_panel="Sampling", help="Sampling seed.")] = 0,
+    seed: SeedOpt = 0,
     trm_max: TrmMaxOpt = DEFAULT["trm_max"],
     trm_avg: TrmAvgOpt = DEFAULT["trm_avg"],
     ln_trm: LnTrmOpt = DEFAULT["ln_trm"],
@@ -404,14 +407,14 @@ def sweep(
             rich_help_panel="Arms",
             help="High-precision scorer every side's own error is measured against ('none': no reference).",
         ),
-    ] = "hf:dtype=float64",
-    max_new_tokens: Annotated[int, typer.Option(rich_help_panel="Sampling", help="Maximum response length.")] = 96,
+    ] = DEFAULT_REFERENCE,
+    max_new_tokens: MaxNewTokensOpt = 96,
     temperature: TemperatureOpt = 1.0,
     top_p: TopPOpt = 1.0,
     top_k: TopKOpt = 0,
     min_p: MinPOpt = 0.0,
     view: ViewOpt = DEFAULT_VIEW,
-    seed: Annotated[int, typer.Option(rich_help_panel="Sampling", help="Sampling seed.")] = 0,
+    seed: SeedOpt = 0,
     trm_max: TrmMaxOpt = DEFAULT["trm_max"],
     trm_avg: TrmAvgOpt = DEFAULT["trm_avg"],
     ln_trm: LnTrmOpt = DEFAULT["ln_trm"],
