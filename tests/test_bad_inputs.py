@@ -59,7 +59,7 @@ def test_nan_logits_everywhere_exit_3(dense_model, tmp_path, capsys):
     assert not (tmp_path / "o" / "summary.json").exists()
 
 
-def test_nan_rows_are_flagged_excluded_and_kept_out_of_bounds():
+def test_nan_rows_are_flagged_fail_their_masks_and_make_bounds_unknown():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 6, 50, generator=g) * 3
     p = torch.log_softmax(logits[0], -1)
@@ -83,12 +83,15 @@ def test_nan_rows_are_flagged_excluded_and_kept_out_of_bounds():
                    warn=warnings.append)  # fmt: skip
     assert any("NaN logits" in w for w in warnings)
     assert out.summary["hygiene"]["nonfinite_tokens"] == 1
-    assert math.isfinite(out.summary["bound_inputs"]["delta"]) and math.isfinite(
-        out.summary["metrics"]["token_kl_mean"]
-    )
-    assert out.bounds["value"].notna().any() and not out.bounds["value"].isna().all()
+    # descriptive token statistics skip the NaN and count it; nothing that decides skips it
+    assert math.isfinite(out.summary["metrics"]["token_kl_mean"]) and out.summary["metrics"]["token_kl_n_nan"] == 1
+    bi = out.summary["bound_inputs"]
+    assert bi["delta"] is None and bi["kl_seq"] is None and bi["source"]["delta"].startswith("unknown: 1 scored")
+    assert out.bounds["value"].isna().all()  # no bound holds over a token nobody could score
     seq = out.sequences.iloc[0]
-    assert math.isclose(seq["kl_max"], float(np.nanmax(cols["kl"])))
+    assert math.isnan(seq["kl_max"]) and not seq["accept_trm_max"] and not seq["accept_combined"]
+    v = out.summary["verdict"]
+    assert v["status"] == "unknown" and "1 scored token(s) are NaN" in v["headline"]
 
 
 def test_zero_probability_tokens_give_infinite_kl_with_a_flag(dense_model, tmp_path, capsys):

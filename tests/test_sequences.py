@@ -1,4 +1,4 @@
-"""Per-sequence statistics and masks against naive per-sequence loops (DESIGN.md s.2 and s.4)."""
+"""Per-sequence statistics and masks against naive per-sequence loops (docs/design.md s.2 and s.4)."""
 
 from __future__ import annotations
 
@@ -33,15 +33,17 @@ def naive(tok, lengths, th: Thresholds):
         if T == 0:
             rows.append(None)
             continue
-        kl, lr, a = tok["kl"][sl], tok["log_ratio"][sl], tok["abs_rho_m1"][sl]
+        kl, lr = tok["kl"][sl], tok["log_ratio"][sl]
+        a = [2.0 * v for v in tok["tv"][sl]]  # exact tier: SER and LN-TRM average 2 tv, what |rho - 1| estimates
         w = [min(1.0, math.sqrt((T - t) * th.ln_delta / 2)) for t in range(1, T + 1)]
         W = sum(ai * wi for ai, wi in zip(a, w))
         Z = sum(w)
         rows.append(
             {
-                "kl_max": max(kl), "kl_mean": sum(kl) / T, "kl_sum": sum(kl), "kl_argmax": int(np.argmax(kl)),
+                "kl_max": max(kl), "kl_mean": sum(kl) / T, "kl_sum": sum(kl), "worst_pos": int(np.argmax(kl)),
                 "k2_max": max(tok["k2"][sl]), "k3_mean": sum(tok["k3"][sl]) / T, "log_seq_ratio": sum(lr),
                 "geo_mean_ratio": math.exp(sum(lr) / T), "ppl_gap": abs(sum(lr) / T), "ser": sum(a) / T,
+                "abs_rho_m1_mean": sum(abs(math.exp(v) - 1.0) for v in lr) / T, "k1_mean": -sum(lr) / T,
                 "ln_trm": W / Z if Z > 0 else 0.0,
                 "accept_trm_max": max(kl) <= th.trm_max, "accept_trm_avg": sum(kl) / T <= th.trm_avg,
                 "accept_ser": sum(a) / T <= th.ser,
@@ -68,15 +70,38 @@ def test_sequence_stats_match_naive_loops():
         assert got["accept_combined"][i] == (ref["accept_trm_max"] and ref["accept_trm_avg"])
 
 
-def test_masks_fall_back_to_k2_k3_without_exact_kl():
+def test_sampled_tier_masks_use_k2_max_k1_mean_and_the_unbiased_tv_term():
     lengths = np.array([4, 6])
     tok = make_tokens(lengths, seed=3)
     for k in ("kl", "tv", "kl_rev"):
         del tok[k]
-    th = Thresholds(trm_max=1e-3, trm_avg=1e-4)
+    th = Thresholds(trm_max=1e-3, trm_avg=1e-4, ser=0.03)
     got = sequence_stats(tok, lengths, th)
+    lr = tok["log_ratio"]
+    ser = [
+        sum(2.0 * max(0.0, 1.0 - math.exp(v)) for v in lr[:4]) / 4,
+        sum(2.0 * max(0.0, 1.0 - math.exp(v)) for v in lr[4:]) / 6,
+    ]
+    for i in range(2):
+        assert math.isclose(got["ser"][i], ser[i], rel_tol=1e-12)
+        assert math.isclose(got["k1_mean"][i], -lr[sum(lengths[:i]) : sum(lengths[: i + 1])].mean(), rel_tol=1e-12)
     assert list(got["accept_trm_max"]) == [got["k2_max"][i] <= 1e-3 for i in range(2)]
-    assert list(got["accept_trm_avg"]) == [got["k3_mean"][i] <= 1e-4 for i in range(2)]
+    assert list(got["accept_trm_avg"]) == [got["k1_mean"][i] <= 1e-4 for i in range(2)]
+    assert list(got["accept_ser"]) == [ser[i] <= 0.03 for i in range(2)]
+
+
+def test_a_nan_token_fails_every_mask_of_its_sequence():
+    # [NaN, 1e-4]: skipping the NaN gave kl_max = 1e-4 and accepted a sequence nobody could fully score
+    lengths = np.array([2, 2])
+    tok = make_tokens(lengths, seed=5)
+    tok["kl"] = np.array([np.nan, 1e-4, 1e-5, 1e-4])
+    tok["tv"] = np.array([np.nan, 1e-3, 1e-3, 1e-3])
+    got = sequence_stats(tok, lengths, Thresholds(trm_max=0.05, trm_avg=0.01, ln_trm=1.0, ser=1.0))
+    assert math.isnan(got["kl_max"][0]) and math.isnan(got["kl_mean"][0]) and math.isnan(got["ser"][0])
+    for name in ("trm_max", "trm_avg", "combined", "ln_trm", "ser"):
+        assert not got[f"accept_{name}"][0], name
+        assert got[f"accept_{name}"][1], name
+    assert got["worst_pos"][0] == 0  # the unscored token is the sequence's worst
 
 
 def test_trm_max_rejects_long_sequences_more():

@@ -25,7 +25,7 @@ import pandas as pd
 from trm_diag import __version__
 from trm_diag.bounds import bounds_table
 from trm_diag.breakdowns import report_breakdowns
-from trm_diag.config import DEFAULT_VIEW, SamplingConfig, Thresholds, as_dict, view_help
+from trm_diag.config import DEFAULT_VIEW, SamplingConfig, Thresholds, as_dict, sampler_differs, view_help
 from trm_diag.errors import BackendFailure
 from trm_diag.heap import release_heap
 from trm_diag.masking import acceptance_by_length, threshold_sweep, thresholds_for_target, token_violation_rate
@@ -164,7 +164,7 @@ def _worst_candidates(seqs: dict[str, Any], rollouts: list[Rollout], key: str, k
     rows = rows[np.argsort(-seqs[key][rows], kind="stable")][:k]  # NaN scores sort last
     return [
         {"seq_id": rollouts[j].seq_id, "prompt_idx": rollouts[j].prompt_idx, "sample_idx": rollouts[j].sample_idx,
-         "score": float(seqs[key][j]), "pos": int(seqs["kl_argmax"][j]),
+         "score": float(seqs[key][j]), "pos": int(seqs["worst_pos"][j]),
          "length": int(seqs["length"][j]), "ids": list(rollouts[j].response_ids)}
         for j in rows
     ]  # fmt: skip
@@ -242,7 +242,7 @@ class _RoutingTally:
         for _, comp in sc.routing:
             flips = comp.flip.sum(dim=1).numpy().astype(np.int64)
             self.per_layer = flips if self.per_layer is None else self.per_layer + flips
-        for cols, seq_id, pos in zip(sc.columns, seqs["seq_id"], seqs["kl_argmax"]):
+        for cols, seq_id, pos in zip(sc.columns, seqs["seq_id"], seqs["worst_pos"]):
             if pos >= 0 and "route_flips" in cols and cols["route_flips"][pos] > 0:
                 self.hits.append(int(seq_id))
         self.n_seqs += len(sc.rollouts)
@@ -265,8 +265,8 @@ def _chunk_sequences(sc: Scored, th: Thresholds, fidelity: str) -> dict[str, Any
     """Columns of one row per rollout of a chunk: ids, finish reason, statistics, carried values."""
     lengths = np.array([len(r.response_ids) for r in sc.rollouts], dtype=np.int64)
     skip = ("seq_id", "pos", "token_id", "nonfinite", "zero_prob")
-    names = [c for c in (sc.columns[0] if sc.columns else ()) if c not in skip]
-    flat = {c: np.concatenate([cols[c] for cols in sc.columns]) for c in names}
+    names = [c for c in (sc.columns[0] if sc.columns else tier_columns(fidelity)) if c not in skip]
+    flat = {c: np.concatenate([cols[c] for cols in sc.columns]) if sc.columns else np.zeros(0) for c in names}
     seqs = {
         "seq_id": np.array([r.seq_id for r in sc.rollouts], dtype=np.int64),
         "prompt_idx": np.array([r.prompt_idx for r in sc.rollouts], dtype=np.int64),
@@ -279,11 +279,28 @@ def _chunk_sequences(sc: Scored, th: Thresholds, fidelity: str) -> dict[str, Any
     return seqs
 
 
+def _estimators(fidelity: str, sampler_note: str | None) -> dict[str, Any]:
+    """summary.json `estimators`: per criterion and bound input, what the tier computes it from and why
+    (tiers.Tier.estimators), and whether the rollouts were drawn from the view's pi_roll."""
+    out: dict[str, Any] = dict(TIERS[fidelity].estimators)
+    out["sampler"] = (
+        f"estimate under another sampler: {sampler_note}; sampled-token and Monte-Carlo numbers average over the "
+        "rollouts' sampler, not over this view's pi_roll"
+        if sampler_note
+        else "the rollouts were drawn from this view's pi_roll: Monte-Carlo means are unbiased for it"
+    )
+    out["sampler_matches_view"] = sampler_note is None
+    return out
+
+
 def _hygiene(tokens: TokenColumns, warn: Any) -> tuple[int, int]:
     """Counts of tokens with NaN logits and of sampled tokens with probability 0, each named in a warning."""
     n_bad = int(tokens["nonfinite"].sum())
     if n_bad:
-        warn(f"{n_bad} token(s) had NaN logits on a side; they are excluded from statistics (column 'nonfinite')")
+        warn(
+            f"{n_bad} token(s) had NaN logits on a side (column 'nonfinite'): the sequences holding them fail every "
+            "mask, and the bound inputs, B* and the verdict are unknown (no bound holds over a token nobody could score)"
+        )
         if n_bad == len(tokens):
             raise BackendFailure("every scored token had NaN logits", "try dtype=float32 on the failing side")
     n_zero = int(tokens["zero_prob"].sum())
@@ -347,7 +364,8 @@ def assemble(
     seqs = seqs.drop(columns=[k for k in CARRIED if k not in carried])
     lengths = seqs["length"].to_numpy()
     metrics = batch_metrics(tokens, seqs, fidelity=fidelity, thresholds=th)
-    inp = bound_inputs(tokens, seqs, fidelity=fidelity)
+    sampler_note = sampler_differs(view, sampling)
+    inp = bound_inputs(tokens, seqs, fidelity=fidelity, sampler_note=sampler_note)
     release_heap()  # the column temporaries of the two calls above
     t_obs = int(lengths.max()) if len(lengths) and lengths.max() > 0 else 1
     bounds = pd.DataFrame(bounds_table(sorted({t_obs, *horizons}), inp))
@@ -386,6 +404,7 @@ def assemble(
         "vocab": {"logits_width": width, "tokenizer_size": len(tokenizer)},
         "thresholds": as_dict(th),
         "criteria_basis": TIERS[fidelity].criteria_basis,
+        "estimators": _estimators(fidelity, sampler_note),
         "metrics": metrics,
         "hygiene": {"nonfinite_tokens": n_bad, "zero_prob_tokens": n_zero},
         "bound_inputs": {  # computed once here; gate and `bounds --report` read them back (dbar included)

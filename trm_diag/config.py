@@ -278,6 +278,24 @@ def view_help(view: str, sampling: SamplingConfig) -> str:
     return VIEW_HELP[view]
 
 
+def sampler_differs(view: str, sampling: SamplingConfig) -> str | None:
+    """Why the view's pi_roll is not the distribution the rollouts were drawn from (p~), or None when it is.
+
+    Monte-Carlo averages over rollouts (D_KL^seq, D_TV^seq, Dbar_t, the sampled-token estimators) are unbiased
+    only under the sampler; under `full` (p, untruncated) or raw log-probs (the untempered softmax) they are
+    estimates under another sampler (docs/design.md section 9)."""
+    if sampling.greedy:
+        return None
+    if view == "pipeline" and sampling.logprobs == "raw" and (sampling.truncated or sampling.temperature != 1.0):
+        return (
+            "the rollouts were drawn from the engine's processed distribution p~, while this view's pi_roll is its "
+            "raw softmax (untempered, untruncated)"
+        )
+    if view == "full" and sampling.truncated:
+        return "the rollouts were drawn from the truncated p~, while the full view's pi_roll is the untruncated p"
+    return None
+
+
 def check_view(view: str, fidelity: str, sampling: SamplingConfig) -> None:
     """--view must name a view the tier's data can give: replay and full need the rollout's kept set,
     which only the exact tier's full rows carry (without truncation every view is the same)."""

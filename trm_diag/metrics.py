@@ -15,6 +15,7 @@ import numpy as np
 from trm_diag.bounds import BoundInputs
 from trm_diag.config import CLIP_BANDS, Thresholds
 from trm_diag.criteria import CRITERIA
+from trm_diag.sequences import mc_tv
 from trm_diag.stats import describe
 from trm_diag.tiers import TIERS
 
@@ -57,6 +58,15 @@ METRICS: dict[str, tuple[str, str]] = {
     "ess_token": ("(sum rho)^2 / (n sum rho^2) over tokens, unclamped (Kish ESS, normalised)", "trm-diag"),
     "ess_seq": ("(sum w)^2 / (n sum w^2), w_i = prod_t rho_t, one weight per sequence, unclamped", "trm-diag"),
     "abs_log_ratio_mean": ("mean over tokens of |log rho|", "trm-diag"),
+    "abs_rho_m1_mean": (
+        "mean over tokens of |rho - 1| (the paper's SER statistic; E = 2 TV - (1 - Q_t): low under truncation)",
+        "trm-diag",
+    ),
+    "tv_mc_mean": (
+        "mean over tokens of (1 - rho)^+, an unbiased estimate of the mean token TV(pi_roll, pi_theta) under any "
+        "truncation (docs/design.md section 9)",
+        "trm-diag",
+    ),
     "abs_log_ratio_max": ("max over tokens of |log rho|", "trm-diag"),
     "frac_ratio_outside_2": (
         "fraction of tokens with rho > 2 or rho < 1/2",
@@ -151,6 +161,8 @@ def batch_metrics(tokens: pd.DataFrame, seqs: pd.DataFrame, fidelity: str, thres
     m["ess_seq"] = _ess(seq_lr)
     m["abs_log_ratio_mean"] = float(np.mean(np.abs(lr_ok))) if lr_ok.size else math.nan
     m["abs_log_ratio_max"] = float(np.max(np.abs(lr_ok))) if lr_ok.size else math.nan
+    m["abs_rho_m1_mean"] = float(np.mean(np.abs(np.expm1(lr_ok)))) if lr_ok.size else math.nan
+    m["tv_mc_mean"] = float(np.mean(mc_tv(lr_ok))) if lr_ok.size else math.nan
     for c in (2.0, 5.0):
         m[f"frac_ratio_outside_{c:g}"] = float(np.mean((rho > c) | (rho < 1.0 / c))) if lr_ok.size else math.nan
     for name, (lo, hi) in CLIP_BANDS.items():  # clipped objectives' ratio bands, left by the mismatch alone
@@ -182,15 +194,19 @@ def batch_metrics(tokens: pd.DataFrame, seqs: pd.DataFrame, fidelity: str, thres
     return m
 
 
-def bound_inputs(tokens: Any, seqs: Any, fidelity: str) -> BoundInputs:
-    """Estimate delta, eps, D_KL^seq, D_TV^seq and Dbar_t from a report (DESIGN.md section 2).
+def bound_inputs(tokens: Any, seqs: Any, fidelity: str, sampler_note: str | None = None) -> BoundInputs:
+    """Estimate delta, eps, D_KL^seq, D_TV^seq and Dbar_t from a report (docs/design.md sections 2, 9).
 
     exact: delta = max kl, eps = max tv (empirical maxima over the sampled positions),
     D_KL^seq = mean_i sum_t kl, Dbar_t = mean_i tv_{i,t} (0 after a response ended).
     topk: the same from the certified upper ends kl_hi / tv_hi (upper-valid).
-    sampled: k2 max and k3 sums stand in for delta and D_KL^seq ('heuristic'), and no
-    TV input is produced: binary and lower-end values never feed a bound.
+    sampled: the k2 max stands in for delta ('heuristic') and the k1 sums for D_KL^seq (an unbiased
+    estimate under any truncation, where k3 is low by the trainer's mass outside the kept set); no TV
+    input: binary and lower-end values never feed a bound.
     D_TV^seq is always the unbiased Monte-Carlo mean_i max(0, 1 - prod_t rho_t).
+    Every input is unknown (None) when a scored token is NaN (nobody could score it), and every
+    Monte-Carlo input is labelled an estimate when ``sampler_note`` says the rollouts were drawn from
+    another distribution than the view's pi_roll (config.sampler_differs).
     """
 
     def col(frame, name: str) -> np.ndarray:  # works for DataFrames and dicts of arrays alike
@@ -200,33 +216,50 @@ def bound_inputs(tokens: Any, seqs: Any, fidelity: str) -> BoundInputs:
     inp = BoundInputs(samples={"sequences": n_seq, "tokens": n_tok})
     if n_seq == 0 or n_tok == 0:
         return inp
+    t = TIERS[fidelity]
+    used = ("log_ratio",) + ((t.kl, t.tv) if t.kl is not None and t.tv is not None else ("k1", "k2"))
+    n_nan = int(np.logical_or.reduce([np.isnan(col(tokens, c)) for c in used]).sum())
+    if n_nan:  # an unscored token could hide any divergence: no bound holds over it
+        why = f"unknown: {n_nan:,} scored token(s) are NaN (non-finite logits on a side)"
+        inp.samples["nan_tokens"] = n_nan
+        inp.source.update({k: why for k in ("delta", "eps", "kl_seq", "tv_seq", "dbar")})
+        return inp
     lengths = np.asarray(seqs["length"])
     inp.seq_T = int(lengths.max())
     seq_lr = col(seqs, "log_seq_ratio")
+    under = f" under another sampler: {sampler_note}" if sampler_note else ""
+    mc = "estimate" if sampler_note else "measured"  # a Monte-Carlo mean is unbiased only under its sampler
     with np.errstate(over="ignore"):
-        inp.tv_seq = float(np.nanmean(np.maximum(0.0, 1.0 - np.exp(seq_lr))))
-    inp.source["tv_seq"] = f"measured (Monte-Carlo over {n_seq} rollouts)"
-    t = TIERS[fidelity]
+        terms = np.maximum(0.0, 1.0 - np.exp(seq_lr))  # NaN where a sequence's log ratio is inf - inf
+    inp.tv_seq = None if np.isnan(terms).any() else float(np.mean(terms))
+    inp.source["tv_seq"] = (
+        f"{mc} (Monte-Carlo over {n_seq} rollouts{under})"
+        if inp.tv_seq is not None
+        else ("unknown: a rollout's log ratio is undefined (probability 0 on both sides of a ratio)")
+    )
     if t.kl is not None and t.tv is not None:  # columns that bound the divergences from above
         how = t.bound_how
         kl, tv = col(tokens, t.kl), col(tokens, t.tv)
-        inp.delta = float(np.nanmax(kl))
-        inp.eps = float(np.nanmax(tv))
-        inp.kl_seq = float(np.nansum(kl) / n_seq)
-        inp.kl_rate = float(np.nanmean(kl))
-        inp.tv_rate = float(np.nanmean(tv))
+        inp.delta = float(np.max(kl))
+        inp.eps = float(np.max(tv))
+        inp.kl_seq = float(np.sum(kl) / n_seq)
+        inp.kl_rate = float(np.mean(kl))
+        inp.tv_rate = float(np.mean(tv))
         pos = np.asarray(tokens["pos"], dtype=np.int64)
-        inp.dbar = np.bincount(pos, weights=np.nan_to_num(tv), minlength=inp.seq_T) / n_seq
+        inp.dbar = np.bincount(pos, weights=tv, minlength=inp.seq_T) / n_seq
         inp.source.update(
             delta=f"measured (empirical max over {n_tok} tokens{how})",
             eps=f"measured (empirical max over {n_tok} tokens{how})",
-            kl_seq=f"measured (mean over {n_seq} rollouts{how})",
-            dbar=f"measured (mean over {n_seq} rollouts{how})",
+            kl_seq=f"{mc} (mean over {n_seq} rollouts{how}{under})",
+            dbar=f"{mc} (mean over {n_seq} rollouts{how}{under})",
         )
     else:
-        k2, k3 = col(tokens, "k2"), col(tokens, "k3")
-        inp.delta = float(np.nanmax(k2))
-        inp.kl_seq = float(np.nansum(k3) / n_seq)
-        inp.kl_rate = float(np.nanmean(k3))
-        inp.source.update(delta="heuristic (k2 max; exact KL needs full logits)", kl_seq="heuristic (k3 mean)")
+        k1, k2 = col(tokens, "k1"), col(tokens, "k2")
+        inp.delta = float(np.max(k2))
+        inp.kl_seq = max(0.0, float(np.sum(k1) / n_seq))
+        inp.kl_rate = max(0.0, float(np.mean(k1)))
+        inp.source.update(
+            delta="heuristic (k2 max; exact KL needs full logits)",
+            kl_seq=f"estimate (k1 mean over {n_seq} rollouts, unbiased under any truncation{under})",
+        )
     return inp

@@ -15,7 +15,7 @@ TOKEN_COLUMNS = (
 # columns that only some tiers fill; a report holds those of its own tier (Tier.columns, Tier.also)
 TIER_ONLY = frozenset(c for t in TIERS.values() for c in (*t.columns, *t.also))
 # identifiers, not measurements: no statistic of them is a metric (`gate --list-metrics` leaves them out)
-ID_COLUMNS = frozenset(("seq_id", "pos", "token_id", "prompt_idx", "sample_idx", "kl_argmax"))
+ID_COLUMNS = frozenset(("seq_id", "pos", "token_id", "prompt_idx", "sample_idx", "kl_argmax", "worst_pos"))
 TEXT_COLUMNS = {"tokens": ("token_text",), "sequences": ("prompt_text", "response_text")}  # decoded for reading
 
 

@@ -21,38 +21,37 @@ def _segments(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _seg_reduce(x: np.ndarray, lengths: np.ndarray, op: str) -> np.ndarray:
-    """sum / mean / max of x over each sequence, skipping NaN (non-finite logits) but keeping inf.
-
-    NaN for an empty sequence or one whose values are all NaN.
-    """
+    """sum / mean / max of x over each sequence; NaN for an empty sequence and for one holding a NaN
+    (a token nobody could score: non-finite logits), so such a sequence fails every mask; inf is kept."""
     out = np.full(len(lengths), np.nan)
     nonempty = lengths > 0
     if not nonempty.any():
         return out
     starts, _ = _segments(lengths)
     s = starts[nonempty]
-    keep = ~np.isnan(x)
-    count = np.add.reduceat(keep.astype(np.int64), s)
     if op in ("sum", "mean"):
-        sums = np.add.reduceat(np.where(keep, x, 0.0), s)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            vals = sums / count if op == "mean" else sums
+        with np.errstate(invalid="ignore"):  # inf - inf inside a sum: NaN, as the sum is undefined
+            vals = np.add.reduceat(x, s)
+        if op == "mean":
+            vals = vals / lengths[nonempty]
     elif op == "max":
-        vals = np.maximum.reduceat(np.where(keep, x, -np.inf), s)
+        vals = np.maximum.reduceat(x, s)  # NaN propagates through maximum
     else:
         raise ValueError(op)
-    out[nonempty] = np.where(count > 0, vals, np.nan)
+    out[nonempty] = vals
     return out
 
 
 def per_sequence(x: np.ndarray, lengths: np.ndarray, op: str) -> np.ndarray:
-    """sum / mean / max of a flat token column over each sequence (NaN skipped, inf kept)."""
+    """sum / mean / max of a flat token column over each sequence (a NaN token makes it NaN, inf kept)."""
     return _seg_reduce(np.asarray(x, dtype=np.float64), np.asarray(lengths, dtype=np.int64), op)
 
 
 def _seg_argmax(x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Position (within its sequence) of each sequence's max of x; -1 for empty sequences."""
+    """Position (within its sequence) of each sequence's max of x, a NaN (unscored) token counting as the
+    worst; -1 for empty sequences."""
     starts, seg = _segments(lengths)
+    x = np.where(np.isnan(x), np.inf, x)
     mx = _seg_reduce(x, lengths, "max")
     out = np.full(len(lengths), -1, dtype=np.int64)
     if len(x) == 0:
@@ -65,8 +64,17 @@ def _seg_argmax(x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return out
 
 
+def mc_tv(log_ratio: np.ndarray) -> np.ndarray:
+    """(1 - rho_t)^+ per token: E_{y ~ pi_roll}[(1 - q(y)/p(y))^+] = sum_v (p_v - q_v)^+ = TV(p, q) exactly,
+    whatever p's support (truncated sampling included), where E|rho - 1| = 2 TV - (1 - Q_t) (docs/design.md
+    section 9). NaN stays NaN."""
+    with np.errstate(invalid="ignore"):
+        return np.maximum(0.0, -np.expm1(np.asarray(log_ratio, dtype=np.float64)))
+
+
 def ln_trm_scores(abs_rho_m1: np.ndarray, lengths: np.ndarray, delta: float) -> np.ndarray:
-    """W~ = sum_t |rho_t - 1| w_t / sum_t w_t per sequence (0 when every weight is 0, T = 1)."""
+    """W~ = sum_t |rho_t - 1| w_t / sum_t w_t per sequence (0 when every weight is 0, T = 1); the caller
+    passes the tier's stand-in for |rho_t - 1| (2 tv, 2 tv_hi or 2 (1 - rho_t)^+: tiers.Tier.tv_token)."""
     starts, seg = _segments(lengths)
     pos = np.arange(len(abs_rho_m1)) - starts[seg]  # 0-based t - 1
     t_len = lengths[seg].astype(np.float64)
@@ -85,7 +93,9 @@ def sequence_stats(
     ``tok`` needs log_ratio, k1, k2, k3, abs_rho_m1, lp_roll, lp_train, tv_bin, kl_bin,
     and whichever of kl, tv, kl_rev, kl_lo, kl_hi, tv_lo, tv_hi the fidelity tier has.
     ``basis`` (exact, topk, sampled; default: exact when kl is given) picks what the
-    TRM-Max / TRM-Avg masks test (tiers.Tier.trm_max / trm_avg).
+    TRM-Max / TRM-Avg masks test (tiers.Tier.trm_max / trm_avg) and the per-token TV that SER and
+    LN-TRM average (tiers.Tier.tv_token; the sampled tier's tv_mc is derived from log_ratio).
+    ``worst_pos``: each sequence's position of the tier's locate column max (kl, kl_hi or k2).
     """
     basis = basis or ("exact" if "kl" in tok else "sampled")
     lengths = np.asarray(lengths, dtype=np.int64)
@@ -96,7 +106,8 @@ def sequence_stats(
             out[f"{col}_sum"] = _seg_reduce(tok[col], lengths, "sum")
             out[f"{col}_mean"] = _seg_reduce(tok[col], lengths, "mean")
             out[f"{col}_max"] = _seg_reduce(tok[col], lengths, "max")
-    out["kl_argmax"] = _seg_argmax(tok[TIERS[basis].locate], lengths)
+    tier = TIERS[basis]
+    out["worst_pos"] = _seg_argmax(tok[tier.locate], lengths)
     out["k1_mean"] = _seg_reduce(tok["k1"], lengths, "mean")
     out["k2_max"] = _seg_reduce(tok["k2"], lengths, "max")
     out["k3_mean"] = _seg_reduce(tok["k3"], lengths, "mean")
@@ -105,8 +116,10 @@ def sequence_stats(
     mean_lr = _seg_reduce(lr, lengths, "mean")
     out["geo_mean_ratio"] = np.exp(mean_lr)
     out["ppl_gap"] = np.abs(mean_lr)  # |log PPL_roll - log PPL_train| (the paper's Delta_PPL)
-    out["ser"] = _seg_reduce(tok["abs_rho_m1"], lengths, "mean")
-    out["ln_trm"] = ln_trm_scores(tok["abs_rho_m1"], lengths, th.ln_delta)
+    two_tv = 2.0 * (tok[tier.tv_token] if tier.tv_token in tok else mc_tv(lr))  # stands in for |rho - 1|
+    out["abs_rho_m1_mean"] = _seg_reduce(tok["abs_rho_m1"], lengths, "mean")  # the paper's SER statistic as is
+    out["ser"] = _seg_reduce(two_tv, lengths, "mean")
+    out["ln_trm"] = ln_trm_scores(two_tv, lengths, th.ln_delta)
     out["lp_roll_mean"] = _seg_reduce(tok["lp_roll"], lengths, "mean")
     out["lp_train_mean"] = _seg_reduce(tok["lp_train"], lengths, "mean")
     out["dppo_tv_frac"] = _seg_reduce((tok["tv_bin"] > th.dppo_tv).astype(np.float64), lengths, "mean")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from trm_diag.bounds import BoundInputs, all_bounds, max_delta_for_budget
+from trm_diag.bounds import BoundInputs, all_bounds, delta_for_budget
 
 ACCEPTANCE_TARGET = 0.7  # the paper advises keeping more than 70% of sequences
 LOW_PROB_SHARE = 0.5  # findings: more than half the KL on tokens the rollout gave < 1% probability
@@ -60,13 +60,18 @@ def findings(summary: dict[str, Any]) -> list[dict[str, str]]:
     observed = next((h for h in horizons if h["observed"]), None)
     if observed and observed["B_star"] is not None and observed["B_star"] >= 1:
         T = observed["T"]
-        delta = max_delta_for_budget(T, 1.0)
+        inv = delta_for_budget(T, 1.0, _num((summary.get("bound_inputs") or {}).get("kl_rate")))
+        mask = (
+            f"mask with TRM-Max at delta <= {_fmt(inv.delta)} (the largest delta with B* <= 1 at T = {T:,}; "
+            f"{inv.assumption}; `trm-diag bounds --report DIR --budget 1` gives it at other T), or "
+            if inv.delta
+            else ""
+        )
         out.append({
             "id": "vacuous_bound",
             "finding": f"B* = {_fmt(observed['B_star'])} >= 1 at the observed length T = {T:,}: the paper's bounds "
             "guarantee nothing for these rollouts",
-            "action": f"mask with TRM-Max at delta <= {_fmt(delta)} (the largest delta with B* <= 1 at T = {T:,}), "
-            "or reduce the mismatch itself (same dtype and kernels on both sides)",
+            "action": f"{mask}reduce the mismatch itself (same dtype and kernels on both sides)",
         })  # fmt: skip
     accept = _num(m.get("accept_combined"))
     if accept is not None and accept < ACCEPTANCE_TARGET:
@@ -125,12 +130,21 @@ def findings(summary: dict[str, Any]) -> list[dict[str, str]]:
             "finding": f"the top-K intervals are too wide to decide (mean KL between {_fmt(lo)} and {_fmt(hi)})",
             "action": "use --fidelity exact, or record more log-probs (a larger --topk)",
         })  # fmt: skip
-    bad = int((summary.get("hygiene") or {}).get("nonfinite_tokens") or 0)
+    bad = _nan_tokens(summary)
     if bad:
         out.append({
             "id": "nan_logits",
-            "finding": f"{bad:,} token(s) had NaN logits on a side and were left out",
+            "finding": f"{bad:,} token(s) had NaN logits on a side: the sequences holding them fail every mask, and "
+            "no bound holds over tokens nobody could score",
             "action": "try dtype=float32 on the failing side",
+        })  # fmt: skip
+    est = summary.get("estimators") or {}
+    if est.get("sampler_matches_view") is False:
+        out.append({
+            "id": "other_sampler",
+            "finding": f"the bound inputs D_KL^seq, D_TV^seq and Dbar_t are estimates: {est.get('sampler', '')}",
+            "action": "read the bounds of the pipeline view (the distribution the rollouts were drawn from: "
+            "--view pipeline with processed log-probs), or treat these as estimates",
         })  # fmt: skip
     if fidelity == "sampled":
         out.append({
@@ -148,7 +162,7 @@ def _sampler_findings(summary: dict[str, Any]) -> list[dict[str, str]]:
     by_view = (summary.get("views") or {}).get("by_view") or {}
     pipe, full = (_num((by_view.get(v) or {}).get("kl_mean")) for v in ("pipeline", "full"))
     replay = _num((by_view.get("replay") or {}).get("kl_mean"))
-    out = []
+    out = _k3_findings(summary)
     tempered = s.get("temperature") not in (None, 0, 1, 1.0)
     if s.get("logprobs") == "raw" and tempered:
         seen = f" (pipeline view KL mean {_fmt(pipe)} against {_fmt(full)} for the numerics)" if pipe and full else ""
@@ -170,6 +184,35 @@ def _sampler_findings(summary: dict[str, Any]) -> list[dict[str, str]]:
     return out
 
 
+def _nan_tokens(summary: dict[str, Any]) -> int:
+    """Scored tokens that are NaN (non-finite logits on a side): the report's hygiene count."""
+    return int((summary.get("hygiene") or {}).get("nonfinite_tokens") or 0)
+
+
+def _k3_findings(summary: dict[str, Any]) -> list[dict[str, str]]:
+    """Under truncated sampling E[k3] = KL - (1 - Q_t) and E|rho - 1| = 2 TV - (1 - Q_t) (docs/design.md
+    section 9): how far a pipeline that masks or logs on k3 (verl's k3_kl, k3 rejection masks) or on |rho - 1|
+    is off, measured on this report's own tokens against the unbiased k1 mean and (1 - rho)^+."""
+    m = summary.get("metrics") or {}
+    k1, k3 = _num(m.get("kl")), _num(m.get("k3_kl"))
+    ser, tv = _num(m.get("abs_rho_m1_mean")), _num(m.get("tv_mc_mean"))
+    if not (summary.get("views") or {}).get("truncated") or k1 is None or k3 is None:
+        return []
+    low = f"{k1 / k3:.3g}x below" if k3 > 0 and k1 > k3 else ("at or above" if k3 >= k1 else "not positive, below")
+    extra = (
+        f"; mean |rho - 1| (SER, LN-TRM) {_fmt(ser)} against 2 (1 - rho)^+ {_fmt(2 * tv)}"
+        if ser is not None and tv is not None
+        else ""
+    )
+    return [{
+        "id": "k3_truncation",
+        "finding": f"sampling is truncated: verl's k3_kl {_fmt(k3)} is {low} the unbiased k1 mean {_fmt(k1)} on "
+        f"the same tokens (E[k3] = KL - (1 - Q_t) misses the trainer's mass outside the kept set){extra}",
+        "action": "a pipeline that masks or logs on k3 (verl rollout_rs k3, k3_kl) or on |rho - 1| sees too little "
+        "mismatch here: mask on k1 means or (1 - rho)^+ (what this report's criteria use), or replay the kept set",
+    }]  # fmt: skip
+
+
 def verdict(summary: dict[str, Any]) -> dict[str, Any]:
     """{'status', 'headline', 'horizons', 'acceptance', 'findings'} for a report's summary (DESIGN.md s.3-4)."""
     m = summary.get("metrics") or {}
@@ -186,8 +229,14 @@ def verdict(summary: dict[str, Any]) -> dict[str, Any]:
     else:
         status = "inside"
     where = f"at the observed length T = {observed['T']:,}" if observed else ""
+    nan = _nan_tokens(summary)
+    if nan:  # a NaN token could hide any divergence: neither a bound nor the masks' verdict holds
+        status = "unknown"
     headline = {
-        "unknown": "no bound could be computed for this report",
+        "unknown": f"UNKNOWN: {nan:,} scored token(s) are NaN (non-finite logits on a side); no bound holds over "
+        "tokens nobody could score"
+        if nan
+        else "no bound could be computed for this report",
         "outside": f"OUTSIDE the trust region {where}: B* = {_fmt(b)} >= 1 (the bound is vacuous)",
         "inside, masking too much": f"INSIDE the trust region {where} (B* = {_fmt(b)} < 1), but the masks keep only "
         f"{100 * (accept or 0):.0f}% of sequences (target > {100 * ACCEPTANCE_TARGET:.0f}%)",
@@ -199,6 +248,8 @@ def verdict(summary: dict[str, Any]) -> dict[str, Any]:
         headline += f"; outside from T = {later[0]['T']:,} on"
     if summary.get("fidelity") == "sampled" and status != "unknown":
         headline += " (heuristic: sampled tier)"
+    elif (summary.get("estimators") or {}).get("sampler_matches_view") is False and status != "unknown":
+        headline += " (estimate: the rollouts were drawn from another distribution than this view's pi_roll)"
     return {
         "status": status,
         "headline": headline,

@@ -125,9 +125,16 @@ def render_compare(console: Console, summary: dict[str, Any]) -> None:
         T = bi["observed_T"]
         unified = b.get("unified")
         verdict = "[red]vacuous[/red]" if unified is None or unified >= 1 else "[green]non-vacuous[/green]"
+        src = bi.get("source") or {}
+
+        def val(key: str) -> str:  # a number that is not measured says so next to it
+            how = str(src.get(key, ""))
+            tag = next((w for w in ("estimate", "heuristic", "unknown") if how.startswith(w)), "")
+            return fmt(bi[key]) + (f" ({tag})" if tag else "")
+
         console.print(
-            f"[bold]Bounds at the observed max length T={T}[/bold]: delta={fmt(bi['delta'])} eps={fmt(bi['eps'])} "
-            f"D_KL^seq={fmt(bi['kl_seq'])} D_TV^seq={fmt(bi['tv_seq'])}  ->  B* = {fmt(unified)} ({verdict}); "
+            f"[bold]Bounds at the observed max length T={T}[/bold]: delta={val('delta')} eps={val('eps')} "
+            f"D_KL^seq={val('kl_seq')} D_TV^seq={val('tv_seq')}  ->  B* = {fmt(unified)} ({verdict}); "
             f"members: {', '.join(f'{LABEL[k]} {fmt(v)}' for k, v in b.items() if k in UNIFIED_MEMBERS and v is not None)}"
         )
         console.print(
@@ -363,24 +370,46 @@ def to_markdown(summary: dict[str, Any], worst: list[dict[str, Any]] | None = No
     return "\n".join(lines) + "\n"
 
 
+def _diff_label(r: dict[str, Any]) -> str:
+    """A diff row's name, with the T of each side for B* at the observed lengths and a sign mark."""
+    T = r.get("T")
+    if r["metric"] == "B* at the observed length" and T and T[0] is not None and T[1] is not None:
+        return r["metric"] + (f" T = {T[0]:,}" if T[0] == T[1] else f" (A: T = {T[0]:,}, B: T = {T[1]:,})")
+    return r["metric"] + (" (signed)" if r.get("better") == "nearer 0" else "")
+
+
+def _diff_change(r: dict[str, Any]) -> str:
+    """Absolute change and relative change (of the magnitudes for a signed row); percentage points for fractions."""
+    rel, change = r["relative"], r["change"]
+    if change is None:
+        return "-"
+    if r.get("unit") == "fraction":
+        return f"{100 * change:+.1f} pp"
+    signed = "|.| " if r.get("better") == "nearer 0" else ""
+    return fmt(change) + ("" if rel is None else f" ({signed}{100 * rel:+.1f}%)")
+
+
 def render_diff(console: Console, result: dict[str, Any], a: str, b: str) -> None:
-    """`trm-diag diff`: both verdicts, then one row per quantity with its change, coloured by direction."""
+    """`trm-diag diff`: both verdicts, what changed between the runs, then one row per quantity with
+    its change, coloured by direction."""
     console.print(f"[bold]A[/bold] {escape(a)}: {escape(result['verdicts'][0])}")
     console.print(f"[bold]B[/bold] {escape(b)}: {escape(result['verdicts'][1])}")
-    t = Table(title="B against A (lower is better, except acceptance)", title_justify="left")
+    for change in result.get("changes") or ():
+        console.print(f"changed: {escape(change)}")
+    title = (
+        "B against A (lower is better; acceptance: higher; signed: nearer 0, by magnitude; "
+        f"relative changes up to {result.get('same_below', 0):g} read as same)"
+    )
+    t = Table(title=title, title_justify="left")
     for c in ("metric", "A", "B", "change", ""):
         t.add_column(c, justify="left" if c in ("metric", "") else "right")
     styles = {"better": "green", "worse": "red", "same": "dim"}
     for r in result["rows"]:
-        rel = r["relative"]
-        change = "-" if r["change"] is None else fmt(r["change"]) + ("" if rel is None else f" ({100 * rel:+.1f}%)")
-        t.add_row(
-            r["metric"],
-            fmt(r["a"]),
-            fmt(r["b"]),
-            change,
-            Text(r["direction"] or "", style=styles.get(r["direction"], "")),
-        )
+        show = pct if r.get("unit") == "fraction" else fmt
+        word = Text(r["direction"] or "", style=styles.get(r["direction"], ""))
+        if r.get("note"):
+            word.append(f" ({r['note']})" if r["direction"] else r["note"], style="dim")
+        t.add_row(_diff_label(r), show(r["a"]), show(r["b"]), _diff_change(r), word)
     console.print(t)
     worse = sum(r["direction"] == "worse" for r in result["rows"])
     better = sum(r["direction"] == "better" for r in result["rows"])
