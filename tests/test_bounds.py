@@ -125,17 +125,106 @@ def test_monotone_in_T_and_divergences():
                 assert up[k] >= base[k] * (1 - 1e-12), (field, k)
 
 
-def test_vacuous_at_paper_threshold_and_inverse_view():
+def brute_unified_for_threshold(T, delta, rate):
+    """B*(T) when TRM-Max masks at delta, straight from docs/design.md section 3 with Python loops:
+    eps = min(1, sqrt(delta/2)), D_KL^seq = T min(rate, delta) (T delta without a rate), Pinsker D_TV^seq,
+    Dbar_t = min(1, eps, sqrt(delta/2))."""
+    e = min(1.0, math.sqrt(delta / 2))
+    kl_seq = T * (delta if rate is None else min(rate, delta))
+    tv_seq = min(1.0, math.sqrt(kl_seq / 2))
+    d = min(1.0, e, math.sqrt(delta / 2))
+    ts = range(1, T + 1)
+    coupling = 4 * min(1, e) * sum(min(1, (t - 1) * e) for t in ts)
+    pm_kl = 4 * min(1, math.sqrt(delta / 2)) * sum(min(1, math.sqrt((t - 1) * delta / 2)) for t in ts)
+    pm_tv = 4 * min(1, e) * sum(min(1, math.sqrt((t - 1) * delta / 2)) for t in ts)
+    mix_kl = 4 * T * min(1, math.sqrt(delta / 2)) * min(1, math.sqrt(kl_seq / 2))
+    mix_tv = 4 * T * min(1, e) * min(1, tv_seq)
+    hybrid = 4 * sum(d * min(1, (T - t) * e, math.sqrt((T - t) * delta / 2)) for t in ts)
+    return min(coupling, pm_kl, pm_tv, mix_kl, mix_tv, hybrid)
+
+
+def test_vacuous_at_paper_threshold():
     d = 0.05
     b, _ = B.all_bounds(4096, B.BoundInputs(delta=d, eps=math.sqrt(d / 2)))
     assert b["unified"] > 100  # the paper's own threshold is far outside the guarantee at T = 4096
-    for Tn in (256, 4096):
-        dmax = B.max_delta_for_budget(Tn, 1.0)
-        at = B.all_bounds(Tn, B.BoundInputs(delta=dmax, eps=math.sqrt(dmax / 2), kl_rate=dmax))[0]["unified"]
-        above = B.all_bounds(Tn, B.BoundInputs(delta=dmax * 1.01, eps=math.sqrt(dmax * 1.01 / 2), kl_rate=dmax * 1.01))[
-            0
-        ]["unified"]
-        assert at <= 1.0 < above
+
+
+def test_inverse_view_is_the_largest_delta_within_the_budget():
+    """delta_for_budget against a loop-by-loop B*: within the budget at its answer, above it 1e-6 further."""
+    rng = np.random.default_rng(4)
+    for _ in range(60):
+        T, budget = int(rng.integers(2, 400)), 10 ** rng.uniform(-2, 1)
+        rate = None if rng.random() < 0.3 else 10 ** rng.uniform(-7, 0)
+        got = B.delta_for_budget(T, budget, rate)
+        if got.delta is None:  # any delta: even a saturated delta keeps B* within the budget
+            assert brute_unified_for_threshold(T, 1e6, rate) <= budget * (1 + 1e-12)
+            continue
+        assert brute_unified_for_threshold(T, got.delta, rate) <= budget * (1 + 1e-12), (T, budget, rate)
+        assert brute_unified_for_threshold(T, got.delta * (1 + 1e-6), rate) > budget, (T, budget, rate)
+        assert got.eps == pytest.approx(min(1.0, math.sqrt(got.delta / 2)), rel=1e-15)
+
+
+def test_unified_for_threshold_matches_all_bounds():
+    """The inverse view's O(1) B* equals all_bounds on the same inputs (adaptive hybrid summed over arrays)."""
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        T, d = int(rng.integers(1, 3000)), 10 ** rng.uniform(-9, 1.5)
+        rate = None if rng.random() < 0.3 else 10 ** rng.uniform(-9, 1)
+        inp = B.BoundInputs(delta=d, eps=min(1, math.sqrt(d / 2)), kl_rate=d if rate is None else min(rate, d))
+        ref = B.all_bounds(T, inp)[0]["unified"]
+        assert B.unified_for_threshold(T, d, rate) == pytest.approx(ref, rel=1e-12, abs=1e-300)
+
+
+def test_adaptive_hybrid_flat_against_a_loop():
+    rng = np.random.default_rng(6)
+    cases = [(int(rng.integers(1, 300)), rng.uniform(0, 1), 10 ** rng.uniform(-5, 0.5), 10 ** rng.uniform(-7, 1))
+             for _ in range(300)]  # fmt: skip
+    cases += [(50, 0.3, 0.1, 0.02), (50, 0.3, 0.1, 0.0), (50, 0.3, 0.0, 0.2), (1, 1, 1, 1), (9, 1, math.inf, 0.5)]
+    cases += [(10, 1, 1e-200, 1e-3)]  # eps^2 underflows
+    for T, w, e, d in cases:
+        ref = 4 * sum(w * min(1, (T - t) * e, math.sqrt((T - t) * d / 2)) for t in range(1, T))  # t = T adds 0
+        assert B.adaptive_hybrid_flat(T, w, e, d) == pytest.approx(ref, rel=1e-12, abs=1e-15), (T, w, e, d)
+
+
+def test_inverse_view_says_any_delta_and_caps_eps():
+    """T = 1 has nothing to bound and B* never exceeds 4 (T - 1): any delta (None), never the search's cap;
+    eps is at most 1 (a TV)."""
+    for T, budget in ((1, 1.0), (64, 1e9), (64, 4 * 63)):
+        got = B.delta_for_budget(T, budget)
+        assert got.delta is None and got.eps is None, (T, budget)
+    got = B.delta_for_budget(64, 4 * 63 * 0.99)  # just below B*'s ceiling, reached at delta = 2 (eps = 1)
+    assert 1.9 < got.delta < 2 and 0.98 < got.eps < 1
+    assert B.delta_for_budget(2, 1.0, 1e-5).delta is None  # Mixed KL with a tiny rate stays below 1 at T = 2
+
+
+def test_inverse_view_uses_the_per_token_rate():
+    """A measured rate below the answer loosens it (T * rate instead of T * delta); a rate above it or an
+    unusable one (NaN, negative) gives the worst case, and the assumption says which."""
+    worst = B.delta_for_budget(4096, 1.0)
+    assert "worst case" in worst.assumption and worst.kl_rate is None
+    low = B.delta_for_budget(40, 1.0, 1e-5)
+    assert low.delta > 10 * B.delta_for_budget(40, 1.0).delta and "1e-05" in low.assumption
+    assert B.delta_for_budget(4096, 1.0, 1.0).delta == worst.delta  # min(rate, delta) = delta
+    for bad in (math.nan, -1.0):
+        got = B.delta_for_budget(4096, 1.0, bad)
+        assert got.delta == worst.delta and got.kl_rate is None
+
+
+def test_inverse_view_is_fast_at_the_longest_horizon():
+    import time
+
+    t0 = time.perf_counter()
+    got = B.delta_for_budget(10_000_000, 1.0, 1e-5)
+    assert time.perf_counter() - t0 < 5 and 0 < got.delta < 1e-9  # an array-summed B* took ~50 s here
+
+
+def test_pinsker_conflicts():
+    assert B.pinsker_conflicts(1e-4, 5e-3, 0.01, 0.05) == []  # the paper's table
+    assert B.pinsker_conflicts(1e-4, math.sqrt(1e-4 / 2), None, None) == []  # equality is fine
+    w = B.pinsker_conflicts(1e-4, 0.0, None, None)
+    assert len(w) == 1 and "--eps 0" in w[0]
+    w = B.pinsker_conflicts(1e-4, 0.01, 0.01, 0.5)
+    assert len(w) == 2 and "--eps 0.01 exceeds" in w[0] and "--tv-seq 0.5 exceeds" in w[1]
 
 
 def test_horizon_model_marks_inputs():
@@ -165,3 +254,28 @@ def test_adaptive_bounds_with_infinite_delta_stay_finite():
         )
     assert B.sum_min1_sqrt(10, math.inf) == 9 and B.sum_min1_linear(10, math.inf) == 9
     assert B.pm_kl(10, math.inf) == 36 and B.pm_tv(10, 0.5, math.inf) == 18
+
+
+def test_saved_inputs_out_of_range_count_as_damaged():
+    """summary.json's bound_inputs with a negative divergence or an odd seq_T are damaged (None: the caller
+    recomputes them from the tables), never a math domain error further on."""
+    good = B.BoundInputs(delta=1e-3, eps=0.02, kl_seq=0.05, tv_seq=0.1, kl_rate=1e-4, tv_rate=0.01, seq_T=16,
+                         dbar=np.full(16, 0.01)).as_dict()  # fmt: skip
+    assert B.BoundInputs.from_dict(good).kl_rate == 1e-4
+    assert B.BoundInputs.from_dict({**good, "delta": math.inf}).delta == math.inf  # a zero-probability token
+    for key, bad in (("kl_rate", -1.0), ("kl_seq", -0.1), ("delta", math.nan), ("seq_T", 0), ("seq_T", 16.0),
+                     ("seq_T", True), ("dbar", [0.1, -0.2])):  # fmt: skip
+        assert B.BoundInputs.from_dict({**good, key: bad}) is None, (key, bad)
+    assert B.BoundInputs.from_dict({**good, "source": [1, 2]}).source == {}
+
+
+def test_sources_name_the_value_each_model_filled_in():
+    """Beyond the observed positions Dbar_t is the mean token TV when measured, else the worst case: the
+    source says which, with the value (it used to say 'mean token TV' for both)."""
+    inp = B.BoundInputs(delta=2e-4, eps=0.01, dbar=np.full(10, 0.003), seq_T=10, kl_rate=1e-5)
+    x, src = B.inputs_at(100, inp)
+    assert (x["dbar"][10:] == 0.01).all() and "worst case" in src["dbar"] and "0.01" in src["dbar"]
+    assert "1e-05" in src["kl_seq"] and x["kl_seq"] == pytest.approx(100 * 1e-5, rel=1e-15)
+    inp.tv_rate = 0.002
+    x, src = B.inputs_at(100, inp)
+    assert (x["dbar"][10:] == 0.002).all() and "mean token TV 0.002" in src["dbar"]

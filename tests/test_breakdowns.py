@@ -57,20 +57,39 @@ def pytest_approx(x):
     return pytest.approx(x, rel=1e-12)
 
 
+def _reference_bins(top: int, max_bins: int) -> list[tuple[int, int]]:
+    """Equal-width bins over positions 0..top-1: the narrowest integer width giving at most max_bins bins,
+    found by trying widths 1, 2, ... (the last bin ends at top - 1)."""
+    width = 1
+    while len(range(0, top, width)) > max_bins:
+        width += 1
+    return [(lo, min(lo + width, top) - 1) for lo in range(0, top, width)]
+
+
 def test_position_profile_and_histogram_match_loops():
     rng = np.random.default_rng(1)
     pos = rng.integers(0, 130, 2000)
+    assert pos.max() == 129 and len(set(pos.tolist())) == 130  # every position occurs: no empty bin
     x = rng.exponential(1.0, 2000)
     prof = position_profile(pos, {"x": x}, max_bins=10)
-    width = math.ceil(130 / 10) if pos.max() == 129 else math.ceil((pos.max() + 1) / 10)
+    # 130 positions in at most 10 bins: width 13, ten bins 0-12, 13-25, ..., 117-129
+    assert list(zip(prof["pos_lo"], prof["pos_hi"])) == [(13 * i, 13 * i + 12) for i in range(10)]
     for lo, hi, n, mean in zip(prof["pos_lo"], prof["pos_hi"], prof["n"], prof["x_mean"]):
         sel = [v for p, v in zip(pos, x) if lo <= p <= hi]
-        assert hi - lo + 1 <= width and n == len(sel) and math.isclose(mean, sum(sel) / len(sel), rel_tol=1e-12)
+        assert n == len(sel) and math.isclose(mean, sum(sel) / len(sel), rel_tol=1e-12)
     assert sum(prof["n"]) == 2000
+    for top, max_bins in ((101, 48), (48, 48), (49, 48), (5, 48), (1000, 7), (1, 3)):
+        every = np.arange(top)  # each position once: every bin is present
+        got = position_profile(every, {"x": np.ones(top)}, max_bins=max_bins)
+        want = _reference_bins(top, max_bins)
+        assert list(zip(got["pos_lo"], got["pos_hi"])) == want, (top, max_bins)
+        assert got["n"] == [hi - lo + 1 for lo, hi in want] and len(want) <= max_bins
     lr = np.concatenate([rng.normal(0.01, 0.05, 5000), [np.inf, np.nan, 40.0]])
     h = histogram(lr, bins=20)
     assert h["nonfinite"] == 2 and h["above"] == 1 and sum(h["counts"]) + h["below"] + h["above"] == 5001
     e = h["edges"]
     assert math.isclose(e[0], -e[-1]) and len(e) == 21
     inner = [v for v in lr[np.isfinite(lr)] if e[0] <= v <= e[-1]]
-    assert h["counts"][10] == sum(1 for v in inner if e[10] <= v < e[11])
+    for b in range(20):  # half-open bins, the last one closed
+        want = sum(1 for v in inner if e[b] <= v < e[b + 1] or (b == 19 and v == e[-1]))
+        assert h["counts"][b] == want, b

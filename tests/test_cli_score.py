@@ -47,6 +47,9 @@ def test_round_trip_reproduces_sampled_columns(saved, dense_model, tmp_path, fmt
     s = json.loads((tmp_path / "s" / "summary.json").read_text())
     assert s["command"] == "score" and s["fidelity"] == "topk" and s["sampling"]["temperature"] == 0.8
     assert s["sampling"]["top_k"] == 50 and s["rollout"]["sampling_from"] == "file"
+    # score generates nothing: no response budget, seed or samples per prompt; K is the file's (compare's --topk 20)
+    assert [s["sampling"][k] for k in ("max_new_tokens", "samples_per_prompt", "seed")] == [None, None, None]
+    assert s["topk"] == s["sampling"]["topk"] == 20
     assert "kl" not in b and (b["kl_lo"] <= b["kl_hi"]).all()  # the top-K tier has intervals, not exact kl
 
 
@@ -186,6 +189,16 @@ BAD = {
         {"prompt_ids": [5], "response_ids": [6], "rollout_logprobs": [-1.0], "logprobs": "raw_logprobs"},
         "logprobs 'raw_logprobs' is unknown",
     ),
+    "topk_k beyond the entries given": (
+        {
+            "prompt_ids": [5],
+            "response_ids": [6, 7],
+            "rollout_logprobs": [-1.0, -1.0],
+            "topk_k": 3,
+            "topk_logprobs": [[[6, -1.0], [8, -2.0], [9, -2.5]], [[7, -1.0], [8, -2.0]]],
+        },
+        "topk_k is 3 but response token 1 has 2 top-K entries",
+    ),  # fmt: skip
     "reward infinite": (
         {"prompt_ids": [5], "response_ids": [6], "rollout_logprobs": [-1.0], "reward": float("inf")},
         "'reward' must be a finite number",
@@ -297,3 +310,83 @@ def test_right_padded_exports_are_stripped_after_the_first_eos(saved, dense_mode
     )
     assert code == 0 and "scored as real tokens" in err
     assert len(pd.read_parquet(tmp_path / "k" / "tokens.parquet")) == sum(len(r["response_ids"]) for r in padded)
+
+
+def _rows(saved):
+    return [json.loads(x) for x in (saved / "r.jsonl").read_text().splitlines()]
+
+
+def test_top_k_data_on_some_rows_only_is_refused_or_scored_in_the_sampled_tier(saved, dense_model, tmp_path, capsys):
+    """The top-K tier on half the rows would give NaN intervals on the rest and certify from half the tokens."""
+    rows = _rows(saved)
+    f = tmp_path / "mixed.jsonl"
+    f.write_text("".join(json.dumps(r if i < 3 else {**r, "topk_logprobs": None}) + "\n" for i, r in enumerate(rows)))
+    argv = ["score", str(f), "--model", str(dense_model), "-q"]
+    code, _, err = run([*argv, "--fidelity", "topk", "--out", str(tmp_path / "t")], capsys)
+    assert code == 2 and f"{f}:4: no topk_logprobs, while 3 of 10 rows have topk_logprobs" in err
+    assert not (tmp_path / "t").exists()
+    code, _, err = run([*argv, "--out", str(tmp_path / "d")], capsys)
+    assert (
+        code == 0 and f"only 3 of 10 rows have topk_logprobs (first without: {f}:4): scored in the sampled tier" in err
+    )
+    s = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert s["fidelity"] == "sampled" and s["rollout"]["topk_rows"] == 3 and s["topk"] is None
+    assert not pd.read_parquet(tmp_path / "d" / "tokens.parquet").isna().any().any()
+
+
+def test_repeated_rows_are_refused_and_shared_keys_named(saved, dense_model, tmp_path, capsys):
+    """The same rows twice would be scored twice: refused, unless --allow-duplicates (then counted in a
+    warning, as rows that only share (prompt_idx, sample_idx) always are)."""
+    rows = _rows(saved)
+    f = tmp_path / "twice.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows + rows[:4]))
+    argv = ["score", str(f), "--model", str(dense_model), "--fidelity", "sampled", "-q"]
+    code, _, err = run([*argv, "--out", str(tmp_path / "a")], capsys)
+    assert code == 2 and f"{f}:11: repeats an earlier row (prompt_idx 0, sample_idx 0" in err and "4 such row" in err
+    code, _, err = run([*argv, "--allow-duplicates", "--out", str(tmp_path / "a")], capsys)
+    assert code == 0 and f"4 rollout(s) share their (prompt_idx, sample_idx) with an earlier row (first: {f}:11" in err
+    s = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert s["rollout"]["duplicates"] == {"same_key": 4, "same_row": 4} and len(pd.read_parquet(
+        tmp_path / "a" / "sequences.parquet")) == 14  # fmt: skip
+    # the same keys with other responses: scored, with the count
+    other = [{**r, "response_ids": r["response_ids"][:-1], "rollout_logprobs": r["rollout_logprobs"][:-1],
+              "topk_logprobs": r["topk_logprobs"][:-1]} for r in rows[:2]]  # fmt: skip
+    g = tmp_path / "keys.jsonl"
+    g.write_text("".join(json.dumps(r) + "\n" for r in rows + other))
+    code, _, err = run(["score", str(g), "--model", str(dense_model), "--fidelity", "sampled", "-q",
+                        "--out", str(tmp_path / "b")], capsys)  # fmt: skip
+    assert code == 0 and "2 rollout(s) share their (prompt_idx, sample_idx)" in err and "0 repeat" in err
+    # a report with repeated keys is named as such by merge (not as an overlap of two shards)
+    h = tmp_path / "rest.jsonl"
+    h.write_text("".join(json.dumps({**r, "prompt_idx": 100 + i}) + "\n" for i, r in enumerate(rows[:2])))
+    assert run(["score", str(h), "--model", str(dense_model), "--fidelity", "sampled", "-q",
+                "--out", str(tmp_path / "c")], capsys)[0] == 0  # fmt: skip
+    code, _, err = run(["merge", str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(tmp_path / "m")], capsys)
+    assert code == 2 and f"prompt 0 sample 0 appears twice in '{tmp_path / 'a'}'" in err
+    code, _, err = run(["merge", str(tmp_path / "b"), str(tmp_path / "c"), "--out", str(tmp_path / "m")], capsys)
+    assert code == 2 and "appears twice in" in err
+
+
+def test_repeats_match_a_brute_force_count():
+    """rollouts_io._repeats against a direct scan: each row against every earlier row."""
+    from array import array
+
+    import numpy as np
+
+    from trm_diag.rollouts_io import _repeats
+
+    rng = np.random.default_rng(7)
+    p, s, d = (rng.integers(0, 4, 300) for _ in range(3))
+    got_key, got_row = _repeats(*(array("q", x.tolist()) for x in (p, s, d)))
+    want_key = [i for i in range(300) if any(p[j] == p[i] and s[j] == s[i] for j in range(i))]
+    want_row = [i for i in range(300) if any((p[j], s[j], d[j]) == (p[i], s[i], d[i]) for j in range(i))]
+    assert got_key.tolist() == want_key and got_row.tolist() == want_row
+    assert [len(x) for x in _repeats(array("q"), array("q"), array("q"))] == [0, 0]
+
+
+def test_a_byte_order_mark_is_read_past(saved, dense_model, tmp_path, capsys):
+    """Windows editors start UTF-8 files with a BOM: not part of the first row."""
+    f = tmp_path / "bom.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + (saved / "r.jsonl").read_bytes())
+    code, _, err = run(["score", str(f), "--model", str(dense_model), "--out", str(tmp_path / "s"), "-q"], capsys)
+    assert code == 0, err

@@ -95,3 +95,27 @@ def test_bad_input_is_one_line(tmp_path, dense_model, capsys):
     assert code == 0
     code, _, err = run_cli(["locate", str(tmp_path / "sc")], capsys)
     assert code == 2 and "no rollout backend to re-run" in err
+
+
+@pytest.mark.parametrize("fidelity", ["topk", "sampled"])
+def test_compare_locate_on_topk_and_sampled_reports_ranks_by_the_tiers_column(tmp_path, dense_model, fidelity, capsys):
+    """The top-K and sampled tiers have no exact kl: locate ranks their tokens by kl_hi and k2 (tiers.Tier.locate)."""
+    import numpy as np
+
+    out = tmp_path / fidelity
+    argv = ["compare", "--model", str(dense_model), "--rollout", "hf:dtype=bfloat16", "--train", "hf:dtype=float32",
+            "--num-prompts", "3", "--max-new-tokens", "12", "--fidelity", fidelity, "--topk", "5", "--locate", "3",
+            "--out", str(out), "-q"]  # fmt: skip
+    code, text, err = run_cli(argv, capsys)
+    assert code == 0 and "Traceback" not in err, err
+    located = pd.read_json(out / "locate.json", typ="series")
+    tok = pd.read_parquet(out / "tokens.parquet")
+    # the expected worst tokens, computed here from their definitions: kl_hi as stored (the certified upper end),
+    # k2 = (log q(y) - log p(y))^2 / 2 from the two sampled-token log-probs
+    score = tok["kl_hi"].to_numpy() if fidelity == "topk" else 0.5 * (tok["lp_train"] - tok["lp_roll"]).to_numpy() ** 2
+    order = np.argsort(-score, kind="stable")[:3]
+    want = sorted(zip(tok["seq_id"].to_numpy()[order].tolist(), tok["pos"].to_numpy()[order].tolist()))
+    assert sorted((t["seq_id"], t["pos"]) for t in located["tokens"]) == want
+    assert located["ranked_by"] == ("kl_hi" if fidelity == "topk" else "k2") and f"by {located['ranked_by']}" in text
+    code, _, err = run_cli(["locate", str(out), "--top", "2", "--json"], capsys)  # and locate on its own
+    assert code == 0, err

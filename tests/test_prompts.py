@@ -23,3 +23,13 @@ def test_a_prompt_that_encodes_to_nothing_is_named(dense_model):
     tok = AutoTokenizer.from_pretrained(dense_model)
     with pytest.raises(InputError, match="prompt 1 encodes to zero tokens"):
         PromptIds([Prompt(text="2+2="), Prompt(text="")], tok)
+
+
+@pytest.mark.parametrize(
+    "name,body", [("p.jsonl", '{"prompt": "2+2="}\n{"prompt": "3+3="}\n'), ("p.txt", "2+2=\n3+3=\n")]
+)
+def test_a_byte_order_mark_is_not_part_of_the_first_prompt(tmp_path, name, body):
+    """Files saved by Windows editors start with a UTF-8 BOM: read past, not refused or kept in the text."""
+    f = tmp_path / name
+    f.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    assert load_prompts(f) == [Prompt(text="2+2="), Prompt(text="3+3=")]

@@ -47,7 +47,7 @@ def test_merge_refuses_overlapping_or_mismatched_shards(dense_model, tmp_path, c
     s0 = compare(dense_model, tmp_path / "s0", capsys, "--shard", "0/2")
     other = compare(dense_model, tmp_path / "t", capsys, "--shard", "1/2", "--temperature", "0.7")
     code, _, err = run_cli(["merge", str(s0), str(s0), "--out", str(tmp_path / "m")], capsys)
-    assert code == 2 and "appears in two shards" in err
+    assert code == 2 and "shard 0/2 is given twice" in err
     code, _, err = run_cli(["merge", str(s0), str(other), "--out", str(tmp_path / "m")], capsys)
     assert code == 2 and "differs" in err and "sampling" in err
     code, _, err = run_cli(["merge", str(s0), "--out", str(tmp_path / "m")], capsys)
@@ -70,6 +70,62 @@ def test_merge_refuses_damaged_or_incomplete_shards(dense_model, tmp_path, capsy
         code, _, err = run_cli(["merge", str(s0), str(shard), "--out", str(tmp_path / "m")], capsys)
         assert code == 2 and needle in err and "Traceback" not in err
         assert not (tmp_path / "m" / "summary.json").exists()
+
+
+def small(model, out, capsys, *extra):
+    """A quick compare of the first 3 prompts (batch-invariant, as `compare` above)."""
+    code, _, err = run_cli(["compare", "--model", str(model), "--rollout", "hf:dtype=float32,batch_size=1",
+                            "--train", "hf:dtype=float32,batch_size=1", "--num-prompts", "3", "--max-new-tokens", "8",
+                            "--out", str(out), "-q", *extra], capsys)  # fmt: skip
+    assert code == 0, err
+    return out, err
+
+
+def test_an_incomplete_or_mixed_shard_set_is_refused_unless_partial(dense_model, tmp_path, capsys):
+    """A fan-out where one task died must not pass for the whole run; --partial merges what is there and
+    summary.json says which shards it lacks."""
+    s = [small(dense_model, tmp_path / f"s{i}", capsys, "--shard", f"{i}/3")[0] for i in range(2)]
+    half = small(dense_model, tmp_path / "h", capsys, "--shard", "1/2")[0]
+    code, _, err = run_cli(["merge", *map(str, s), "--out", str(tmp_path / "m")], capsys)
+    assert code == 2 and "shard 2/3 missing: the reports cover 2 of 3 shards" in err and "--partial" in err
+    assert not (tmp_path / "m").exists()
+    code, _, err = run_cli(["merge", str(s[0]), str(half), "--out", str(tmp_path / "m")], capsys)
+    assert code == 2 and "different splits" in err and "1/2" in err
+    code, _, err = run_cli(["merge", *map(str, s), "--out", str(tmp_path / "m"), "--partial", "-q"], capsys)
+    assert code == 0 and "merged 2 of 3 shards (missing 2/3" in err
+    summary = json.loads((tmp_path / "m" / "summary.json").read_text())
+    assert summary["coverage"] == {"split": 3, "shards": ["0/3", "1/3"], "missing": ["2/3"], "complete": False,
+                                   "partial": True}  # fmt: skip
+    assert summary["prompts"]["count"] == 2 and len(pd.read_parquet(tmp_path / "m" / "sequences.parquet")) == 2
+    # one split over other prompt counts: 0/2 of 3 prompts (2) with 1/2 of 1 prompt (none): 2 prompts give 0/2 one
+    zero = small(dense_model, tmp_path / "zero", capsys, "--shard", "0/2")[0]
+    none = small(dense_model, tmp_path / "none", capsys, "--shard", "1/2", "--num-prompts", "1")[0]
+    code, _, err = run_cli(["merge", str(zero), str(none), "--out", str(tmp_path / "x")], capsys)
+    assert code == 2 and "holds 2 prompt(s), but 2 shards of 2 prompts give it 1" in err
+
+
+def test_a_shard_without_prompts_gives_an_empty_report_that_merge_accepts(dense_model, tmp_path, capsys):
+    """4 shards over 3 prompts: shard 3/4 is empty; merged (empty shard first), the 4 equal one run."""
+    full = small(dense_model, tmp_path / "full", capsys)[0]
+    shards = [small(dense_model, tmp_path / f"s{i}", capsys, "--shard", f"{i}/4") for i in range(4)]
+    empty, err = shards[3]
+    assert "shard 3/4 holds no prompts: its report is empty" in err
+    summary = json.loads((empty / "summary.json").read_text())
+    assert summary["prompts"]["count"] == 0 and summary["verdict"]["status"] == "unknown"
+    assert (
+        len(pd.read_parquet(empty / "tokens.parquet")) == 0 and len(pd.read_parquet(empty / "sequences.parquet")) == 0
+    )
+    assert run_cli(["show", str(empty)], capsys)[0] == 0
+    order = [empty] + [d for d, _ in shards[:3]]
+    code, _, err = run_cli(["merge", *map(str, order), "--out", str(tmp_path / "m"), "-q"], capsys)
+    assert code == 0, err
+    for table in ("tokens", "sequences", "bounds"):
+        a, b = pd.read_parquet(full / f"{table}.parquet"), pd.read_parquet(tmp_path / "m" / f"{table}.parquet")
+        pd.testing.assert_frame_equal(a, b, check_exact=True)
+    merged = json.loads((tmp_path / "m" / "summary.json").read_text())
+    assert merged["coverage"]["complete"] is True and merged["prompts"]["count"] == 3
+    code, _, err = run_cli(["merge", str(empty), str(empty), "--out", str(tmp_path / "e")], capsys)
+    assert code == 2 and "given twice" in err
 
 
 @pytest.mark.parametrize("bad", ["2/2", "x/2", "1", "-1/3"])

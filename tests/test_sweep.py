@@ -155,3 +155,119 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     code, _, err = run_cli(["sweep", "--resume", "--out", str(tmp_path / "none")], capsys)
     assert code == 2 and "no interrupted run" in err
     assert not (tmp_path / "s").exists()
+
+
+class _Warnings(Reporter):
+    """Keeps the run's warnings."""
+
+    def __init__(self) -> None:
+        self.warnings: list[str] = []
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+
+
+def test_a_moe_sweep_runs_with_the_float64_reference(tmp_path, moe_model, prompts_file):
+    """transformers' grouped expert matmul has no float64 kernel: the default reference runs the experts one by one."""
+    cfg = _cfg(moe_model, prompts_file, tmp_path / "moe", ["hf:dtype=bfloat16", "hf:dtype=float64"], num_prompts=2)
+    rows = {r["arm"]: r for r in run_sweep(cfg).summary["table"]}
+    assert rows["hf-dtype-bfloat16"]["status"] == "done" and rows["hf-dtype-float64"]["status"] == "done"
+    assert rows["hf-dtype-float64"]["ref_kl_mean"] == 0  # the reference's own spec: the same float64 rows
+    assert 0 < rows["rollout"]["ref_kl_mean"] < rows["hf-dtype-bfloat16"]["ref_kl_mean"]
+
+
+def test_a_reference_that_fails_keeps_the_rollouts_and_resumes_with_another(
+    tmp_path, moe_model, prompts_file, monkeypatch, capsys
+):
+    """A reference that fails while scoring (here: transformers' grouped expert matmul in float64, as before the
+    per-expert loop) is one line, and the sampled rollouts survive a resume with another reference."""
+    import trm_diag.backends.hf as hf
+
+    monkeypatch.setattr(hf, "FLOAT64_EXPERTS", "grouped_mm")
+    out = tmp_path / "ref"
+    argv = ["sweep", "--model", str(moe_model), "--rollout", "hf:dtype=bfloat16", "--arm", "hf:dtype=float32",
+            "--num-prompts", "2", "--max-new-tokens", "8", "--out", str(out), "-q"]  # fmt: skip
+    code, _, err = run_cli(argv, capsys)
+    assert code == 3 and "the reference hf:dtype=float64 failed while scoring" in err and "Traceback" not in err
+    assert "--resume and another --reference" in err and len(err.strip().splitlines()) == 1
+    saved = out / ".trm-partial" / "chunk-00000.generated.parquet"
+    before = pd.read_parquet(saved)
+    code, _, err = run_cli([*argv, "--resume", "--reference", "hf:dtype=float32"], capsys)
+    assert code == 0, err
+    assert "the reference changed (hf:dtype=float64 -> hf:dtype=float32)" in err
+    kept = pd.read_parquet(out / "rollouts.parquet")  # the rollouts sampled before the failure, not new ones
+    assert [list(x) for x in kept["response_ids"]] == [list(x) for x in before["response_ids"]]
+    arm = {r["arm"]: r for r in pd.read_parquet(out / "sweep.parquet").to_dict("records")}["hf-dtype-float32"]
+    assert arm["status"] == "done" and arm["ref_kl_mean"] == 0  # measured against the new reference (itself)
+
+
+def test_an_arm_that_fails_while_scoring_is_listed_failed_and_the_sweep_finishes(
+    tmp_path, moe_model, prompts_file, monkeypatch
+):
+    import trm_diag.backends.hf as hf
+
+    monkeypatch.setattr(hf, "FLOAT64_EXPERTS", "grouped_mm")
+    cfg = _cfg(moe_model, prompts_file, tmp_path / "arm", ["hf:dtype=float64", "hf:dtype=bfloat16"],
+               reference="hf:dtype=float32", num_prompts=2)  # fmt: skip
+    rep = _Warnings()
+    rows = {r["arm"]: r for r in run_sweep(cfg, rep).summary["table"]}
+    assert rows["hf-dtype-float64"]["status"] == "failed" and "Double" in rows["hf-dtype-float64"]["reason"]
+    assert rows["hf-dtype-bfloat16"]["status"] == "done"
+    assert not (tmp_path / "arm" / "hf-dtype-float64").exists()  # no half-written arm report
+    assert any(w.startswith("arm hf-dtype-float64 failed while scoring") for w in rep.warnings)
+
+
+def test_a_resumed_sweep_with_fewer_arms_keeps_the_finished_ones_and_says_so(tmp_path, dense_model, prompts_file,
+                                                                            capsys):  # fmt: skip
+    arms = ["hf:dtype=bfloat16", "hf:dtype=float16", "hf:dtype=float32"]
+    cut = _cfg(dense_model, prompts_file, tmp_path / "cut", arms, rollout="hf:dtype=bfloat16", num_prompts=2)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(cut, _StopAt("score hf-dtype-float32"))
+    # readers name the command that finishes the folder: the sweep (not compare), for the sweep and its arm
+    for folder, needle in (
+        (cut.out, "holds an interrupted sweep"),
+        (f"{cut.out}/hf-dtype-float32", "an arm of a sweep"),
+    ):
+        code, _, err = run_cli(["show", folder], capsys)
+        assert code == 2 and needle in err and "trm-diag sweep ... --resume" in err and "compare" not in err, err
+    rep = _Warnings()
+    fewer = SweepConfig(**{**cut.__dict__, "arms": ("hf:dtype=float32", "hf:dtype=bfloat16"), "resume": True})
+    rows = {r["arm"]: r for r in run_sweep(fewer, rep).summary["table"]}
+    assert set(rows) == {"rollout", "hf-dtype-bfloat16", "hf-dtype-float16", "hf-dtype-float32"}
+    assert rows["hf-dtype-float16"]["status"] == "done"
+    assert any("hf-dtype-float16 (finished earlier, not among this command's arms) is kept" in w for w in rep.warnings)
+
+
+def test_cli_refuses_a_vllm_float64_spec_before_any_work(tmp_path, dense_model, capsys):
+    out = tmp_path / "v64"
+    argv = ["sweep", "--model", str(dense_model), "--rollout", "hf:dtype=float32", "--arm", "hf:dtype=bfloat16",
+            "--reference", "vllm:dtype=float64", "--num-prompts", "1", "--max-new-tokens", "4", "--out", str(out)]  # fmt: skip
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2 and "does not run in dtype=float64" in err and "hf:dtype=float64" in err
+    assert "Traceback" not in err and not out.exists()  # refused before sampling: nothing written
+    for spec in ("vllm:dtype=double", "vllm:dtype=fp64"):
+        with pytest.raises(UsageError, match="float64"):
+            parse_spec(spec)
+
+
+def test_show_a_sweep_as_markdown_and_refuse_html(hf_sweep, capsys):
+    out, _, _ = hf_sweep
+    code, text, _ = run_cli(["show", str(out), "--format", "markdown"], capsys)
+    assert code == 0 and "| arm | own KL |" in text and "| hf-dtype-bfloat16 |" in text
+    assert not set("─━│┃") & set(text)  # no box-drawn text
+    assert "- skipped `hf-attn-flash-attention-2`" in text
+    code, _, err = run_cli(["show", str(out), "--html"], capsys)
+    assert code == 2 and "holds a sweep" in err and "hf-dtype-bfloat16" in err and "--html" in err
+    assert not (out / "report.html").exists()
+
+
+def test_readers_of_a_folder_a_live_run_holds_say_it_is_live(tmp_path, capsys):
+    from trm_diag.outputs import PARTIAL_DIR, claim_out_dir
+
+    folder = tmp_path / "live"
+    with claim_out_dir(folder, overwrite=False, warn=print):
+        (folder / PARTIAL_DIR).mkdir()
+        code, _, err = run_cli(["show", str(folder)], capsys)
+        assert code == 2 and "still writing" in err and "interrupted" not in err and "wait for it" in err, err
+    code, _, err = run_cli(["show", str(folder)], capsys)  # the run is gone: an interrupted run now
+    assert code == 2 and "interrupted run" in err

@@ -17,23 +17,56 @@ def _softmax(x):
     return e / e.sum()
 
 
-def _reference_keep(z, s):
-    """vLLM's order, one row: min_p on probabilities, then top-k on logits (ties kept), then top-p."""
-    keep = np.ones_like(z, dtype=bool)
+def reference_kept_set(z, s):
+    """The kept set of one row of tempered logits z, from vLLM's documented semantics, in float64 and in
+    descending order (sampling.truncate sorts ascending in float32): min_p keeps p_v >= min_p * max p;
+    top-k keeps every token whose logit is >= the k-th largest (ties with the k-th stay); top-p, on the
+    distribution renormalised over what is left, keeps a token while the mass ranked strictly above it is
+    below top_p (the smallest prefix reaching top_p; the most likely token always stays).
+
+    Tie rule: tokens of equal logit have equal probability, and which of them vLLM's sort ranks first is
+    unspecified (torch.sort, stable=False). Where such a block straddles the top-p cut, the count kept is
+    still fixed: member i (0-based, in whatever order) has above + i * p_tie ranked above it. Returns
+    (sure, tied, n_tied, margin): the tokens kept whatever the order, the straddling block (empty when
+    none) of which exactly n_tied are kept, and the smallest relative distance of any decision from its
+    threshold (for callers that compare with a float32 decision)."""
+    z = np.asarray(z, dtype=np.float64)
+    keep = np.ones(z.shape, dtype=bool)
+    tied, n_tied, margin = np.zeros(0, dtype=np.int64), 0, math.inf
+    if s.greedy or not s.truncated:
+        return keep, tied, n_tied, margin
     if s.min_p > 0:
-        p = _softmax(z)
-        keep &= p >= s.min_p * p.max()
+        ratio = np.exp(z - z.max())  # p_v / max p
+        keep &= ratio >= s.min_p
+        margin = min(margin, float(np.abs(ratio / s.min_p - 1).min()))
     if s.top_k > 0:
-        kth = np.sort(z[keep])[::-1][min(s.top_k, keep.sum()) - 1]
-        keep &= z >= kth
+        desc = np.sort(z[keep])[::-1]
+        if s.top_k < desc.size:
+            keep &= z >= desc[s.top_k - 1]
     if s.top_p < 1:
-        idx = np.flatnonzero(keep)
-        p = _softmax(z[idx])
-        order = np.argsort(p, kind="stable")  # ascending
-        cum = np.cumsum(p[order])
-        drop = cum <= 1 - s.top_p
-        drop[-1] = False
-        keep[idx[order[drop]]] = False
+        ids = np.flatnonzero(keep)
+        prob = _softmax(z[ids])
+        above = 0.0  # mass of the tokens ranked above the current block
+        for v in np.unique(z[ids])[::-1]:  # distinct logits, largest first
+            members = ids[z[ids] == v]
+            pv = float(prob[z[ids] == v][0])
+            ahead = above + pv * np.arange(members.size)  # mass ranked above each member, in any order
+            margin = min(margin, float(np.abs(ahead / s.top_p - 1).min()))
+            n = int((ahead < s.top_p).sum())
+            if n < members.size:
+                keep[members] = False
+                if n:
+                    tied, n_tied = members, n
+                keep[ids[z[ids] < v]] = False  # everything ranked below: the mass above it reaches top_p
+                break
+            above += pv * members.size
+    return keep, tied, n_tied, margin
+
+
+def _reference_keep(z, s):
+    """The reference kept set of a row without a tied block at the top-p cut (random real-valued logits)."""
+    keep, tied, _, _ = reference_kept_set(z, s)
+    assert tied.size == 0, "a tied block straddles the cut: use reference_kept_set"
     return keep
 
 
@@ -110,13 +143,72 @@ def test_views_match_a_float64_reference(s):
         assert (got["kl_pipeline"] > 10 * got["kl_full"]).all()
 
 
-def test_kept_set_agrees_with_the_float32_sampler():
-    """The float64 kept set and the sampler's own float32 processing keep the same tokens (away from ties)."""
-    from trm_diag.sampling import processed_logprobs
+TIE_SETTINGS = [  # each step alone, and all three together (vLLM's order: min_p -> top_k -> top_p)
+    SamplingConfig(temperature=0.8, top_p=0.9),
+    SamplingConfig(temperature=0.8, top_p=0.5),
+    SamplingConfig(temperature=0.8, top_k=5),
+    SamplingConfig(temperature=0.8, top_k=40),
+    SamplingConfig(temperature=0.8, min_p=0.1),
+    SamplingConfig(temperature=0.7, top_p=0.8, top_k=20, min_p=0.02),
+    SamplingConfig(temperature=0.7, top_p=0.95, top_k=3),
+]
 
+
+def _check_against_reference(t32: torch.Tensor, s: SamplingConfig) -> tuple[int, int]:
+    """kept_set of float32 tempered logits t32 [n, V] against reference_kept_set row by row; returns the
+    rows checked and how many of them had a tied block at the top-p cut. A row with a decision within
+    float32 rounding of its threshold (a V-term float32 cumulative sum: V * eps) is skipped: there the
+    float64 reference cannot referee the engine's float32 decision."""
+    got = kept_set(t32, s).numpy()
+    rows = t32.double().numpy()  # exactly the float32 values the engine decides on
+    tol = rows.shape[-1] * np.finfo(np.float32).eps
+    checked = n_tied = 0
+    for i, z in enumerate(rows):
+        sure, tied, count, margin = reference_kept_set(z, s)
+        if margin <= tol:
+            continue
+        checked += 1
+        outside = np.ones(z.size, dtype=bool)
+        outside[tied] = False
+        assert np.array_equal(got[i][outside], sure[outside]), (s, i, np.flatnonzero(got[i] != sure))
+        assert int(got[i][tied].sum()) == count, (s, i, tied, count)
+        n_tied += tied.size > 0
+    return checked, n_tied
+
+
+@pytest.mark.parametrize("s", SETTINGS, ids=lambda s: f"T{s.temperature}-p{s.top_p}-k{s.top_k}-m{s.min_p}")
+def test_kept_set_matches_vllms_rule_on_real_valued_logits(s):
+    """Away from ties: the engine's float32 kept set is the float64 reference's, token for token."""
     rng = np.random.default_rng(3)
-    x = torch.from_numpy(rng.normal(0, 3, (64, 500)))
-    for s in SETTINGS:
-        keep = kept_set((x.float() / s.temperature).double(), s)  # the same float32 tempered logits
-        lp = processed_logprobs(x.float(), s)
-        assert torch.equal(keep, torch.isfinite(lp)), s
+    t32 = (torch.from_numpy(rng.normal(0, 3, (64, 500))) / s.temperature).float()
+    checked, n_tied = _check_against_reference(t32, s)
+    assert checked >= 60 and n_tied == 0
+
+
+@pytest.mark.parametrize("s", TIE_SETTINGS, ids=lambda s: f"p{s.top_p}-k{s.top_k}-m{s.min_p}")
+def test_kept_set_on_bfloat16_ties_follows_the_tie_rule(s):
+    """bf16 logits tie often: every token tied with the k-th stays; a tied block at the top-p cut keeps
+    exactly the count the cumulative rule gives, and nothing outside it differs from the reference."""
+    rng = np.random.default_rng(7)
+    logits = torch.from_numpy(rng.normal(0, 2, (200, 256))).to(torch.bfloat16)  # an engine's bf16 rows
+    t32 = logits.float() / s.temperature
+    checked, n_tied = _check_against_reference(t32, s)
+    assert checked >= 180
+    if s.top_p < 1:  # the rule was exercised: some cuts fell inside a tied block
+        assert n_tied > 0
+    if s.top_k and s.top_p == 1 and s.min_p == 0:  # ties with the k-th stay: more than k kept somewhere
+        assert (kept_set(t32, s).sum(-1) > s.top_k).any()
+
+
+def test_kept_set_ties_by_hand():
+    """Hand-made rows whose kept sets follow from the rule alone."""
+    s = SamplingConfig(temperature=1.0, top_k=2)
+    row = torch.tensor([[3.0, 1.0, 1.0, 1.0, 0.0]])  # the 2nd largest logit (1.0) is tied three ways: all stay
+    assert kept_set(row, s).tolist() == [[True, True, True, True, False]]
+    # probabilities 0.4 and ten tokens of 0.06: mass above the i-th tied token is 0.4 + 0.06 i; top_p 0.62
+    # keeps the top token and the tied tokens with 0.4 + 0.06 i < 0.62, i = 0..3: four of the ten
+    probs = torch.tensor([0.4] + [0.06] * 10, dtype=torch.float64)
+    got = kept_set(probs.log()[None].float(), SamplingConfig(temperature=1.0, top_p=0.62))[0]
+    assert bool(got[0]) and int(got[1:].sum()) == 4
+    got = kept_set(probs.log()[None].float(), SamplingConfig(temperature=1.0, top_p=0.39))[0]
+    assert got.tolist() == [True] + [False] * 10  # the most likely token always stays

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.helpers import run_cli
-from tests.test_views import _kl, _reference_keep, _softmax
+from tests.test_views import _kl, _softmax, reference_kept_set
 from trm_diag.config import SamplingConfig
 from trm_diag.views import kept_set
 
@@ -48,13 +48,12 @@ def _recompute(out, model, rollout_spec, sampling):
     for (_, resp), a_rows, b_rows in zip(pairs, rows["roll"], rows["train"]):
         for t, y in enumerate(resp):
             p, q = _softmax(a_rows[t]), _softmax(b_rows[t])
-            keep = _reference_keep(a_rows[t], sampling)
-            engine = kept_set(torch.from_numpy(a_rows[t][None]), sampling)[0].numpy()
-            differ = keep != engine
-            if differ.any():  # only at the cut: tied logits (bf16) the engine's sort ordered its own way
-                cut = {a_rows[t][keep].min(), a_rows[t][engine].min()}
-                assert set(a_rows[t][differ]) <= cut, (t, a_rows[t][differ], cut)
-                keep = engine
+            keep, tied, count, _ = reference_kept_set(a_rows[t], sampling)
+            if tied.size:  # equal bf16 logits straddle the top-p cut: the rule fixes how many stay, the
+                # engine's sort which ones; take its members once they are `count` of the tied block
+                engine = kept_set(torch.from_numpy(a_rows[t][None]), sampling)[0].numpy()
+                assert int(engine[tied].sum()) == count, (t, tied, count)
+                keep[tied] = engine[tied]
             keep[y] = True
             m, qm = p[keep].sum(), q[keep].sum()
             pt, qt = np.where(keep, p / m, 0.0), np.where(keep, q / qm, 0.0)

@@ -349,7 +349,7 @@ def assemble(
     warn: Any,
     view: str = DEFAULT_VIEW,
 ) -> Assembled:
-    """summary.json and per-sequence statistics of a report (DESIGN.md section 6), in one pass over
+    """summary.json and per-sequence statistics of a report (docs/design.md section 6), in one pass over
     the chunks; ``header`` goes first in the summary. Tables are written by :func:`report_parts`."""
     if isinstance(source, Scored):
         source = MemoryChunks(source)
@@ -369,7 +369,10 @@ def assemble(
     release_heap()  # the column temporaries of the two calls above
     t_obs = int(lengths.max()) if len(lengths) and lengths.max() > 0 else 1
     bounds = pd.DataFrame(bounds_table(sorted({t_obs, *horizons}), inp))
-    at_obs = bounds[bounds["T"] == t_obs].set_index("bound")["value"].to_dict()
+    at_obs = {  # None where a bound lacks an input (the frame holds NaN there)
+        k: None if v is None or v != v else float(v)
+        for k, v in bounds[bounds["T"] == t_obs].set_index("bound")["value"].to_dict().items()
+    }
     header = dict(header)  # the caller's dict stays as it was
     note = header.pop("routing_note", None)
     routing_info = None

@@ -1,4 +1,4 @@
-"""Own errors against a reference and their decomposition (DESIGN.md section 8): pure functions.
+"""Own errors against a reference and their decomposition (docs/design.md section 8): pure functions.
 
 For a scorer X and a reference R over the same tokens: e_X = log q_X(y) - log q_R(y) (sampled token)
 and KL(q_R || q_X) per position, both in float64 on the full tempered distributions. The gap between
@@ -52,7 +52,7 @@ def error_stats(kl: np.ndarray, lp_err: np.ndarray) -> dict[str, float]:
 
 
 def decompose(e_roll: np.ndarray, e_arm: np.ndarray) -> dict[str, float]:
-    """The gap e_arm - e_roll against two independent errors (DESIGN.md section 8).
+    """The gap e_arm - e_roll against two independent errors (docs/design.md section 8).
 
     gap_lp_rms: rms of the gap; indep_lp_rms: sqrt(rms(e_roll)^2 + rms(e_arm)^2), what independent errors
     predict; gap_share_roll: rms(e_roll)^2 / (rms(e_roll)^2 + rms(e_arm)^2), the rollout side's share;

@@ -1,6 +1,6 @@
 """Upper bounds on the surrogate error |J(pi_theta) - J(pi_roll) - L(pi_theta)| (paper, Section 3).
 
-Plain floats and numpy, no torch (DESIGN.md section 3). R in [0, 1], sums over t = 1..T.
+Plain floats and numpy, no torch (docs/design.md section 3). R in [0, 1], sums over t = 1..T.
 delta = D_KL^{tok,max}, eps = D_TV^{tok,max}, kl_seq = D_KL^seq, tv_seq = D_TV^seq,
 dbar[t-1] = Dbar_t. A bound >= 1 is vacuous (it exceeds the reward range).
 """
@@ -88,8 +88,9 @@ def _remaining(T: int) -> np.ndarray:
 
 
 def _times(r: np.ndarray, x: float) -> np.ndarray:
-    """(T - t) x, with 0 at t = T even for an infinite x (a zero-probability token gives delta = inf)."""
-    with np.errstate(invalid="ignore"):
+    """(T - t) x, with 0 at t = T even for an infinite x (a zero-probability token gives delta = inf);
+    a product past the float range is inf, which every min(1, .) turns into 1."""
+    with np.errstate(invalid="ignore", over="ignore"):
         return np.where(r > 0, r * x, 0.0)
 
 
@@ -109,11 +110,29 @@ def adaptive_hybrid(dbar: np.ndarray, eps: float, delta: float) -> float:
     return 4.0 * float(np.sum(dbar * np.minimum(np.minimum(1.0, _times(r, eps)), np.sqrt(_times(r, delta) / 2.0))))
 
 
+def adaptive_hybrid_flat(T: int, dbar: float, eps: float, delta: float) -> float:
+    """Adaptive hybrid with the same Dbar_t at every t, in closed form (no length-T arrays):
+    4 Dbar sum_{r=0}^{T-1} min(1, r eps, sqrt(r delta/2)), r = T - t. r eps is the smaller term
+    exactly for r <= (delta/2) / eps^2, so the sum splits into a linear and a square-root part."""
+    if T <= 1 or dbar <= 0 or eps <= 0 or delta <= 0:
+        return 0.0
+    c = delta / 2.0
+    sq = eps * eps
+    ratio = math.inf if sq == 0 else c / sq  # eps^2 below the float range: every r takes the linear term
+    if math.isnan(ratio):  # eps and delta both infinite: every term with r >= 1 is 1
+        n_lin = 1
+    else:
+        n_lin = T if ratio >= T else int(math.floor(ratio)) + 1  # r = 0 .. n_lin-1 take the linear term
+    linear = sum_min1_linear(n_lin, eps)
+    root = sum_min1_sqrt(T, c) - sum_min1_sqrt(n_lin, c) if n_lin < T else 0.0
+    return 4.0 * dbar * (linear + root)
+
+
 @dataclass(frozen=True)
 class Bound:
     """One bound of the paper: its name everywhere, its label, the divergence route it takes, the inputs
     it needs (called with them in this order; 'T' is the horizon, 'dbar' the array Dbar_1..T) and
-    whether it is a member of the unified minimum B* (DESIGN.md section 3)."""
+    whether it is a member of the unified minimum B* (docs/design.md section 3)."""
 
     name: str
     label: str
@@ -176,16 +195,20 @@ class BoundInputs:
         if not isinstance(d, dict) or "dbar" not in d or "seq_T" not in d:
             return None
 
-        def number(v: object) -> bool:
-            return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+        def number(v: object) -> bool:  # divergences and rates are >= 0 (+inf allowed), never NaN
+            return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0)
 
-        dbar = d["dbar"]
-        if not all(number(d.get(k)) for k in cls.SAVED[:7]) or not (
-            dbar is None or (isinstance(dbar, list) and all(number(v) and v is not None for v in dbar))
+        dbar, seq_t = d["dbar"], d.get("seq_T")
+        if (
+            not all(number(d.get(k)) for k in cls.SAVED[:6])
+            or not (seq_t is None or (isinstance(seq_t, int) and not isinstance(seq_t, bool) and seq_t >= 1))
+            or not (dbar is None or (isinstance(dbar, list) and all(number(v) and v is not None for v in dbar)))
         ):
             return None  # damaged: the caller recomputes the inputs from the tables
         kw = {k: d.get(k) for k in cls.SAVED}
-        kw["source"], kw["samples"] = dict(d.get("source") or {}), dict(d.get("samples") or {})
+        kw["source"], kw["samples"] = (
+            {} if not isinstance(d.get(k), dict) else dict(d[k]) for k in ("source", "samples")
+        )
         inp = cls(**kw)
         inp.dbar = None if d["dbar"] is None else np.asarray(d["dbar"], dtype=np.float64)
         return inp
@@ -202,7 +225,7 @@ def worst_case_dbar(eps: float | None, delta: float | None) -> float:
 
 
 def inputs_at(T: int, inp: BoundInputs) -> tuple[dict[str, float | np.ndarray | None], dict[str, str]]:
-    """Inputs at horizon T following DESIGN.md section 3 ('Bounds versus horizon')."""
+    """Inputs at horizon T following docs/design.md section 3 ('Bounds versus horizon')."""
     src: dict[str, str] = {}
     for k in ("delta", "eps"):
         if getattr(inp, k) is not None:
@@ -211,14 +234,14 @@ def inputs_at(T: int, inp: BoundInputs) -> tuple[dict[str, float | np.ndarray | 
     measured_here = inp.seq_T is None or inp.seq_T == T
     if inp.kl_rate is not None and not (kl_seq is not None and measured_here):
         kl_seq = T * inp.kl_rate
-        src["kl_seq"] = "modelled: T * per-token KL"
+        src["kl_seq"] = f"modelled: T * per-token KL {inp.kl_rate:.3g}"
     elif kl_seq is not None:
         src["kl_seq"] = inp.source.get("kl_seq", "given")
     if tv_seq is not None and measured_here:
         src["tv_seq"] = inp.source.get("tv_seq", "given")
     elif kl_seq is not None:
         tv_seq = min(1.0, math.sqrt(kl_seq / 2.0))
-        src["tv_seq"] = "modelled: Pinsker sqrt(D_KL^seq/2)"
+        src["tv_seq"] = "modelled: Pinsker sqrt(D_KL^seq/2), at most 1"
     else:
         tv_seq = None
     if inp.dbar is not None:
@@ -226,14 +249,18 @@ def inputs_at(T: int, inp: BoundInputs) -> tuple[dict[str, float | np.ndarray | 
         n = min(T, len(inp.dbar))
         dbar[:n] = inp.dbar[:n]
         if T > len(inp.dbar):
-            fill = inp.tv_rate if inp.tv_rate is not None else worst_case_dbar(inp.eps, inp.delta)
+            if inp.tv_rate is not None:
+                fill, how = inp.tv_rate, "mean token TV"
+            else:
+                fill, how = worst_case_dbar(inp.eps, inp.delta), "worst case min(1, eps, sqrt(delta/2))"
             dbar[n:] = fill
-            src["dbar"] = f"measured for t <= {len(inp.dbar)}, modelled (mean token TV) beyond"
+            src["dbar"] = f"measured for t <= {len(inp.dbar)}, modelled beyond ({how} {fill:.3g})"
         else:
             src["dbar"] = inp.source.get("dbar", "measured")
     elif inp.eps is not None or inp.delta is not None:
-        dbar = np.full(T, worst_case_dbar(inp.eps, inp.delta))
-        src["dbar"] = "worst case min(1, eps, sqrt(delta/2))"
+        fill = worst_case_dbar(inp.eps, inp.delta)
+        dbar = np.full(T, fill)
+        src["dbar"] = f"worst case min(1, eps, sqrt(delta/2)) = {fill:.3g}"
     else:
         dbar = None
     return {"delta": inp.delta, "eps": inp.eps, "kl_seq": kl_seq, "tv_seq": tv_seq, "dbar": dbar}, src
@@ -277,28 +304,97 @@ def bounds_table(horizons: list[int], inp: BoundInputs) -> list[dict]:
     return rows
 
 
-def max_delta_for_budget(T: int, budget: float = 1.0, kl_rate: float | None = None) -> float:
-    """Largest delta with B*(T) <= budget, eps = sqrt(delta/2) (DESIGN.md section 3, inverse view).
+@dataclass(frozen=True)
+class BudgetDelta:
+    """The inverse view at one horizon (docs/design.md section 3): the largest TRM-Max delta with
+    B*(T) <= budget. delta None: every delta keeps B* within the budget (T = 1, or a budget at or
+    above B*'s ceiling). eps = min(1, sqrt(delta/2)). kl_rate: the per-token KL rate the sequence
+    terms used (None: none was known, the worst case D_KL^seq = T * delta); assumption: that in words."""
 
-    Sequence terms: D_KL^seq = T * kl_rate when a per-token rate is known, else its worst
-    case T * delta; D_TV^seq by Pinsker; Dbar_t = min(1, eps, sqrt(delta/2)).
+    T: int
+    budget: float
+    delta: float | None
+    eps: float | None
+    kl_rate: float | None
+    assumption: str
+
+
+DELTA_FLAT = 2.0  # B* no longer grows with delta from here on: eps = 1 and every min(1, .) is saturated
+
+
+def unified_for_threshold(T: int, delta: float, kl_rate: float | None = None) -> float:
+    """B*(T) if TRM-Max masked at delta: eps = min(1, sqrt(delta/2)), D_KL^seq = T * min(kl_rate, delta)
+    (T * delta without a rate), D_TV^seq by Pinsker, Dbar_t = min(1, eps, sqrt(delta/2)) at every t.
+
+    The same inputs as :func:`all_bounds` gets from BoundInputs(delta, eps, kl_rate=min(kl_rate, delta)),
+    with the adaptive hybrid in closed form, so one value costs O(1) at any T."""
+    eps = min(1.0, math.sqrt(delta / 2.0))
+    kl_seq = T * (delta if kl_rate is None else min(kl_rate, delta))
+    x: dict[str, float] = {"T": T, "delta": delta, "eps": eps, "kl_seq": kl_seq}
+    x["tv_seq"] = min(1.0, math.sqrt(kl_seq / 2.0))
+    flat = {"adaptive_hybrid": lambda: adaptive_hybrid_flat(T, worst_case_dbar(eps, delta), eps, delta)}
+    values = [flat[b.name]() if "dbar" in b.inputs else b.fn(*(x[k] for k in b.inputs)) for b in BOUNDS if b.unified]
+    return min(values)
+
+
+def usable_rate(kl_rate: float | None) -> float | None:
+    """A per-token KL rate the inverse view can use (finite or +inf, >= 0); None otherwise."""
+    if kl_rate is None or isinstance(kl_rate, bool) or not isinstance(kl_rate, (int, float)):
+        return None
+    return float(kl_rate) if kl_rate >= 0 else None  # NaN compares False
+
+
+def delta_for_budget(T: int, budget: float = 1.0, kl_rate: float | None = None) -> BudgetDelta:
+    """The largest delta with B*(T) <= budget (docs/design.md section 3, inverse view), with the measured
+    per-token KL rate for the sequence terms when one is known: the one answer to "which TRM-Max
+    threshold keeps the bound below the budget", for the verdict and `bounds --budget` alike.
+
+    B* grows with delta (:func:`unified_for_threshold`), so a bisection on log delta finds it to a
+    relative 1e-12; it starts from budget / (2 T^1.5), below which B* <= PM-KL <= 2 T^1.5 delta holds.
     """
+    rate = usable_rate(kl_rate)
+    if rate is None:
+        assumption = "D_KL^seq = T * delta (worst case: no per-token KL rate known)"
+    else:
+        assumption = f"D_KL^seq = T * min({rate:.3g}, delta), {rate:.3g} the per-token KL rate"
 
-    def unified_at(delta: float) -> float:
-        rate = kl_rate if kl_rate is not None else delta
-        inp = BoundInputs(delta=delta, eps=math.sqrt(delta / 2.0), kl_rate=min(rate, delta))
-        value = all_bounds(T, inp)[0]["unified"]
-        return math.inf if value is None else value
+    def result(delta: float | None) -> BudgetDelta:
+        eps = None if delta is None else min(1.0, math.sqrt(delta / 2.0))
+        return BudgetDelta(int(T), float(budget), delta, eps, rate, assumption)
 
-    lo, hi = -40.0, 2.0  # log10 delta
-    if unified_at(10**lo) > budget:
-        return 0.0
-    if unified_at(10**hi) <= budget:
-        return 10**hi
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        if unified_at(10**mid) <= budget:
+    if unified_for_threshold(T, DELTA_FLAT, rate) <= budget:
+        return result(None)
+    lo, hi = budget / (2.0 * float(T) ** 1.5), DELTA_FLAT
+    while lo > 0 and unified_for_threshold(T, lo, rate) > budget:  # rounding only: the bound above holds
+        lo /= 2.0
+    if lo <= 0:
+        return result(0.0)
+    for _ in range(200):
+        if hi <= lo * (1.0 + 1e-12):
+            break
+        mid = math.sqrt(lo * hi)
+        if unified_for_threshold(T, mid, rate) <= budget:
             lo = mid
         else:
             hi = mid
-    return 10**lo
+    return result(lo)
+
+
+def pinsker_conflicts(delta: float | None, eps: float | None, kl_seq: float | None, tv_seq: float | None) -> list[str]:
+    """Given inputs that no pair of distributions can have: Pinsker's TV <= sqrt(KL/2) holds at every
+    token (so eps <= sqrt(delta/2)) and for the sequences, and a TV of 0 means a KL of 0."""
+    out = []
+    for tv, kl, tv_name, kl_name in ((eps, delta, "eps", "delta"), (tv_seq, kl_seq, "tv-seq", "kl-seq")):
+        if tv is None or kl is None:
+            continue
+        if tv == 0 and kl > 0:
+            out.append(
+                f"--{tv_name} 0 with --{kl_name} {kl:g} contradict each other: a total variation of 0 means "
+                f"identical distributions, whose KL is 0"
+            )
+        elif tv > math.sqrt(kl / 2.0) * (1.0 + 1e-9):
+            out.append(
+                f"--{tv_name} {tv:g} exceeds Pinsker's sqrt({kl_name}/2) = {math.sqrt(kl / 2.0):.3g}: no "
+                f"distributions have TV {tv:g} with KL {kl:g}; check both values"
+            )
+    return out

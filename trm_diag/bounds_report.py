@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from trm_diag.bounds import BOUND_NAMES, LABEL, UNIFIED, BoundInputs
+from trm_diag.bounds import BOUND_NAMES, LABEL, UNIFIED, BoundInputs, BudgetDelta
 from trm_diag.errors import UsageError
 
 
@@ -51,7 +51,16 @@ def report_inputs(report: str) -> BoundInputs:
     return bound_inputs(data["tokens"], data["sequences"], fidelity=data["summary"]["fidelity"])
 
 
-def bounds_json(rows: list[dict], inp: BoundInputs, inverse: dict[int, dict] | None) -> dict[str, Any]:
+def used_inputs(rows: list[dict]) -> dict[int, dict[str, Any]]:
+    """Per horizon, the inputs its bounds used (the same at every bound of a horizon) and their sources."""
+    out: dict[int, dict[str, Any]] = {}
+    for r in rows:
+        out.setdefault(r["T"], {k: r[k] for k in ("delta", "eps", "kl_seq", "tv_seq", "sources")})
+    return out
+
+
+def bounds_json(rows: list[dict], inp: BoundInputs, inverse: dict[int, BudgetDelta] | None) -> dict[str, Any]:
+    """`bounds --json`: bounds per T, the inputs as given or measured, the inputs each T used, the inverse view."""
     by_t: dict[str, dict[str, float | None]] = {}
     for r in rows:
         by_t.setdefault(str(r["T"]), dict.fromkeys(BOUND_NAMES))[r["bound"]] = r["value"]
@@ -63,26 +72,50 @@ def bounds_json(rows: list[dict], inp: BoundInputs, inverse: dict[int, dict] | N
             "kl_seq": inp.kl_seq,
             "tv_seq": inp.tv_seq,
             "kl_rate": inp.kl_rate,
+            "tv_rate": inp.tv_rate,
+            "seq_T": inp.seq_T,
             "source": inp.source,
             "samples": inp.samples,
         },  # fmt: skip
+        "used": {str(T): u for T, u in used_inputs(rows).items()},
     }
     if inverse is not None:
-        out["max_delta"] = {str(T): v for T, v in inverse.items()}
+        out["max_delta"] = {
+            str(T): {
+                "delta": v.delta,
+                "eps": v.eps,
+                "budget": v.budget,
+                "kl_rate": v.kl_rate,
+                "assumption": v.assumption,
+            }
+            for T, v in inverse.items()
+        }
     return out
 
 
-def write_bounds_parquet(report: Path, rows: list[dict]) -> None:
+def merge_bounds_parquet(report: Path, rows: list[dict]) -> list[int]:
+    """Add the rows of horizons not yet in REPORT/bounds.parquet; the rows already there (the run's own,
+    observed length included) are kept as they are. Returns the horizons added (none: file untouched)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from trm_diag.report import META_KEY, atomic_write, read_schema
+    from trm_diag.report import META_KEY, atomic_write, read_schema, read_table
 
-    table = pa.Table.from_pylist(rows)
-    old = read_schema(report / "tokens.parquet").metadata or {}
-    if META_KEY in old:
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY: old[META_KEY]})
-    atomic_write(report / "bounds.parquet", lambda tmp: pq.write_table(table, tmp))
+    f = report / "bounds.parquet"
+    old = read_table(f) if f.is_file() else None  # a damaged file is an InputError, never overwritten
+    have = set() if old is None else set(old.column("T").to_pylist())
+    new = [r for r in rows if r["T"] not in have]
+    if not new:
+        return []
+    table = pa.Table.from_pylist(new)
+    if old is not None:
+        table = pa.concat_tables([old.replace_schema_metadata(None), table], promote_options="permissive")
+        table = table.sort_by([("T", "ascending")])  # a stable sort: each horizon keeps its bound order
+    meta = (old.schema.metadata if old is not None else read_schema(report / "tokens.parquet").metadata) or {}
+    if META_KEY in meta:
+        table = table.replace_schema_metadata({META_KEY: meta[META_KEY]})
+    atomic_write(f, lambda tmp: pq.write_table(table, tmp))
+    return sorted({r["T"] for r in new})
 
 
 def plot_bounds(rows: list[dict], path: str, observed_T: int | None = None) -> None:

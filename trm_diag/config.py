@@ -200,7 +200,7 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class ThresholdSpec:
-    """A masking threshold's default and its one line of help (DESIGN.md section 4)."""
+    """A masking threshold's default and its one line of help (docs/design.md section 4)."""
 
     default: float
     help: str
@@ -220,7 +220,7 @@ DEFAULT_HORIZONS = (1024, 4096, 16384)  # horizons T of bounds.parquet (the obse
 
 @dataclass(frozen=True)
 class Thresholds:
-    """Masking thresholds (DESIGN.md section 4); defaults are the paper's values (THRESHOLDS).
+    """Masking thresholds (docs/design.md section 4); defaults are the paper's values (THRESHOLDS).
 
     ln_delta, the delta inside the LN-TRM weights w_t, is the TRM-Max threshold unless given.
     """

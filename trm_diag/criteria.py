@@ -1,4 +1,4 @@
-"""The masking criteria (DESIGN.md section 4), one record each: the per-sequence score a criterion
+"""The masking criteria (docs/design.md section 4), one record each: the per-sequence score a criterion
 tests in a tier, and the threshold it compares with. Sequence statistics, masking tables, the gate's
 `accept.<name>` metrics and the summary all read them here (docs/extending.md).
 """

@@ -1,6 +1,6 @@
 """Per-token divergences between the rollout policy p and the training policy q.
 
-Pure tensor functions, no I/O (DESIGN.md section 2). Sign convention everywhere:
+Pure tensor functions, no I/O (docs/design.md section 2). Sign convention everywhere:
 log_ratio l_t = log q(y_t) - log p(y_t) = lp_train - lp_roll, rho_t = exp(l_t).
 """
 
@@ -29,13 +29,13 @@ def _kl_terms(lp: torch.Tensor, lq: torch.Tensor, p: torch.Tensor, q: torch.Tens
     big = d > 40.0  # exp would overflow: use q - p - p d directly
     phi = torch.expm1(d.clamp(max=40.0)) - d
     term = torch.where(big, q - p - p * d, p * phi)
-    term = torch.where(p > 0, term, q)  # q mass outside the support of p
+    term = torch.where(p > 0, term, torch.where(torch.isnan(p), p, q))  # q mass outside the support of p; NaN stays
     return term.sum(dim=-1)
 
 
 def _entropy(lp: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Row entropies -sum p log p [n]."""
-    return -torch.where(p > 0, p * lp, torch.zeros((), dtype=p.dtype)).sum(dim=-1)
+    """Row entropies -sum p log p [n] (NaN for a row holding a NaN)."""
+    return -torch.where((p > 0) | torch.isnan(p), p * lp, torch.zeros((), dtype=p.dtype)).sum(dim=-1)
 
 
 def exact_divergences(
@@ -43,7 +43,7 @@ def exact_divergences(
 ) -> dict[str, torch.Tensor]:
     """Exact kl = KL(p||q), kl_rev = KL(q||p), tv = 1/2 sum|p-q| and both entropies, each [N].
 
-    Paper eq. for D_KL^tok and D_TV^tok (DESIGN.md section 2); inputs are normalised
+    Paper eq. for D_KL^tok and D_TV^tok (docs/design.md section 2); inputs are normalised
     log-probs [N, V] of the two sides. Works in row chunks so extra memory is bounded.
     """
     if logp_roll.shape != logp_train.shape:
@@ -94,7 +94,7 @@ def logit_divergences(
 ) -> dict[str, torch.Tensor]:
     """Exact kl, kl_rev, tv and both entropies, each [N] (float64), from two logit tensors [N, V].
 
-    Paper eq. for D_KL^tok / D_TV^tok (DESIGN.md section 2), computed a few rows at a time by the
+    Paper eq. for D_KL^tok / D_TV^tok (docs/design.md section 2), computed a few rows at a time by the
     kernel kernel_for picks (see kernels/eager.py), so memory is bounded whatever N; its name is added to
     ``used`` (summary.json records the kernels of a run). Logits need not be
     normalised (log-probs work too). With token_ids [N] it also returns lp_roll and lp_train,
@@ -140,7 +140,7 @@ def sampled_token_metrics(lp_roll: torch.Tensor, lp_train: torch.Tensor) -> dict
     """Quantities from the sampled token's two log-probs alone, each [N] (float64).
 
     log_ratio = l_t, k1 = -l_t, k2 = l_t^2/2, k3 = rho_t - 1 - l_t, abs_rho_m1 = |rho_t - 1|
-    (DESIGN.md section 2), and the binary (DPPO) divergences on the partition {y_t, rest}:
+    (docs/design.md section 2), and the binary (DPPO) divergences on the partition {y_t, rest}:
     tv_bin = |p(y_t) - q(y_t)|, kl_bin = KL(Bern(p(y_t)) || Bern(q(y_t))).
     """
     a = lp_roll.double()
@@ -176,7 +176,7 @@ def topk_intervals(
     Lower ends coarsen the vocabulary into S + one "rest" bucket (data processing).
     Upper ends: tv <= 1/2 (sum_S |p - q| + p_rest + q_rest); for kl, every token outside
     the top-K has p_v <= m = min over the top-K of p, and sum p_v = p_rest, so the rest
-    term is maximised by filling m on the tokens of smallest q (DESIGN.md section 2).
+    term is maximised by filling m on the tokens of smallest q (docs/design.md section 2).
     Returns kl_lo, kl_hi, tv_lo, tv_hi, each [N] (float64).
     """
     lp = lp_top.double()

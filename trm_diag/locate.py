@@ -19,16 +19,18 @@ from trm_diag.config import BackendSpec, SamplingConfig
 from trm_diag.errors import InputError, UsageError
 from trm_diag.locate_math import FLOOR, JUMP, carrier, entry_layer, expert_flip, growth, relative_error
 from trm_diag.pipeline import CompareResult, Engines, Reporter
-from trm_diag.report import atomic_write, complete_report, read_table, to_json
+from trm_diag.report import atomic_write, complete_report, read_schema, read_table, to_json
+from trm_diag.tiers import TIERS
 
 LOCATE_FILE = "locate.parquet"
 LOCATE_SUMMARY = "locate.json"
+WORST_POS = ("worst_pos", "kl_argmax")  # sequences.parquet's worst token position (kl_argmax: older reports)
 
 
 @dataclass(frozen=True)
 class LocateConfig:
     report: str
-    top: int = 8  # the top-K tokens by KL (when seq is None)
+    top: int = 8  # the top-K tokens by the tier's locate column (when seq is None)
     seq: int | None = None
     pos: int | None = None  # None with seq: the sequence's worst token
     trust_remote_code: bool = False
@@ -58,14 +60,16 @@ def _sides(summary: dict[str, Any], where: str) -> tuple[BackendSpec, BackendSpe
 
 def choose_tokens(path: Path, summary: dict[str, Any], cfg: LocateConfig) -> list[tuple[int, int]]:
     """(seq_id, response position) of the tokens to locate: one token, a sequence's worst, or the top K."""
-    seqs = read_table(path / "sequences.parquet", ["seq_id", "length", "kl_argmax"]).to_pandas()
+    table = path / "sequences.parquet"
+    worst = next((c for c in WORST_POS if c in read_schema(table).names), WORST_POS[0])
+    seqs = read_table(table, ["seq_id", "length", worst]).to_pandas()
     if cfg.seq is not None:
         hit = seqs[seqs["seq_id"] == cfg.seq]
         if hit.empty:
             raise UsageError(f"--seq {cfg.seq}: the report has no such sequence",
                              f"use a seq_id from 0 to {int(seqs['seq_id'].max())}")  # fmt: skip
         length = int(hit["length"].iloc[0])
-        pos = cfg.pos if cfg.pos is not None else int(hit["kl_argmax"].iloc[0])
+        pos = cfg.pos if cfg.pos is not None else int(hit[worst].iloc[0])
         if not 0 <= pos < length:
             raise UsageError(f"--pos {pos}: sequence {cfg.seq} has {length} response tokens",
                              f"use a position from 0 to {length - 1}")  # fmt: skip
@@ -74,10 +78,21 @@ def choose_tokens(path: Path, summary: dict[str, Any], cfg: LocateConfig) -> lis
         raise UsageError("--pos needs --seq", "pass --seq S --pos P, or --top K")
     if cfg.top < 1:
         raise UsageError(f"--top {cfg.top} must be >= 1", "use a positive integer")
-    tokens = read_table(path / "tokens.parquet", ["seq_id", "pos", "kl", "k2"]).to_pandas()
-    score = tokens["kl"].where(tokens["kl"].notna(), tokens["k2"])  # sampled / top-K tiers: the k2 estimator
-    worst = tokens.assign(score=score).dropna(subset=["score"]).nlargest(cfg.top, "score")
+    column = locate_column(summary, str(path))
+    tokens = read_table(path / "tokens.parquet", ["seq_id", "pos", column]).to_pandas()
+    worst = tokens.dropna(subset=[column]).nlargest(cfg.top, column)
     return [(int(s), int(p)) for s, p in zip(worst["seq_id"], worst["pos"])]
+
+
+def locate_column(summary: dict[str, Any], where: str) -> str:
+    """The token column the report's fidelity tier ranks its worst tokens by (tiers.Tier.locate: kl, the
+    certified upper end kl_hi, or the sampled-token k2), as sequences.parquet's worst position does."""
+    fidelity = summary.get("fidelity")
+    if fidelity not in TIERS:
+        raise InputError(
+            f"'{where}' names no known fidelity ({fidelity!r})", "re-run the command that writes the report"
+        )
+    return TIERS[fidelity].locate
 
 
 def _capture_side(
@@ -124,7 +139,7 @@ def _token_rows(sid: int, pos: int, roll: dict[str, Any], train: dict[str, Any])
 
 
 def token_verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Where one token's divergence enters (DESIGN.md section 8), in data and in words."""
+    """Where one token's divergence enters (docs/design.md section 8), in data and in words."""
     by = {(r["layer"], r["component"]): r for r in rows}
     layer_err = [by[(i, "layer")]["rel_err"] for i in sorted(i for i, c in by if c == "layer")]
     g = growth(layer_err)
@@ -209,6 +224,7 @@ def run_locate(cfg: LocateConfig, reporter: Reporter | None = None) -> CompareRe
         "rollout": roll_spec.describe(),
         "train": train_spec.describe(),
         "rule": f"enters at the first layer with r_l >= {JUMP:g} x max(r_0..r_(l-1), {FLOOR:g})",
+        "ranked_by": locate_column(summary, str(path)),  # the token column the worst tokens are chosen by
         "tokens": verdicts,
         "layer_median_rel_err": {int(k): float(v) for k, v in layers.items()},
         "seconds": time.perf_counter() - t0,

@@ -1,4 +1,4 @@
-"""Where two sides part inside the network (DESIGN.md section 8): pure functions over arrays.
+"""Where two sides part inside the network (docs/design.md section 8): pure functions over arrays.
 
 r_l = ||h_l^roll - h_l^train|| / ||h_l^train|| per layer l. The divergence *enters* at the first layer
 whose error jumps to at least JUMP times the largest error of the layers before it (and above FLOOR,

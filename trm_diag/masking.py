@@ -1,4 +1,4 @@
-"""Masking analysis: acceptance versus threshold and versus length (DESIGN.md section 4).
+"""Masking analysis: acceptance versus threshold and versus length (docs/design.md section 4).
 
 TRM-Max rejects a sequence when any token exceeds delta, so with i.i.d. violations at a
 per-token rate p its acceptance is about (1 - p)^T: long sequences are dropped more.

@@ -19,6 +19,7 @@ import torch
 
 from trm_diag.assemble import assemble, report_parts
 from trm_diag.config import DEFAULT_HORIZONS, DEFAULT_VIEW, SamplingConfig, Thresholds
+from trm_diag.diff import setup_differences
 from trm_diag.errors import InputError, UsageError
 from trm_diag.html_report import write_html_or_warn
 from trm_diag.moe import RoutingComparison
@@ -33,7 +34,6 @@ from trm_diag.report import (
 )
 from trm_diag.types import Rollout, Scored
 
-MUST_MATCH = ("fidelity", "sampling", "thresholds", "compared_distribution", "view")
 CHUNK = 64  # merged rollouts per chunk, as compare's default --chunk-prompts
 SEQUENCE_FIELDS = ("prompt_token_ids", "response_token_ids", "finish_reason", "reward", "advantage")
 
@@ -154,9 +154,14 @@ class ShardChunks:
         dup = np.flatnonzero((np.diff(self.prompt) == 0) & (np.diff(self.sample) == 0))
         if len(dup):
             i = dup[0] + 1
+            where = shards[self.which[i]].path
+            if self.which[i] == self.which[i - 1]:
+                raise UsageError(
+                    f"prompt {self.prompt[i]} sample {self.sample[i]} appears twice in '{where}'",
+                    "merge reports whose rollouts have distinct (prompt_idx, sample_idx)",
+                )
             raise UsageError(
-                f"prompt {self.prompt[i]} sample {self.sample[i]} appears in two shards "
-                f"(again in '{shards[self.which[i]].path}')",
+                f"prompt {self.prompt[i]} sample {self.sample[i]} appears in two shards (again in '{where}')",
                 "merge disjoint shards",
             )
         self.n = len(order)
@@ -228,30 +233,99 @@ class ShardChunks:
         return np.concatenate(parts)[gather]
 
 
+def _split(shard: Any, path: str) -> tuple[int, int] | None:
+    """A summary's 'shard' ("I/N") as (I, N); None for a report run without --shard."""
+    if shard is None:
+        return None
+    i, _, n = str(shard).partition("/")
+    try:
+        pair = int(i), int(n)
+    except ValueError:
+        pair = (-1, 0)
+    if not 0 <= pair[0] < pair[1]:
+        raise InputError(f"'{path}': summary.json names shard {shard!r}, not I/N", "re-run that shard")
+    return pair
+
+
+def shard_coverage(shards: list[tuple[str, dict[str, Any]]], partial: bool = False) -> dict[str, Any]:
+    """Which shards of one --shard I/N split the (path, summary) pairs are, for summary.json's 'coverage';
+    UsageError for a set with a shard missing (unless ``partial``), twice, or from another split."""
+    split = [(path, _split(summary.get("shard"), path)) for path, summary in shards]
+    sharded = [(path, pair) for path, pair in split if pair is not None]
+    if not sharded:  # reports run without --shard (score reports of split files): coverage unknown
+        return {"split": None, "shards": [], "missing": [], "complete": None, "partial": partial}
+    plain = next((path for path, pair in split if pair is None), None)
+    first, (i0, n) = sharded[0]
+    if plain is not None:
+        raise UsageError(
+            f"'{plain}' was run without --shard, while '{first}' is shard {i0}/{n}",
+            "merge the shard reports of one --shard I/N split",
+        )
+    seen: dict[int, str] = {}
+    for path, (i, m) in sharded:
+        if m != n:
+            raise UsageError(
+                f"'{path}' is shard {i}/{m} but '{first}' is shard {i0}/{n}: the reports come from different splits",
+                "merge the shards of one --shard I/N split (the same N)",
+            )
+        if i in seen:
+            raise UsageError(f"shard {i}/{n} is given twice ('{seen[i]}', '{path}')", "pass each shard's report once")
+        seen[i] = path
+    missing = [f"{i}/{n}" for i in range(n) if i not in seen]
+    if missing and not partial:
+        raise UsageError(
+            f"shard{'s' if len(missing) > 1 else ''} {', '.join(missing)} missing: the reports cover {len(seen)} of {n} shards",
+            "pass every shard's report, or --partial to merge these alone (the report then covers their prompts only)",
+        )
+    if not missing:  # a whole split: shard i holds prompts i, i + N, ... of the same prompts
+        counts = {
+            i: int((summary.get("prompts") or {}).get("count", 0)) for (_, summary), (_, (i, _)) in zip(shards, sharded)
+        }
+        total = sum(counts.values())
+        odd = next((i for i in range(n) if counts[i] != len(range(i, total, n))), None)
+        if odd is not None:
+            raise UsageError(
+                f"'{seen[odd]}' (shard {odd}/{n}) holds {counts[odd]} prompt(s), but {n} shards of {total} prompts "
+                f"give it {len(range(odd, total, n))}: the shards ran over different prompts",
+                "merge the shards of one command (the same --prompts and --num-prompts)",
+            )
+    shards_given = [f"{i}/{n}" for i in sorted(seen)]
+    return {"split": n, "shards": shards_given, "missing": missing, "complete": not missing, "partial": partial}
+
+
 def run_merge(
-    reports: list[str], out: str, overwrite: bool = False, warn: Any = lambda message: None
+    reports: list[str], out: str, overwrite: bool = False, warn: Any = lambda message: None, partial: bool = False
 ) -> tuple[Path, dict[str, Any]]:
-    """Merge shard reports into ``out``; returns the folder and its summary."""
+    """Merge shard reports into ``out``; returns the folder and its summary. The shards of a --shard I/N
+    split must all be there (``partial``: merge those given, and say so); an empty shard adds no rows."""
     if len(reports) < 2:
         raise UsageError("merge needs at least two reports", "pass every shard's report folder")
     if any(Path(r).resolve() == Path(out).resolve() for r in reports):
         raise UsageError(f"--out '{out}' is one of the reports being merged", "write the merged report to a new folder")
-    out_dir = check_out_dir(out, overwrite=overwrite)  # reads only: nothing is touched before the inputs pass
+    out_dir = check_out_dir(out, overwrite=overwrite, inputs=reports)  # reads only, before the inputs pass
     shards = [_Shard(r) for r in reports]
     first = shards[0].summary
     for shard in shards[1:]:
-        for key in MUST_MATCH:
-            if shard.summary.get(key) != first.get(key):
-                raise UsageError(
-                    f"'{shard.path}' differs from '{reports[0]}' in {key}", "merge shards of one command only"
-                )
-        for side in ("rollout", "train"):
-            if shard.summary[side].get("spec") != first[side].get("spec"):
-                raise UsageError(
-                    f"'{shard.path}' used another {side} backend than '{reports[0]}'",
-                    "merge shards of one command only",
-                )
-    source = ShardChunks(shards)
+        found = setup_differences(first, shard.summary)
+        if found:
+            what = found[0]
+            raise UsageError(
+                f"'{shard.path}' used another {what} than '{reports[0]}'"
+                if what.endswith(" backend")
+                else f"'{shard.path}' differs from '{reports[0]}' in {what}",
+                "merge shards of one command only",
+            )
+    coverage = shard_coverage([(s.path, s.summary) for s in shards], partial)
+    if coverage["missing"]:
+        warn(
+            f"merged {len(coverage['shards'])} of {coverage['split']} shards (missing {', '.join(coverage['missing'])}, "
+            "--partial): the report covers their prompts only"
+        )
+    filled = [s for s in shards if len(s.seq_id)]  # a shard of no prompts has no rows to read
+    if not filled:
+        raise UsageError("every report given holds no rollouts", "merge the shards that hold prompts as well")
+    first = filled[0].summary
+    source = ShardChunks(filled)
     from trm_diag.backends import load_tokenizer
 
     tokenizer = load_tokenizer(first["train"]["model"])
@@ -262,13 +336,15 @@ def run_merge(
         "train": first["train"],
         "prompts": {"count": sum(s.summary.get("prompts", {}).get("count", 0) for s in shards)},
         "merged_from": [{"report": str(s.path), "shard": s.summary.get("shard")} for s in shards],
+        "coverage": coverage,
         "horizons": first.get("horizons"),
         "routing_note": routing_info.get("reason"),
     }
     try:
-        sampling, thresholds = SamplingConfig(**first["sampling"]), Thresholds(**first["thresholds"])
-    except (TypeError, UsageError) as e:
-        raise InputError(f"'{reports[0]}': summary.json has damaged settings ({e})", "re-run that shard") from None
+        recorded = {k: v for k, v in first["sampling"].items() if v is not None}  # score records no generation
+        sampling, thresholds = SamplingConfig(**recorded), Thresholds(**first["thresholds"])
+    except (TypeError, AttributeError, UsageError) as e:
+        raise InputError(f"'{filled[0].path}': summary.json has damaged settings ({e})", "re-run that shard") from None
     assembled = assemble(
         source, command=first["command"], fidelity=first["fidelity"], sampling=sampling, thresholds=thresholds,
         horizons=tuple(first.get("horizons") or DEFAULT_HORIZONS), tokenizer=tokenizer,

@@ -92,7 +92,10 @@ METRICS: dict[str, tuple[str, str]] = {
     "token_<column>_n_nan": ("how many values of the token column are NaN (skipped)", "trm-diag"),
     "prefill_gap_abs_mean": ("mean |lp_roll_prefill - lp_roll| (exact tier)", "trm-diag"),
     "prefill_gap_abs_max": ("max |lp_roll_prefill - lp_roll| (exact tier)", "trm-diag"),
-    "accept_<criterion>": ("fraction of sequences a masking criterion keeps (DESIGN.md section 4)", "trm-diag (paper)"),
+    "accept_<criterion>": (
+        "fraction of sequences a masking criterion keeps (docs/design.md section 4)",
+        "trm-diag (paper)",
+    ),
     "dppo_tv_token_frac": ("fraction of tokens with binary TV above --dppo-tv", "trm-diag (DPPO)"),
     "dppo_kl_token_frac": ("fraction of tokens with binary KL above --dppo-kl", "trm-diag (DPPO)"),
 }

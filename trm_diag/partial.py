@@ -40,10 +40,14 @@ def run_fingerprint(settings: dict[str, Any], files: list[str]) -> str:
 class PartialStore:
     """The chunks of one run saved so far; refuses to mix runs with different settings."""
 
-    def __init__(self, out_dir: Path, fingerprint: str, n_chunks: int, resume: bool, overwrite: bool = False) -> None:
+    def __init__(
+        self, out_dir: Path, fingerprint: str, n_chunks: int, resume: bool, overwrite: bool = False,
+        command: str = "compare",
+    ) -> None:  # fmt: skip
         self.dir = out_dir / PARTIAL_DIR
         self.fingerprint = fingerprint
         self.n_chunks = n_chunks
+        self.command = command  # who resumes it (outputs.UNFINISHED): readers of the folder name that command
         if resume:
             m = self.check_resumable(out_dir, fingerprint, n_chunks)
             self.done = set(m["done"])
@@ -82,6 +86,7 @@ class PartialStore:
 
     def _write_manifest(self) -> None:
         body = {
+            "command": self.command,
             "fingerprint": self.fingerprint,
             "n_chunks": self.n_chunks,
             "done": sorted(self.done),

@@ -1,6 +1,6 @@
 """Orchestration of `compare` and `score`: engines in, report folder out.
 
-Data flows one way (DESIGN.md section 5): prompts -> rollout backend (generate) ->
+Data flows one way (docs/design.md section 5): prompts -> rollout backend (generate) ->
 training backend (score the same ids) -> divergences -> assemble -> write. The core never
 prints: progress and warnings go through a :class:`Reporter` the CLI provides.
 """
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from trm_diag.assemble import Assembled, assemble, model_fingerprint, report_parts
+from trm_diag.assemble import Assembled, MemoryChunks, assemble, model_fingerprint, report_parts
 from trm_diag.backends import can_coexist, reported_logprobs
 from trm_diag.backends.base import Backend
 from trm_diag.checkpoint import check_checkpoint, eos_token_ids, max_positions, read_config, vocab_size
@@ -94,6 +94,7 @@ class ScoreConfig:
     horizons: tuple[int, ...] = DEFAULT_HORIZONS
     view: str = DEFAULT_VIEW
     logprobs: str | None = None  # None: the file's `logprobs` field, else processed (config.LOGPROBS)
+    allow_duplicates: bool = False  # score rows that repeat an earlier row (else refused)
 
 
 @dataclass
@@ -226,9 +227,7 @@ def select_prompts(cfg: CompareConfig) -> tuple[list[Prompt], list[int]]:
     if cfg.shard is not None:  # a deterministic, strided slice: prompt i belongs to shard i % N
         shard_i, shard_n = cfg.shard
         indices = indices[shard_i::shard_n]
-        prompts = [prompts[i] for i in indices]
-        if not prompts:
-            raise UsageError(f"shard {shard_i}/{shard_n} holds no prompts", "use fewer shards than prompts")
+        prompts = [prompts[i] for i in indices]  # none when N > prompts: an empty shard report
     return prompts, indices
 
 
@@ -332,8 +331,11 @@ def _compare(cfg: CompareConfig, rep: Reporter, engines: Engines, run: ExitStack
         "routing_note": next((n for n in notes if n), None),
         "run": {"chunks": len(chunks), "chunk_prompts": step, "resumed_chunks": resumed},
     }
+    if not prompts:
+        rep.warn(f"shard {header['shard']} holds no prompts: its report is empty (merge accepts it)")
+    source = store if chunks else MemoryChunks(Scored([], [], []))  # an empty shard has no chunk to read
     assembled = assemble(
-        store, command="compare", fidelity=fidelity, sampling=sampling, thresholds=cfg.thresholds,
+        source, command="compare", fidelity=fidelity, sampling=sampling, thresholds=cfg.thresholds,
         horizons=cfg.horizons, tokenizer=roll.tokenizer, width=roll.vocab_width, moe=train.moe,
         header=header, warn=rep.warn, view=cfg.view,
     )  # fmt: skip
@@ -365,7 +367,7 @@ def encode_prompts(
             f"use --max-new-tokens below {min(limits)}",
         )
     ids = PromptIds(prompts, roll.tokenizer, roll.vocab_width, budget if cfg.truncate_prompts else None)
-    if budget is not None and not cfg.truncate_prompts:
+    if budget is not None and not cfg.truncate_prompts and len(ids):
         lengths = np.diff(ids.offsets)
         worst = int(np.argmax(lengths))
         if lengths[worst] > budget:
@@ -441,7 +443,7 @@ def run_score(cfg: ScoreConfig, reporter: Reporter | None = None) -> CompareResu
 
 
 def _score(cfg: ScoreConfig, rep: Reporter, engines: Engines, run: ExitStack) -> CompareResult:
-    from trm_diag.rollouts_io import iter_rollout_chunks, scan_rollouts
+    from trm_diag.rollouts_io import GENERATION_ONLY, iter_rollout_chunks, scan_rollouts, score_tier
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -461,7 +463,9 @@ def _score(cfg: ScoreConfig, rep: Reporter, engines: Engines, run: ExitStack) ->
     timings["load_train_s"] = time.perf_counter() - t
     eos = eos_token_ids(train.model_path, train.tokenizer)
     read = {"eos_ids": eos, "strip_after_eos": cfg.strip_after_eos}
-    data = scan_rollouts(cfg.rollouts, cfg.mapping, train.tokenizer, train.vocab_width, **read)  # every row checked
+    data = scan_rollouts(  # every row checked
+        cfg.rollouts, cfg.mapping, train.tokenizer, train.vocab_width, **read, allow_duplicates=cfg.allow_duplicates
+    )
     limit = train.max_model_len
     if limit and data.longest > limit:
         raise InputError(
@@ -482,11 +486,14 @@ def _score(cfg: ScoreConfig, rep: Reporter, engines: Engines, run: ExitStack) ->
         )
     if data.empty:
         rep.warn(f"{data.empty} rollout(s) have empty responses; they are reported with length 0")
-    fidelity = cfg.fidelity or ("topk" if data.has_topk else "sampled")
-    if fidelity == "topk" and not data.has_topk:
-        raise InputError(
-            f"'{cfg.rollouts}' has no topk_logprobs", "use --fidelity sampled, or export the top-K log-probs"
+    if data.duplicate_keys:
+        rep.warn(
+            f"{data.duplicate_keys:,} rollout(s) share their (prompt_idx, sample_idx) with an earlier row (first: "
+            f"{data.duplicate_where}; {data.duplicate_rows:,} repeat its response too); each is scored as a rollout"
         )
+    fidelity, fallback = score_tier(data, cfg.rollouts, cfg.fidelity)
+    if fallback:
+        rep.warn(fallback)
     hints = dict(data.sampling_hints)
     file_logprobs = hints.pop("logprobs", "processed")  # what the file's log-probs are: options never drop it
     sampling = cfg.sampling or SamplingConfig(**{k: (int(v) if k == "top_k" else v) for k, v in hints.items()})
@@ -508,9 +515,12 @@ def _score(cfg: ScoreConfig, rep: Reporter, engines: Engines, run: ExitStack) ->
     header = {
         "rollout": {"source": str(cfg.rollouts), "mapping": cfg.mapping, "retokenized_fields": data.retokenized,
                     "empty_responses": data.empty, "sampling_from": "options" if cfg.sampling else "file",
+                    "topk_rows": data.topk_rows, "duplicates": {"same_key": data.duplicate_keys,
+                                                                "same_row": data.duplicate_rows},
                     "after_eos": {"rollouts": data.after_eos_rollouts, "tokens": data.after_eos_tokens,
                                   "stripped": cfg.strip_after_eos, "eos_ids": sorted(eos)}},
         "train": side_info(train),
+        "horizons": list(cfg.horizons),
         "routing_note": "imported rollouts carry no router logits" if train.moe else None,
     }  # fmt: skip
     assembled = assemble(
@@ -518,6 +528,11 @@ def _score(cfg: ScoreConfig, rep: Reporter, engines: Engines, run: ExitStack) ->
         horizons=cfg.horizons, tokenizer=train.tokenizer, width=train.vocab_width, moe=train.moe,
         header=header, warn=rep.warn, view=cfg.view,
     )  # fmt: skip
+    # score generated nothing: no response budget, seed or samples per prompt; K is the file's (one, else null)
+    assembled.summary["sampling"].update(dict.fromkeys(GENERATION_ONLY))
+    assembled.summary["topk"] = assembled.summary["sampling"]["topk"] = (
+        next(iter(data.topk_ks)) if fidelity == "topk" and len(data.topk_ks) == 1 else None
+    )
     result = write_report(out_dir, assembled, timings, t_start, rep.warn)
     store.clear()
     return result

@@ -94,7 +94,7 @@ def load_prompts(path: str | Path) -> list[Prompt]:
     elif suffix == ".parquet":
         prompts = [_from_obj(row, where) for where, row in read_parquet(p, ("prompt", "messages"))]
     elif suffix == ".txt":
-        text = p.read_text(encoding="utf-8", errors="strict")
+        text = p.read_text(encoding="utf-8-sig", errors="strict")  # without a leading byte-order mark
         prompts = [
             Prompt(text=_text(line.replace("\\n", "\n"), f"{path}:{n}"))
             for n, line in enumerate(text.splitlines(), start=1)

@@ -81,7 +81,8 @@ def run_ray(cfg: CompareConfig, n: int, reporter: Reporter | None = None) -> Com
         raise UsageError("--save-rollouts with --ray would have every shard write one file", "run with --shard I/N "
                          "and a --save-rollouts file per shard, or drop --save-rollouts")  # fmt: skip
     # every input is checked here, before a task starts: a bad path fails once, not once per shard
-    select_prompts(replace(cfg, shard=(n - 1, n)))  # the prompts file, and the last shard has prompts
+    if not select_prompts(replace(cfg, shard=(n - 1, n)))[0]:  # the prompts file, and the last shard has prompts
+        raise UsageError(f"--ray {n}: shard {n - 1}/{n} holds no prompts", "use fewer shards than prompts")
     specs = cfg.rollout.with_model(cfg.model), cfg.train.with_model(cfg.model)
     check_compare_inputs(replace(cfg, resume=False, overwrite=cfg.overwrite or cfg.resume), *specs)  # merged --out
     dirs = [shard_dir(cfg.out, i, n) for i in range(n)]

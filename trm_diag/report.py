@@ -2,7 +2,7 @@
 
 Tables are streamed row group by row group into temporary files in the target folder and
 renamed when complete; summary.json is written last and marks a report as complete
-(DESIGN.md section 6).
+(docs/design.md section 6).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from trm_diag.errors import InputError
 from trm_diag.heap import release_heap
-from trm_diag.outputs import MARKER, PARTIAL_DIR, REPORT_FILES
+from trm_diag.outputs import MARKER, REPORT_FILES, unfinished
 from trm_diag.schema import SEQUENCE_COLUMNS, SUMMARY_FIELDS, tier_columns
 from trm_diag.tiers import FIDELITIES
 
@@ -205,11 +205,9 @@ def complete_report(path: str | Path, tables: bool = True) -> tuple[Path, dict[s
         raise InputError(f"report folder '{path}' does not exist", "run `trm-diag compare --out DIR` first")
     marker = p / MARKER
     if not marker.is_file():
-        if (p / PARTIAL_DIR).is_dir():
-            raise InputError(
-                f"'{path}' holds an interrupted run, not a complete report",
-                "finish it with the same `trm-diag compare ... --resume` (a `score` run: run it again with --overwrite)",
-            )
+        state = unfinished(p)  # a live run (its lock), or an interrupted compare, score or sweep
+        if state is not None:
+            raise InputError(f"'{path}' holds {state[0]}, not a complete report", state[1])
         raise InputError(f"'{path}' holds no complete report (no summary.json)", "re-run the command that writes it")
     fix = "re-run the command that writes the report"
     try:

@@ -8,7 +8,7 @@ One row per rollout, JSONL or Parquet (docs/rollout-schema.md):
 | response_ids | list[int] | yes, unless `response` text is given |
 | rollout_logprobs | list[float], log pi_roll(y_t) per response token | yes |
 | topk_logprobs | per position: {token_id: logprob} or [[token_id, logprob], ...] | no (enables the top-K tier) |
-| topk_k | int, K of the top-K (the sampled token may come on top) | no (default: smallest entry count) |
+| topk_k | int, K of the top-K (the sampled token may come on top); at most the entries of every position | no (default: smallest entry count) |
 | prompt_idx, sample_idx | int | no |
 | finish_reason | "stop" / "length" | no |
 | reward, advantage | float | no (carried into sequences.parquet) |
@@ -21,8 +21,10 @@ One row per rollout, JSONL or Parquet (docs/rollout-schema.md):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +41,7 @@ FIELDS = (
     "logprobs",
 )  # fmt: skip
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "logprobs")
+GENERATION_ONLY = ("max_new_tokens", "samples_per_prompt", "seed")  # SamplingConfig fields imported rollouts lack
 LOGPROB_SLACK = 1e-4  # engines report log-probs a hair above 0 for near-certain tokens
 MASS_SLACK = 1e-3  # a position's top-K probabilities sum to at most 1, up to float32 rounding of K values
 
@@ -52,7 +55,13 @@ class RolloutFile:
     sampling_hints: dict[str, float] = field(default_factory=dict)
     retokenized: int = 0
     empty: int = 0
-    has_topk: bool = False
+    has_topk: bool = False  # some row has topk_logprobs
+    topk_rows: int = 0  # rows with topk_logprobs
+    without_topk: str = ""  # where the first row without them is (when some row has them)
+    topk_ks: set[int] = field(default_factory=set)  # the rows' K values
+    duplicate_keys: int = 0  # rows whose (prompt_idx, sample_idx) an earlier row has
+    duplicate_rows: int = 0  # of those, rows that repeat an earlier row's response too
+    duplicate_where: str = ""  # where the first of them is
     after_eos_rollouts: int = 0  # rollouts with tokens after their first end-of-sequence token (padding)
     after_eos_tokens: int = 0
     longest: int = 0  # most tokens of prompt + response in one rollout
@@ -172,16 +181,36 @@ def scan_rollouts(
     keep: bool = False,
     eos_ids: frozenset[int] = frozenset(),
     strip_after_eos: bool = True,
+    allow_duplicates: bool = False,
 ) -> RolloutFile:
     """Validate every row of a rollout file and gather what the report says about it (counts,
-    sampling settings, top-K), keeping the rollouts only when asked: `score` scans a file once,
-    then reads it again chunk by chunk (iter_rollout_chunks), so memory does not grow with it."""
+    sampling settings, top-K, repeated rows), keeping the rollouts only when asked: `score` scans a file
+    once, then reads it again chunk by chunk (iter_rollout_chunks), so memory does not grow with it.
+    A row that repeats an earlier one (same prompt_idx, sample_idx and response) is refused unless
+    ``allow_duplicates``: it would be counted twice."""
     result = RolloutFile([])
     hints: dict[str, set] = {k: set() for k in SAMPLING_FIELDS}
-    for rollout in _parse(Path(path), mapping, tokenizer, vocab_width, result, hints, eos_ids, strip_after_eos):
+    keys = array("q"), array("q"), array("q")  # prompt_idx, sample_idx, a digest of the response: 24 bytes a row
+    for _, rollout in _parse(Path(path), mapping, tokenizer, vocab_width, result, hints, eos_ids, strip_after_eos):
         result.count += 1
+        digest = hashlib.blake2b(array("q", rollout.response_ids).tobytes(), digest_size=8).digest()
+        for column, value in zip(
+            keys, (rollout.prompt_idx, rollout.sample_idx, int.from_bytes(digest, "little", signed=True))
+        ):
+            column.append(value)
         if keep:
             result.rollouts.append(rollout)
+    same_key, same_row = _repeats(*keys)
+    if len(same_row) and not allow_duplicates:
+        i = int(same_row[0])
+        raise InputError(
+            f"{_where(Path(path), i)}: repeats an earlier row (prompt_idx {keys[0][i]}, sample_idx {keys[1][i]}, the same "
+            f"response; {len(same_row)} such row(s)): it would be counted twice",
+            "drop the repeated rows, or pass --allow-duplicates to score every row",
+        )
+    result.duplicate_keys, result.duplicate_rows = len(same_key), len(same_row)
+    if len(same_key):
+        result.duplicate_where = _where(Path(path), int(same_key[0]))
     if not result.count:
         raise InputError(f"rollout file '{path}' holds no rollouts", "add at least one row")
     for key, values in hints.items():
@@ -193,6 +222,50 @@ def scan_rollouts(
         if values:
             result.sampling_hints[key] = values.pop()
     return result
+
+
+def score_tier(data: RolloutFile, path: str | Path, requested: str | None) -> tuple[str, str | None]:
+    """The tier `score` runs and, when it falls back, the warning that says why. The top-K tier needs
+    top-K data on every row: asked for (--fidelity topk) on a file where some rows lack it, refused
+    naming the first; chosen by default, the sampled tier with a warning."""
+    if requested not in (None, "topk"):
+        return requested, None
+    if not data.has_topk:
+        if requested is None:
+            return "sampled", None
+        raise InputError(f"'{path}' has no topk_logprobs", "use --fidelity sampled, or export the top-K log-probs")
+    if data.topk_rows == data.count:
+        return "topk", None
+    some = f"{data.topk_rows:,} of {data.count:,} rows have topk_logprobs"
+    if requested == "topk":
+        raise InputError(
+            f"{data.without_topk}: no topk_logprobs, while {some}: the top-K tier needs them on every row",
+            "export the top-K log-probs of every row, or use --fidelity sampled",
+        )
+    return "sampled", f"only {some} (first without: {data.without_topk}): scored in the sampled tier"
+
+
+def _repeats(prompt: array, sample: array, digest: array) -> tuple[Any, Any]:
+    """Row numbers (ascending) of the rows whose (prompt_idx, sample_idx) an earlier row has, and of those
+    whose response is that earlier row's too."""
+    import numpy as np
+
+    p, s, d = (np.frombuffer(a, dtype=np.int64) if len(a) else np.zeros(0, np.int64) for a in (prompt, sample, digest))
+    rows = np.arange(len(p))
+
+    def later(*columns: Any) -> Any:
+        order = np.lexsort((rows, *reversed(columns)))  # ties in row order: the later row repeats the earlier
+        ties = np.ones(max(len(order) - 1, 0), dtype=bool)
+        for c in columns:
+            ties &= c[order[1:]] == c[order[:-1]]
+        return np.sort(order[1:][ties])
+
+    return later(p, s), later(p, s, d)
+
+
+def _where(path: Path, i: int) -> str:
+    """The location (FILE:LINE or 'FILE row N') of row i of a rollout file, read again to name it."""
+    return next(where for j, (where, _) in enumerate(_rows(path)) if j == i)
 
 
 def iter_rollout_chunks(
@@ -208,7 +281,7 @@ def iter_rollout_chunks(
     chunk: list[Rollout] = []
     hints: dict[str, set] = {k: set() for k in SAMPLING_FIELDS}
     rows = _parse(Path(path), mapping, tokenizer, vocab_width, RolloutFile([]), hints, eos_ids, strip_after_eos)
-    for rollout in rows:
+    for _, rollout in rows:
         chunk.append(rollout)
         if len(chunk) == size:
             yield chunk
@@ -226,9 +299,9 @@ def _parse(
     hints: dict[str, set],
     eos_ids: frozenset[int],
     strip_after_eos: bool,
-) -> Iterator[Rollout]:
-    """Each row as a validated Rollout; counts what was re-tokenised, empty or padded after its first
-    end-of-sequence token into `result` (padded tail dropped when strip_after_eos)."""
+) -> Iterator[tuple[str, Rollout]]:
+    """Each row as (where, validated Rollout); counts what was re-tokenised, empty or padded after its first
+    end-of-sequence token, and which rows have top-K data, into `result` (padded tail dropped when strip_after_eos)."""
     for i, (where, raw) in enumerate(_rows(path)):
         row = {mapping.get(k, k): v for k, v in raw.items()}
         if row.get("prompt_ids") is None:
@@ -282,9 +355,19 @@ def _parse(
                     f"{where}: {len(topk)} top-K entries for {len(resp)} response tokens",
                     "one entry per response token",
                 )
-            k = _index(row.get("topk_k"), where, "topk_k", min((len(d) for d in topk), default=0))
+            fewest = min(range(len(topk)), key=lambda t: len(topk[t]), default=None)
+            k = _index(row.get("topk_k"), where, "topk_k", 0 if fewest is None else len(topk[fewest]))
+            if fewest is not None and k > len(topk[fewest]):
+                raise InputError(
+                    f"{where}: topk_k is {k} but response token {fewest} has {len(topk[fewest])} top-K entries",
+                    "give topk_k as the K the engine returned (every position holds at least K entries), or drop it",
+                )
             extra.update(topk=topk, topk_k=k)
             result.has_topk = True
+            result.topk_rows += 1
+            result.topk_ks.add(k)
+        elif not result.without_topk:
+            result.without_topk = where
         for key in ("reward", "advantage"):
             if row.get(key) is not None:
                 extra[key] = _number(row[key], where, key)
@@ -303,15 +386,18 @@ def _parse(
         if len(prompt) + len(resp) > result.longest:
             result.longest, result.longest_where = len(prompt) + len(resp), where
         reason = row.get("finish_reason") or "unknown"
-        yield Rollout(
-            i,
-            _index(row.get("prompt_idx"), where, "prompt_idx", i),
-            _index(row.get("sample_idx"), where, "sample_idx", 0),
-            prompt,
-            resp,
-            lps,
-            str(reason),
-            extra,
+        yield (
+            where,
+            Rollout(
+                i,
+                _index(row.get("prompt_idx"), where, "prompt_idx", i),
+                _index(row.get("sample_idx"), where, "sample_idx", 0),
+                prompt,
+                resp,
+                lps,
+                str(reason),
+                extra,
+            ),
         )
 
 

@@ -14,7 +14,7 @@ def iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
     """(location, parsed value) per non-blank line, read line by line; location is 'FILE:LINE'."""
     fix = "check the file's permissions and encoding"
     try:
-        f = path.open(encoding="utf-8")
+        f = path.open(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not part of the first line
     except OSError as e:
         raise InputError(f"cannot read '{path}': {e}", fix) from None
     with f:

@@ -2,7 +2,7 @@
 
 A sampler draws from :func:`processed_logprobs` (vLLM's order: temperature -> min_p -> top_k ->
 top_p -> renormalise). Scoring rows are the untruncated tempered distribution
-(:func:`tempered_scores`); the truncated views are computed from them by views.py (DESIGN.md
+(:func:`tempered_scores`); the truncated views are computed from them by views.py (docs/design.md
 section 7).
 """
 

@@ -1,4 +1,4 @@
-"""Per-sequence statistics and the masking criteria (DESIGN.md sections 2 and 4).
+"""Per-sequence statistics and the masking criteria (docs/design.md sections 2 and 4).
 
 Pure numpy over the flat per-token arrays of a batch plus the sequence offsets, so the
 same code serves any number of sequences without Python loops over tokens.
@@ -129,7 +129,7 @@ def sequence_stats(
 
 
 def accept_flags(seq: dict[str, np.ndarray], th: Thresholds, basis: str) -> dict[str, np.ndarray]:
-    """One boolean per sequence and criterion (DESIGN.md section 4); empty sequences pass and
+    """One boolean per sequence and criterion (docs/design.md section 4); empty sequences pass and
     NaN scores (non-finite inputs) fail."""
     empty = seq["length"] == 0
     flags = {}

@@ -5,7 +5,7 @@ Phases (each saved in the folder's .trm-partial/, so `--resume` continues where 
 2. the reference (default hf:dtype=float64) scores the same tokens (rows to disk);
 3. the arms run one after another (two vLLM engines never coexist; memory stays one batch): each writes
    a normal report into OUT/<arm>/ (rollout side vs arm) and its own error against the reference;
-4. sweep.parquet, rollouts.parquet and summary.json (written last) gather them (DESIGN.md section 8).
+4. sweep.parquet, rollouts.parquet and summary.json (written last) gather them (docs/design.md section 8).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import numpy as np
 
 from trm_diag.arms import Arm, plan_arms
 from trm_diag.attribution import decompose, error_stats, reference_errors
-from trm_diag.backends import load_tokenizer, reported_logprobs
-from trm_diag.backends.base import Backend
+from trm_diag.backends import load_tokenizer, parse_spec, reported_logprobs
+from trm_diag.backends.base import Backend, first_line
 from trm_diag.checkpoint import check_checkpoint
 from trm_diag.config import DEFAULT_HORIZONS, DEFAULT_VIEW, BackendSpec, SamplingConfig, Thresholds, as_dict, check_view
 from trm_diag.errors import BackendFailure, BackendUnavailable, InputError, ModelError, UsageError
@@ -143,7 +143,12 @@ class _Sweep:
             check_checkpoint(spec.model, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
             check_vocab_compatible(cfg.rollout, spec)
         self.out = check_out_dir(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume, inputs=[cfg.prompts])
-        settings = {k: v for k, v in as_dict(cfg).items() if k not in ("out", "overwrite", "resume", "arms", "presets")}
+        # the rollouts depend on neither the arms nor the reference: a sweep resumes with others (_check_reference)
+        settings = {
+            k: v
+            for k, v in as_dict(cfg).items()
+            if k not in ("out", "overwrite", "resume", "arms", "presets", "reference")
+        }
         self.fingerprint = run_fingerprint(settings, [cfg.prompts])
         if cfg.resume:
             PartialStore.check_resumable(self.out, self.fingerprint, 1)
@@ -153,21 +158,60 @@ class _Sweep:
         cfg = self.cfg
         self._check()
         self.stack.enter_context(claim_out_dir(self.out, overwrite=cfg.overwrite, warn=self.rep.warn))
-        self.store = PartialStore(self.out, self.fingerprint, 1, cfg.resume, cfg.overwrite)
+        self.store = PartialStore(self.out, self.fingerprint, 1, cfg.resume, cfg.overwrite, command="sweep")
         self.work = self.out / PARTIAL_DIR
         self.state = self._read_state()
+        self._check_reference()
         rollouts = self._rollouts()
         roll_rows = RowReader(self.work / "rows-rollout.bin")
         self.tokenizer = load_tokenizer(cfg.rollout.model, cfg.trust_remote_code)
         e_roll = self._reference(rollouts, roll_rows)
         arms = [self._arm(arm, rollouts, roll_rows, e_roll) for arm in self.plan]
-        return self._finish(rollouts, arms)
+        return self._finish(rollouts, arms + self._earlier_arms())
 
     def _read_state(self) -> dict[str, Any]:
         path = self.work / STATE
         if self.cfg.resume and path.is_file():
             return json.loads(path.read_text())
         return {"arms": {}}
+
+    def _check_reference(self) -> None:
+        """A sweep resumed with another reference (or none): the reference's rows and every own error are
+        measured again; the rollouts and the rollout side's rows are kept."""
+        now = self.cfg.reference.describe() if self.cfg.reference else None
+        if self.state.get("reference_spec", now) == now:
+            self.state["reference_spec"] = now
+            return
+        before = self.state["reference_spec"]
+        for name in ("rows-reference.bin", "err-rollout.npy"):
+            (self.work / name).unlink(missing_ok=True)
+        for key in ("reference", "rollout_errors"):
+            self.state.pop(key, None)
+        arms = sorted(self.state["arms"])
+        self.state.update(reference_spec=now, arms={})
+        self._save_state()
+        said = {k: _short(parse_spec(v)) if v else "none" for k, v in (("before", before), ("now", now))}
+        self.rep.warn(
+            f"the reference changed ({said['before']} -> {said['now']}): the sampled rollouts are kept; the "
+            f"own errors are measured again{', and the finished arms re-run (' + ', '.join(arms) + ')' if arms else ''}"
+        )
+
+    def _earlier_arms(self) -> list[dict[str, Any]]:
+        """Arms an earlier run of this sweep finished that this command does not name: kept in the table while
+        their reports are whole (said in a warning), else left out (said too)."""
+        planned = {a.name for a in self.plan}
+        kept = []
+        for name, row in sorted(self.state["arms"].items()):
+            if name in planned or row.get("status") != "done":
+                continue
+            try:
+                complete_report(self.out / name, tables=False)
+            except InputError as e:
+                self.rep.warn(f"arm {name} (finished earlier, not among this command's arms) is left out: {e.problem}")
+                continue
+            self.rep.warn(f"arm {name} (finished earlier, not among this command's arms) is kept in the table")
+            kept.append(row)
+        return kept
 
     def _save_state(self) -> None:
         atomic_write(self.work / STATE, lambda tmp: Path(tmp).write_text(to_json(self.state)))
@@ -239,12 +283,21 @@ class _Sweep:
         path = self.work / "rows-reference.bin"
         if not RowReader.complete(path):
             t = time.perf_counter()
-            ref = self.engines.load(
-                cfg.reference, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle
-            )
-            check_tokenizers(self.tokenizer, ref.tokenizer)
-            self.state["reference"] = side_info(ref)
-            self._save_rows(ref, rollouts, path, "float64", f"reference ({cfg.reference.name})")
+            keep = ("the sampled rollouts are kept: run the same command with --resume and another --reference "
+                    "(e.g. hf:dtype=float32), or --reference none")  # fmt: skip
+            try:
+                ref = self.engines.load(
+                    cfg.reference, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle
+                )
+                check_tokenizers(self.tokenizer, ref.tokenizer)
+                self.state["reference"] = side_info(ref)
+                self._save_rows(ref, rollouts, path, "float64", f"reference ({cfg.reference.name})")
+            except (ModelError, BackendFailure, BackendUnavailable) as e:
+                raise type(e)(f"the reference {_short(cfg.reference)}: {e.problem}", keep) from None
+            except RuntimeError as e:  # a kernel the engine lacks for this dtype, out of memory ...
+                raise BackendFailure(
+                    f"the reference {_short(cfg.reference)} failed while scoring: {first_line(e)}", keep
+                ) from e
             ref.close()
             self.timings["reference_s"] = time.perf_counter() - t
         self.ref_rows = RowReader(path)
@@ -297,6 +350,21 @@ class _Sweep:
         except (ModelError, BackendFailure, BackendUnavailable) as e:
             self.rep.warn(f"arm {arm.name} skipped: {e.problem}")
             return {**row, "status": "failed", "reason": e.problem}
+        try:
+            return self._run_arm(arm, backend, row, rollouts, roll_rows, e_roll, folder, t)
+        except (RuntimeError, BackendFailure) as e:  # a kernel the engine lacks for this setting, out of memory ...
+            problem = e.problem if isinstance(e, BackendFailure) else first_line(e)
+            self.rep.warn(f"arm {arm.name} failed while scoring: {problem}")
+            backend.close()
+            shutil.rmtree(folder, ignore_errors=True)
+            return {**row, "status": "failed", "reason": problem}
+
+    def _run_arm(
+        self, arm: Arm, backend: Backend, row: dict[str, Any], rollouts: list[Rollout], roll_rows: RowReader,
+        e_roll: np.ndarray | None, folder: Path, t: float,
+    ) -> dict[str, Any]:  # fmt: skip
+        """One loaded arm: score the rollouts (its own error on the way), write its report, record its row."""
+        cfg = self.cfg
         check_tokenizers(self.tokenizer, backend.tokenizer)
         errs: dict[str, list[np.ndarray]] = {"kl": [], "err": []}
         cursor = [0]
@@ -315,7 +383,7 @@ class _Sweep:
         n = len(rollouts)
         chunks = [(a, min(n, a + SCORE_CHUNK)) for a in range(0, n, SCORE_CHUNK)]
         folder.mkdir(parents=True)
-        store = PartialStore(folder, self.fingerprint, len(chunks), resume=False, overwrite=True)
+        store = PartialStore(folder, self.fingerprint, len(chunks), resume=False, overwrite=True, command="sweep-arm")
         with self.rep.phase(f"score {arm.name}"[:24], n, "rollouts") as advance:
             for ci, (a, b) in enumerate(chunks):
                 held = lambda s, pairs, a=a: [roll_rows.rows(a + s + j) for j in range(len(pairs))]  # noqa: E731

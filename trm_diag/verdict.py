@@ -214,7 +214,7 @@ def _k3_findings(summary: dict[str, Any]) -> list[dict[str, str]]:
 
 
 def verdict(summary: dict[str, Any]) -> dict[str, Any]:
-    """{'status', 'headline', 'horizons', 'acceptance', 'findings'} for a report's summary (DESIGN.md s.3-4)."""
+    """{'status', 'headline', 'horizons', 'acceptance', 'findings'} for a report's summary (docs/design.md s.3-4)."""
     m = summary.get("metrics") or {}
     horizons = horizon_verdicts(summary)
     observed = next((h for h in horizons if h["observed"]), None)

@@ -1,4 +1,4 @@
-"""The three views of truncated sampling, exact and in float64 (DESIGN.md section 7).
+"""The three views of truncated sampling, exact and in float64 (docs/design.md section 7).
 
 With top-k / top-p / min-p the rollout engine samples from p~: the tempered softmax p restricted to
 its kept set K_t and renormalised by the kept mass M_t = sum_{K_t} p. What a trainer compares it with
@@ -49,7 +49,7 @@ def view_columns(
     a, b: tempered logits (rollout, training) [n, V]; y: sampled token ids [n].
 
     One pass of masked sums over the full rows serves every view: with S = sum_K p (log p - log q),
-    KL(p~ || q) = S / M - log M and KL(p~ || q~) = S / M - log M + log Q (DESIGN.md section 7).
+    KL(p~ || q) = S / M - log M and KL(p~ || q~) = S / M - log M + log Q (docs/design.md section 7).
     The sampled token is always in K_t (the engine sampled it), so no view gives it probability 0."""
     lp, lq = torch.log_softmax(a.double(), -1), torch.log_softmax(b.double(), -1)  # (n, V) full tempered
     p, q = lp.exp(), lq.exp()

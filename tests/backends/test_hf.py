@@ -92,3 +92,23 @@ def test_lm_head_dtype_gives_an_fp32_head_on_a_bf16_body(dense_model, prompt_ids
     assert all(len(r.response_ids) >= 1 for r in rollouts)
     with pytest.raises(Exception, match="lm_head_dtype=int8"):
         load_backend(parse_spec(f"hf:dtype=bfloat16,lm_head_dtype=int8,model={dense_model}"))
+
+
+@pytest.mark.parametrize("which", ["moe_model", "mixtral_model"])
+def test_float64_moe_models_score_and_sample_in_float64(which, request, prompt_ids):
+    """transformers' default grouped expert matmul has no float64 kernel: a float64 MoE model (a sweep's
+    default reference) runs its experts one by one, in float64, and agrees with the fp32 model to its rounding."""
+    model = request.getfixturevalue(which)
+    f64 = load_backend(parse_spec(f"hf:dtype=float64,model={model}"))
+    f32 = load_backend(parse_spec(f"hf:dtype=float32,model={model}"))
+    seqs = [(prompt_ids[0], prompt_ids[1][:7]), (prompt_ids[2], prompt_ids[3][:5])]
+    rows64, rows32 = f64.score(seqs, SamplingConfig()), f32.score(seqs, SamplingConfig())
+    for a, b in zip(rows64, rows32):
+        s64, s32 = a.scores(0, a.length), b.scores(0, b.length)
+        assert s64.dtype == torch.float64 and s32.dtype == torch.float32
+        # the same routing, and fp32 rounding apart (log-softmax rows, so the per-row constant cancels)
+        assert a.routing is not None and torch.equal(a.routing.argmax(-1), b.routing.argmax(-1))
+        diff = torch.log_softmax(s64, -1) - torch.log_softmax(s32.double(), -1)
+        assert 0 < diff.abs().max() < 1e-4  # fp32 eps x logits of ~16 x a few layers
+    rolled = f64.generate(prompt_ids[:2], SamplingConfig(max_new_tokens=4, seed=0))
+    assert all(1 <= len(r.response_ids) <= 4 and all(x <= 0 for x in r.lp_roll) for r in rolled)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 
-from trm_diag.config import COMMON_KEYS, LOGPROBS, BackendSpec, parse_backend_spec
+from trm_diag.config import COMMON_KEYS, DTYPES, LOGPROBS, BackendSpec, parse_backend_spec
 from trm_diag.errors import BackendUnavailable, UsageError
 
 
@@ -26,6 +26,7 @@ class BackendEntry:
     engine_args: dict[str, str] = field(default_factory=dict)  # spec key -> engine constructor argument
     # engine's own name -> config.LOGPROBS of what it reports as log-probs; empty: always "processed"
     logprobs_modes: dict[str, str] = field(default_factory=dict)
+    dtypes: tuple[str, ...] = DTYPES  # the config.DTYPES the engine runs in (checked when a spec is parsed)
 
 
 VLLM_ENGINE_ARGS = {
@@ -53,6 +54,7 @@ REGISTRY: dict[str, BackendEntry] = {
         exclusive=True,
         engine_args=VLLM_ENGINE_ARGS,
         logprobs_modes=VLLM_LOGPROBS_MODES,
+        dtypes=("float32", "bfloat16", "float16", "auto"),  # vLLM has no float64 model runner
     ),
 }
 
@@ -85,8 +87,18 @@ def known_keys() -> dict[str, tuple[str, ...]]:
 
 
 def parse_spec(text: str) -> BackendSpec:
-    """Parse and validate a backend spec string such as ``hf:dtype=bfloat16``."""
-    return parse_backend_spec(text, known_keys())
+    """Parse and validate a backend spec string such as ``hf:dtype=bfloat16``, its dtype included: an engine
+    that cannot run in it is refused here, before any work."""
+    spec = parse_backend_spec(text, known_keys())
+    dtypes = REGISTRY[spec.name].dtypes
+    if spec.dtype not in dtypes:
+        other = [n for n, e in REGISTRY.items() if spec.dtype in e.dtypes]
+        where = f"; {spec.dtype} runs on {', '.join(f'{n}:dtype={spec.dtype}' for n in other)}" if other else ""
+        raise UsageError(
+            f"backend spec '{spec.text}': the {spec.name} backend does not run in dtype={spec.dtype}",
+            f"use one of: {', '.join(dtypes)}{where}",
+        )
+    return spec
 
 
 def load_backend(spec: BackendSpec, *, trust_remote_code: bool = False, allow_pickle: bool = False):

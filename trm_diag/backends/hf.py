@@ -31,6 +31,9 @@ from trm_diag.types import Progress, Rollout, no_progress
 TORCH_DTYPES = {
     "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64,
 }  # fmt: skip
+# how transformers runs a float64 MoE model's experts: its per-expert loop (the default, grouped_mm, takes
+# float32, bfloat16 and float16 only); dense models ignore it
+FLOAT64_EXPERTS = "eager"
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -126,6 +129,8 @@ class HFBackend:
         }
         if "attn" in spec.options:
             kwargs["attn_implementation"] = spec.options["attn"]
+        if spec.dtype == "float64":  # the grouped expert matmul has no float64 kernel: one expert at a time
+            kwargs["experts_implementation"] = FLOAT64_EXPERTS
         if device == "auto":
             kwargs["device_map"] = "auto"
         try:

@@ -33,7 +33,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out_console = Console()  # data
+out_console = Console(soft_wrap=True)  # data; lines are never wrapped (grep in CI logs), tables still fit
 err_console = Console(stderr=True)  # progress, tables, messages
 
 SAMPLE_HELP = "Default: the bundled sample."
@@ -174,7 +174,18 @@ ViewOpt = Annotated[
         rich_help_panel="Sampling",
         help="With top-p / top-k / min-p: the view that drives masks, bounds, metrics and the gate; "
         + "; ".join(f"{v}: {h}" for v, h in VIEW_HELP.items())
-        + ". The summary shows all three.",
+        + ". With --fidelity exact the summary shows all three side by side; the topk and sampled tiers give "
+        "the pipeline view only.",
+    ),
+]
+ScoreViewOpt = Annotated[
+    str,
+    typer.Option(
+        "--view",
+        rich_help_panel="Sampling",
+        help="pipeline (the only view score gives: its rollouts carry no full rows, and replay and full need the "
+        "rollout's kept set; compare --fidelity exact gives all three). Without top-p / top-k / min-p the views "
+        "coincide.",
     ),
 ]
 MinPOpt = Annotated[float, typer.Option("--min-p", rich_help_panel="Sampling", help="Min-p sampling (0 = off).")]
@@ -312,7 +323,8 @@ def compare(
 ) -> None:
     """Generate rollouts with one backend, rescore the same tokens with another, and write a report.
 
-    Writes tokens.parquet, sequences.parquet, bounds.parquet and summary.json to --out.
+    Writes tokens.parquet, sequences.parquet, bounds.parquet, breakdowns.parquet, routing.parquet (MoE
+    models), report.html and summary.json (last) to --out.
     Example: trm-diag compare --model ./Qwen3-8B --rollout vllm:dtype=bfloat16 --train hf:dtype=float32
     """
     from trm_diag.backends import parse_spec
@@ -491,7 +503,9 @@ def sweep(
 @app.command()
 def locate(
     report: Annotated[str, typer.Argument(help="Report folder written by compare.")],
-    top: Annotated[int, typer.Option(help="Locate the K tokens with the largest KL.")] = 8,
+    top: Annotated[
+        int, typer.Option(help="Locate the K worst tokens: largest kl (top-K reports: kl_hi; sampled: k2).")
+    ] = 8,
     seq: Annotated[int | None, typer.Option(help="Locate one sequence's token (its worst unless --pos).")] = None,
     pos: Annotated[int | None, typer.Option(help="Response position of the token, with --seq.")] = None,
     trust_remote_code: RemoteCodeOpt = False,
@@ -546,12 +560,21 @@ def score(
             "exports, scored as real tokens otherwise); the summary says how many.",
         ),
     ] = True,
+    allow_duplicates: Annotated[
+        bool,
+        typer.Option(
+            "--allow-duplicates",
+            rich_help_panel="Inputs",
+            help="Score rows that repeat an earlier row (same prompt_idx, sample_idx and response) instead of "
+            "refusing the file; each copy then counts as a rollout.",
+        ),
+    ] = False,
     train: TrainOpt = "hf:dtype=float32",
     fidelity: Annotated[
         str | None,
         typer.Option(
             rich_help_panel="Backends",
-            help="topk (needs topk_logprobs) or sampled. Default: topk when the file has it.",
+            help="topk (needs topk_logprobs on every row) or sampled. Default: topk when every row has it.",
         ),
     ] = None,
     temperature: Annotated[
@@ -576,7 +599,7 @@ def score(
             "`logprobs` field, else processed.",
         ),
     ] = None,
-    view: ViewOpt = DEFAULT_VIEW,
+    view: ScoreViewOpt = DEFAULT_VIEW,
     trm_max: TrmMaxOpt = DEFAULT["trm_max"],
     trm_avg: TrmAvgOpt = DEFAULT["trm_avg"],
     ln_trm: LnTrmOpt = DEFAULT["ln_trm"],
@@ -623,6 +646,7 @@ def score(
         horizons=parse_horizons(horizons),
         view=view,
         logprobs=logprobs,
+        allow_duplicates=allow_duplicates,
     )
     result = run_score(cfg, RichReporter(quiet or json_out))
     _render(result.summary, result.out_dir, json_out)
@@ -634,15 +658,25 @@ def merge(
     reports: Annotated[list[str], typer.Argument(help="Shard report folders (from compare --shard I/N).")],
     out: OutOpt = "trm-report",
     overwrite: OverwriteOpt = False,
+    partial: Annotated[
+        bool,
+        typer.Option(
+            "--partial",
+            help="Merge an incomplete set of shards (one is missing): the report covers their prompts only, "
+            "and summary.json's coverage says which shards it lacks.",
+        ),
+    ] = False,
     json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Combine shard reports into one report; statistics are recomputed from the rows, not averaged.
 
+    Every shard of the --shard I/N split must be given (or --partial).
     Example: trm-diag compare --shard 0/2 --out s0 && trm-diag compare --shard 1/2 --out s1 && trm-diag merge s0 s1 --out all
     """
     from trm_diag.merge import run_merge
 
-    out_dir, summary = run_merge(reports, out, overwrite, warn=RichReporter(quiet=True).warn)
+    out_dir, summary = run_merge(reports, out, overwrite, warn=RichReporter(quiet).warn, partial=partial)
     _render(summary, out_dir, json_out)
 
 
@@ -675,10 +709,18 @@ def show(
         raise UsageError(f"--top {top} is negative", "use 0 or more")
     swept = read_sweep(report)
     if swept is not None:  # a sweep folder: its verdict and ranked table
-        from trm_diag.cli.sweep import render_sweep
+        from trm_diag.cli.sweep import render_sweep, sweep_markdown
 
+        if write_html:  # report.html is one report's page: a sweep has one report per arm
+            done = [name for name, a in (swept.get("arms") or {}).items() if a.get("status") == "done"]
+            raise UsageError(
+                f"'{report}' holds a sweep: --html writes one report's page, and a sweep has one report per arm",
+                f"run trm-diag show {report}/<arm> --html (arms: {', '.join(done) or 'none finished'})",
+            )
         if fmt == "json":
             print(to_json(swept))
+        elif fmt == "markdown":
+            print(sweep_markdown(swept))
         else:
             render_sweep(out_console, swept)
         return
@@ -715,25 +757,30 @@ def diff(
     report: Annotated[str, typer.Argument(help="The newer report (B).")],
     fmt: Annotated[str, typer.Option("--format", help="text or json.")] = "text",
     strict: Annotated[
-        bool, typer.Option(help="Refuse reports of another model, tokenizer or fidelity tier (default: warn).")
+        bool,
+        typer.Option(
+            help="Refuse reports that differ in model, tokenizer, tier, prompts, sampling, thresholds, view or "
+            "horizons (default: warn)."
+        ),
     ] = False,
+    same_below: Annotated[
+        float | None,
+        typer.Option(help="Relative changes at or below this read as unchanged (float noise). Default: 1e-6."),
+    ] = None,
 ) -> None:
     """Two reports side by side: what got better or worse, and by how much (B against A).
 
     Example: trm-diag diff ./before-upgrade ./after-upgrade
     """
-    from trm_diag.diff import diff_summaries
-    from trm_diag.gate import require_comparable
-    from trm_diag.report import complete_report, to_json
+    from trm_diag.diff import SAME_BELOW, run_diff
+    from trm_diag.report import to_json
 
     if fmt not in ("text", "json"):
         raise UsageError(f"--format {fmt} is unknown", "use text or json")
-    (_, a), (_, b) = complete_report(baseline, tables=False), complete_report(report, tables=False)
-    warn = RichReporter(quiet=True).warn
-    comparable = require_comparable(a, b, (baseline, report), strict, warn, "the changes compare unlike things")
-    result = diff_summaries(a, b)
+    tolerance = SAME_BELOW if same_below is None else same_below
+    result = run_diff(baseline, report, strict, tolerance, RichReporter(quiet=True).warn)
     if fmt == "json":
-        print(to_json({"baseline": baseline, "report": report, "comparable": comparable, **result}))
+        print(to_json(result))
         return
     from trm_diag.cli.render import render_diff
 
@@ -745,18 +792,36 @@ def diff(
 def bounds(
     delta: Annotated[float | None, typer.Option(help="D_KL^{tok,max}: max token-level KL(p||q).")] = None,
     eps: Annotated[
-        float | None, typer.Option(help="D_TV^{tok,max}: max token-level TV (default: Pinsker sqrt(delta/2)).")
+        float | None, typer.Option(help="D_TV^{tok,max}: max token-level TV (default: Pinsker min(1, sqrt(delta/2))).")
     ] = None,
-    kl_seq: Annotated[float | None, typer.Option(help="D_KL^seq: sequence-level KL (used at every T).")] = None,
+    kl_seq: Annotated[
+        float | None, typer.Option(help="D_KL^seq: sequence-level KL (used at every T; not with --kl-rate).")
+    ] = None,
     tv_seq: Annotated[
         float | None, typer.Option(help="D_TV^seq: sequence-level TV (default: Pinsker from --kl-seq).")
     ] = None,
-    kl_rate: Annotated[float | None, typer.Option(help="Mean per-token KL: models D_KL^seq(T) = T * rate.")] = None,
-    report: Annotated[
-        str | None, typer.Option(help="Measured mode: read the inputs from a compare report folder.")
+    kl_rate: Annotated[
+        float | None, typer.Option(help="Mean per-token KL: models D_KL^seq(T) = T * rate (also for --budget).")
     ] = None,
-    horizons: Annotated[str, typer.Option(help="Comma-separated horizons T.")] = "256,1024,4096,16384",
-    budget: Annotated[float | None, typer.Option(help="Inverse view: largest delta with B* <= budget, per T.")] = None,
+    report: Annotated[
+        str | None, typer.Option(help="Measured mode: read the inputs from a report folder (read only; see --write).")
+    ] = None,
+    horizons: Annotated[
+        str, typer.Option(help="Comma-separated horizons T (with --report, its observed max length is added).")
+    ] = "256,1024,4096,16384",
+    budget: Annotated[
+        float | None,
+        typer.Option(
+            help="Inverse view: largest delta with B* <= budget, per T; D_KL^seq = T * per-token KL rate "
+            "(the report's, or --kl-rate; else T * delta)."
+        ),
+    ] = None,
+    write: Annotated[
+        bool,
+        typer.Option(
+            "--write", help="With --report: add rows for new horizons to its bounds.parquet (keeps its rows)."
+        ),
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON to stdout.")] = False,
     plot: Annotated[
         str | None, typer.Option(help="Write a log-log plot of the bounds versus T (needs matplotlib).")
@@ -770,7 +835,7 @@ def bounds(
 
     run_bounds(
         delta=delta, eps=eps, kl_seq=kl_seq, tv_seq=tv_seq, kl_rate=kl_rate, report=report,
-        horizons=parse_horizons(horizons), budget=budget, json_out=json_out, plot=plot,
+        horizons=parse_horizons(horizons), budget=budget, write=write, json_out=json_out, plot=plot,
         out_console=out_console, err_console=err_console,
     )  # fmt: skip
 

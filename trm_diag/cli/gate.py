@@ -14,6 +14,7 @@ from trm_diag.errors import ExitCode, UsageError
 from trm_diag.gate import (
     ReportMetrics,
     collect_rules,
+    defined_by,
     evaluate,
     parse_rule,
     require_comparable,
@@ -56,11 +57,12 @@ def run_gate(
             print(json_text({n: rep.value(n) for n in names}))
         else:
             t = Table(title=f"Metrics of {report}", title_justify="left")
-            t.add_column("metric")
+            t.add_column("metric", no_wrap=True)
             t.add_column("value", justify="right")
+            t.add_column("by")  # verl's names are verl's (docs/metrics.md)
             for n in names:
-                t.add_row(n, fmt_num(rep.value(n)))
-            out_console.print(t)
+                t.add_row(n, fmt_num(rep.value(n)), defined_by(n))
+            out_console.print(t, soft_wrap=True)
         return int(ExitCode.OK)
     parsed = [parse_rule(r) for r in collect_rules(rules, config)]
     base = ReportMetrics(baseline) if baseline else None
@@ -77,34 +79,47 @@ def run_gate(
         t = Table(
             title=f"trm-diag gate: {report}" + (f" vs baseline {baseline}" if baseline else ""), title_justify="left"
         )
-        for c in ("rule", "value", "threshold", "result"):
-            t.add_column(c, justify="right" if c in ("value", "threshold") else "left")
+        for c in ("rule", "value", "threshold", "result"):  # a long rule folds, never cut short
+            t.add_column(c, justify="right" if c in ("value", "threshold") else "left", overflow="fold")
         for r in results:
             verdict = Text("PASS", style="bold green") if r.passed else Text("FAIL", style="bold red")
             if r.note:
                 verdict.append(f" ({r.note})", style="dim")
             t.add_row(r.rule.text, fmt_num(r.value), fmt_num(r.threshold), verdict)
-        out_console.print(t)
+        out_console.print(t, soft_wrap=True)  # the title and the lines below are grepped: never wrapped
         failed = sum(not r.passed for r in results)
-        out_console.print(f"{len(results) - failed}/{len(results)} rules passed")
+        out_console.print(f"{len(results) - failed}/{len(results)} rules passed", soft_wrap=True)
         for r in results:
             if not r.passed:
-                out_console.print(Text(f"FAILED {r.rule.text}: {r.miss()}", style="red"))
+                out_console.print(Text(f"FAILED {r.rule.text}: {r.miss()}", style="red"), soft_wrap=True)
         if failed:
-            out_console.print(f"Why: trm-diag show {report}   (or open {Path(report) / 'report.html'})")
+            why = f"Why: trm-diag show {report}   (or open {Path(report) / 'report.html'})"
+            out_console.print(Text(why), soft_wrap=True)
     else:
         print(text[fmt](), end="" if fmt != "json" else "\n")
     if fmt == "github" and os.environ.get("GITHUB_STEP_SUMMARY"):  # GitHub renders this file on the job page
-        from trm_diag.cli.render import to_markdown
-        from trm_diag.verdict import verdict
-
-        if "verdict" not in rep.summary:  # reports written before verdicts existed
-            rep.summary["verdict"] = verdict(rep.summary)
-        with open(os.environ["GITHUB_STEP_SUMMARY"], "a", encoding="utf-8") as f:
-            f.write(gate_markdown(results, report) + "\n" + to_markdown(rep.summary) + "\n")
+        _job_summary(os.environ["GITHUB_STEP_SUMMARY"], gate_markdown(results, report), rep.summary, warn)
     if output:
         from trm_diag.report import atomic_write
 
         content = text["json"]() + "\n" if fmt == "table" else text[fmt]()
         atomic_write(Path(output), lambda tmp: Path(tmp).write_text(content))
     return int(ExitCode.OK if all(r.passed for r in results) else ExitCode.GATE_FAILED)
+
+
+def _job_summary(path: str, gate_md: str, summary: dict, warn: Callable[[str], None]) -> None:
+    """Append the gate's table and the report's verdict to GitHub's job summary. A side output: when it
+    cannot be written, a warning naming the variable, and the gate's exit code stands."""
+    from trm_diag.cli.render import to_markdown
+    from trm_diag.verdict import verdict
+
+    if "verdict" not in summary:  # reports written before verdicts existed
+        summary["verdict"] = verdict(summary)
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(gate_md + "\n" + to_markdown(summary) + "\n")
+    except OSError as e:
+        warn(
+            f"cannot append the job summary to $GITHUB_STEP_SUMMARY ('{path}': {e.strerror or e}); "
+            "the gate's result is unchanged"
+        )

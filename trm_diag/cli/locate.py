@@ -18,4 +18,5 @@ def render_locate(console: Console, summary: dict[str, Any]) -> None:
     console.print("median over the tokens of ||h_roll - h_train|| / ||h_train|| after each layer (log scale):")
     for layer, value, bar in layer_bars({int(k): v for k, v in summary["layer_median_rel_err"].items()}):
         console.print(f"  layer {layer:>3}  {value:9.2e}  {'█' * bar}")
-    console.print(f"rule: {escape(summary['rule'])}; every layer and component: locate.parquet", soft_wrap=True)
+    ranked = f"worst tokens by {summary['ranked_by']}; " if summary.get("ranked_by") else ""
+    console.print(f"rule: {escape(summary['rule'])}; {ranked}every layer and component: locate.parquet", soft_wrap=True)

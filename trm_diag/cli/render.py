@@ -113,8 +113,9 @@ def render_compare(console: Console, summary: dict[str, Any]) -> None:
         rate = m.get(f"accept_{key}")
         style = "red" if rate is not None and rate < 0.7 else "green"
         acc.add_row(label, str(th_of[key]), Text(f"{100 * rate:.1f}%" if rate is not None else "-", style=style))
-    acc.add_row("DPPO binary TV (tokens over)", str(th["dppo_tv"]), f"{100 * m['dppo_tv_token_frac']:.2f}% of tokens")
-    acc.add_row("DPPO binary KL (tokens over)", str(th["dppo_kl"]), f"{100 * m['dppo_kl_token_frac']:.2f}% of tokens")
+    for key, label in (("dppo_tv", "DPPO binary TV (tokens over)"), ("dppo_kl", "DPPO binary KL (tokens over)")):
+        frac = m.get(f"{key}_token_frac")  # null in a report without tokens (an empty shard)
+        acc.add_row(label, str(th[key]), f"{100 * frac:.2f}% of tokens" if frac is not None else "-")
     console.print(acc)
 
     render_masking(console, summary)
@@ -135,7 +136,7 @@ def render_compare(console: Console, summary: dict[str, Any]) -> None:
         console.print(
             f"[bold]Bounds at the observed max length T={T}[/bold]: delta={val('delta')} eps={val('eps')} "
             f"D_KL^seq={val('kl_seq')} D_TV^seq={val('tv_seq')}  ->  B* = {fmt(unified)} ({verdict}); "
-            f"members: {', '.join(f'{LABEL[k]} {fmt(v)}' for k, v in b.items() if k in UNIFIED_MEMBERS and v is not None)}"
+            f"members: {', '.join(f'{LABEL[k]} {fmt(v)}' for k, v in b.items() if k in UNIFIED_MEMBERS and v is not None and v == v)}"
         )
         console.print(
             "[dim]delta and eps are empirical maxima over the sampled positions; see bounds.parquet for other horizons.[/dim]"
@@ -254,7 +255,7 @@ def render_masking(console: Console, summary: dict[str, Any]) -> None:
         for key, label in ((k, c.label) for k, c in CRITERIA.items()):
             cells = {r["factor"]: r["acceptance"] for r in mk["sweep"] if r["criterion"] == key}
             if cells:
-                t.add_row(label, *(f"{100 * cells[f]:.0f}%" for f in factors))
+                t.add_row(label, *(f"{100 * cells[f]:.0f}%" if cells[f] is not None else "-" for f in factors))
         console.print(t)
 
 

@@ -19,6 +19,11 @@ SHOWN = (
     ("gap_lp_rms", "gap"),
     ("b_star_4096", "B*@4096"),
 )
+LEGEND = (
+    "own KL, own err: KL and rms log-prob error against the reference; KL roll, B*@4096: the arm's report "
+    "(rollout side vs arm); gap: rms of e_arm - e_roll. Every column (the errors' correlation, TRM-Max "
+    "acceptance, ...): sweep.parquet."
+)
 
 
 def _cell(value: Any, column: str) -> str:
@@ -29,14 +34,40 @@ def _cell(value: Any, column: str) -> str:
     return f"{value:.2g}"  # 7 characters at most: the table fits 80 columns
 
 
+def _columns(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """The SHOWN columns this sweep has (without a reference: no own-error columns)."""
+    has_ref = summary.get("reference") is not None
+    return [(c, h) for c, h in SHOWN if has_ref or not c.startswith(("ref_", "gap_", "indep_", "err_"))]
+
+
+def sweep_markdown(summary: dict[str, Any]) -> str:
+    """The sweep as Markdown (a CI summary, a pull request): the verdict, the ranked table, the arms that did
+    not run."""
+
+    def cell(value: Any, column: str) -> str:
+        text = value if isinstance(value, str) else _cell(value, column)
+        return str(text).replace("|", "\\|").replace("\n", " ")
+
+    cols = _columns(summary)
+    rows = summary.get("table", [])
+    ref = " against the reference" if summary.get("reference") is not None else ""
+    lines = ["## trm-diag sweep", "", *(f"- {line}" for line in summary.get("verdict", [])), "",
+             f"### Arms, ranked by own error{ref} (the rollout side first)", "",
+             "| " + " | ".join(h for _, h in cols) + " |", "|" + " --- |" * len(cols)]  # fmt: skip
+    lines += ["| " + " | ".join(cell(r.get(c), c) for c, _ in cols) + " |" for r in rows if r.get("status") == "done"]
+    other = [r for r in rows if r.get("status") != "done"]
+    if other:
+        lines += ["", *(f"- {r['status']} `{r['arm']}`: {r.get('reason', '')}" for r in other)]
+    return "\n".join([*lines, "", LEGEND])
+
+
 def render_sweep(console: Console, summary: dict[str, Any]) -> None:
     """Verdict lines, the ranked table (the rollout side first), and the arms that did not run."""
     for line in summary.get("verdict", []):
         console.print(escape(line), soft_wrap=True)
     rows = summary.get("table", [])
-    has_ref = summary.get("reference") is not None
-    cols = [(c, h) for c, h in SHOWN if has_ref or not c.startswith(("ref_", "gap_", "indep_", "err_"))]
-    ref = " against the reference" if has_ref else ""
+    cols = _columns(summary)
+    ref = " against the reference" if summary.get("reference") is not None else ""
     table = Table(
         title=f"Arms, ranked by own error{ref} (the rollout side first)",
         title_justify="left",
@@ -53,9 +84,4 @@ def render_sweep(console: Console, summary: dict[str, Any]) -> None:
     for r in other:
         console.print(f"[yellow]{r['status']}[/yellow] {escape(r['arm'])}: {escape(str(r.get('reason', '')))}",
                       soft_wrap=True)  # fmt: skip
-    console.print(
-        "own KL, own err: KL and rms log-prob error against the reference; KL roll, B*@4096: the arm's report "
-        "(rollout side vs arm); gap: rms of e_arm - e_roll. Every column (the errors' correlation, TRM-Max "
-        "acceptance, ...): sweep.parquet.",
-        soft_wrap=True,
-    )
+    console.print(LEGEND, soft_wrap=True)
