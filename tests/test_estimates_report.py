@@ -98,3 +98,22 @@ def test_score_of_a_truncated_file_uses_k1_and_says_so(reports, dense_model, tmp
     seqs = pd.read_parquet(tmp_path / "s" / "sequences.parquet")
     th = s["thresholds"]["trm_avg"]
     assert list(seqs["accept_trm_avg"]) == [bool(x <= th) for x in seqs["k1_mean"]]
+
+
+def test_greedy_decoding_is_not_a_monte_carlo_sample():
+    from trm_diag.config import SamplingConfig, sampler_differs
+
+    assert "greedy" in sampler_differs("pipeline", SamplingConfig(temperature=0))
+    assert sampler_differs("pipeline", SamplingConfig(temperature=0.8, top_p=0.9)) is None
+    assert sampler_differs("replay", SamplingConfig(temperature=0.8, top_p=0.9)) is None
+
+
+def test_k3_finding_only_where_k1_is_unbiased_and_k3_is_not(reports):
+    s = _summary(reports["pipeline"])
+    assert [f for f in verdict(s)["findings"] if f["id"] == "k3_truncation"]
+    # replay renormalises q on the kept set (E[rho] = 1: k3 unbiased); another sampler: k1 is no unbiased yardstick
+    for other in (dict(s, view="replay"), dict(s, estimators={**s["estimators"], "sampler_matches_view": False})):
+        assert not [f for f in verdict(other)["findings"] if f["id"] == "k3_truncation"]
+    full = _summary(reports["full"])
+    assert full["estimators"]["trm_avg"].startswith("exact")  # exact tier: nothing to relabel
+    assert "sampler" in full["estimators"] and full["estimators"]["sampler"].startswith("estimate under another")

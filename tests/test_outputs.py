@@ -120,8 +120,8 @@ def test_an_input_among_what_overwrite_clears_is_refused(tmp_path):
         with pytest.raises(UsageError, match="lies in --out"):
             check_out_dir(out, overwrite=True, inputs=[src])
     check_out_dir(out, overwrite=True, inputs=[out / "notes.txt", out / "mine" / "tokens.parquet"])
-    with pytest.raises(UsageError, match="--resume and --overwrite both given"):
-        check_out_dir(out, overwrite=True, resume=True)
+    with pytest.raises(UsageError, match="no interrupted run to resume"):  # --resume wins over --overwrite
+        check_out_dir(tmp_path / "new", overwrite=True, resume=True)
 
 
 def test_the_names_outputs_owns_are_the_writers_names():

@@ -75,7 +75,7 @@ def test_sampled_tier_masks_use_k2_max_k1_mean_and_the_unbiased_tv_term():
     tok = make_tokens(lengths, seed=3)
     for k in ("kl", "tv", "kl_rev"):
         del tok[k]
-    th = Thresholds(trm_max=1e-3, trm_avg=1e-4, ser=0.03)
+    th = Thresholds(trm_max=1e-3, trm_avg=5e-3, ser=0.072)  # between k1 and k3, 2 (1 - rho)^+ and |rho - 1|
     got = sequence_stats(tok, lengths, th)
     lr = tok["log_ratio"]
     ser = [
@@ -86,8 +86,8 @@ def test_sampled_tier_masks_use_k2_max_k1_mean_and_the_unbiased_tv_term():
         assert math.isclose(got["ser"][i], ser[i], rel_tol=1e-12)
         assert math.isclose(got["k1_mean"][i], -lr[sum(lengths[:i]) : sum(lengths[: i + 1])].mean(), rel_tol=1e-12)
     assert list(got["accept_trm_max"]) == [got["k2_max"][i] <= 1e-3 for i in range(2)]
-    assert list(got["accept_trm_avg"]) == [got["k1_mean"][i] <= 1e-4 for i in range(2)]
-    assert list(got["accept_ser"]) == [ser[i] <= 0.03 for i in range(2)]
+    assert list(got["accept_trm_avg"]) == [False, True]  # k3 means (3.5e-3) would accept both
+    assert list(got["accept_ser"]) == [False, True] == [ser[i] <= 0.072 for i in range(2)]  # |rho - 1|: both
 
 
 def test_a_nan_token_fails_every_mask_of_its_sequence():

@@ -165,3 +165,16 @@ def test_sequences_with_a_nan_token_make_every_bound_input_unknown(rollouts):
     assert inp.delta is None and inp.kl_seq is None and inp.tv_seq is None
     assert inp.samples["nan_tokens"] == 1 and inp.source["delta"].startswith("unknown: 1 scored token")
     assert not any(seqs[f"accept_{c}"][0] for c in ("trm_max", "trm_avg", "ser", "ln_trm"))
+
+
+def test_a_token_the_rollout_gave_probability_zero_leaves_no_kl_estimate(rollouts):
+    # k1 = -inf (lp_roll = -inf: a broken export): max(0, -inf) gave a silent 0 before
+    _, tok = rollouts
+    tok = {k: v[: 4 * T].copy() for k, v in tok.items()}
+    tok["lp_roll"][2] = -np.inf
+    fixed = sampled_token_metrics(torch.tensor(tok["lp_roll"]), torch.tensor(tok["lp_train"]))
+    tok.update({k: v.numpy() for k, v in fixed.items()})
+    seqs = sequence_stats(tok, np.full(4, T), Thresholds(trm_avg=1.0), basis="sampled")
+    inp = bound_inputs(tok, seqs, "sampled")
+    assert inp.kl_seq is None and inp.source["kl_seq"].startswith("unknown: a sampled token has probability 0")
+    assert np.isnan(seqs["k1_mean"][0]) and not seqs["accept_trm_avg"][0] and seqs["accept_trm_avg"][1]

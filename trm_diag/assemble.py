@@ -283,6 +283,9 @@ def _estimators(fidelity: str, sampler_note: str | None) -> dict[str, Any]:
     """summary.json `estimators`: per criterion and bound input, what the tier computes it from and why
     (tiers.Tier.estimators), and whether the rollouts were drawn from the view's pi_roll."""
     out: dict[str, Any] = dict(TIERS[fidelity].estimators)
+    if sampler_note:  # an estimator is unbiased only for the distribution the rollouts were drawn from
+        out = {k: v.replace("unbiased estimate:", "estimate under another sampler (biased for this view's pi_roll):")
+               for k, v in out.items()}  # fmt: skip
     out["sampler"] = (
         f"estimate under another sampler: {sampler_note}; sampled-token and Monte-Carlo numbers average over the "
         "rollouts' sampler, not over this view's pi_roll"

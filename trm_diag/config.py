@@ -282,10 +282,10 @@ def sampler_differs(view: str, sampling: SamplingConfig) -> str | None:
     """Why the view's pi_roll is not the distribution the rollouts were drawn from (p~), or None when it is.
 
     Monte-Carlo averages over rollouts (D_KL^seq, D_TV^seq, Dbar_t, the sampled-token estimators) are unbiased
-    only under the sampler; under `full` (p, untruncated) or raw log-probs (the untempered softmax) they are
-    estimates under another sampler (docs/design.md section 9)."""
+    only under the sampler; under `full` (p, untruncated), raw log-probs (the untempered softmax) or greedy
+    decoding (the argmax path) they are estimates under another sampler (docs/design.md section 9)."""
     if sampling.greedy:
-        return None
+        return "greedy decoding: the rollouts are the argmax path, not draws from pi_roll (no Monte-Carlo average)"
     if view == "pipeline" and sampling.logprobs == "raw" and (sampling.truncated or sampling.temperature != 1.0):
         return (
             "the rollouts were drawn from the engine's processed distribution p~, while this view's pi_roll is its "

@@ -64,7 +64,7 @@ METRICS: dict[str, tuple[str, str]] = {
     ),
     "tv_mc_mean": (
         "mean over tokens of (1 - rho)^+, an unbiased estimate of the mean token TV(pi_roll, pi_theta) under any "
-        "truncation (docs/design.md section 9)",
+        "truncation when the rollouts were drawn from pi_roll (docs/design.md section 9)",
         "trm-diag",
     ),
     "abs_log_ratio_max": ("max over tokens of |log rho|", "trm-diag"),
@@ -259,10 +259,18 @@ def bound_inputs(tokens: Any, seqs: Any, fidelity: str, sampler_note: str | None
     else:
         k1, k2 = col(tokens, "k1"), col(tokens, "k2")
         inp.delta = float(np.max(k2))
-        inp.kl_seq = max(0.0, float(np.sum(k1) / n_seq))
-        inp.kl_rate = max(0.0, float(np.mean(k1)))
+        if np.isneginf(k1).any():  # a sampled token the rollout gave probability 0: k1 = -inf, no KL estimate
+            inp.source.update(
+                delta="heuristic (k2 max; exact KL needs full logits)",
+                kl_seq="unknown: a sampled token has probability 0 under the rollout's log-probs (k1 = -inf)",
+            )
+            return inp
+        total = float(np.sum(k1))  # +inf where the trainer gives a sampled token probability 0: KL is infinite
+        inp.kl_seq = max(0.0, total / n_seq)  # clamped at 0 (a mean of noisy k1 can dip below): conservative
+        inp.kl_rate = max(0.0, total / n_tok)
+        why = f"under another sampler: {sampler_note}" if sampler_note else "unbiased under any truncation"
         inp.source.update(
             delta="heuristic (k2 max; exact KL needs full logits)",
-            kl_seq=f"estimate (k1 mean over {n_seq} rollouts, unbiased under any truncation{under})",
+            kl_seq=f"estimate (k1 mean over {n_seq} rollouts, {why}; clamped at 0)",
         )
     return inp

@@ -173,14 +173,12 @@ def check_out_dir(out: str | Path, *, overwrite: bool, resume: bool = False, inp
 
     Refuses a file, a path below a file, an unwritable place, a folder used by a live run, an
     input among what --overwrite would clear there (owned_paths), a finished report or sweep (without
-    --overwrite, or with --resume), --resume where there is nothing to resume, and --resume with --overwrite.
+    --overwrite, or with --resume) and --resume where there is nothing to resume. --resume wins over
+    --overwrite: "the same command with --resume" finishes an interrupted run even when that command
+    carries --overwrite, and nothing is cleared (the callers pass overwrite=False to claim_out_dir then).
     """
     p = Path(out)
-    if resume and overwrite:
-        raise UsageError(
-            "--resume and --overwrite both given",
-            "pass --resume to finish the interrupted run, or --overwrite to start again",
-        )
+    overwrite = overwrite and not resume
     ancestor = p
     while not _exists(ancestor) and ancestor != ancestor.parent:
         ancestor = ancestor.parent

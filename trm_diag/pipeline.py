@@ -280,7 +280,7 @@ def _compare(cfg: CompareConfig, rep: Reporter, engines: Engines, run: ExitStack
     train = roll if same else (engines.load(train_spec, **kw) if coexist else None)
     if train is not None:
         check_pair(roll, train, same)
-    run.enter_context(claim_out_dir(out_dir, overwrite=cfg.overwrite, warn=rep.warn))  # the first write
+    run.enter_context(claim_out_dir(out_dir, overwrite=cfg.overwrite and not cfg.resume, warn=rep.warn))  # 1st write
     store = PartialStore(out_dir, fingerprint, len(chunks), cfg.resume, cfg.overwrite)
     resumed = len(store.done)
     total = n * sampling.samples_per_prompt

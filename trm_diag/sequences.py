@@ -108,7 +108,8 @@ def sequence_stats(
             out[f"{col}_max"] = _seg_reduce(tok[col], lengths, "max")
     tier = TIERS[basis]
     out["worst_pos"] = _seg_argmax(tok[tier.locate], lengths)
-    out["k1_mean"] = _seg_reduce(tok["k1"], lengths, "mean")
+    with np.errstate(invalid="ignore"):  # k1 = -inf (rollout probability 0): no KL estimate, the mask fails
+        out["k1_mean"] = _seg_reduce(np.where(np.isneginf(tok["k1"]), np.nan, tok["k1"]), lengths, "mean")
     out["k2_max"] = _seg_reduce(tok["k2"], lengths, "max")
     out["k3_mean"] = _seg_reduce(tok["k3"], lengths, "mean")
     out["abs_log_ratio_max"] = _seg_reduce(np.abs(lr), lengths, "max")

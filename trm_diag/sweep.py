@@ -157,7 +157,9 @@ class _Sweep:
     def run(self) -> CompareResult:
         cfg = self.cfg
         self._check()
-        self.stack.enter_context(claim_out_dir(self.out, overwrite=cfg.overwrite, warn=self.rep.warn))
+        self.stack.enter_context(
+            claim_out_dir(self.out, overwrite=cfg.overwrite and not cfg.resume, warn=self.rep.warn)
+        )
         self.store = PartialStore(self.out, self.fingerprint, 1, cfg.resume, cfg.overwrite, command="sweep")
         self.work = self.out / PARTIAL_DIR
         self.state = self._read_state()
