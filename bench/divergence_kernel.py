@@ -24,11 +24,11 @@ import time
 import torch
 from _memory import measure
 
-from trm_diag.divergence import exact_divergences, logit_divergences
 from trm_diag.heap import tune_allocator
 from trm_diag.kernels import OUTPUTS
 from trm_diag.kernels.choice import measured_choice
 from trm_diag.kernels.native import _cpu, cpu_model, native_rows
+from trm_diag.math.divergence import exact_divergences, logit_divergences
 
 KEYS = ("kl", "kl_rev", "tv", "ent_roll", "ent_train")
 

@@ -31,8 +31,8 @@ def main() -> None:
     args = ap.parse_args()
     from trm_diag.backends import load_backend, parse_spec
     from trm_diag.config import SamplingConfig
-    from trm_diag.sampling import processed_logprobs
-    from trm_diag.scoring import batch_columns
+    from trm_diag.math.sampling import processed_logprobs
+    from trm_diag.math.scoring import batch_columns
     from trm_diag.types import Rollout
 
     with tempfile.TemporaryDirectory() as tmp:

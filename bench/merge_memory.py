@@ -29,9 +29,9 @@ def build_shard(out: Path, n: int, shard: int, shards: int) -> None:
     """One shard report of the prompts i < n with i % shards == shard (one sample each)."""
     from transformers import AutoTokenizer
 
-    from trm_diag.assemble import assemble, report_parts
     from trm_diag.config import SamplingConfig, Thresholds
-    from trm_diag.report import write_summary, write_tables
+    from trm_diag.report.assemble import assemble, report_parts
+    from trm_diag.report.tables import write_summary, write_tables
 
     prompts = list(range(shard, n, shards))
     store = build_store(out.parent / f"store{shard}", prompts, seed=shard)
@@ -49,8 +49,8 @@ def build_shard(out: Path, n: int, shard: int, shards: int) -> None:
 
 def naive_merge(shards: list[str], out: str) -> None:
     """The merged rows all in memory before assembling (the pre-streaming merge)."""
-    from trm_diag import merge
-    from trm_diag.assemble import MemoryChunks
+    from trm_diag.report.assemble import MemoryChunks
+    from trm_diag.run import merge
     from trm_diag.types import Scored
 
     real = merge.assemble

@@ -41,7 +41,7 @@ def run(model: Path, n_seqs: int, resp_len: int, label: str, modes: dict[str, st
     """One bare baseline per model, then trm-diag with each TRM_DIAG_KERNEL."""
     from trm_diag.backends import load_backend, parse_spec
     from trm_diag.config import SamplingConfig
-    from trm_diag.scoring import batch_columns
+    from trm_diag.math.scoring import batch_columns
     from trm_diag.types import Rollout, TensorRows
 
     hf = load_backend(parse_spec(f"hf:dtype=float32,model={model},batch_size=8"))

@@ -14,7 +14,7 @@ import gc
 import numpy as np
 from _memory import measure
 
-from trm_diag.prompts import Prompt, PromptIds
+from trm_diag.report.prompts import Prompt, PromptIds
 
 
 class _Tok:

@@ -38,7 +38,7 @@ PROMPT_LEN, RESP_LEN = 16, 32
 
 def build_store(folder: Path, prompts: list[int], seed: int = 0):
     """A finished checkpoint store (returned) with one synthetic scored rollout per prompt index."""
-    from trm_diag.partial import PartialStore
+    from trm_diag.report.partial import PartialStore
     from trm_diag.schema import TOKEN_COLUMNS
     from trm_diag.types import Rollout, Scored
 
@@ -66,10 +66,10 @@ def report(folder: Path, chunks: int, out: Path, naive: bool) -> dict:
     from _memory import measure
     from transformers import AutoTokenizer
 
-    from trm_diag.assemble import MemoryChunks, assemble, report_parts
     from trm_diag.config import SamplingConfig, Thresholds
-    from trm_diag.partial import PartialStore
-    from trm_diag.report import write_summary, write_tables
+    from trm_diag.report.assemble import MemoryChunks, assemble, report_parts
+    from trm_diag.report.partial import PartialStore
+    from trm_diag.report.tables import write_summary, write_tables
     from trm_diag.types import Scored
 
     tok = AutoTokenizer.from_pretrained(SAMPLE)

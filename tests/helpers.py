@@ -24,8 +24,8 @@ def main_exit(argv: list[str]) -> int:
 
 def token_columns(r, p_rows, q_rows, fidelity, vocab_width, chunk_elements=None, experts_per_token=None):
     """scoring.batch_columns of one rollout."""
-    from trm_diag.divergence import DEFAULT_CHUNK_ELEMENTS
-    from trm_diag.scoring import batch_columns
+    from trm_diag.math.divergence import DEFAULT_CHUNK_ELEMENTS
+    from trm_diag.math.scoring import batch_columns
 
     p = None if p_rows is None else [p_rows]
     chunk = chunk_elements or DEFAULT_CHUNK_ELEMENTS

@@ -14,8 +14,8 @@ import pandas as pd
 import torch
 
 from tests.helpers import run_cli, token_columns
-from trm_diag.assemble import assemble
 from trm_diag.config import SamplingConfig, Thresholds
+from trm_diag.report.assemble import assemble
 from trm_diag.types import Rollout, Scored, TensorRows
 
 
@@ -208,7 +208,7 @@ def test_tiny_temperatures_are_an_input_error(dense_model, tmp_path, capsys):
 def test_a_full_disk_is_one_line_exit_3_and_the_run_resumes(dense_model, tmp_path, capsys, monkeypatch):
     import errno
 
-    from trm_diag.partial import PartialStore
+    from trm_diag.report.partial import PartialStore
 
     real = PartialStore.save
     calls = []

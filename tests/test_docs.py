@@ -89,7 +89,7 @@ def test_score_offers_only_the_view_it_gives():
 
 
 def test_readme_report_files_match_compare_help_and_what_a_report_holds():
-    from trm_diag.outputs import REPORT_FILES
+    from trm_diag.report.outputs import REPORT_FILES
 
     in_table = {_ticked(r[0])[0] for r in _table("file", "one row per")}
     in_help = set(re.findall(r"\b\w+\.(?:parquet|json|html)\b", _commands()["compare"].help))

@@ -21,3 +21,13 @@ def test_ruff_check():
 def test_ruff_format():
     p = ruff("format", "--check", ".")
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_import_layers_hold():
+    """The layer contracts of pyproject.toml ([tool.importlinter]): cli -> run -> backends | report -> math ->
+    kernels -> leaves; only cli imports typer/rich, only backends transformers/vllm (docs/architecture.md)."""
+    p = subprocess.run(
+        [str(Path(sys.executable).with_name("lint-imports")), "--no-cache"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr
+    assert "0 broken" in p.stdout

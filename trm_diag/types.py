@@ -13,7 +13,28 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 import torch
 
-from trm_diag.moe import RoutingComparison
+
+@dataclass
+class RoutingComparison:
+    """Per (layer, token) routing of both sides for one response."""
+
+    experts_roll: torch.Tensor  # (layers, T, k)
+    experts_train: torch.Tensor  # (layers, T, k)
+    margin_roll: torch.Tensor  # (layers, T)
+    margin_train: torch.Tensor  # (layers, T)
+    flip: torch.Tensor  # (layers, T) bool
+
+    @property
+    def route_flips(self) -> np.ndarray:
+        """Number of layers whose expert set differs, per token [T]."""
+        return self.flip.sum(dim=0).numpy().astype(np.int64)
+
+    @property
+    def route_margin(self) -> np.ndarray:
+        """Rollout-side margin at the flipping layer closest to the boundary [T]; NaN without a flip."""
+        m = torch.where(self.flip, self.margin_roll, torch.full_like(self.margin_roll, float("inf"))).min(dim=0).values
+        return torch.where(torch.isinf(m), torch.full_like(m, float("nan")), m).double().numpy()
+
 
 Progress = Callable[[int], None]  # called with the number of items just finished
 

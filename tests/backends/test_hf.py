@@ -7,8 +7,8 @@ import torch
 
 from trm_diag.backends import load_backend, parse_spec
 from trm_diag.config import SamplingConfig
-from trm_diag.prompts import encode_prompt, load_prompts
-from trm_diag.sampling import processed_logprobs, tempered_logprobs
+from trm_diag.math.sampling import processed_logprobs, tempered_logprobs
+from trm_diag.report.prompts import encode_prompt, load_prompts
 
 
 @pytest.fixture(scope="module")

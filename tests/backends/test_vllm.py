@@ -13,9 +13,9 @@ import torch
 
 from trm_diag.backends import load_backend, parse_spec
 from trm_diag.config import SamplingConfig
-from trm_diag.divergence import exact_divergences, gather_logprobs, logit_divergences
-from trm_diag.prompts import encode_prompt, load_prompts
-from trm_diag.views import kept_set
+from trm_diag.math.divergence import exact_divergences, gather_logprobs, logit_divergences
+from trm_diag.math.views import kept_set
+from trm_diag.report.prompts import encode_prompt, load_prompts
 
 
 @pytest.fixture(scope="module")

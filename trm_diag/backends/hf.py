@@ -21,11 +21,11 @@ import torch
 
 from trm_diag.backends.base import batches, first_line, run_seed, seed_for
 from trm_diag.backends.capture import LayerCapture
-from trm_diag.checkpoint import spec_checkpoint
+from trm_diag.backends.checkpoint import spec_checkpoint
 from trm_diag.config import BackendSpec, SamplingConfig
 from trm_diag.errors import BackendFailure, ModelError, UsageError
-from trm_diag.moe import moe_shape
-from trm_diag.sampling import processed_logprobs, tempered_logprobs, tempered_scores
+from trm_diag.math.moe import moe_shape
+from trm_diag.math.sampling import processed_logprobs, tempered_logprobs, tempered_scores
 from trm_diag.types import Progress, Rollout, no_progress
 
 TORCH_DTYPES = {

@@ -29,11 +29,11 @@ import torch
 
 from trm_diag.backends import REGISTRY, reported_logprobs
 from trm_diag.backends.base import batches, first_line, run_seed, seed_for
-from trm_diag.checkpoint import spec_checkpoint
+from trm_diag.backends.checkpoint import spec_checkpoint
 from trm_diag.config import BackendSpec, SamplingConfig
 from trm_diag.errors import BackendFailure, ModelError
-from trm_diag.moe import moe_shape
-from trm_diag.sampling import tempered_scores
+from trm_diag.math.moe import moe_shape
+from trm_diag.math.sampling import tempered_scores
 from trm_diag.types import Progress, Rollout, TensorRows, no_progress
 
 CPU_KV_CACHE_BYTES = 1 << 30

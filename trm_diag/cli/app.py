@@ -15,11 +15,11 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from trm_diag.arms import DEFAULT_REFERENCE
 from trm_diag.config import DEFAULT_HORIZONS, DEFAULT_VIEW, THRESHOLDS, VIEW_HELP, parse_horizons
 from trm_diag.errors import ExitCode, TrmDiagError, UsageError
 from trm_diag.heap import tune_allocator
 from trm_diag.kernels.choice import kernel_name
+from trm_diag.run.arms import DEFAULT_REFERENCE
 from trm_diag.tiers import TIERS
 
 app = typer.Typer(
@@ -201,7 +201,7 @@ def _thresholds(trm_max: float, trm_avg: float, ln_trm: float, ser: float, dppo_
 
 def _render(summary: dict, out_dir, json_out: bool) -> None:
     if json_out:
-        from trm_diag.report import to_json
+        from trm_diag.report.tables import to_json
 
         print(to_json(summary))
         return
@@ -329,7 +329,7 @@ def compare(
     """
     from trm_diag.backends import parse_spec
     from trm_diag.config import SamplingConfig
-    from trm_diag.pipeline import DEFAULT_MODEL, DEFAULT_PROMPTS, CompareConfig, default_rollout_spec, run_compare
+    from trm_diag.run.pipeline import DEFAULT_MODEL, DEFAULT_PROMPTS, CompareConfig, default_rollout_spec, run_compare
 
     if num_prompts is not None and num_prompts < 1:
         raise UsageError(f"--num-prompts {num_prompts} must be >= 1", "use a positive integer")
@@ -359,14 +359,14 @@ def compare(
     if locate_top is not None and locate_top < 1:
         raise UsageError(f"--locate {locate_top} must be >= 1", "give the number of tokens to locate, e.g. --locate 8")
     if ray is not None:
-        from trm_diag.ray_shards import run_ray
+        from trm_diag.run.ray_shards import run_ray
 
         result = run_ray(cfg, ray, RichReporter(quiet or json_out))
     else:
         result = run_compare(cfg, RichReporter(quiet or json_out))
     _render(result.summary, result.out_dir, json_out)
     if locate_top is not None:
-        from trm_diag.locate import LocateConfig, run_locate
+        from trm_diag.run.locate import LocateConfig, run_locate
 
         found = run_locate(LocateConfig(str(result.out_dir), top=locate_top, trust_remote_code=trust_remote_code,
                                         allow_pickle=allow_pickle), RichReporter(quiet or json_out))  # fmt: skip
@@ -456,8 +456,8 @@ def sweep(
     """
     from trm_diag.backends import parse_spec
     from trm_diag.config import SamplingConfig
-    from trm_diag.pipeline import DEFAULT_MODEL, DEFAULT_PROMPTS, default_rollout_spec
-    from trm_diag.sweep import SweepConfig, run_sweep
+    from trm_diag.run.pipeline import DEFAULT_MODEL, DEFAULT_PROMPTS, default_rollout_spec
+    from trm_diag.run.sweep import SweepConfig, run_sweep
 
     if num_prompts is not None and num_prompts < 1:
         raise UsageError(f"--num-prompts {num_prompts} must be >= 1", "use a positive integer")
@@ -486,7 +486,7 @@ def sweep(
     )
     result = run_sweep(cfg, RichReporter(quiet or json_out))
     if json_out:
-        from trm_diag.report import to_json
+        from trm_diag.report.tables import to_json
 
         print(to_json(result.summary))
         return
@@ -519,7 +519,7 @@ def locate(
     Writes REPORT/locate.parquet (token x layer x component) and REPORT/locate.json.
     Example: trm-diag locate ./trm-report --top 8;  trm-diag locate ./trm-report --seq 12 --pos 40
     """
-    from trm_diag.locate import LocateConfig, run_locate
+    from trm_diag.run.locate import LocateConfig, run_locate
 
     cfg = LocateConfig(report, top, seq, pos, trust_remote_code, allow_pickle)
     _render_locate(run_locate(cfg, RichReporter(quiet or json_out)).summary, json_out)
@@ -527,7 +527,7 @@ def locate(
 
 def _render_locate(summary: dict, json_out: bool) -> None:
     if json_out:
-        from trm_diag.report import to_json
+        from trm_diag.report.tables import to_json
 
         print(to_json(summary))
         return
@@ -622,8 +622,8 @@ def score(
     """
     from trm_diag.backends import parse_spec
     from trm_diag.config import SamplingConfig
-    from trm_diag.pipeline import DEFAULT_MODEL, ScoreConfig, run_score
-    from trm_diag.rollouts_io import parse_mapping
+    from trm_diag.report.rollouts_io import parse_mapping
+    from trm_diag.run.pipeline import DEFAULT_MODEL, ScoreConfig, run_score
 
     given = {
         k: v
@@ -674,7 +674,7 @@ def merge(
     Every shard of the --shard I/N split must be given (or --partial).
     Example: trm-diag compare --shard 0/2 --out s0 && trm-diag compare --shard 1/2 --out s1 && trm-diag merge s0 s1 --out all
     """
-    from trm_diag.merge import run_merge
+    from trm_diag.run.merge import run_merge
 
     out_dir, summary = run_merge(reports, out, overwrite, warn=RichReporter(quiet).warn, partial=partial)
     _render(summary, out_dir, json_out)
@@ -699,9 +699,9 @@ def show(
     Example: trm-diag show ./trm-report --format markdown > report.md
     """
     from trm_diag.cli.render import render_compare, to_markdown
-    from trm_diag.report import check_tables, complete_report, read_sweep, to_json, worst_rows
+    from trm_diag.report.tables import check_tables, complete_report, read_sweep, to_json, worst_rows
+    from trm_diag.report.verdict import verdict
     from trm_diag.schema import WORST_K
-    from trm_diag.verdict import verdict
 
     if fmt not in SHOW_FORMATS:
         raise UsageError(f"--format {fmt} is unknown", f"use one of: {', '.join(SHOW_FORMATS)}")
@@ -728,7 +728,7 @@ def show(
     if "verdict" not in summary:  # reports written before verdicts existed
         summary["verdict"] = verdict(summary)
     if write_html:
-        from trm_diag.html_report import write_html as html_page
+        from trm_diag.report.html_report import write_html as html_page
 
         check_tables(path, summary)
         err_console.print(f"wrote {escape(str(html_page(path, summary)))} (open it in a browser; no network needed)")
@@ -772,8 +772,8 @@ def diff(
 
     Example: trm-diag diff ./before-upgrade ./after-upgrade
     """
-    from trm_diag.diff import SAME_BELOW, run_diff
-    from trm_diag.report import to_json
+    from trm_diag.report.diff import SAME_BELOW, run_diff
+    from trm_diag.report.tables import to_json
 
     if fmt not in ("text", "json"):
         raise UsageError(f"--format {fmt} is unknown", "use text or json")

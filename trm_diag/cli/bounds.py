@@ -10,8 +10,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from trm_diag.bounds import BoundInputs, BudgetDelta, bounds_table, delta_for_budget, pinsker_conflicts
-from trm_diag.bounds_report import (
+from trm_diag.errors import UsageError
+from trm_diag.math.bounds import BoundInputs, BudgetDelta, bounds_table, delta_for_budget, pinsker_conflicts
+from trm_diag.report.bounds_report import (
     bounds_json,
     merge_bounds_parquet,
     parameter_inputs,
@@ -19,9 +20,8 @@ from trm_diag.bounds_report import (
     report_inputs,
     used_inputs,
 )
-from trm_diag.errors import UsageError
-from trm_diag.outputs import check_output_file
-from trm_diag.report import to_json
+from trm_diag.report.outputs import check_output_file
+from trm_diag.report.tables import to_json
 
 
 def _check_parameters(

@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from trm_diag.errors import ExitCode, UsageError
-from trm_diag.gate import (
+from trm_diag.report.gate import (
     ReportMetrics,
     collect_rules,
     defined_by,
@@ -22,8 +22,8 @@ from trm_diag.gate import (
     to_json,
     to_junit,
 )
-from trm_diag.gate import to_markdown as gate_markdown
-from trm_diag.outputs import check_output_file
+from trm_diag.report.gate import to_markdown as gate_markdown
+from trm_diag.report.outputs import check_output_file
 
 FORMATS = ("table", "json", "junit", "github")
 
@@ -52,7 +52,7 @@ def run_gate(
     if list_metrics:
         names = rep.names()
         if fmt == "json":
-            from trm_diag.report import to_json as json_text
+            from trm_diag.report.tables import to_json as json_text
 
             print(json_text({n: rep.value(n) for n in names}))
         else:
@@ -100,7 +100,7 @@ def run_gate(
     if fmt == "github" and os.environ.get("GITHUB_STEP_SUMMARY"):  # GitHub renders this file on the job page
         _job_summary(os.environ["GITHUB_STEP_SUMMARY"], gate_markdown(results, report), rep.summary, warn)
     if output:
-        from trm_diag.report import atomic_write
+        from trm_diag.report.tables import atomic_write
 
         content = text["json"]() + "\n" if fmt == "table" else text[fmt]()
         atomic_write(Path(output), lambda tmp: Path(tmp).write_text(content))
@@ -111,7 +111,7 @@ def _job_summary(path: str, gate_md: str, summary: dict, warn: Callable[[str], N
     """Append the gate's table and the report's verdict to GitHub's job summary. A side output: when it
     cannot be written, a warning naming the variable, and the gate's exit code stands."""
     from trm_diag.cli.render import to_markdown
-    from trm_diag.verdict import verdict
+    from trm_diag.report.verdict import verdict
 
     if "verdict" not in summary:  # reports written before verdicts existed
         summary["verdict"] = verdict(summary)

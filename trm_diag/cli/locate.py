@@ -7,7 +7,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from trm_diag.locate import layer_bars
+from trm_diag.run.locate import layer_bars
 
 
 def render_locate(console: Console, summary: dict[str, Any]) -> None:

@@ -9,10 +9,10 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from trm_diag.bounds import LABEL, UNIFIED_MEMBERS
 from trm_diag.cli.numbers import fmt, pct
 from trm_diag.criteria import CRITERIA
-from trm_diag.metrics import METRICS
+from trm_diag.math.bounds import LABEL, UNIFIED_MEMBERS
+from trm_diag.math.metrics import METRICS
 
 
 def _bound_cell(v: float | None, best: bool) -> Text:
@@ -210,7 +210,7 @@ def render_views(console: Console, views: dict[str, Any] | None) -> None:
 def render_verdict(console: Console, summary: dict[str, Any], limit: int = 3) -> None:
     """The verdict first: inside or outside the trust region, then the findings that explain it with
     the action each suggests (summary.json's `verdict`; computed for reports written without one)."""
-    from trm_diag.verdict import verdict
+    from trm_diag.report.verdict import verdict
 
     v = summary.get("verdict") or verdict(summary)
     style = (

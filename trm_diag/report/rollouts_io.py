@@ -1,0 +1,480 @@
+"""Rollout files: the schema `trm-diag score` reads and `compare --save-rollouts` writes.
+
+One row per rollout, JSONL or Parquet (docs/rollout-schema.md):
+
+| field | type | required |
+| --- | --- | --- |
+| prompt_ids | list[int] | yes, unless `prompt` text is given |
+| response_ids | list[int] | yes, unless `response` text is given |
+| rollout_logprobs | list[float], log pi_roll(y_t) per response token | yes |
+| topk_logprobs | per position: {token_id: logprob} or [[token_id, logprob], ...] | no (enables the top-K tier) |
+| topk_k | int, K of the top-K (the sampled token may come on top); at most the entries of every position | no (default: smallest entry count) |
+| prompt_idx, sample_idx | int | no |
+| finish_reason | "stop" / "length" | no |
+| reward, advantage | float | no (carried into sequences.parquet) |
+| prompt, response | str | no (tokenised only when ids are missing) |
+| temperature, top_p, top_k, min_p | sampling settings of the rollout | no |
+| logprobs | "processed" (the distribution sampled from) or "raw" (untempered, untruncated softmax) | no (default processed) |
+
+``mapping`` renames columns of the file to these names (``--map response_ids=output_ids``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from array import array
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trm_diag.config import LOGPROBS, SamplingConfig
+from trm_diag.errors import InputError, UsageError
+from trm_diag.report.rows import iter_jsonl, iter_parquet
+from trm_diag.types import Rollout
+
+FIELDS = (
+    "prompt_ids", "response_ids", "rollout_logprobs", "topk_logprobs", "topk_k", "prompt_idx", "sample_idx",
+    "finish_reason", "reward", "advantage", "prompt", "response", "temperature", "top_p", "top_k", "min_p",
+    "logprobs",
+)  # fmt: skip
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "logprobs")
+GENERATION_ONLY = ("max_new_tokens", "samples_per_prompt", "seed")  # SamplingConfig fields imported rollouts lack
+LOGPROB_SLACK = 1e-4  # engines report log-probs a hair above 0 for near-certain tokens
+MASS_SLACK = 1e-3  # a position's top-K probabilities sum to at most 1, up to float32 rounding of K values
+
+
+@dataclass
+class RolloutFile:
+    """Rollouts read from a file, and what the report should say about how they were read."""
+
+    rollouts: list[Rollout]  # empty unless read with keep=True
+    count: int = 0
+    sampling_hints: dict[str, float] = field(default_factory=dict)
+    retokenized: int = 0
+    empty: int = 0
+    has_topk: bool = False  # some row has topk_logprobs
+    topk_rows: int = 0  # rows with topk_logprobs
+    without_topk: str = ""  # where the first row without them is (when some row has them)
+    topk_ks: set[int] = field(default_factory=set)  # the rows' K values
+    duplicate_keys: int = 0  # rows whose (prompt_idx, sample_idx) an earlier row has
+    duplicate_rows: int = 0  # of those, rows that repeat an earlier row's response too
+    duplicate_where: str = ""  # where the first of them is
+    after_eos_rollouts: int = 0  # rollouts with tokens after their first end-of-sequence token (padding)
+    after_eos_tokens: int = 0
+    longest: int = 0  # most tokens of prompt + response in one rollout
+    longest_where: str = ""
+
+
+def parse_mapping(items: list[str]) -> dict[str, str]:
+    """``canonical=source`` pairs -> {source: canonical}."""
+    out = {}
+    for item in items:
+        canon, eq, src = item.partition("=")
+        canon, src = canon.strip(), src.strip()
+        if not eq or not canon or not src:
+            raise UsageError(f"--map '{item}' is not canonical=source", "write e.g. --map response_ids=output_ids")
+        if canon not in FIELDS:
+            raise UsageError(f"--map: unknown field '{canon}'", f"fields: {', '.join(FIELDS)}")
+        out[src] = canon
+    return out
+
+
+def _rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(location, row) pairs from a JSONL or Parquet file, read as they are needed."""
+    if not path.is_file():
+        raise InputError(f"rollout file '{path}' does not exist", "pass a .jsonl or .parquet file")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        for where, obj in iter_jsonl(path):
+            if not isinstance(obj, dict):
+                raise InputError(f"{where}: expected a JSON object", "write one object per rollout")
+            yield where, obj
+    elif suffix == ".parquet":
+        yield from iter_parquet(path)
+    else:
+        raise InputError(f"unsupported rollout file type '{suffix}' ({path})", "use .jsonl or .parquet")
+
+
+def _is_int(x: Any) -> bool:
+    """An integer, or a float holding one (Parquet stores some id columns as doubles); never a bool."""
+    if isinstance(x, bool):
+        return False
+    return isinstance(x, int) or (isinstance(x, float) and x.is_integer())
+
+
+def _int_list(v: Any, where: str, name: str) -> list[int]:
+    if not isinstance(v, (list, tuple)) or not all(_is_int(x) for x in v):
+        raise InputError(f"{where}: '{name}' must be a list of integer token ids", "check the column mapping (--map)")
+    return [int(x) for x in v]
+
+
+def _topk(v: Any, where: str, vocab_width: int) -> list[dict[int, float]]:
+    """Per-position {token id: log-prob}; ids inside the vocabulary, log-probs <= 0 (-inf allowed), never NaN."""
+    fix = "one entry per response token: {token_id: logprob} or [[token_id, logprob], ...] (docs/rollout-schema.md)"
+    if not isinstance(v, (list, tuple)):
+        raise InputError(f"{where}: 'topk_logprobs' must be a list", fix)
+    out = []
+    try:
+        for pos in v:
+            pairs = pos.items() if isinstance(pos, dict) else pos
+            if not isinstance(pairs, (list, tuple)) and not isinstance(pos, dict):
+                raise TypeError
+            entry = {}
+            for tid, lp in pairs:
+                if isinstance(lp, bool) or not isinstance(lp, (int, float)) or isinstance(tid, bool):
+                    raise TypeError
+                if isinstance(tid, float) and not tid.is_integer():
+                    raise ValueError
+                entry[int(tid)] = float(lp)  # ids may be JSON object keys (str) or Parquet doubles
+            out.append(entry)
+    except (TypeError, ValueError, OverflowError):
+        raise InputError(f"{where}: malformed 'topk_logprobs' entry", fix) from None
+    for t, entry in enumerate(out):
+        mass = math.fsum(math.exp(lp) for lp in entry.values() if lp <= LOGPROB_SLACK)
+        if mass > 1 + MASS_SLACK:
+            raise InputError(
+                f"{where}: the top-K probabilities of response token {t} sum to {mass:.4g} > 1",
+                "export log-probs of one normalised distribution per position (not logits, not several samples)",
+            )
+        for tid, lp in entry.items():
+            if not 0 <= tid < vocab_width:
+                raise InputError(
+                    f"{where}: top-K token id {tid} is outside the model's vocabulary (0..{vocab_width - 1})",
+                    "score with the model the rollouts came from",
+                )
+            if math.isnan(lp) or lp > LOGPROB_SLACK:
+                raise InputError(
+                    f"{where}: invalid top-K log-prob {lp} (log-probs are <= 0 and not NaN)",
+                    "check the column holds log-probs, not probs or logits",
+                )
+    return out
+
+
+def _number(v: Any, where: str, name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise InputError(
+            f"{where}: '{name}' must be a finite number, not {v!r}", f"write {name} as a number or drop it"
+        )
+    return float(v)
+
+
+def _index(v: Any, where: str, name: str, default: int) -> int:
+    """A non-negative integer field (prompt_idx, sample_idx, topk_k); None means `default`."""
+    if v is None:
+        return default
+    x = _number(v, where, name)
+    if not x.is_integer() or not 0 <= x < 2**63:
+        raise InputError(
+            f"{where}: '{name}' must be a non-negative integer, not {v!r}", f"write {name} as 0, 1, 2, ... or drop it"
+        )
+    return int(x)
+
+
+def scan_rollouts(
+    path: str | Path,
+    mapping: dict[str, str],
+    tokenizer: Any,
+    vocab_width: int,
+    keep: bool = False,
+    eos_ids: frozenset[int] = frozenset(),
+    strip_after_eos: bool = True,
+    allow_duplicates: bool = False,
+) -> RolloutFile:
+    """Validate every row of a rollout file and gather what the report says about it (counts,
+    sampling settings, top-K, repeated rows), keeping the rollouts only when asked: `score` scans a file
+    once, then reads it again chunk by chunk (iter_rollout_chunks), so memory does not grow with it.
+    A row that repeats an earlier one (same prompt_idx, sample_idx and response) is refused unless
+    ``allow_duplicates``: it would be counted twice."""
+    result = RolloutFile([])
+    hints: dict[str, set] = {k: set() for k in SAMPLING_FIELDS}
+    keys = array("q"), array("q"), array("q")  # prompt_idx, sample_idx, a digest of the response: 24 bytes a row
+    for _, rollout in _parse(Path(path), mapping, tokenizer, vocab_width, result, hints, eos_ids, strip_after_eos):
+        result.count += 1
+        digest = hashlib.blake2b(array("q", rollout.response_ids).tobytes(), digest_size=8).digest()
+        for column, value in zip(
+            keys, (rollout.prompt_idx, rollout.sample_idx, int.from_bytes(digest, "little", signed=True))
+        ):
+            column.append(value)
+        if keep:
+            result.rollouts.append(rollout)
+    same_key, same_row = _repeats(*keys)
+    if len(same_row) and not allow_duplicates:
+        i = int(same_row[0])
+        raise InputError(
+            f"{_where(Path(path), i)}: repeats an earlier row (prompt_idx {keys[0][i]}, sample_idx {keys[1][i]}, the same "
+            f"response; {len(same_row)} such row(s)): it would be counted twice",
+            "drop the repeated rows, or pass --allow-duplicates to score every row",
+        )
+    result.duplicate_keys, result.duplicate_rows = len(same_key), len(same_row)
+    if len(same_key):
+        result.duplicate_where = _where(Path(path), int(same_key[0]))
+    if not result.count:
+        raise InputError(f"rollout file '{path}' holds no rollouts", "add at least one row")
+    for key, values in hints.items():
+        if len(values) > 1:
+            raise InputError(
+                f"'{path}' mixes {key} values {sorted(values)}",
+                f"score rollouts of one {key} at a time, or pass --{key.replace('_', '-')}",
+            )
+        if values:
+            result.sampling_hints[key] = values.pop()
+    return result
+
+
+def score_tier(data: RolloutFile, path: str | Path, requested: str | None) -> tuple[str, str | None]:
+    """The tier `score` runs and, when it falls back, the warning that says why. The top-K tier needs
+    top-K data on every row: asked for (--fidelity topk) on a file where some rows lack it, refused
+    naming the first; chosen by default, the sampled tier with a warning."""
+    if requested not in (None, "topk"):
+        return requested, None
+    if not data.has_topk:
+        if requested is None:
+            return "sampled", None
+        raise InputError(f"'{path}' has no topk_logprobs", "use --fidelity sampled, or export the top-K log-probs")
+    if data.topk_rows == data.count:
+        return "topk", None
+    some = f"{data.topk_rows:,} of {data.count:,} rows have topk_logprobs"
+    if requested == "topk":
+        raise InputError(
+            f"{data.without_topk}: no topk_logprobs, while {some}: the top-K tier needs them on every row",
+            "export the top-K log-probs of every row, or use --fidelity sampled",
+        )
+    return "sampled", f"only {some} (first without: {data.without_topk}): scored in the sampled tier"
+
+
+def _repeats(prompt: array, sample: array, digest: array) -> tuple[Any, Any]:
+    """Row numbers (ascending) of the rows whose (prompt_idx, sample_idx) an earlier row has, and of those
+    whose response is that earlier row's too."""
+    import numpy as np
+
+    p, s, d = (np.frombuffer(a, dtype=np.int64) if len(a) else np.zeros(0, np.int64) for a in (prompt, sample, digest))
+    rows = np.arange(len(p))
+
+    def later(*columns: Any) -> Any:
+        order = np.lexsort((rows, *reversed(columns)))  # ties in row order: the later row repeats the earlier
+        ties = np.ones(max(len(order) - 1, 0), dtype=bool)
+        for c in columns:
+            ties &= c[order[1:]] == c[order[:-1]]
+        return np.sort(order[1:][ties])
+
+    return later(p, s), later(p, s, d)
+
+
+def _where(path: Path, i: int) -> str:
+    """The location (FILE:LINE or 'FILE row N') of row i of a rollout file, read again to name it."""
+    return next(where for j, (where, _) in enumerate(_rows(path)) if j == i)
+
+
+def iter_rollout_chunks(
+    path: str | Path,
+    mapping: dict[str, str],
+    tokenizer: Any,
+    vocab_width: int,
+    size: int,
+    eos_ids: frozenset[int] = frozenset(),
+    strip_after_eos: bool = True,
+) -> Iterator[list[Rollout]]:
+    """The file's rollouts, `size` at a time, in file order (seq ids 0, 1, ... across chunks)."""
+    chunk: list[Rollout] = []
+    hints: dict[str, set] = {k: set() for k in SAMPLING_FIELDS}
+    rows = _parse(Path(path), mapping, tokenizer, vocab_width, RolloutFile([]), hints, eos_ids, strip_after_eos)
+    for _, rollout in rows:
+        chunk.append(rollout)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _parse(
+    path: Path,
+    mapping: dict[str, str],
+    tokenizer: Any,
+    vocab_width: int,
+    result: RolloutFile,
+    hints: dict[str, set],
+    eos_ids: frozenset[int],
+    strip_after_eos: bool,
+) -> Iterator[tuple[str, Rollout]]:
+    """Each row as (where, validated Rollout); counts what was re-tokenised, empty or padded after its first
+    end-of-sequence token, and which rows have top-K data, into `result` (padded tail dropped when strip_after_eos)."""
+    for i, (where, raw) in enumerate(_rows(path)):
+        row = {mapping.get(k, k): v for k, v in raw.items()}
+        if row.get("prompt_ids") is None:
+            if not isinstance(row.get("prompt"), str):
+                raise InputError(
+                    f"{where}: no 'prompt_ids' (or 'prompt' text)", "map your column with --map prompt_ids=COLUMN"
+                )
+            row["prompt_ids"] = tokenizer(row["prompt"])["input_ids"]
+            result.retokenized += 1
+        if row.get("response_ids") is None:
+            if not isinstance(row.get("response"), str):
+                raise InputError(
+                    f"{where}: no 'response_ids' (or 'response' text)", "map your column with --map response_ids=COLUMN"
+                )
+            row["response_ids"] = tokenizer(row["response"], add_special_tokens=False)["input_ids"]
+            result.retokenized += 1
+        prompt = _int_list(row["prompt_ids"], where, "prompt_ids")
+        resp = _int_list(row["response_ids"], where, "response_ids")
+        if not prompt:
+            raise InputError(f"{where}: empty prompt", "every rollout needs at least one prompt token")
+        lps = row.get("rollout_logprobs")
+        if lps is None:
+            raise InputError(f"{where}: no 'rollout_logprobs'", "map your column with --map rollout_logprobs=COLUMN")
+        if not isinstance(lps, (list, tuple)) or not all(isinstance(x, (int, float)) for x in lps):
+            raise InputError(
+                f"{where}: 'rollout_logprobs' must be a list of numbers", "one log-prob per response token"
+            )
+        lps = [float(x) for x in lps]
+        if len(lps) != len(resp):
+            raise InputError(
+                f"{where}: {len(resp)} response tokens but {len(lps)} log-probs",
+                "give one rollout log-prob per response token (re-tokenised text can differ from the engine's ids)",
+            )
+        bad = next((x for x in lps if math.isnan(x) or x > LOGPROB_SLACK), None)
+        if bad is not None:
+            raise InputError(
+                f"{where}: invalid rollout log-prob {bad} (log-probs are <= 0 and not NaN)",
+                "check the column holds log-probs, not probs or logits",
+            )
+        out_of_vocab = next((t for t in prompt + resp if t < 0 or t >= vocab_width), None)
+        if out_of_vocab is not None:
+            raise InputError(
+                f"{where}: token id {out_of_vocab} is outside the model's vocabulary (0..{vocab_width - 1})",
+                "score with the model the rollouts came from",
+            )
+        extra: dict[str, Any] = {}
+        if row.get("topk_logprobs") is not None:
+            topk = _topk(row["topk_logprobs"], where, vocab_width)
+            if len(topk) != len(resp):
+                raise InputError(
+                    f"{where}: {len(topk)} top-K entries for {len(resp)} response tokens",
+                    "one entry per response token",
+                )
+            fewest = min(range(len(topk)), key=lambda t: len(topk[t]), default=None)
+            k = _index(row.get("topk_k"), where, "topk_k", 0 if fewest is None else len(topk[fewest]))
+            if fewest is not None and k > len(topk[fewest]):
+                raise InputError(
+                    f"{where}: topk_k is {k} but response token {fewest} has {len(topk[fewest])} top-K entries",
+                    "give topk_k as the K the engine returned (every position holds at least K entries), or drop it",
+                )
+            extra.update(topk=topk, topk_k=k)
+            result.has_topk = True
+            result.topk_rows += 1
+            result.topk_ks.add(k)
+        elif not result.without_topk:
+            result.without_topk = where
+        for key in ("reward", "advantage"):
+            if row.get(key) is not None:
+                extra[key] = _number(row[key], where, key)
+        for key in SAMPLING_FIELDS:
+            if row.get(key) is not None:
+                hints[key].add(_logprobs(row[key], where) if key == "logprobs" else _number(row[key], where, key))
+        end = next((t for t, tok in enumerate(resp) if tok in eos_ids), len(resp))
+        if end < len(resp) - 1:  # tokens after the first EOS: padding of a right-padded export
+            result.after_eos_rollouts += 1
+            result.after_eos_tokens += len(resp) - 1 - end
+            if strip_after_eos:
+                resp, lps = resp[: end + 1], lps[: end + 1]
+                if "topk" in extra:
+                    extra["topk"] = extra["topk"][: end + 1]
+        result.empty += not resp
+        if len(prompt) + len(resp) > result.longest:
+            result.longest, result.longest_where = len(prompt) + len(resp), where
+        reason = row.get("finish_reason") or "unknown"
+        yield (
+            where,
+            Rollout(
+                i,
+                _index(row.get("prompt_idx"), where, "prompt_idx", i),
+                _index(row.get("sample_idx"), where, "sample_idx", 0),
+                prompt,
+                resp,
+                lps,
+                str(reason),
+                extra,
+            ),
+        )
+
+
+ROLLOUT_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def _logprobs(value: Any, where: str) -> str:
+    """A row's ``logprobs`` field: what its rollout_logprobs are (config.LOGPROBS)."""
+    if value not in LOGPROBS:
+        raise InputError(f"{where}: logprobs {value!r} is unknown", f"use one of: {', '.join(LOGPROBS)}")
+    return value
+
+
+def _rollout_rows(rollouts: list[Rollout], sampling: SamplingConfig) -> list[dict[str, Any]]:
+    rows = []
+    for r in rollouts:
+        row: dict[str, Any] = {
+            "prompt_ids": r.prompt_ids, "response_ids": r.response_ids, "rollout_logprobs": r.lp_roll,
+            "prompt_idx": r.prompt_idx, "sample_idx": r.sample_idx, "finish_reason": r.finish_reason,
+            "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k, "min_p": sampling.min_p,
+            "logprobs": sampling.logprobs,
+        }  # fmt: skip
+        if "topk" in r.extra:
+            row["topk_logprobs"] = [[[int(k), float(v)] for k, v in d.items()] for d in r.extra["topk"]]
+            row["topk_k"] = r.extra["topk_k"]
+        rows.append(row)
+    return rows
+
+
+def _rollout_schema(topk: bool) -> Any:
+    import pyarrow as pa
+
+    fields = [
+        ("prompt_ids", pa.list_(pa.int64())), ("response_ids", pa.list_(pa.int64())),
+        ("rollout_logprobs", pa.list_(pa.float64())), ("prompt_idx", pa.int64()), ("sample_idx", pa.int64()),
+        ("finish_reason", pa.string()), ("temperature", pa.float64()), ("top_p", pa.float64()), ("top_k", pa.int64()),
+        ("min_p", pa.float64()), ("logprobs", pa.string()),
+    ]  # fmt: skip
+    if topk:
+        # per response token, a list of [token_id, logprob] pairs (ids are exact in float64 up to 2^53)
+        fields += [("topk_logprobs", pa.list_(pa.list_(pa.list_(pa.float64())))), ("topk_k", pa.int64())]
+    return pa.schema(fields)
+
+
+def check_rollouts_path(path: str | Path) -> None:
+    """--save-rollouts must name a .jsonl or .parquet file (checked before any work is done)."""
+    if Path(path).suffix.lower() not in ROLLOUT_SUFFIXES:
+        raise UsageError(f"--save-rollouts {path}: unsupported file type", "use a .jsonl or .parquet file name")
+
+
+def write_rollouts(path: str | Path, chunks: Iterable[list[Rollout]], sampling: SamplingConfig) -> None:
+    """Write rollouts, chunk by chunk, in the schema above (JSONL or Parquet by suffix), atomically."""
+    from trm_diag.report.tables import atomic_write
+
+    check_rollouts_path(path)
+    p = Path(path)
+
+    def parquet(tmp: str) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        writer = None
+        try:
+            for rollouts in chunks:
+                rows = _rollout_rows(rollouts, sampling)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, _rollout_schema(any("topk_logprobs" in r for r in rows)))
+                writer.write_table(pa.Table.from_pylist(rows, schema=writer.schema))
+            if writer is None:
+                pq.write_table(_rollout_schema(False).empty_table(), tmp)
+        finally:
+            if writer is not None:
+                writer.close()
+
+    def jsonl(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            for rollouts in chunks:
+                f.writelines(json.dumps(row) + "\n" for row in _rollout_rows(rollouts, sampling))
+
+    atomic_write(p, parquet if p.suffix.lower() == ".parquet" else jsonl)
