@@ -521,3 +521,18 @@ def test_reports_without_a_section_name_what_they_lack(report, tmp_path, capsys)
     code, out, _ = run(["gate", "--list-metrics", str(old), "--format", "json"], capsys)
     names = json.loads(out)
     assert code == 0 and "metrics.kl_share_low_prob" in names and not [n for n in names if n.startswith("breakdown.")]
+
+
+def test_bounds_of_a_sampled_report_without_saved_inputs_are_recomputed(sampled_report, tmp_path):
+    """Saved bound inputs that do not read (an older or damaged summary): the gate recomputes them from the tables."""
+    import shutil
+
+    from trm_diag.math.bounds import BoundInputs, all_bounds
+
+    old = tmp_path / "old"
+    shutil.copytree(sampled_report, old)
+    s = json.loads((old / "summary.json").read_text())
+    saved = BoundInputs.from_dict(s["bound_inputs"])
+    s["bound_inputs"] = {"observed_T": s["bound_inputs"]["observed_T"]}  # from_dict: None, so recomputed
+    (old / "summary.json").write_text(json.dumps(s))
+    assert ReportMetrics(old).value("bounds.unified@4096") == all_bounds(4096, saved)[0]["unified"]
