@@ -3,6 +3,9 @@
 Data flows one way (docs/design.md section 5): prompts -> rollout backend (generate) ->
 training backend (score the same ids) -> divergences -> assemble -> write. The core never
 prints: progress and warnings go through a :class:`Reporter` the CLI provides.
+
+Over 500 lines on purpose: compare and score share their configs, result type, output-folder
+claim, chunk store and report writing here, and splitting the two would write those steps twice.
 """
 
 from __future__ import annotations
