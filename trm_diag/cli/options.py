@@ -58,6 +58,25 @@ PickleOpt = Annotated[
         "--allow-pickle", rich_help_panel="Backends", help="Allow pickle (.bin) weights; safetensors only by default."
     ),
 ]
+ScorePickleOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-pickle",
+        rich_help_panel="Inputs",
+        help="Allow pickles: .bin weights, and pickled training-run dumps (slime .pt, SkyRL .pkl), which can run "
+        "code when loaded; dumps are then read with a restricted unpickler. Off by default.",
+    ),
+]
+InputFormatOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--format",
+        rich_help_panel="Inputs",
+        help="What ROLLOUTS is: jsonl, parquet (the rollout schema), or a training run's dump: slime "
+        "(--dump-details folder or one rollout_data/N.pt), skyrl (dumped_data/ or one .pkl), prime-rl "
+        "(rollouts/step_N/rank_R.bin). Default: by suffix, else the dump detected.",
+    ),
+]
 JsonOpt = Annotated[
     bool, typer.Option("--json", rich_help_panel="Output", help="Print summary.json to stdout instead of tables.")
 ]

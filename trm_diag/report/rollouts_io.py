@@ -32,6 +32,8 @@ from typing import Any
 
 from trm_diag.config import LOGPROBS, SamplingConfig
 from trm_diag.errors import InputError, UsageError
+from trm_diag.report.dumps import DUMP_FORMATS, TEXT_ONLY, dump_rows
+from trm_diag.report.dumps import detect as detect_dump
 from trm_diag.report.rows import iter_jsonl, iter_parquet
 from trm_diag.types import Rollout
 
@@ -82,11 +84,59 @@ def parse_mapping(items: list[str]) -> dict[str, str]:
     return out
 
 
-def _rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(location, row) pairs from a JSONL or Parquet file, read as they are needed."""
+@dataclass(frozen=True)
+class RolloutSource:
+    """What `score` reads: a rollout file or a framework's dump (report/dumps/), in a format named or
+    detected, and whether pickled dumps may be read (they can run code when loaded)."""
+
+    path: Path
+    format: str | None = None  # INPUT_FORMATS; None: by suffix, or detected for a folder / a dump file
+    allow_pickle: bool = False
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+INPUT_FORMATS = ("jsonl", "parquet", *DUMP_FORMATS)
+
+
+def _source(path: str | Path | RolloutSource) -> RolloutSource:
+    return path if isinstance(path, RolloutSource) else RolloutSource(Path(path))
+
+
+def input_format(src: RolloutSource) -> str:
+    """The format `score` reads ``src`` in: the one named, else by suffix, else the dump detected."""
+    if src.format is not None:
+        if src.format not in INPUT_FORMATS:
+            raise UsageError(f"--format {src.format} is unknown", f"use one of: {', '.join(INPUT_FORMATS)}")
+        return src.format
+    suffix = src.path.suffix.lower()
+    if src.path.is_file() and suffix in (".jsonl", ".json"):
+        return "jsonl"
+    if src.path.is_file() and suffix == ".parquet":
+        return "parquet"
+    if not src.path.exists():
+        raise InputError(f"rollout file '{src.path}' does not exist", "pass a .jsonl or .parquet file, or a dump")
+    found = detect_dump(src.path)
+    if found is None:
+        what = "a folder" if src.path.is_dir() else f"a '{suffix}' file"
+        raise InputError(
+            f"'{src.path}' is {what} in no format trm-diag reads",
+            f"pass a .jsonl or .parquet rollout file, or a dump of {', '.join(DUMP_FORMATS)} (--format names it)",
+        )
+    return found
+
+
+def _rows(src: RolloutSource) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(location, row) pairs from a rollout file or a dump, read as they are needed."""
+    fmt = input_format(src)
+    path = src.path
+    if fmt in DUMP_FORMATS:
+        yield from dump_rows(path, fmt, src.allow_pickle)
+        return
     if not path.is_file():
         raise InputError(f"rollout file '{path}' does not exist", "pass a .jsonl or .parquet file")
-    suffix = path.suffix.lower()
+    suffix = ".parquet" if fmt == "parquet" else ".jsonl"
     if suffix in (".jsonl", ".json"):
         for where, obj in iter_jsonl(path):
             if not isinstance(obj, dict):
@@ -191,26 +241,29 @@ def scan_rollouts(
     result = RolloutFile([])
     hints: dict[str, set] = {k: set() for k in SAMPLING_FIELDS}
     keys = array("q"), array("q"), array("q")  # prompt_idx, sample_idx, a digest of the response: 24 bytes a row
-    for _, rollout in _parse(Path(path), mapping, tokenizer, vocab_width, result, hints, eos_ids, strip_after_eos):
+    steps = array("q")  # a dump's training step (0 for a rollout file): indices restart every step
+    src = _source(path)
+    for _, rollout in _parse(src, mapping, tokenizer, vocab_width, result, hints, eos_ids, strip_after_eos):
         result.count += 1
         digest = hashlib.blake2b(array("q", rollout.response_ids).tobytes(), digest_size=8).digest()
         for column, value in zip(
             keys, (rollout.prompt_idx, rollout.sample_idx, int.from_bytes(digest, "little", signed=True))
         ):
             column.append(value)
+        steps.append(int(rollout.extra.get("step", 0)))
         if keep:
             result.rollouts.append(rollout)
-    same_key, same_row = _repeats(*keys)
+    same_key, same_row = _repeats(*keys, step=steps)
     if len(same_row) and not allow_duplicates:
         i = int(same_row[0])
         raise InputError(
-            f"{_where(Path(path), i)}: repeats an earlier row (prompt_idx {keys[0][i]}, sample_idx {keys[1][i]}, the same "
+            f"{_where(src, i)}: repeats an earlier row (prompt_idx {keys[0][i]}, sample_idx {keys[1][i]}, the same "
             f"response; {len(same_row)} such row(s)): it would be counted twice",
             "drop the repeated rows, or pass --allow-duplicates to score every row",
         )
     result.duplicate_keys, result.duplicate_rows = len(same_key), len(same_row)
     if len(same_key):
-        result.duplicate_where = _where(Path(path), int(same_key[0]))
+        result.duplicate_where = _where(src, int(same_key[0]))
     if not result.count:
         raise InputError(f"rollout file '{path}' holds no rollouts", "add at least one row")
     for key, values in hints.items():
@@ -245,12 +298,14 @@ def score_tier(data: RolloutFile, path: str | Path, requested: str | None) -> tu
     return "sampled", f"only {some} (first without: {data.without_topk}): scored in the sampled tier"
 
 
-def _repeats(prompt: array, sample: array, digest: array) -> tuple[Any, Any]:
-    """Row numbers (ascending) of the rows whose (prompt_idx, sample_idx) an earlier row has, and of those
-    whose response is that earlier row's too."""
+def _repeats(prompt: array, sample: array, digest: array, step: array | None = None) -> tuple[Any, Any]:
+    """Row numbers (ascending) of the rows whose (step, prompt_idx, sample_idx) an earlier row has, and of
+    those whose response is that earlier row's too (``step``: a dump's training step; none for a file)."""
     import numpy as np
 
     p, s, d = (np.frombuffer(a, dtype=np.int64) if len(a) else np.zeros(0, np.int64) for a in (prompt, sample, digest))
+    if step is not None and len(step):
+        p = p + (np.frombuffer(step, dtype=np.int64) << 40)  # a (step, prompt_idx) key: indices restart per step
     rows = np.arange(len(p))
 
     def later(*columns: Any) -> Any:
@@ -263,9 +318,9 @@ def _repeats(prompt: array, sample: array, digest: array) -> tuple[Any, Any]:
     return later(p, s), later(p, s, d)
 
 
-def _where(path: Path, i: int) -> str:
+def _where(src: RolloutSource, i: int) -> str:
     """The location (FILE:LINE or 'FILE row N') of row i of a rollout file, read again to name it."""
-    return next(where for j, (where, _) in enumerate(_rows(path)) if j == i)
+    return next(where for j, (where, _) in enumerate(_rows(src)) if j == i)
 
 
 def iter_rollout_chunks(
@@ -280,7 +335,7 @@ def iter_rollout_chunks(
     """The file's rollouts, `size` at a time, in file order (seq ids 0, 1, ... across chunks)."""
     chunk: list[Rollout] = []
     hints: dict[str, set] = {k: set() for k in SAMPLING_FIELDS}
-    rows = _parse(Path(path), mapping, tokenizer, vocab_width, RolloutFile([]), hints, eos_ids, strip_after_eos)
+    rows = _parse(_source(path), mapping, tokenizer, vocab_width, RolloutFile([]), hints, eos_ids, strip_after_eos)
     for _, rollout in rows:
         chunk.append(rollout)
         if len(chunk) == size:
@@ -291,7 +346,7 @@ def iter_rollout_chunks(
 
 
 def _parse(
-    path: Path,
+    path: RolloutSource,
     mapping: dict[str, str],
     tokenizer: Any,
     vocab_width: int,
@@ -304,6 +359,11 @@ def _parse(
     end-of-sequence token, and which rows have top-K data, into `result` (padded tail dropped when strip_after_eos)."""
     for i, (where, raw) in enumerate(_rows(path)):
         row = {mapping.get(k, k): v for k, v in raw.items()}
+        if row.get("prompt_ids") is None and row.get("rollout_logprobs") is None and (text := _text_only(row)):
+            raise InputError(
+                f"{where}: {text} (no token ids, no log-probs): re-tokenising decoded text is lossy",
+                "audit the pipeline with trm-diag compare, or export token ids and the engine's log-probs",
+            )
         if row.get("prompt_ids") is None:
             if not isinstance(row.get("prompt"), str):
                 raise InputError(
@@ -371,6 +431,8 @@ def _parse(
         for key in ("reward", "advantage"):
             if row.get(key) is not None:
                 extra[key] = _number(row[key], where, key)
+        if row.get("step") is not None:
+            extra["step"] = _index(row["step"], where, "step", 0)
         for key in SAMPLING_FIELDS:
             if row.get(key) is not None:
                 hints[key].add(_logprobs(row[key], where) if key == "logprobs" else _number(row[key], where, key))
@@ -399,6 +461,15 @@ def _parse(
                 extra,
             ),
         )
+
+
+def _text_only(row: dict[str, Any]) -> str | None:
+    """Which framework's decoded-text dump a row looks like (verl's rollout_data_dir, TRL's completions)."""
+    if {"input", "output"} <= row.keys():
+        return TEXT_ONLY["verl"]
+    if "completion" in row and "prompt" in row:
+        return TEXT_ONLY["trl"]
+    return None
 
 
 ROLLOUT_SUFFIXES = (".jsonl", ".json", ".parquet")

@@ -98,6 +98,7 @@ class ScoreConfig:
     view: str = DEFAULT_VIEW
     logprobs: str | None = None  # None: the file's `logprobs` field, else processed (config.LOGPROBS)
     allow_duplicates: bool = False  # score rows that repeat an earlier row (else refused)
+    format: str | None = None  # rollouts_io.INPUT_FORMATS; None: by suffix, else the dump detected
 
 
 @dataclass
@@ -446,7 +447,14 @@ def run_score(cfg: ScoreConfig, reporter: Reporter | None = None) -> CompareResu
 
 
 def _score(cfg: ScoreConfig, rep: Reporter, engines: Engines, run: ExitStack) -> CompareResult:
-    from trm_diag.report.rollouts_io import GENERATION_ONLY, iter_rollout_chunks, scan_rollouts, score_tier
+    from trm_diag.report.rollouts_io import (
+        GENERATION_ONLY,
+        RolloutSource,
+        input_format,
+        iter_rollout_chunks,
+        scan_rollouts,
+        score_tier,
+    )
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -458,6 +466,8 @@ def _score(cfg: ScoreConfig, rep: Reporter, engines: Engines, run: ExitStack) ->
     train_spec = cfg.train.with_model(cfg.model)
     # input mistakes first, before the output folder is touched
     check_checkpoint(train_spec.model, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
+    src = RolloutSource(Path(cfg.rollouts), cfg.format, cfg.allow_pickle)
+    fmt = input_format(src)  # a missing file or an unknown layout, before any engine loads
     out_dir = check_out_dir(cfg.out, overwrite=cfg.overwrite, inputs=[cfg.rollouts])
     t = time.perf_counter()
     with rep.phase(f"load train ({train_spec.name})", 1) as advance:
@@ -467,7 +477,7 @@ def _score(cfg: ScoreConfig, rep: Reporter, engines: Engines, run: ExitStack) ->
     eos = eos_token_ids(train.model_path, train.tokenizer)
     read = {"eos_ids": eos, "strip_after_eos": cfg.strip_after_eos}
     data = scan_rollouts(  # every row checked
-        cfg.rollouts, cfg.mapping, train.tokenizer, train.vocab_width, **read, allow_duplicates=cfg.allow_duplicates
+        src, cfg.mapping, train.tokenizer, train.vocab_width, **read, allow_duplicates=cfg.allow_duplicates
     )
     limit = train.max_model_len
     if limit and data.longest > limit:
@@ -494,7 +504,7 @@ def _score(cfg: ScoreConfig, rep: Reporter, engines: Engines, run: ExitStack) ->
             f"{data.duplicate_keys:,} rollout(s) share their (prompt_idx, sample_idx) with an earlier row (first: "
             f"{data.duplicate_where}; {data.duplicate_rows:,} repeat its response too); each is scored as a rollout"
         )
-    fidelity, fallback = score_tier(data, cfg.rollouts, cfg.fidelity)
+    fidelity, fallback = score_tier(data, src, cfg.fidelity)
     if fallback:
         rep.warn(fallback)
     hints = dict(data.sampling_hints)
@@ -509,14 +519,14 @@ def _score(cfg: ScoreConfig, rep: Reporter, engines: Engines, run: ExitStack) ->
     run.enter_context(claim_out_dir(out_dir, overwrite=cfg.overwrite, warn=rep.warn))  # every input passed
     store = PartialStore(out_dir, "score", -(-n // SCORE_CHUNK), resume=False, overwrite=True)
     with rep.phase("score", n, "rollouts") as advance:
-        chunks = iter_rollout_chunks(cfg.rollouts, cfg.mapping, train.tokenizer, train.vocab_width, SCORE_CHUNK, **read)
+        chunks = iter_rollout_chunks(src, cfg.mapping, train.tokenizer, train.vocab_width, SCORE_CHUNK, **read)
         for ci, rollouts in enumerate(chunks):
             store.save(
                 ci, score_rollouts(rollouts, train, None, sampling, fidelity, train.vocab_width, advance, cfg.view)
             )
     timings["score_s"] = time.perf_counter() - t
     header = {
-        "rollout": {"source": str(cfg.rollouts), "mapping": cfg.mapping, "retokenized_fields": data.retokenized,
+        "rollout": {"source": str(cfg.rollouts), "format": fmt, "mapping": cfg.mapping, "retokenized_fields": data.retokenized,
                     "empty_responses": data.empty, "sampling_from": "options" if cfg.sampling else "file",
                     "topk_rows": data.topk_rows, "duplicates": {"same_key": data.duplicate_keys,
                                                                 "same_row": data.duplicate_rows},

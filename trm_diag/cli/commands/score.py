@@ -13,14 +13,15 @@ from trm_diag.cli.options import (
     DppoKlOpt,
     DppoTvOpt,
     HorizonsOpt,
+    InputFormatOpt,
     JsonOpt,
     LnTrmOpt,
     ModelOpt,
     OutOpt,
     OverwriteOpt,
-    PickleOpt,
     QuietOpt,
     RemoteCodeOpt,
+    ScorePickleOpt,
     ScoreViewOpt,
     SerOpt,
     TrainOpt,
@@ -33,7 +34,11 @@ from trm_diag.config import DEFAULT_VIEW, parse_horizons
 
 def score(
     rollouts: Annotated[
-        str, typer.Argument(help="Rollouts with token ids and rollout log-probs (.jsonl or .parquet).")
+        str,
+        typer.Argument(
+            help="Rollouts with token ids and rollout log-probs (.jsonl or .parquet), or a training run's dump "
+            "(slime, SkyRL, prime-rl: see --format)."
+        ),
     ],
     model: ModelOpt = "",
     mapping: Annotated[
@@ -101,7 +106,8 @@ def score(
     dppo_kl: DppoKlOpt = DEFAULT["dppo_kl"],
     horizons: HorizonsOpt = HORIZONS,
     trust_remote_code: RemoteCodeOpt = False,
-    allow_pickle: PickleOpt = False,
+    allow_pickle: ScorePickleOpt = False,
+    input_format: InputFormatOpt = None,
     out: OutOpt = "trm-report",
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
@@ -140,6 +146,7 @@ def score(
         view=view,
         logprobs=logprobs,
         allow_duplicates=allow_duplicates,
+        format=input_format,
     )
     result = run_score(cfg, RichReporter(quiet or json_out))
     print_report(result.summary, result.out_dir, json_out)
