@@ -19,6 +19,8 @@ from importlib import import_module
 from pathlib import Path
 from typing import Any
 
+from trm_diag.errors import UsageError
+
 # format name -> module (imported only when a file is read or detected in that format)
 DUMP_FORMATS: dict[str, str] = {
     "slime": "trm_diag.report.dumps.slime",
@@ -33,24 +35,27 @@ TEXT_ONLY = {
 
 
 def reader(name: str) -> Any:
-    """The reader module of a dump format."""
-    return import_module(DUMP_FORMATS[name])
-
-
-def _available(name: str) -> bool:
+    """The reader module of a dump format; a one-line error when it (or a package it needs) is missing."""
     try:
-        reader(name)
+        return import_module(DUMP_FORMATS[name])
     except ModuleNotFoundError as e:
-        if e.name != DUMP_FORMATS[name]:  # a dependency of the reader is missing: say so when it is used
-            return True
-        return False
-    return True
+        if e.name == DUMP_FORMATS[name]:
+            raise UsageError(
+                f"this trm-diag cannot read {name} dumps yet", "convert the dump to the rollout schema"
+            ) from None
+        raise UsageError(
+            f"reading {name} dumps needs the package '{e.name}', which is not installed", f"pip install {e.name}"
+        ) from None
 
 
 def detect(path: Path) -> str | None:
     """The dump format a path is in, or None (a plain rollout file, or nothing trm-diag knows)."""
     for name in DUMP_FORMATS:
-        if _available(name) and reader(name).detect(path):
+        try:
+            found = reader(name).detect(path)
+        except UsageError:  # a reader this installation cannot run: it detects nothing
+            continue
+        if found:
             return name
     return None
 

@@ -87,7 +87,7 @@ class _Unpickler(pickle.Unpickler):
         if (module, name) == ("torch", "device"):
             return _device
         if module in ("numpy", "numpy.core.multiarray", "numpy._core.multiarray") and name in ("dtype", "scalar"):
-            return getattr(np, "dtype") if name == "dtype" else _np_scalar()
+            return np.dtype if name == "dtype" else _np_scalar()
         raise pickle.UnpicklingError(f"asks to load {module}.{name}")
 
 
