@@ -9,7 +9,9 @@ inference_logprobs, position_ids, sequence_lengths, temperatures, env_names, seq
 routed_experts ([data, shape, dtype]), mm_kwargs, ... Samples are packed back to back (split by
 ``sequence_lengths``); the padding the packer appends to the last sample restarts its position_ids at 0 and is cut
 there; a sample's prompt is its loss_mask-0 head and its response the rest. Sequences with no trained token
-(the dummy micro-batches that even out the ranks, copies of real ones) are not samples and are skipped.
+(the dummy micro-batches that even out the ranks, copies of real ones, and samples whose loss prime-rl
+masked whole) are not scored: the trainer did not train on any of their tokens, and trm-diag scores trained
+tokens only (docs/integrations.md).
 
 Only the inference side is in the dump (no trainer log-probs, no rewards, no sample indices): ``prompt_idx``
 numbers the distinct prompts of a step and ``sample_idx`` the samples of a step, over what is read (ranks in order,
@@ -172,7 +174,12 @@ def _array(v: Any, kinds: str, where: str, name: str) -> np.ndarray:
         raise InputError(
             f"{where}: field '{name}' is {type(v).__name__}, not a list: not the MicroBatch layout", LAYOUT_FIX
         )
-    a = np.asarray(v)
+    try:
+        a = np.asarray(v)
+    except (ValueError, TypeError):  # ragged or mixed entries
+        raise InputError(
+            f"{where}: field '{name}' is not a flat list of values: not the MicroBatch layout", LAYOUT_FIX
+        ) from None
     if a.ndim != 1 or (len(a) and a.dtype.kind not in kinds):
         raise InputError(f"{where}: field '{name}' has {a.dtype} values: not the MicroBatch layout", LAYOUT_FIX)
     return a

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from trm_diag.errors import InputError, UsageError
+from trm_diag.report.dumps._numpy_safe import builtin_dtype, numeric_scalar
 
 FRAMEWORK = "SkyRL"
 DUMP_DIR = "dumped_data"
@@ -87,16 +88,8 @@ class _Unpickler(pickle.Unpickler):
         if (module, name) == ("torch", "device"):
             return _device
         if module in ("numpy", "numpy.core.multiarray", "numpy._core.multiarray") and name in ("dtype", "scalar"):
-            return np.dtype if name == "dtype" else _np_scalar()
+            return builtin_dtype if name == "dtype" else numeric_scalar  # built-in numeric dtypes only
         raise pickle.UnpicklingError(f"asks to load {module}.{name}")
-
-
-def _np_scalar() -> Any:
-    try:
-        from numpy._core.multiarray import scalar  # numpy >= 2
-    except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core.multiarray import scalar  # type: ignore[no-redef]
-    return scalar
 
 
 def detect(path: Path) -> bool:
@@ -182,11 +175,10 @@ def _tensor(entry: Any, file: Path, key: str) -> np.ndarray | None:
     if fmt == "tensor_list":
         raise InputError(f"'{file}': tensor '{key}' is a per-sample list", "only padded tensors are read")
     try:
-        dtype = np.dtype(entry["dtype"])
-        if dtype.hasobject:
-            raise ValueError
+        dtype = entry["dtype"]
+        dtype = builtin_dtype(dtype if isinstance(dtype, str) else getattr(dtype, "str", None))
         return np.frombuffer(entry["data"], dtype=dtype).reshape(tuple(entry["shape"]))
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, pickle.UnpicklingError):
         raise InputError(
             f"'{file}': tensor '{key}' is damaged (its bytes do not fill its shape and dtype)", "dump the step again"
         ) from None
@@ -208,7 +200,7 @@ def _indices(metadata: dict[str, Any], rows: int) -> list[tuple[int, int]]:
     """(prompt_idx, sample_idx) per row: from uids (the prompt each row came from) when the dump keeps them,
     else from ``policy_prompt_boundaries`` (one (start, end) per prompt), else (row, 0)."""
     uids = metadata.get("uids")
-    if isinstance(uids, list) and len(uids) >= rows:
+    if isinstance(uids, list) and len(uids) >= rows and all(isinstance(u, (str, int)) for u in uids[:rows]):
         order: dict[Any, int] = {}
         seen: dict[Any, int] = {}
         out = []
@@ -240,6 +232,10 @@ def _step_rows(file: Path, step: int, state: dict[str, Any]) -> Iterator[tuple[s
     experts = _tensor(batch.get("rollout_expert_indices"), file, "rollout_expert_indices")
     no_route = _tensor(batch.get("router_padding_mask"), file, "router_padding_mask")
     seq, attn, resp = t["sequences"], t["attention_mask"], t["response_mask"]
+    if no_route is not None and no_route.shape != seq.shape:
+        raise InputError(
+            f"'{file}': router_padding_mask {no_route.shape} does not fit sequences {seq.shape}", "dump the step again"
+        )
     if seq.ndim != 2 or attn.shape != seq.shape or resp.ndim != 2 or resp.shape[1] > seq.shape[1]:
         raise InputError(
             f"'{file}': sequences {seq.shape}, attention_mask {attn.shape} and response_mask {resp.shape} "

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from trm_diag.errors import InputError, UsageError
+from trm_diag.report.dumps._numpy_safe import builtin_dtype, numeric_scalar
 
 TRAIN_FORMAT_VERSION = 2  # train_data payloads this reader knows (slime/observability/train_data_utils.py)
 _STEP = re.compile(r"(eval_)?(\d+)\.pt")
@@ -45,6 +46,11 @@ def _steps(path: Path) -> list[tuple[int | None, Path, Path | None]]:
         if not folder.is_dir():
             raise InputError(f"'{path}' has no rollout_data/ folder", "pass the folder given to slime's --dump-details")
         found = [(int(m.group(2)), p) for p in folder.iterdir() if (m := _STEP.fullmatch(p.name)) and not m.group(1)]
+        steps = [s for s, _ in found]
+        twice = sorted({s for s in steps if steps.count(s) > 1})
+        if twice:  # 1.pt and 01.pt: one step, read twice otherwise
+            names = sorted(p.name for s, p in found if s == twice[0])
+            raise InputError(f"'{folder}' holds step {twice[0]} twice ({', '.join(names)})", "keep one file per step")
         if not found:
             raise InputError(
                 f"'{folder}' holds no training step's N.pt file", "pass the folder given to slime's --dump-details"
@@ -113,10 +119,10 @@ def _numpy_globals() -> list[Any]:
     """numpy arrays and scalars (a reward function may return numpy numbers), under numpy 1 and 2 names."""
     import numpy as np
 
-    out: list[Any] = [np.ndarray, np.dtype, *(type(np.dtype(c)) for c in "?bBhHiIlLqQefdgFDG")]
+    # dtype and scalar through wrappers that give numpy's shared built-in numeric dtypes only (_numpy_safe)
+    out: list[Any] = [np.ndarray, (builtin_dtype, "numpy.dtype"), *(type(np.dtype(c)) for c in "?bBhHiIlLqQefdgFDG")]
     core = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
-    for name in ("_reconstruct", "scalar"):
-        fn = getattr(core, name)
+    for name, fn in (("_reconstruct", core._reconstruct), ("scalar", numeric_scalar)):
         out += [(fn, f"numpy.core.multiarray.{name}"), (fn, f"numpy._core.multiarray.{name}")]
     return out
 
