@@ -143,6 +143,7 @@ def render_compare(console: Console, summary: dict[str, Any]) -> None:
         )
 
     render_routing(console, summary.get("routing"))
+    render_steps(console, summary.get("steps"))
 
     worst = summary.get("worst_sequences") or []
     if worst:
@@ -415,3 +416,16 @@ def render_diff(console: Console, result: dict[str, Any], a: str, b: str) -> Non
     worse = sum(r["direction"] == "worse" for r in result["rows"])
     better = sum(r["direction"] == "better" for r in result["rows"])
     console.print(f"{better} better, {worse} worse, {sum(r['direction'] == 'same' for r in result['rows'])} unchanged")
+
+
+def render_steps(console: Console, steps: list[dict[str, Any]] | None) -> None:
+    """A training run's dump: the mismatch step by step (summary.json `steps`)."""
+    if not steps:
+        return
+    t = Table(title="By training step (kl = verl's k1 mean over the step's tokens)", title_justify="left")
+    for c in ("step", "rollouts", "tokens", "kl", "TRM-Max", "TRM Max+Avg"):
+        t.add_column(c, justify="right")
+    for r in steps:
+        t.add_row(str(r["step"]), f"{r['n_sequences']:,}", f"{r['n_tokens']:,}", fmt(r["kl"]),
+                  pct(r["accept_trm_max"]), pct(r["accept_combined"]))  # fmt: skip
+    console.print(t)

@@ -39,7 +39,7 @@ from trm_diag.tiers import TIERS
 from trm_diag.types import Rollout, Scored
 
 ROUTE_COLUMNS = ("route_flips", "route_margin")
-CARRIED = ("reward", "advantage")  # per-rollout values carried through from imported rollouts
+CARRIED = ("reward", "advantage", "step")  # per-rollout values carried from imported rollouts (step: a dump's)
 
 
 class ChunkSource(Protocol):
@@ -279,6 +279,22 @@ def _chunk_sequences(sc: Scored, th: Thresholds, fidelity: str) -> dict[str, Any
     return seqs
 
 
+def by_step(seqs: pd.DataFrame) -> list[dict[str, Any]]:
+    """summary.json `steps` (a training run's dump): per step the rollouts, tokens, verl's kl (the k1 mean over
+    the step's tokens) and the acceptance of TRM-Max and TRM Max+Avg, so a drift over steps shows."""
+    rows = []
+    for step, g in seqs.groupby("step", sort=True):
+        n_tok = int(g["length"].sum())
+        sel = g["length"].to_numpy() > 0
+        total = np.sum(g["k1_mean"].to_numpy()[sel] * g["length"].to_numpy()[sel])  # NaN stays NaN: never skipped
+        k1 = total / n_tok if n_tok else math.nan
+        rows.append({
+            "step": int(step), "n_sequences": len(g), "n_tokens": n_tok, "kl": float(k1),
+            "accept_trm_max": float(g["accept_trm_max"].mean()), "accept_combined": float(g["accept_combined"].mean()),
+        })  # fmt: skip
+    return rows
+
+
 def _estimators(fidelity: str, sampler_note: str | None) -> dict[str, Any]:
     """summary.json `estimators`: per criterion and bound input, what the tier computes it from and why
     (tiers.Tier.estimators), and whether the rollouts were drawn from the view's pi_roll."""
@@ -365,6 +381,8 @@ def assemble(
     seqs, candidates, tally = _sequence_pass(source, th, fidelity, has_routing)
     carried = tuple(k for k in CARRIED if seqs[k].notna().any())
     seqs = seqs.drop(columns=[k for k in CARRIED if k not in carried])
+    if "step" in carried and seqs["step"].notna().all():
+        seqs["step"] = seqs["step"].astype(np.int64)
     lengths = seqs["length"].to_numpy()
     metrics = batch_metrics(tokens, seqs, fidelity=fidelity, thresholds=th)
     sampler_note = sampler_differs(view, sampling)
@@ -427,6 +445,7 @@ def assemble(
         },
         **report_breakdowns(tokens, fidelity),  # where the mismatch sits; report.html's figures
         "worst_sequences": _worst_sequences(candidates, tokenizer, worst_key),
+        **({"steps": by_step(seqs)} if "step" in carried else {}),
         "hardware": _hardware(set(source.kernels)),
         "versions": _versions(),
     }

@@ -66,6 +66,7 @@ class RolloutFile:
     duplicate_where: str = ""  # where the first of them is
     after_eos_rollouts: int = 0  # rollouts with tokens after their first end-of-sequence token (padding)
     after_eos_tokens: int = 0
+    train_logprob_rows: int = 0  # rows that carry the trainer's own recorded log-probs (a dump's)
     longest: int = 0  # most tokens of prompt + response in one rollout
     longest_where: str = ""
 
@@ -433,6 +434,8 @@ def _parse(
                 extra[key] = _number(row[key], where, key)
         if row.get("step") is not None:
             extra["step"] = _index(row["step"], where, "step", 0)
+        if row.get("train_logprobs") is not None:
+            result.train_logprob_rows += 1
         for key in SAMPLING_FIELDS:
             if row.get(key) is not None:
                 hints[key].add(_logprobs(row[key], where) if key == "logprobs" else _number(row[key], where, key))

@@ -20,7 +20,7 @@ import torch
 from trm_diag.config import DEFAULT_HORIZONS, DEFAULT_VIEW, SamplingConfig, Thresholds
 from trm_diag.errors import InputError, UsageError
 from trm_diag.math.moe import RoutingComparison
-from trm_diag.report.assemble import assemble, report_parts
+from trm_diag.report.assemble import CARRIED, assemble, report_parts
 from trm_diag.report.diff import setup_differences
 from trm_diag.report.html_report import write_html_or_warn
 from trm_diag.report.outputs import check_out_dir, claim_out_dir
@@ -35,7 +35,7 @@ from trm_diag.report.tables import (
 from trm_diag.types import Rollout, Scored
 
 CHUNK = 64  # merged rollouts per chunk, as compare's default --chunk-prompts
-SEQUENCE_FIELDS = ("prompt_token_ids", "response_token_ids", "finish_reason", "reward", "advantage")
+SEQUENCE_FIELDS = ("prompt_token_ids", "response_token_ids", "finish_reason", *CARRIED)
 
 
 def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -194,7 +194,7 @@ class ShardChunks:
                 if len(cols["pos"]) > 1 and np.any(np.diff(cols["pos"]) < 0):
                     cols = {c: a[np.argsort(cols["pos"], kind="stable")] for c, a in cols.items()}
                 cols["seq_id"] = np.full(len(cols["pos"]), new_id, dtype=np.int64)
-                extra = {f: seq_rows[f][j] for f in ("reward", "advantage") if f in seq_rows}
+                extra = {f: seq_rows[f][j] for f in CARRIED if f in seq_rows}
                 rollouts[slot] = Rollout(
                     new_id, int(self.prompt[new_id]), int(self.sample[new_id]),
                     [int(x) for x in seq_rows["prompt_token_ids"][j]], [int(x) for x in seq_rows["response_token_ids"][j]],

@@ -479,6 +479,11 @@ def _score(cfg: ScoreConfig, rep: Reporter, engines: Engines, run: ExitStack) ->
     data = scan_rollouts(  # every row checked
         src, cfg.mapping, train.tokenizer, train.vocab_width, **read, allow_duplicates=cfg.allow_duplicates
     )
+    if data.train_logprob_rows:
+        rep.warn(
+            f"{data.train_logprob_rows:,} rollout(s) carry the trainer's own recorded log-probs; this version scores "
+            f"the training side with {train_spec.name} (--train) instead and does not use them yet"
+        )
     limit = train.max_model_len
     if limit and data.longest > limit:
         raise InputError(

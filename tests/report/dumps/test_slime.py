@@ -204,6 +204,33 @@ def test_score_reads_the_dump_like_the_rollout_file(run, capsys):
             assert abs(u - v) <= 2**-24 * max(abs(u), abs(v)) + 2**-24, (x, y)
 
 
+def test_a_multi_step_dump_keeps_its_steps(run, capsys):
+    """sequences.parquet gets a step column, summary.json one row per step (independent recount from the rows),
+    and the run says that the dump's own trainer log-probs are not used yet."""
+    import json
+
+    import numpy as np
+
+    out = run["dir"] / "score_steps"
+    code, _, err = run_cli(
+        ["score", str(run["dump"]), "--format", "slime", "--allow-pickle", "--model", MODEL, "--fidelity", "sampled",
+         "--temperature", "0.8", "--out", str(out)], capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "carry the trainer's own recorded log-probs" in err and "does not use them yet" in err
+    seqs = pq.read_table(out / "sequences.parquet", columns=["seq_id", "step", "length"]).to_pydict()
+    rows = [r for _, r in slime.rows(run["dump"], allow_pickle=True)]
+    assert sorted(seqs["step"]) == sorted(r["step"] for r in rows)
+    tok = pq.read_table(out / "tokens.parquet", columns=["seq_id", "log_ratio"]).to_pydict()
+    step_of = dict(zip(seqs["seq_id"], seqs["step"]))
+    steps = json.loads((out / "summary.json").read_text())["steps"]
+    assert [s["step"] for s in steps] == sorted(set(step_of.values()))
+    for s in steps:
+        lr = np.array([v for i, v in zip(tok["seq_id"], tok["log_ratio"]) if step_of[i] == s["step"]])
+        assert s["n_tokens"] == len(lr) and s["n_sequences"] == sum(1 for v in step_of.values() if v == s["step"])
+        assert abs(s["kl"] - float(np.mean(-lr))) <= 1e-12 * max(1.0, abs(s["kl"]))
+
+
 # hostile and broken dumps: each a one-line error, nothing run
 
 
