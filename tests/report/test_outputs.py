@@ -124,14 +124,6 @@ def test_an_input_among_what_overwrite_clears_is_refused(tmp_path):
         check_out_dir(tmp_path / "new", overwrite=True, resume=True)
 
 
-def test_the_names_outputs_owns_are_the_writers_names():
-    from trm_diag.report import outputs
-    from trm_diag.run import locate, sweep
-
-    assert set(outputs.LOCATE_FILES) == {locate.LOCATE_FILE, locate.LOCATE_SUMMARY}
-    assert outputs.SWEEP_STATE == sweep.STATE
-
-
 def test_a_real_sweep_and_report_overwrite_each_other_cleanly(dense_model, tmp_path, capsys):
     """sweep --overwrite on a compare report (with locate.json), then compare --overwrite on that sweep."""
     from tests.helpers import run_cli

@@ -35,8 +35,10 @@ UNFINISHED = {
     "sweep-arm": ("an arm of a sweep that did not finish", "finish the sweep (the folder above) with the same "
                   "`trm-diag sweep ... --resume`"),
 }  # fmt: skip
-LOCATE_FILES = ("locate.parquet", "locate.json")  # locate.py's, added to a report folder
-SWEEP_FILES = ("sweep.parquet", "rollouts.parquet", MARKER)  # sweep.py's, beside one report folder per arm
+LOCATE_TABLE, LOCATE_SUMMARY = "locate.parquet", "locate.json"  # what locate adds to a report folder
+LOCATE_FILES = (LOCATE_TABLE, LOCATE_SUMMARY)
+SWEEP_TABLE, SWEEP_ROLLOUTS = "sweep.parquet", "rollouts.parquet"  # a sweep's, beside one report folder per arm
+SWEEP_FILES = (SWEEP_TABLE, SWEEP_ROLLOUTS, MARKER)
 SWEEP_STATE = "sweep-state.json"  # sweep.py's record of finished arms, in PARTIAL_DIR
 # What each kind of output folder holds, by name: all of it is cleared when a run overwrites the folder.
 OWNED = {"report": (*REPORT_FILES, *LOCATE_FILES), "sweep": SWEEP_FILES}

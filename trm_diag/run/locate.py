@@ -18,12 +18,11 @@ from typing import Any
 from trm_diag.config import BackendSpec, SamplingConfig
 from trm_diag.errors import InputError, UsageError
 from trm_diag.math.locate_math import FLOOR, JUMP, carrier, entry_layer, expert_flip, growth, relative_error
+from trm_diag.report.outputs import LOCATE_SUMMARY, LOCATE_TABLE
 from trm_diag.report.tables import atomic_write, complete_report, read_schema, read_table, to_json
 from trm_diag.run.pipeline import CompareResult, Engines, Reporter
 from trm_diag.tiers import TIERS
 
-LOCATE_FILE = "locate.parquet"
-LOCATE_SUMMARY = "locate.json"
 WORST_POS = ("worst_pos", "kl_argmax")  # sequences.parquet's worst token position (kl_argmax: older reports)
 
 
@@ -215,7 +214,7 @@ def run_locate(cfg: LocateConfig, reporter: Reporter | None = None) -> CompareRe
         )
     df = pd.DataFrame(rows)
     df["growth"] = df.get("growth", pd.Series(dtype=float))
-    atomic_write(path / LOCATE_FILE, lambda tmp: df.to_parquet(tmp, index=False))
+    atomic_write(path / LOCATE_TABLE, lambda tmp: df.to_parquet(tmp, index=False))
     layers = df[df["component"] == "layer"].groupby("layer")["rel_err"].median()
     out = {
         "tool": "trm-diag",

@@ -26,7 +26,14 @@ from trm_diag.backends.checkpoint import check_checkpoint
 from trm_diag.config import DEFAULT_HORIZONS, DEFAULT_VIEW, BackendSpec, SamplingConfig, Thresholds, as_dict, check_view
 from trm_diag.errors import BackendFailure, BackendUnavailable, InputError, ModelError, UsageError
 from trm_diag.math.attribution import decompose, error_stats, reference_errors
-from trm_diag.report.outputs import PARTIAL_DIR, check_out_dir, claim_out_dir
+from trm_diag.report.outputs import (
+    PARTIAL_DIR,
+    SWEEP_ROLLOUTS,
+    SWEEP_STATE,
+    SWEEP_TABLE,
+    check_out_dir,
+    claim_out_dir,
+)
 from trm_diag.report.partial import PartialStore, run_fingerprint
 from trm_diag.report.row_file import RowReader, RowWriter, bytes_needed
 from trm_diag.report.sweep_table import HORIZON_4096, headline, table_rows, verdict
@@ -50,7 +57,6 @@ from trm_diag.run.pipeline import (
 )  # fmt: skip
 from trm_diag.types import Rollout, TokenRows
 
-STATE = "sweep-state.json"
 ERR_BLOCK = 1 << 22  # reference-error entries per step (~32 MB of float64 per temporary)
 
 
@@ -172,7 +178,7 @@ class _Sweep:
         return self._finish(rollouts, arms + self._earlier_arms())
 
     def _read_state(self) -> dict[str, Any]:
-        path = self.work / STATE
+        path = self.work / SWEEP_STATE
         if self.cfg.resume and path.is_file():
             return json.loads(path.read_text())
         return {"arms": {}}
@@ -216,7 +222,7 @@ class _Sweep:
         return kept
 
     def _save_state(self) -> None:
-        atomic_write(self.work / STATE, lambda tmp: Path(tmp).write_text(to_json(self.state)))
+        atomic_write(self.work / SWEEP_STATE, lambda tmp: Path(tmp).write_text(to_json(self.state)))
 
     def _rollouts(self) -> list[Rollout]:
         """Phase 1: generate once (kept for --resume) and the rollout engine's full rows of every token."""
@@ -441,8 +447,8 @@ class _Sweep:
         rows = table_rows(roll_row, arms)
         ref_name = cfg.reference and _short(cfg.reference)
         lines = verdict(rows, ref_name)
-        atomic_write(self.out / "sweep.parquet", lambda tmp: pd.DataFrame(rows).to_parquet(tmp, index=False))
-        write_rollouts(self.out / "rollouts.parquet", [rollouts], cfg.sampling)
+        atomic_write(self.out / SWEEP_TABLE, lambda tmp: pd.DataFrame(rows).to_parquet(tmp, index=False))
+        write_rollouts(self.out / SWEEP_ROLLOUTS, [rollouts], cfg.sampling)
         self.timings["total_s"] = time.perf_counter() - self.t_start
         summary = {
             "tool": "trm-diag",
