@@ -21,13 +21,15 @@ __version__ = "0.1.0"
 # public name -> the module that defines it (one place: a new public name is one line here)
 API: dict[str, str] = {
     "run_compare": "trm_diag.run.pipeline",
-    "run_score": "trm_diag.run.pipeline",
+    "run_score": "trm_diag.run.score",
     "CompareConfig": "trm_diag.run.pipeline",
-    "ScoreConfig": "trm_diag.run.pipeline",
+    "ScoreConfig": "trm_diag.run.score",
     "CompareResult": "trm_diag.run.pipeline",
     "run_sweep": "trm_diag.run.sweep",
     "SweepConfig": "trm_diag.run.sweep",
     "run_locate": "trm_diag.run.locate",
+    "Monitor": "trm_diag.run.monitor",
+    "MonitorResult": "trm_diag.run.monitor",
     "LocateConfig": "trm_diag.run.locate",
     "SamplingConfig": "trm_diag.config",
     "Thresholds": "trm_diag.config",

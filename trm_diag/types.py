@@ -24,6 +24,13 @@ class RoutingComparison:
     margin_train: torch.Tensor  # (layers, T)
     flip: torch.Tensor  # (layers, T) bool
 
+    def subset(self, keep: torch.Tensor) -> RoutingComparison:
+        """The comparison at the response positions where ``keep`` [T] (bool) is set."""
+        return RoutingComparison(
+            self.experts_roll[:, keep], self.experts_train[:, keep], self.margin_roll[:, keep],
+            self.margin_train[:, keep], self.flip[:, keep],
+        )  # fmt: skip
+
     @property
     def route_flips(self) -> np.ndarray:
         """Number of layers whose expert set differs, per token [T]."""

@@ -58,7 +58,7 @@ def test_score_streams_the_file_in_chunks(saved, dense_model, tmp_path, fmt, mon
     """The file is read twice (checked, then scored chunk by chunk); small chunks give the same report."""
     from transformers import AutoTokenizer
 
-    import trm_diag.run.pipeline
+    import trm_diag.run.score
     from trm_diag.report.rollouts_io import iter_rollout_chunks, scan_rollouts
 
     src = saved / "r.jsonl"
@@ -73,7 +73,7 @@ def test_score_streams_the_file_in_chunks(saved, dense_model, tmp_path, fmt, mon
 
     argv = ["score", str(src), "--model", str(dense_model), "--train", "hf:dtype=float32,batch_size=1", "-q"]
     assert run([*argv, "--out", str(tmp_path / "one")], capsys)[0] == 0
-    monkeypatch.setattr(trm_diag.run.pipeline, "SCORE_CHUNK", 3)
+    monkeypatch.setattr(trm_diag.run.score, "SCORE_CHUNK", 3)
     assert run([*argv, "--out", str(tmp_path / "four")], capsys)[0] == 0
     assert json.loads((tmp_path / "four" / "summary.json").read_text())["rollout"]["empty_responses"] == 0
     for f in ("tokens.parquet", "sequences.parquet", "bounds.parquet"):

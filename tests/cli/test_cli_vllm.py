@@ -147,33 +147,42 @@ def test_vllm_vs_vllm_checkpoints_chunks_and_resumes_without_regenerating(tmp_pa
     monkeypatch.setattr(PartialStore, "save", interrupted)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
-        main(["compare", "--out", str(out), *FAST, *argv])
+        main(["compare", "--out", str(out), *FAST, *argv, "--memory-budget", "0"])  # every row through the disk
     assert e.value.code == 130
     manifest = json.loads((out / ".trm-partial" / "manifest.json").read_text())
     assert manifest["done"] == [0] and manifest["generated"] == [1, 2]
 
     monkeypatch.setattr(PartialStore, "save", real_save)
     monkeypatch.setattr(VLLMBackend, "generate", lambda *a, **k: pytest.fail("a saved chunk was generated again"))
-    tok, s = compare(out, *argv, "--resume")
+    tok, s = compare(out, *argv, "--resume", "--memory-budget", "0")
     assert s["run"]["resumed_chunks"] == 1 and not (out / ".trm-partial").exists()
+    assert s["run"]["memory"]["mode"] == "spilled" and ref["run"]["memory"]["mode"] == "in RAM"
     for f in ("tokens.parquet", "sequences.parquet", "bounds.parquet"):
         pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "ref" / f), pd.read_parquet(out / f), check_exact=True)
 
 
-def test_vllm_vs_vllm_exact_refuses_to_hold_too_many_rows(tmp_path, dense_model):
-    """The exact tier holds the rollout engine's full rows across the engine swap: past the limit the run
-    stops with the fix before the second engine starts, and leaves no report."""
+def test_vllm_vs_vllm_exact_refuses_rows_beyond_the_budget_that_the_disk_cannot_hold(
+    tmp_path, dense_model, monkeypatch
+):
+    """The exact tier holds the rollout engine's full rows across the engine swap, beyond the memory budget on
+    disk: when the disk is too small the run stops with the fix before generating, and leaves no folder."""
+    import shutil
+
     from trm_diag.backends import parse_spec
     from trm_diag.config import SamplingConfig
     from trm_diag.errors import UsageError
     from trm_diag.run.pipeline import CompareConfig, run_compare
 
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1 << 30))  # all of it kept spare
     cfg = CompareConfig(rollout=parse_spec(f"vllm:dtype=bfloat16,{KV}"), train=parse_spec(f"vllm:dtype=float32,{KV}"),
                         model=str(dense_model), out=str(tmp_path / "o"), num_prompts=2,
-                        sampling=SamplingConfig(max_new_tokens=8), max_held_bytes=100_000)  # fmt: skip
-    with pytest.raises(UsageError, match="--fidelity topk"):
+                        sampling=SamplingConfig(max_new_tokens=8), memory_budget=1000)  # fmt: skip
+    with pytest.raises(
+        UsageError, match=r"up to 16 tokens at once\).* needs up to 0\.0 GiB on disk, but .* 1\.0 GiB free"
+    ):
         run_compare(cfg)
-    assert not (tmp_path / "o" / "summary.json").exists()
+    assert not (tmp_path / "o").exists()
 
 
 def test_prompts_beyond_max_model_len_are_refused_before_generation(dense_model, tmp_path, capsys):

@@ -56,7 +56,7 @@ def test_batched_chunks_across_rollouts_equal_one_by_one(fidelity):
     for j, r in enumerate(rollouts):
         alone, _ = token_columns(r, p[j] if p else None, q_rows[j], fidelity, V)
         got, _ = together[j]
-        want = tier_columns(fidelity)
+        want = tier_columns(fidelity) + (("row_differs",) if fidelity == "exact" else ())  # certify.py
         assert set(got) == set(want) and all(len(got[c]) == len(r.response_ids) for c in want)
         for c in want:
             np.testing.assert_allclose(got[c], alone[c], rtol=1e-12, atol=1e-15, err_msg=f"{fidelity} {j} {c}")
@@ -90,7 +90,8 @@ def test_each_tier_writes_only_the_columns_it_fills():
     for fidelity in ("exact", "topk", "sampled"):
         rollouts, p_rows, q_rows = _batch(3, topk=fidelity == "topk")
         got = batch_columns(rollouts, p_rows if fidelity == "exact" else None, q_rows, fidelity, V)[0][0]
-        assert set(got) == set(tier_columns(fidelity)), fidelity
+        rows = ("row_differs",) if fidelity == "exact" else ()  # the exact tier's bitwise row comparison
+        assert set(got) == set(tier_columns(fidelity) + rows), fidelity
         assert {c for c in TOKEN_COLUMNS if c not in got} <= TIER_ONLY
         for c, v in got.items():
             assert not (np.issubdtype(v.dtype, np.floating) and np.isnan(v).all()), (fidelity, c)

@@ -84,3 +84,27 @@ def test_the_sampler_side_of_the_mismatch_is_named_with_its_fix():
     assert [x["id"] for x in f] == ["raw_logprobs"] and "logprobs=processed" in f[0]["action"]
     s["sampling"]["temperature"] = 1.0  # raw and processed agree at temperature 1 without truncation
     assert not [f for f in verdict(s)["findings"] if f["id"] == "raw_logprobs"]
+
+
+def _cert(n_tok=0, n_rows=0, first=None, gap=0.0, n=120):
+    return {"n_tokens": n, "n_tokens_differing": n_tok, "max_abs_log_ratio": gap, "first_token_differing": first,
+            "n_rows_differing": n_rows, "first_row_differing": first}  # fmt: skip
+
+
+def test_bitwise_line_certifies_or_names_the_first_differing_token():
+    v = verdict({**summary(), "certification": _cert()})
+    assert v["bitwise"] == "BITWISE EQUAL on 120 tokens (their full rows too)"
+    v = verdict({**summary(), "certification": _cert(7, 9, {"seq_id": 3, "pos": 11}, 0.02)})
+    assert v["bitwise"].startswith("differs on 7 of 120 tokens, first at sequence 3, position 11")
+    assert "full rows differ at 9 tokens" in v["bitwise"] and v["status"] == "inside"  # drift is judged as before
+    # rows that differ while every sampled log-prob is equal: not certified
+    v = verdict({**summary(), "certification": _cert(0, 2, {"seq_id": 0, "pos": 4})})
+    assert not v["bitwise"].startswith("BITWISE") and "sequence 0, position 4" in v["bitwise"]
+    assert verdict(summary())["bitwise"] is None  # a report written before certification
+
+
+def test_not_comparable_replaces_the_drift_verdict():
+    s = {**summary(delta=0.05, eps=0.15), "comparable": {"ok": False, "differs": ["the weights differ"]}}
+    v = verdict(s)
+    assert v["status"] == "not comparable" and v["headline"] == "NOT COMPARABLE: the weights differ"
+    assert verdict({**summary(), "comparable": {"ok": True}})["status"] == "inside"

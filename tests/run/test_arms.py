@@ -62,3 +62,31 @@ def test_explicit_arms_are_named_from_their_spec_and_duplicates_dropped():
 def test_bad_plans_are_one_line_errors(kw, needle):
     with pytest.raises(UsageError, match=needle):
         _plan(**kw)
+
+
+def test_batch_preset_compares_the_training_spec_with_itself_at_batch_size_1():
+    plan = {a.name: a for a in _plan(presets=["batch"], train="hf:dtype=bfloat16,batch_size=8,padding_side=left")}
+    assert list(plan) == ["batch-b1", "batch-b8", "batch-b32", "batch-padding-left", "batch-padding-right",
+                          "batch-regrouped"]  # fmt: skip
+    b1 = parse_spec("hf:dtype=bfloat16,batch_size=1").with_model(MODEL).describe()
+    assert {a.against.describe() for a in plan.values()} == {b1}  # the base's own batch keys are dropped
+    opts = {name: {k: v for k, v in a.spec.options.items() if k != "model"} for name, a in plan.items()}
+    assert opts["batch-b8"] == {"dtype": "bfloat16", "batch_size": "8"}  # kept although the base has batch 8
+    assert opts["batch-b32"] == {"dtype": "bfloat16", "batch_size": "32"}
+    assert opts["batch-padding-left"] == {"dtype": "bfloat16", "batch_size": "8", "padding_side": "left"}
+    assert opts["batch-padding-right"] == {"dtype": "bfloat16", "batch_size": "8", "padding_side": "right"}
+    assert opts["batch-regrouped"] == {"dtype": "bfloat16", "batch_size": "8", "regroup_seed": "1"}
+    assert all(a.skip is None for a in plan.values())
+
+
+def test_batch_preset_beside_the_trainer_preset_keeps_both_batch_1_arms():
+    """trainer-batch-1 (against the rollout side) and batch-b1 (against itself) share a spec, not a comparison."""
+    plan = {a.name: a for a in _plan(presets=["trainer", "batch"], train="hf:dtype=float32")}
+    assert plan["trainer-batch-1"].against is None and plan["batch-b1"].against is not None
+    assert plan["trainer-batch-1"].spec.describe() == plan["batch-b1"].spec.describe()
+
+
+def test_batch_preset_on_a_vllm_trainer_has_no_arms():
+    with pytest.raises(UsageError) as e:
+        _plan(presets=["batch"], train="vllm:dtype=bfloat16")
+    assert "batch: an hf --train" in e.value.fix

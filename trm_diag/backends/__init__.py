@@ -29,6 +29,9 @@ class BackendEntry:
     dtypes: tuple[str, ...] = DTYPES  # the config.DTYPES the engine runs in (checked when a spec is parsed)
 
 
+# spec keys that say how an engine batches, not what it computes with: specs that differ only in them are one
+# model at two batch shapes (the trainer against itself: compare shares the weights, sweep --arms batch)
+BATCH_KEYS = ("batch_size", "padding_side", "regroup_seed")
 VLLM_ENGINE_ARGS = {
     "tp": "tensor_parallel_size",
     "tensor_parallel_size": "tensor_parallel_size",
@@ -42,7 +45,7 @@ VLLM_LOGPROBS_MODES = {"processed_logprobs": "processed", "raw_logprobs": "raw"}
 REGISTRY: dict[str, BackendEntry] = {
     "hf": BackendEntry(
         "trm_diag.backends.hf:HFBackend",
-        COMMON_KEYS + ("attn", "device", "lm_head_dtype"),
+        COMMON_KEYS + ("attn", "device", "lm_head_dtype", "padding_side", "regroup_seed"),
         "transformers",
         "pip install 'transformers>=5.16'",
     ),

@@ -8,6 +8,12 @@ log-prob at that decode step, which is exactly what an RL pipeline's engine repo
 
 Scoring runs the decoder once per batch and applies the output projection lazily, in
 row chunks, to the response positions only: [T, V] logits are never materialised.
+
+How the trainer batches is part of its numerics (bf16 kernels are not batch-invariant; MoE routers
+see other neighbours), so the spec says it: ``batch_size`` (sequences per forward pass),
+``padding_side`` (right, the default, or left: pads before the sequence, with position ids that
+start at its first real token) and ``regroup_seed`` (a seeded permutation of the sequences of each
+scoring call before they are cut into micro-batches; results come back in the original order).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any
 
 import torch
 
+from trm_diag.backends import BATCH_KEYS
 from trm_diag.backends.base import batches, first_line, run_seed, seed_for
 from trm_diag.backends.capture import LayerCapture
 from trm_diag.backends.checkpoint import spec_checkpoint
@@ -34,6 +41,8 @@ TORCH_DTYPES = {
 # how transformers runs a float64 MoE model's experts: its per-expert loop (the default, grouped_mm, takes
 # float32, bfloat16 and float16 only); dense models ignore it
 FLOAT64_EXPERTS = "eager"
+PADDING_SIDES = ("right", "left")  # spec key padding_side: where a scoring batch's pads go
+REGROUP_BATCHES = 4  # regroup_seed: the permuted sequences of one scoring call fill this many micro-batches
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -108,7 +117,8 @@ class HiddenRows:
 
 
 class HFBackend:
-    """transformers AutoModelForCausalLM; spec keys: model, dtype, attn, device, batch_size, seed."""
+    """transformers AutoModelForCausalLM; spec keys: model, dtype, attn, device, lm_head_dtype, seed and the
+    batch shape: batch_size, padding_side, regroup_seed (module docstring)."""
 
     name = "hf"
 
@@ -120,7 +130,7 @@ class HFBackend:
 
         hf_logging.disable_progress_bar()  # trm-diag shows its own progress
 
-        self.batch_size = spec.get_int("batch_size", 8, minimum=1)  # checked before the weights load
+        self._batching(spec)  # checked before the weights load
         device = spec.options.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         kwargs: dict[str, Any] = {
             "dtype": TORCH_DTYPES.get(spec.dtype, "auto"),
@@ -175,6 +185,40 @@ class HFBackend:
         self.moe = moe_shape(text_cfg)  # (num_experts, experts_per_token) or None
         self.routing_note: str | None = None
 
+    # ------------------------------------------------------------------ batch shape
+    def _batching(self, spec: BackendSpec) -> None:
+        """The spec's batch shape: micro-batch size, padding side, regrouping; ``batch_size`` is the number of
+        sequences per scoring call (REGROUP_BATCHES micro-batches when regrouping, so sequences change batch)."""
+        self.micro_batch = spec.get_int("batch_size", 8, minimum=1)
+        side = spec.options.get("padding_side", "right").lower()
+        if side not in PADDING_SIDES:
+            raise UsageError(
+                f"backend spec '{spec.text}': padding_side={side} is unknown", f"use one of: {', '.join(PADDING_SIDES)}"
+            )
+        self.padding_side = side
+        self.regroup_seed = spec.get_int("regroup_seed", 0, minimum=0) if "regroup_seed" in spec.options else None
+        self.batch_size = self.micro_batch * (REGROUP_BATCHES if self.regroup_seed is not None else 1)
+
+    def rebatched(self, spec: BackendSpec) -> HFBackend | None:
+        """This engine under another batch shape, sharing its weights (no second load): when ``spec`` differs from
+        this one's only in BATCH_KEYS; else None."""
+        mine = {k: v for k, v in self.spec.options.items() if k not in BATCH_KEYS}
+        theirs = {k: v for k, v in spec.options.items() if k not in BATCH_KEYS}
+        if spec.name != self.spec.name or mine != theirs:
+            return None
+        other = copy.copy(self)
+        other.spec, other.description, other.routing_note = spec, spec.describe(), None
+        other._batching(spec)
+        return other
+
+    def _order(self, n: int) -> list[int]:
+        """The order sequences are batched in: as given, or a seeded permutation (never the identity for n >= 2,
+        so regrouping always moves something)."""
+        if self.regroup_seed is None or n < 2:
+            return list(range(n))
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.regroup_seed)).tolist()
+        return perm if perm != sorted(perm) else perm[1:] + perm[:1]
+
     # ------------------------------------------------------------------ helpers
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [n, V] from final hidden states [n, H], cut to config.vocab_size columns."""
@@ -199,8 +243,8 @@ class HFBackend:
         n = sampling.samples_per_prompt
         jobs = [(pi, si) for pi in range(len(prompts)) for si in range(n)]
         out: list[Rollout] = []
-        for s in range(0, len(jobs), self.batch_size):
-            chunk = jobs[s : s + self.batch_size]
+        for s in range(0, len(jobs), self.micro_batch):
+            chunk = jobs[s : s + self.micro_batch]
             # one generator per sequence, seeded by its global (prompt, sample) index: a rollout does
             # not depend on batching, chunking, resuming or sharding
             gens = [
@@ -273,7 +317,15 @@ class HFBackend:
 
     # ------------------------------------------------------------------ score
     def score(self, seqs: Sequence[tuple[list[int], list[int]]], sampling: SamplingConfig) -> list[HiddenRows]:
-        return [row for batch in batches(seqs, self.batch_size) for row in self._score_batch(batch, sampling)]
+        if not seqs:
+            return []
+        order = self._order(len(seqs))
+        rows = [row for batch in batches([seqs[i] for i in order], self.micro_batch)
+                for row in self._score_batch(batch, sampling)]  # fmt: skip
+        out: list[HiddenRows] = [rows[0]] * len(rows)
+        for j, i in enumerate(order):  # back to the caller's order
+            out[i] = rows[j]
+        return out
 
     @torch.inference_mode()
     def _score_batch(self, seqs: Sequence[tuple[list[int], list[int]]], sampling: SamplingConfig) -> list[HiddenRows]:
@@ -281,10 +333,14 @@ class HFBackend:
         b, width = len(full), max(len(x) for x in full)
         ids = torch.full((b, width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((b, width), dtype=torch.long)
-        for i, x in enumerate(full):  # right padding: pads never precede a scored position
-            ids[i, : len(x)] = torch.tensor(x)
-            mask[i, : len(x)] = 1
-        kwargs = {"output_router_logits": True} if self.moe else {}
+        left = self.padding_side == "left"
+        starts = [width - len(x) if left else 0 for x in full]  # where each sequence's first token sits
+        for i, x in enumerate(full):  # right: pads never precede a scored position; left: positions start at 0
+            ids[i, starts[i] : starts[i] + len(x)] = torch.tensor(x)
+            mask[i, starts[i] : starts[i] + len(x)] = 1
+        kwargs: dict[str, Any] = {"output_router_logits": True} if self.moe else {}
+        if left:  # position ids count real tokens only, as in an unpadded pass
+            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(self.device)
         res = self._decoder(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
         hidden = res.last_hidden_state
         router = None
@@ -295,7 +351,7 @@ class HFBackend:
         out = []
         for i, (p, r) in enumerate(seqs):
             # hidden state at position j predicts token j+1: response token t uses len(p)-1+t
-            sl = slice(len(p) - 1, len(p) - 1 + len(r))
+            sl = slice(starts[i] + len(p) - 1, starts[i] + len(p) - 1 + len(r))
             out.append(HiddenRows(hidden[i, sl], self, sampling, None if router is None else router[:, i, sl].cpu()))
         return out
 

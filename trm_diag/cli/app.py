@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from trm_diag.cli.commands import bounds, compare, diff, gate, locate, merge, score, show, sweep
+from trm_diag.cli.commands import bounds, compare, diff, gate, locate, merge, score, show, sweep, trend
 from trm_diag.cli.console import err_console, out_console
 
 __all__ = ["app", "err_console", "out_console"]
@@ -56,6 +56,7 @@ for _command in (
     merge.merge,
     show.show,
     diff.diff,
+    trend.trend,
     bounds.bounds,
     gate.gate,
 ):

@@ -49,6 +49,9 @@ def _fail(problem: str, fix: str | None, code: int) -> None:
     sys.exit(code)
 
 
+RESUMABLE = ("compare", "sweep")  # commands whose finished chunks --resume picks up
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turn TrmDiagError and OS errors into one line and their exit code."""
     from trm_diag.errors import os_error
@@ -78,8 +81,12 @@ def main(argv: list[str] | None = None) -> None:
         code = TERMINATED
     if code in (INTERRUPTED, TERMINATED):  # typer turns Ctrl-C into a silent Exit(130)
         what = "terminated" if code == TERMINATED else "interrupted"
+        args = sys.argv[1:] if argv is None else argv
+        resumable = any(a in RESUMABLE for a in args[:1])
         err_console.print(
             f"[red]{what}.[/red] Finished chunks are kept in the --out folder's .trm-partial/; "
             "run the same command with --resume to finish."
+            if resumable
+            else f"[red]{what}.[/red] Nothing was written: run the command again."
         )
     sys.exit(code if isinstance(code, int) else 0)

@@ -13,6 +13,7 @@ from rich.text import Text
 from trm_diag.errors import ExitCode, UsageError
 from trm_diag.report.gate import (
     ReportMetrics,
+    bitwise_rules,
     collect_rules,
     defined_by,
     evaluate,
@@ -40,12 +41,24 @@ def run_gate(
     out_console: Console,
     strict: bool = False,
     warn: Callable[[str], None] = print,
+    bitwise: bool = False,
 ) -> int:
     from trm_diag.cli.numbers import fmt as fmt_num
 
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt} is unknown", f"use one of: {', '.join(FORMATS)}")
-    rep = ReportMetrics(report)
+    from trm_diag.report.trend_report import RunMetrics, wants_run
+
+    run_mode = wants_run(report, rules)  # a Monitor run folder: trend.* names over its steps
+    if run_mode and baseline:
+        raise UsageError("--baseline compares two reports, not a run", "gate the run with absolute rules")
+    if run_mode and bitwise:
+        raise UsageError("--bitwise certifies one report, not a run", "gate a report folder with --bitwise")
+    rep = RunMetrics(report) if run_mode else ReportMetrics(report)
+    if not run_mode:  # a report whose sides are not comparable has no drift to gate (report/comparable.py)
+        from trm_diag.report.comparable import require_gateable
+
+        require_gateable(rep.summary, report, bitwise)
     if output:  # checked before any work: a passing gate must not fail on its output path
         inputs = [f for d in (report, baseline) if d for f in Path(d).iterdir()] + ([config] if config else [])
         check_output_file(output, "--output", inputs=inputs)
@@ -64,7 +77,10 @@ def run_gate(
                 t.add_row(n, fmt_num(rep.value(n)), defined_by(n))
             out_console.print(t, soft_wrap=True)
         return int(ExitCode.OK)
-    parsed = [parse_rule(r) for r in collect_rules(rules, config)]
+    wanted = bitwise_rules(rep.summary) if bitwise else []
+    if not bitwise or rules or config:  # --bitwise alone: its rules only (not pyproject.toml's)
+        wanted = collect_rules(rules, config) + wanted
+    parsed = [parse_rule(r) for r in wanted]
     base = ReportMetrics(baseline) if baseline else None
     if base is not None:
         names = (f"baseline {baseline}", str(report))
@@ -92,12 +108,18 @@ def run_gate(
         for r in results:
             if not r.passed:
                 out_console.print(Text(f"FAILED {r.rule.text}: {r.miss()}", style="red"), soft_wrap=True)
+        if bitwise:  # the certificate in words: where the first differing bit is
+            from trm_diag.report.verdict import bitwise_line
+
+            out_console.print(Text(f"bitwise: {bitwise_line(rep.summary)}"), soft_wrap=True)
         if failed:
             why = f"Why: trm-diag show {report}   (or open {Path(report) / 'report.html'})"
+            why = f"Why: trm-diag trend {report}" if run_mode else why
             out_console.print(Text(why), soft_wrap=True)
     else:
         print(text[fmt](), end="" if fmt != "json" else "\n")
-    if fmt == "github" and os.environ.get("GITHUB_STEP_SUMMARY"):  # GitHub renders this file on the job page
+    # GitHub renders this file on the job page (a run has no report verdict to append)
+    if fmt == "github" and os.environ.get("GITHUB_STEP_SUMMARY") and not run_mode:
         _job_summary(os.environ["GITHUB_STEP_SUMMARY"], gate_markdown(results, report), rep.summary, warn)
     if output:
         from trm_diag.report.tables import atomic_write

@@ -54,8 +54,12 @@ def render_compare(console: Console, summary: dict[str, Any]) -> None:
     """Headline table, acceptance, bounds at the observed length and the worst sequences."""
     m = summary["metrics"]
     roll = summary["rollout"]
-    roll_text = roll["spec"] if "spec" in roll else f"file {roll['source']}"
+    source = roll.get("format")
+    kind = f"{source} dump" if source not in (None, "jsonl", "parquet") else "file"
+    roll_text = roll["spec"] if "spec" in roll else f"{kind} {roll['source']}"
     train_text, model = summary["train"]["spec"], summary["train"].get("model")
+    if train_text == "recorded":
+        train_text = "the trainer's recorded log-probs" + (f" (tokens: {model})" if model else " (no model)")
     shared = model and roll.get("model") == model  # one model on both sides: say it once, on its own line
     if shared:
         roll_text, train_text = (_without_model(t, model) for t in (roll_text, train_text))
@@ -218,6 +222,8 @@ def render_verdict(console: Console, summary: dict[str, Any], limit: int = 3) ->
         "bold green" if v["status"] == "inside" else ("bold yellow" if v["status"].startswith("inside") else "bold red")
     )
     console.print(Text(v["headline"], style=style))
+    if v.get("bitwise"):  # the bit-for-bit certificate (certify.py)
+        console.print(Text("bitwise: " + v["bitwise"]), soft_wrap=True)
     later = [h for h in v["horizons"] if not h["observed"] and h["B_star"] is not None]
     if later:
         console.print("  at your horizons: " + ", ".join(

@@ -155,6 +155,9 @@ def report_breakdowns(tokens, fidelity: str) -> dict[str, dict]:
     ent = "ent_roll" if "ent_roll" in tokens else "ent_train"
     # each axis column read once (a report's columns may live on disk), shared by every view below
     values = {a.name: col(c) for a in AXES if (c := ent if a.name == "entropy" else a.column) in tokens}
+    if "entropy" in values and values["entropy"].size and np.isnan(values["entropy"]).all():  # no trainer rows
+        del values["entropy"]
+        ent = None
     rows = [r for a in AXES if a.name in values for r in breakdown(values[a.name], a, kl, lr)]
     along = {"abs_log_ratio": np.abs(lr)}
     if t.kl:

@@ -60,3 +60,21 @@ def expert_flip(router_roll: np.ndarray, router_train: np.ndarray, k: int) -> bo
     """Whether the top-k expert sets of two router-logit vectors [E] differ."""
     top = lambda x: set(np.argsort(-np.asarray(x, dtype=np.float64), kind="stable")[:k].tolist())  # noqa: E731
     return top(router_roll) != top(router_train)
+
+
+# what each captured output is, in words (locate --bitwise names the first that differs by any bit)
+MODULE_WORDS = {
+    "attn": "attention (with its input norm)", "router": "router", "mlp": "MLP / MoE (with its input norm)",
+    "layer": "residual stream", "final_norm": "final norm", "logits": "head (logits)",
+}  # fmt: skip
+
+
+def bits_differ(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two captured outputs differ by any bit (both widened exactly to float64 by the capture)."""
+    a, b = np.ascontiguousarray(a, dtype=np.float64), np.ascontiguousarray(b, dtype=np.float64)
+    return a.shape != b.shape or bool((a.view(np.uint64) != b.view(np.uint64)).any())
+
+
+def first_bit_difference(steps: Sequence[tuple[int, str, np.ndarray, np.ndarray]]) -> tuple[int, str] | None:
+    """(layer, component) of the first step, in computation order, whose two outputs are not bit-equal."""
+    return next(((layer, comp) for layer, comp, a, b in steps if bits_differ(a, b)), None)

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 SAFETY_BOUND = 20.0  # verl clamps log ratios to [-20, 20] before exponentiating (chi2, IS weights)
 IS_THRESHOLD = 2.0  # verl's default rollout_is_threshold C: IS weights clamped to [1/C, C] for its ESS
+NARROW_BAND = (0.9, 1.1)  # frac_ratio_outside_10pct: the band a batch-shape audit reports (sweep --arms batch)
 SUMMARY_STATS = ("mean", "p50", "p90", "p99", "p999", "max")  # token_<column>_<stat> in summary.json
 
 # Every batch metric: name -> (formula, counterpart). A counterpart "verl" means verl's literal name
@@ -79,6 +80,21 @@ METRICS: dict[str, tuple[str, str]] = {
         "trm-diag",
     ),
     "dapo_clip_frac": ("the same for DAPO's band [1 - 0.2, 1 + 0.28]", "trm-diag"),
+    "ppo_clip_flip_pos": (
+        "clip-status flips for a positive advantage: fraction of tokens with rho > 1 + 0.2, whose gradient PPO's "
+        "clipped objective zeroes only because the two passes disagree (in exact arithmetic rho = 1)",
+        "trm-diag",
+    ),
+    "ppo_clip_flip_neg": (
+        "the same for a negative advantage: fraction of tokens with rho < 1 - 0.2; pos + neg = ppo_clip_frac",
+        "trm-diag",
+    ),
+    "dapo_clip_flip_pos": ("the same under DAPO's clip-higher: fraction of tokens with rho > 1 + 0.28", "trm-diag"),
+    "dapo_clip_flip_neg": ("DAPO, negative advantage: rho < 1 - 0.2 (= ppo_clip_flip_neg)", "trm-diag"),
+    "frac_ratio_outside_10pct": (
+        "fraction of tokens with rho outside the band [0.9, 1.1] (|rho - 1| > 0.1): the batch-shape band",
+        "trm-diag",
+    ),
     "kl_share_low_prob": (
         "share of the summed per-token KL (upper ends in the top-K tier) on tokens whose rollout probability "
         "is below 1% (exact and top-K tiers)",
@@ -170,6 +186,11 @@ def batch_metrics(tokens: pd.DataFrame, seqs: pd.DataFrame, fidelity: str, thres
         m[f"frac_ratio_outside_{c:g}"] = float(np.mean((rho > c) | (rho < 1.0 / c))) if lr_ok.size else math.nan
     for name, (lo, hi) in CLIP_BANDS.items():  # clipped objectives' ratio bands, left by the mismatch alone
         m[f"{name}_clip_frac"] = float(np.mean((rho < 1.0 - lo) | (rho > 1.0 + hi))) if lr_ok.size else math.nan
+        # clip-status flips per sign of the advantage: the two halves of the clip fraction
+        m[f"{name}_clip_flip_pos"] = float(np.mean(rho > 1.0 + hi)) if lr_ok.size else math.nan
+        m[f"{name}_clip_flip_neg"] = float(np.mean(rho < 1.0 - lo)) if lr_ok.size else math.nan
+    lo, hi = NARROW_BAND
+    m["frac_ratio_outside_10pct"] = float(np.mean((rho < lo) | (rho > hi))) if lr_ok.size else math.nan
     for col in (*TIERS[fidelity].columns, "abs_log_ratio", "k2", "k3", "tv_bin", "kl_bin", "ent_train"):
         if col == "abs_log_ratio":
             values = np.abs(lr)

@@ -8,6 +8,8 @@ k-th and (k+1)-th router probability: how close a token was to flipping.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -37,6 +39,21 @@ def compare_routing(roll_logits: torch.Tensor, train_logits: torch.Tensor, k: in
     er, mr = select_experts(roll_logits, k)
     et, mt = select_experts(train_logits, k)
     return RoutingComparison(er, et, mr, mt, (er != et).any(dim=-1))
+
+
+def compare_routed(roll_experts: torch.Tensor, train_logits: torch.Tensor, k: int) -> RoutingComparison:
+    """Compare the experts an engine routed to ([T, layers, k] ids, recorded in a dump) with the trainer's
+    router logits [layers, T, E]. The engine's margin is unknown (NaN): its logits were not recorded."""
+    er = roll_experts.permute(1, 0, 2).long().sort(dim=-1).values  # (layers, T, k)
+    et, mt = select_experts(train_logits, k)
+    if er.shape != et.shape:
+        raise ValueError(
+            f"routed experts of shape {tuple(er.shape)} (layers, T, k) for router logits giving {tuple(et.shape)}"
+        )
+    n_experts = train_logits.shape[-1]
+    if er.numel() and (int(er.max()) >= n_experts or bool((er[..., 1:] == er[..., :-1]).any())):
+        raise ValueError(f"routed expert ids outside 0..{n_experts - 1} or repeated within a token's k")
+    return RoutingComparison(er, et, torch.full_like(mt, math.nan), mt, (er != et).any(dim=-1))
 
 
 def routing_summary(route_flips: np.ndarray, per_layer_flips: np.ndarray, kl: np.ndarray, abs_lr: np.ndarray) -> dict:

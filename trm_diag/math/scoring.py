@@ -16,7 +16,9 @@ import numpy as np
 import torch
 
 from trm_diag.config import DEFAULT_VIEW, SamplingConfig
+from trm_diag.errors import InputError
 from trm_diag.heap import release_heap
+from trm_diag.math.certify import ROW_DIFFERS, rows_differ
 from trm_diag.math.divergence import (
     DEFAULT_CHUNK_ELEMENTS,
     EXACT_KEYS,
@@ -26,7 +28,7 @@ from trm_diag.math.divergence import (
     sampled_token_metrics,
     topk_intervals,
 )
-from trm_diag.math.moe import RoutingComparison, compare_routing
+from trm_diag.math.moe import RoutingComparison, compare_routed, compare_routing
 from trm_diag.math.views import view_columns
 from trm_diag.schema import VIEW_COLUMNS, tier_columns
 from trm_diag.types import Rollout, TokenRows
@@ -98,6 +100,20 @@ def _read(logp: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return gather_logprobs(logp, y.to(logp.device)).double().cpu()
 
 
+def kept_log_mass(scores: torch.Tensor, sets: list[np.ndarray]) -> torch.Tensor:
+    """log Q_t = log sum over the kept set K_t of q, per row of scores [n, V] (log-probs up to a constant per row),
+    float64 end to end like sampled_logprob (views.py: lr_replay = lr_pipeline - log Q_t); NaN for an empty set
+    (a token the policy did not sample)."""
+    x = scores.double().cpu()
+    sizes = torch.tensor([len(a) for a in sets])
+    rows = torch.repeat_interleave(torch.arange(len(sets)), sizes)
+    member = torch.zeros(x.shape, dtype=torch.bool)
+    if len(rows):
+        member[rows, torch.from_numpy(np.concatenate(sets))] = True
+    out = torch.logsumexp(torch.where(member, x, -math.inf), dim=-1) - torch.logsumexp(x, dim=-1)
+    return torch.where(sizes > 0, out, math.nan)
+
+
 def batch_columns(
     rollouts: list[Rollout],
     p_rows: list[TokenRows] | None,
@@ -123,12 +139,18 @@ def batch_columns(
     roll_shift = torch.zeros(total, dtype=torch.float64)  # views: log pi_roll(y) of the view minus the reported one
     flat = {k: torch.full((total,), math.nan, dtype=torch.float64) for k in keys}
     nonfinite = torch.zeros(total, dtype=torch.bool)
+    row_diff = torch.zeros(total, dtype=torch.bool) if p_rows is not None else None  # exact tier: rows not bit-equal
     topk: list[dict[int, float] | None] = []  # per flat row; None where a rollout has no top-K
     topk_k: list[int] = []
     if fidelity == "topk":
         for r, T in zip(rollouts, lengths):
             topk += r.extra["topk"] if "topk" in r.extra else [None] * T
             topk_k += [int(r.extra.get("topk_k", 0))] * T
+    # the replay view without the rollout's rows: the engine's kept set, recorded with the rollout (a dump's)
+    kept = None
+    if p_rows is None and view == "replay" and rollouts and all("kept_ids" in r.extra for r in rollouts):
+        kept = [a for r in rollouts for a in r.extra["kept_ids"]]
+        kept_log_q = torch.full((total,), math.nan, dtype=torch.float64)  # log Q_t = log sum_{K_t} q
     n = max(1, chunk_elements // vocab_width)  # rows per chunk: memory bounded whatever T and V
     same = p_rows is not None and all(p is q for p, q in zip(p_rows, q_rows))
     for ci, s in enumerate(range(0, total, n)):
@@ -141,6 +163,8 @@ def batch_columns(
             p_norm = p_rows[pieces[0][0]].normalized
             lq = _gather_scores(q_rows, pieces)  # (n, V) training side, up to a constant per row
             lp = lq if same else _gather_scores(p_rows, pieces)  # (n, V) rollout side
+            if not same and row_diff is not None:  # certify.py: compared while both chunks are in hand
+                row_diff[s:e] = rows_differ(lp, lq)
             if views:  # truncated sampling: every view from the untruncated rows, in float64 (views.py)
                 vc = view_columns(lp, lq, y.to(lp.device), sampling)
                 _view_pieces(flat, vc, view, s, e)
@@ -163,6 +187,8 @@ def batch_columns(
             # float64 from the scores, like the exact tier's kernel (both agree to ~1e-15)
             flat["lp_train"][s:e] = gather_logprobs(sc, y).double() if q_norm else sampled_logprob(sc, y)
             flat["ent_train"][s:e] = _entropy(lq)
+            if kept is not None:
+                kept_log_q[s:e] = kept_log_mass(sc, kept[s:e])
             has = [i for i in range(s, e) if topk and topk[i] is not None]
             if has:
                 rows = torch.tensor(has) - s
@@ -171,6 +197,31 @@ def batch_columns(
                 for key in INTERVAL_KEYS:
                     flat[key][has] = torch.where(bad[rows], math.nan, iv[key])
         nonfinite[s:e] = bad.cpu()
+    if kept is not None:
+        flat["lp_train"] = flat["lp_train"] - kept_log_q  # NaN (flagged) wherever a kept set is missing
+        nonfinite |= torch.isnan(kept_log_q)
+    if row_diff is not None:
+        flat[ROW_DIFFERS] = row_diff
+    return _finish(
+        rollouts, lengths, ids, flat, nonfinite, roll_shift, fidelity, views, p_rows, q_rows, experts_per_token
+    )
+
+
+def _finish(
+    rollouts: list[Rollout],
+    lengths: list[int],
+    ids: torch.Tensor,
+    flat: dict[str, torch.Tensor],
+    nonfinite: torch.Tensor,
+    roll_shift: torch.Tensor,
+    fidelity: str,
+    views: bool,
+    p_rows: list[TokenRows] | None,
+    q_rows: list[TokenRows] | None,
+    experts_per_token: int | None,
+) -> list[tuple[dict[str, np.ndarray], RoutingComparison | None]]:
+    """The sampled-token columns from both sides' log-probs, cut into one dict per rollout (the tier's
+    columns, seq_id and pos), tokens outside a rollout's loss mask left out, and its routing comparison."""
     lp_roll = torch.tensor([x for r in rollouts for x in r.lp_roll], dtype=torch.float64)
     # the engine reports the pipeline view's log pi_roll(y); another view's differs from it by what the rows
     # give (full, processed log-probs: + log M), so the decode-vs-prefill gap is kept in every view
@@ -187,20 +238,53 @@ def batch_columns(
         cols["support_differs"] = cols["support_differs"] > 0.5
         cols["kept_count"] = cols["kept_count"].astype(np.int64)
     cols = {
-        k: cols[k] for k in tier_columns(fidelity, views) if k in cols
-    }  # the tier's columns only (seq_id, pos below)
+        k: cols[k] for k in (*tier_columns(fidelity, views), ROW_DIFFERS) if k in cols
+    }  # the tier's columns only (seq_id, pos below), and the exact tier's row comparison
     out = []
     offset = 0
     for j, (r, T) in enumerate(zip(rollouts, lengths)):
         one = {k: v[offset : offset + T].copy() for k, v in cols.items()}
-        one["seq_id"] = np.full(T, r.seq_id, dtype=np.int64)
-        one["pos"] = np.arange(T, dtype=np.int64)
         routing = None
-        pr, qr = (p_rows[j] if p_rows is not None else None), q_rows[j]
-        if experts_per_token and pr is not None and pr.routing is not None and qr.routing is not None:
-            routing = compare_routing(pr.routing, qr.routing, experts_per_token)
+        pr, qr = (p_rows[j] if p_rows is not None else None), (q_rows[j] if q_rows is not None else None)
+        if experts_per_token and qr is not None and qr.routing is not None:
+            if pr is not None and pr.routing is not None:
+                routing = compare_routing(pr.routing, qr.routing, experts_per_token)
+            elif "routed_experts" in r.extra:  # the engine's own choice, recorded in a dump
+                try:
+                    routing = compare_routed(torch.as_tensor(r.extra["routed_experts"]), qr.routing, experts_per_token)
+                except ValueError as e:
+                    raise InputError(
+                        f"rollout {r.seq_id} (prompt_idx {r.prompt_idx}, sample_idx {r.sample_idx}): {e}: the "
+                        "experts were not recorded by this model",
+                        "re-score with the checkpoint the run trained (its MoE layers and experts per token)",
+                    ) from None
+        if routing is not None:
             one["route_flips"] = routing.route_flips
             one["route_margin"] = routing.route_margin
+        keep = r.extra.get("loss_mask")
+        if keep is not None:  # context inside the response (a tool's output): not the policy's tokens
+            one = {k: v[keep] for k, v in one.items()}
+            routing = routing.subset(torch.as_tensor(keep)) if routing is not None else None
+        n = len(one["token_id"])
+        one["seq_id"] = np.full(n, r.seq_id, dtype=np.int64)
+        one["pos"] = np.arange(n, dtype=np.int64)  # t of the paper: the policy's tokens, counted from 0
         out.append((one, routing))
         offset += T
     return out
+
+
+def recorded_columns(
+    rollouts: list[Rollout], fidelity: str = "sampled"
+) -> list[tuple[dict[str, np.ndarray], RoutingComparison | None]]:
+    """Token columns of rollouts whose training side is the log-probs a trainer recorded (``train_logprobs``
+    in ``Rollout.extra``): the sampled tier without a model. What needs the trainer's rows (its entropy,
+    top-K intervals, routing) is NaN / absent."""
+    lengths = [len(r.response_ids) for r in rollouts]
+    total = sum(lengths)
+    ids = torch.tensor([t for r in rollouts for t in r.response_ids], dtype=torch.long)
+    keys = (*EXACT_KEYS, *INTERVAL_KEYS, "lp_train", "lp_roll_prefill")
+    flat = {k: torch.full((total,), math.nan, dtype=torch.float64) for k in keys}
+    flat["lp_train"] = torch.tensor([x for r in rollouts for x in r.extra["train_logprobs"]], dtype=torch.float64)
+    nonfinite = torch.isnan(flat["lp_train"])  # a trainer that gave NaN: the token fails every mask
+    zero = torch.zeros(total, dtype=torch.float64)
+    return _finish(rollouts, lengths, ids, flat, nonfinite, zero, fidelity, False, None, None, None)

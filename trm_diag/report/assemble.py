@@ -28,6 +28,7 @@ from trm_diag.errors import BackendFailure
 from trm_diag.heap import release_heap
 from trm_diag.math.bounds import bounds_table
 from trm_diag.math.breakdowns import report_breakdowns
+from trm_diag.math.certify import ROW_DIFFERS, certification
 from trm_diag.math.masking import acceptance_by_length, threshold_sweep, thresholds_for_target, token_violation_rate
 from trm_diag.math.metrics import batch_metrics, bound_inputs
 from trm_diag.math.moe import RoutingComparison, routing_summary
@@ -165,9 +166,16 @@ def _worst_candidates(seqs: dict[str, Any], rollouts: list[Rollout], key: str, k
     return [
         {"seq_id": rollouts[j].seq_id, "prompt_idx": rollouts[j].prompt_idx, "sample_idx": rollouts[j].sample_idx,
          "score": float(seqs[key][j]), "pos": int(seqs["worst_pos"][j]),
+         "response_pos": _response_pos(rollouts[j], int(seqs["worst_pos"][j])),
          "length": int(seqs["length"][j]), "ids": list(rollouts[j].response_ids)}
         for j in rows
     ]  # fmt: skip
+
+
+def _response_pos(rollout: Rollout, t: int) -> int:
+    """The response position of the rollout's t-th scored token (a loss mask leaves context tokens unscored)."""
+    mask = rollout.extra.get("loss_mask")
+    return t if mask is None or t < 0 else int(np.flatnonzero(mask)[t])
 
 
 def _worst_sequences(candidates: list[dict], tokenizer: Any, key: str, k: int = WORST_K) -> list[dict[str, Any]]:
@@ -175,7 +183,7 @@ def _worst_sequences(candidates: list[dict], tokenizer: Any, key: str, k: int = 
     best = sorted(candidates, key=lambda c: (math.isnan(c["score"]), -c["score"], c["seq_id"]))[:k]
     out = []
     for c in best:
-        ids, pos = c["ids"], c["pos"]
+        ids, pos = c["ids"], c.get("response_pos", c["pos"])  # the context is cut from the whole response
         lo, hi = max(0, pos - 12), min(len(ids), pos + 6)
         out.append(
             {
@@ -184,7 +192,7 @@ def _worst_sequences(candidates: list[dict], tokenizer: Any, key: str, k: int = 
                 "sample_idx": c["sample_idx"],
                 "score": c["score"],
                 "score_name": key,
-                "pos": pos,
+                "pos": c["pos"],  # t: the scored tokens' index, as in tokens.parquet
                 "length": c["length"],
                 "before": tokenizer.decode(ids[lo:pos]),
                 "token": tokenizer.decode(ids[pos : pos + 1]),
@@ -248,12 +256,15 @@ class _RoutingTally:
         self.n_seqs += len(sc.rollouts)
 
     def summary(self, moe: tuple[int, int], tokens: TokenColumns) -> dict[str, Any]:
+        # the token KL where the tier has it (exact); else k1, its unbiased one-sample estimate (sampled, top-K)
+        kl = "kl" if "kl" in tokens and tokens["kl"].notna().any() else "k1"
         info = routing_summary(
             tokens["route_flips"].to_numpy(),
             self.per_layer if self.per_layer is not None else np.zeros(0, dtype=np.int64),
-            tokens["kl"].to_numpy(dtype=np.float64),
+            tokens[kl].to_numpy(dtype=np.float64),
             tokens["log_ratio"].abs().to_numpy(),
         )
+        info["kl_basis"] = "exact token KL" if kl == "kl" else "k1 = -log ratio (estimate: the tier has no exact KL)"
         info.update(
             num_experts=moe[0], experts_per_token=moe[1], margin="k-th minus (k+1)-th router probability, rollout side"
         )
@@ -263,7 +274,8 @@ class _RoutingTally:
 
 def _chunk_sequences(sc: Scored, th: Thresholds, fidelity: str) -> dict[str, Any]:
     """Columns of one row per rollout of a chunk: ids, finish reason, statistics, carried values."""
-    lengths = np.array([len(r.response_ids) for r in sc.rollouts], dtype=np.int64)
+    # scored tokens per rollout: its response, less context tokens a loss mask leaves out
+    lengths = np.array([len(cols["pos"]) for cols in sc.columns], dtype=np.int64).reshape(len(sc.rollouts))
     skip = ("seq_id", "pos", "token_id", "nonfinite", "zero_prob")
     names = [c for c in (sc.columns[0] if sc.columns else tier_columns(fidelity)) if c not in skip]
     flat = {c: np.concatenate([cols[c] for cols in sc.columns]) if sc.columns else np.zeros(0) for c in names}
@@ -362,7 +374,7 @@ def assemble(
     thresholds: Thresholds,
     horizons: tuple[int, ...],
     tokenizer: Any,
-    width: int,
+    width: int | None,
     moe: tuple[int, int] | None,
     header: dict[str, Any],
     warn: Any,
@@ -375,7 +387,13 @@ def assemble(
     th = thresholds
     has_routing = set(ROUTE_COLUMNS) <= set(source.column_names())
     has_views = set(VIEW_COLUMNS) <= set(source.column_names())
-    tokens = TokenColumns(source, tier_columns(fidelity, has_views) + (ROUTE_COLUMNS if has_routing else ()))
+    has_rows = ROW_DIFFERS in source.column_names()  # the exact tier's bitwise row comparison (certify.py)
+    tokens = TokenColumns(
+        source,
+        tier_columns(fidelity, has_views)
+        + (ROUTE_COLUMNS if has_routing else ())
+        + ((ROW_DIFFERS,) if has_rows else ()),
+    )
     n_bad, n_zero = _hygiene(tokens, warn)
     worst_key = TIERS[fidelity].trm_max
     seqs, candidates, tally = _sequence_pass(source, th, fidelity, has_routing)
@@ -425,12 +443,13 @@ def assemble(
         ),
         "rollout_distributions": TIERS[fidelity].rollout_distributions,
         "sign_convention": "log_ratio = lp_train - lp_roll; rho = exp(log_ratio)",
-        "vocab": {"logits_width": width, "tokenizer_size": len(tokenizer)},
+        "vocab": {"logits_width": width, "tokenizer_size": len(tokenizer) if width is not None else None},
         "thresholds": as_dict(th),
         "criteria_basis": TIERS[fidelity].criteria_basis,
         "estimators": _estimators(fidelity, sampler_note),
         "metrics": metrics,
         "hygiene": {"nonfinite_tokens": n_bad, "zero_prob_tokens": n_zero},
+        "certification": certification(tokens, fidelity),
         "bound_inputs": {  # computed once here; gate and `bounds --report` read them back (dbar included)
             **inp.as_dict(),
             "tv_seq_pinsker": None if inp.kl_seq is None else math.sqrt(inp.kl_seq / 2.0),

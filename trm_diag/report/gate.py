@@ -293,6 +293,12 @@ def collect_rules(rules: list[str], config: Path | None) -> list[str]:
     return out
 
 
+def bitwise_rules(summary: dict) -> list[str]:
+    """`gate --bitwise`: every compared number bit-equal (math/certify.py); full rows too in the exact tier."""
+    rules = ["certify.n_tokens_differing == 0", "certify.max_abs_log_ratio == 0"]
+    return rules + (["certify.n_rows_differing == 0"] if summary.get("fidelity") == "exact" else [])
+
+
 def comparability(a: dict, b: dict) -> list[str]:
     """How two reports differ in what makes their numbers comparable: models, tokenizer, fidelity tier."""
     out = []
@@ -300,7 +306,8 @@ def comparability(a: dict, b: dict) -> list[str]:
         fa, fb = (s.get(side, {}).get("model_fingerprint") for s in (a, b))
         if fa and fb and fa != fb:
             out.append(f"the {side} model")
-    if a.get("vocab") != b.get("vocab"):
+    known = all((s.get("vocab") or {}).get("logits_width") is not None for s in (a, b))  # null: made without a model
+    if known and a.get("vocab") != b.get("vocab"):
         out.append("the vocabulary / tokenizer")
     if a.get("fidelity") != b.get("fidelity"):
         out.append(f"the fidelity tier ({a.get('fidelity')} vs {b.get('fidelity')})")
@@ -312,10 +319,14 @@ def require_comparable(
 ) -> bool:
     """Whether two reports are comparable; if not, a warning naming the difference and its
     ``consequence``, or with ``strict`` a UsageError. Shared by `gate --baseline` and `diff`."""
+    from trm_diag.report.comparable import NotComparable
+
     differences = comparability(a, b)
     if differences:
         text = f"'{names[0]}' and '{names[1]}' differ in {'; '.join(differences)}"
         if strict:
-            raise UsageError(text, "compare reports of the same model, tokenizer and fidelity tier, or drop --strict")
+            raise NotComparable(
+                text, "compare reports of the same model, tokenizer and fidelity tier, or drop --strict"
+            )
         warn(f"{text}: {consequence}")
     return not differences

@@ -48,6 +48,8 @@ VIEW_SAME = {
 TOKEN_KEY = re.compile(r"token_(?P<col>\w+?)_(?P<stat>mean|p50|p90|p999|p99|max|min)")  # summary.json's key
 DERIVED_COLUMNS = {"abs_log_ratio": "log_ratio"}  # token.<col>.* of a column the summary derives: |log_ratio|
 EMPTY_BUCKET = "bucket empty (n = 0): every statistic is 0"
+# certify.<key>: summary.json `certification` (math/certify.py); n_rows_differing in the exact tier only
+CERTIFY_KEYS = ("n_tokens_differing", "max_abs_log_ratio", "n_rows_differing")
 
 
 def defined_by(name: str) -> str:
@@ -271,6 +273,9 @@ class ReportMetrics:
         routing = self.summary.get("routing")
         if isinstance(routing, dict) and "flip_rate" in routing:
             out.append("routing.flip_rate")
+        cert = self.summary.get("certification")
+        if isinstance(cert, dict):
+            out += [f"certify.{k}" for k in CERTIFY_KEYS if _number(cert.get(k, "")) is not None]
         return [n for n in dict.fromkeys(out) if self.canonical(n)[0] == n]
 
     def _report_horizons(self) -> list[int]:
@@ -342,6 +347,8 @@ class ReportMetrics:
                 stat = "_".join(rest[1:])
                 if rest and rest[0] in BUCKETS and stat in BREAKDOWN_STATS:
                     return self._breakdown(name, view, rest[0], stat)
+            elif parts[0] == "certify" and len(parts) == 2 and parts[1] in CERTIFY_KEYS:
+                return self._certify(name, parts[1])
             elif name == "routing.flip_rate":
                 r = self.summary.get("routing")
                 if isinstance(r, dict) and "flip_rate" in r:
@@ -360,6 +367,24 @@ class ReportMetrics:
             f"did you mean {', '.join(close)}?" if close else "list the names with `trm-diag gate --list-metrics DIR`"
         )
         raise UsageError(f"unknown metric '{name}' for report '{self.path}'", hint)
+
+    def _certify(self, name: str, key: str) -> float:
+        """certify.<key> from summary.json `certification` (bit-for-bit comparison of the two sides)."""
+        cert = self.summary.get("certification")
+        if not isinstance(cert, dict):
+            raise UsageError(
+                f"report '{self.path}' keeps no certification (written by an older trm-diag)",
+                "re-run the command that wrote it",
+            )
+        if key not in cert:
+            raise UsageError(
+                f"'{name}' needs the exact tier (full rows of both sides); '{self.path}' is {self.fidelity}",
+                "gate a report of `compare --fidelity exact`, or drop the rule",
+            )
+        v = _number(cert[key])
+        if v is not None and v != v:
+            self.notes[name] = "the full rows were not compared"
+        return math.nan if v is None else v
 
     def _summary_stat(self, name: str, col: str, stat: str) -> float | None:
         """token.<col>.<stat> from summary.json (None when it does not hold it): the same numbers as the

@@ -23,10 +23,12 @@ from trm_diag.errors import InputError, UsageError
 from trm_diag.heap import release_heap
 from trm_diag.math.moe import RoutingComparison
 from trm_diag.report.outputs import PARTIAL_DIR
+from trm_diag.report.row_store import clear_spill
 from trm_diag.report.tables import atomic_write
 from trm_diag.types import Rollout, Scored
 
 MANIFEST = "manifest.json"
+SPILL_DIR = "spill"  # rows beyond the memory budget, while a run holds them
 
 
 def run_fingerprint(settings: dict[str, Any], files: list[str]) -> str:
@@ -194,8 +196,18 @@ class PartialStore:
         self._check(0)
         return tuple(c for c in pq.read_schema(self._path(0, "tokens")).names if c != "local_seq")
 
+    def spill_dir(self) -> Path:
+        """The folder the run's rollout rows spill to (report/row_store.py), emptied of whatever a killed
+        run left there; it goes with the rest of this store at the end."""
+        folder = self.dir / SPILL_DIR
+        clear_spill(folder)
+        return folder
+
     def clear(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+SPENT = ("train_logprobs", "kept_ids", "routed_experts")  # per-token extras scoring consumed
 
 
 def _rollout_frame(rollouts: list[Rollout]) -> pd.DataFrame:
@@ -223,6 +235,8 @@ def _rollouts_from(path: Path, base: int) -> list[Rollout]:
         extra = json.loads(d["extra_json"][j])
         if "topk" in extra:
             extra["topk"] = [{int(k): float(v) for k, v in e.items()} for e in extra["topk"]]
+        if "loss_mask" in extra:
+            extra["loss_mask"] = np.asarray(extra["loss_mask"], dtype=bool)
         out.append(
             Rollout(
                 base + j,
@@ -239,7 +253,11 @@ def _rollouts_from(path: Path, base: int) -> list[Rollout]:
 
 
 def _jsonable(extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(extra)
+    """Extras as JSON; a dump's per-token fields are spent once scored (the loss mask stays: the report maps
+    positions through it)."""
+    out = {k: v for k, v in extra.items() if k not in SPENT}
+    if "loss_mask" in out:
+        out["loss_mask"] = [bool(x) for x in out["loss_mask"]]
     if "topk" in out:
         out["topk"] = [{str(k): v for k, v in d.items()} for d in out["topk"]]
     return out
@@ -276,7 +294,8 @@ def _routing_from_frame(df: pd.DataFrame, base: int) -> list[tuple[int, RoutingC
         shape3, shape2 = (row.layers, row.T, row.k), (row.layers, row.T)
         er = torch.tensor(list(row.experts_roll), dtype=torch.long).reshape(shape3)
         et = torch.tensor(list(row.experts_train), dtype=torch.long).reshape(shape3)
-        mr = torch.tensor(list(row.margin_roll), dtype=torch.float32).reshape(shape2)
+        # NaN margins (an engine's recorded experts come without its router logits) are stored as nulls
+        mr = torch.tensor([np.nan if x is None else x for x in row.margin_roll], dtype=torch.float32).reshape(shape2)
         mt = torch.tensor(list(row.margin_train), dtype=torch.float32).reshape(shape2)
         out.append((base + int(row.local_seq), RoutingComparison(er, et, mr, mt, (er != et).any(dim=-1))))
     return out

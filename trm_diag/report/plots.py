@@ -162,3 +162,38 @@ def routing_png(per_layer: list[float]) -> bytes:
     ax.set_title("MoE routing flips per layer")
     ax.grid(alpha=0.3, axis="y")
     return _png(fig)
+
+
+def steps_png(
+    steps: Sequence[int],
+    series: dict[str, Sequence[Any]],
+    title: str,
+    ylabel: str,
+    marks: Sequence[tuple[int, int, str]] = (),
+    target: tuple[float, str] | None = None,
+    percent: bool = False,
+) -> bytes:
+    """Metrics versus training step (a run's rows), one line per series; ``marks`` (first step, last step,
+    label): a flagged step as a red dotted line, a flagged stretch shaded; ``target``: a dotted level."""
+    fig, (ax,) = _figure(7.5, 3.8)
+    scale = 100.0 if percent else 1.0
+    values = {k: [scale * v for v in _finite(ys)] for k, ys in series.items()}
+    every = [v for ys in values.values() for v in ys if not math.isnan(v)]
+    for i, (label, ys) in enumerate(values.items()):
+        ax.plot(steps, ys, label=label, marker=MARKERS[i % len(MARKERS)], markersize=2.5, linewidth=1.2, **_style(i))
+    for j, (first, last, label) in enumerate(marks):
+        lab = label if label not in [m[2] for m in marks[:j]] else None
+        if last > first:
+            ax.axvspan(first, last, color="red", alpha=0.08, label=lab)
+        else:
+            ax.axvline(first, color="red", linestyle=":", linewidth=1.2, label=lab)
+    if target is not None:
+        ax.axhline(scale * target[0], color="black", linestyle=":", linewidth=1, label=target[1])
+    if not percent and every and min(every) > 0 and _spans_decades(every):
+        ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _png(fig)

@@ -32,15 +32,25 @@ from typing import Any
 
 from trm_diag.config import LOGPROBS, SamplingConfig
 from trm_diag.errors import InputError, UsageError
-from trm_diag.report.dumps import DUMP_FORMATS, TEXT_ONLY, dump_rows
-from trm_diag.report.dumps import detect as detect_dump
-from trm_diag.report.rows import iter_jsonl, iter_parquet
+from trm_diag.report.comparable import check_prompt_ids
+from trm_diag.report.dumps import TEXT_ONLY
+from trm_diag.report.rollout_source import (  # noqa: F401 (score and tests read them here too)
+    INPUT_FORMATS,
+    RolloutSource,
+    as_source,
+    first_row,
+    forget_globs,
+    input_format,
+    matches,
+    source_rows,
+)
+from trm_diag.report.token_extras import TOKEN_EXTRAS, cut_extras, token_extras
 from trm_diag.types import Rollout
 
 FIELDS = (
     "prompt_ids", "response_ids", "rollout_logprobs", "topk_logprobs", "topk_k", "prompt_idx", "sample_idx",
     "finish_reason", "reward", "advantage", "prompt", "response", "temperature", "top_p", "top_k", "min_p",
-    "logprobs",
+    "logprobs", "weights_fingerprint", *TOKEN_EXTRAS,
 )  # fmt: skip
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "logprobs")
 GENERATION_ONLY = ("max_new_tokens", "samples_per_prompt", "seed")  # SamplingConfig fields imported rollouts lack
@@ -67,7 +77,18 @@ class RolloutFile:
     after_eos_rollouts: int = 0  # rollouts with tokens after their first end-of-sequence token (padding)
     after_eos_tokens: int = 0
     train_logprob_rows: int = 0  # rows that carry the trainer's own recorded log-probs (a dump's)
+    kept_rows: int = 0  # rows that carry the engine's kept set per token
+    kept_ids: int = 0  # ids in all those kept sets (what a chunk holds of them)
+    routed_rows: int = 0  # rows that carry the engine's routed experts
+    without_train: str = ""  # where the first row without train_logprobs is
+    temperatures: list[float] = field(default_factory=list)  # the rollouts' temperatures, when they differ
+    temperature_rows: int = 0  # rows that carry a temperature
+    appended_eos: int = 0  # rows whose last token's log-prob is a dump's placeholder (SkyRL's appended EOS)
+    masked_rollouts: int = 0  # rows whose loss_mask leaves tokens unscored (tool output inside a response)
+    masked_tokens: int = 0
+    unscored_rollouts: int = 0  # rows whose loss_mask leaves no token of the policy to score
     longest: int = 0  # most tokens of prompt + response in one rollout
+    weights: set[str] = field(default_factory=set)  # weights fingerprints the rows record (compare --save-rollouts)
     longest_where: str = ""
 
 
@@ -85,70 +106,6 @@ def parse_mapping(items: list[str]) -> dict[str, str]:
     return out
 
 
-@dataclass(frozen=True)
-class RolloutSource:
-    """What `score` reads: a rollout file or a framework's dump (report/dumps/), in a format named or
-    detected, and whether pickled dumps may be read (they can run code when loaded)."""
-
-    path: Path
-    format: str | None = None  # INPUT_FORMATS; None: by suffix, or detected for a folder / a dump file
-    allow_pickle: bool = False
-
-    def __str__(self) -> str:
-        return str(self.path)
-
-
-INPUT_FORMATS = ("jsonl", "parquet", *DUMP_FORMATS)
-
-
-def _source(path: str | Path | RolloutSource) -> RolloutSource:
-    return path if isinstance(path, RolloutSource) else RolloutSource(Path(path))
-
-
-def input_format(src: RolloutSource) -> str:
-    """The format `score` reads ``src`` in: the one named, else by suffix, else the dump detected."""
-    if src.format is not None:
-        if src.format not in INPUT_FORMATS:
-            raise UsageError(f"--format {src.format} is unknown", f"use one of: {', '.join(INPUT_FORMATS)}")
-        return src.format
-    suffix = src.path.suffix.lower()
-    if src.path.is_file() and suffix in (".jsonl", ".json"):
-        return "jsonl"
-    if src.path.is_file() and suffix == ".parquet":
-        return "parquet"
-    if not src.path.exists():
-        raise InputError(f"rollout file '{src.path}' does not exist", "pass a .jsonl or .parquet file, or a dump")
-    found = detect_dump(src.path)
-    if found is None:
-        what = "a folder" if src.path.is_dir() else f"a '{suffix}' file"
-        raise InputError(
-            f"'{src.path}' is {what} in no format trm-diag reads",
-            f"pass a .jsonl or .parquet rollout file, or a dump of {', '.join(DUMP_FORMATS)} (--format names it)",
-        )
-    return found
-
-
-def _rows(src: RolloutSource) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(location, row) pairs from a rollout file or a dump, read as they are needed."""
-    fmt = input_format(src)
-    path = src.path
-    if fmt in DUMP_FORMATS:
-        yield from dump_rows(path, fmt, src.allow_pickle)
-        return
-    if not path.is_file():
-        raise InputError(f"rollout file '{path}' does not exist", "pass a .jsonl or .parquet file")
-    suffix = ".parquet" if fmt == "parquet" else ".jsonl"
-    if suffix in (".jsonl", ".json"):
-        for where, obj in iter_jsonl(path):
-            if not isinstance(obj, dict):
-                raise InputError(f"{where}: expected a JSON object", "write one object per rollout")
-            yield where, obj
-    elif suffix == ".parquet":
-        yield from iter_parquet(path)
-    else:
-        raise InputError(f"unsupported rollout file type '{suffix}' ({path})", "use .jsonl or .parquet")
-
-
 def _is_int(x: Any) -> bool:
     """An integer, or a float holding one (Parquet stores some id columns as doubles); never a bool."""
     if isinstance(x, bool):
@@ -162,7 +119,11 @@ def _int_list(v: Any, where: str, name: str) -> list[int]:
     return [int(x) for x in v]
 
 
-def _topk(v: Any, where: str, vocab_width: int) -> list[dict[int, float]]:
+def _span(vocab_width: int | None) -> str:
+    return "" if vocab_width is None else f" (0..{vocab_width - 1})"
+
+
+def _topk(v: Any, where: str, vocab_width: int | None) -> list[dict[int, float]]:
     """Per-position {token id: log-prob}; ids inside the vocabulary, log-probs <= 0 (-inf allowed), never NaN."""
     fix = "one entry per response token: {token_id: logprob} or [[token_id, logprob], ...] (docs/rollout-schema.md)"
     if not isinstance(v, (list, tuple)):
@@ -191,9 +152,9 @@ def _topk(v: Any, where: str, vocab_width: int) -> list[dict[int, float]]:
                 "export log-probs of one normalised distribution per position (not logits, not several samples)",
             )
         for tid, lp in entry.items():
-            if not 0 <= tid < vocab_width:
+            if tid < 0 or (vocab_width is not None and tid >= vocab_width):
                 raise InputError(
-                    f"{where}: top-K token id {tid} is outside the model's vocabulary (0..{vocab_width - 1})",
+                    f"{where}: top-K token id {tid} is outside the model's vocabulary{_span(vocab_width)}",
                     "score with the model the rollouts came from",
                 )
             if math.isnan(lp) or lp > LOGPROB_SLACK:
@@ -228,7 +189,7 @@ def scan_rollouts(
     path: str | Path,
     mapping: dict[str, str],
     tokenizer: Any,
-    vocab_width: int,
+    vocab_width: int | None,
     keep: bool = False,
     eos_ids: frozenset[int] = frozenset(),
     strip_after_eos: bool = True,
@@ -243,7 +204,7 @@ def scan_rollouts(
     hints: dict[str, set] = {k: set() for k in SAMPLING_FIELDS}
     keys = array("q"), array("q"), array("q")  # prompt_idx, sample_idx, a digest of the response: 24 bytes a row
     steps = array("q")  # a dump's training step (0 for a rollout file): indices restart every step
-    src = _source(path)
+    src = as_source(path)
     for _, rollout in _parse(src, mapping, tokenizer, vocab_width, result, hints, eos_ids, strip_after_eos):
         result.count += 1
         digest = hashlib.blake2b(array("q", rollout.response_ids).tobytes(), digest_size=8).digest()
@@ -268,6 +229,15 @@ def scan_rollouts(
     if not result.count:
         raise InputError(f"rollout file '{path}' holds no rollouts", "add at least one row")
     for key, values in hints.items():
+        if key == "temperature" and len(values) > 1:  # per-rollout temperatures (prime-rl): each scored at its own
+            if result.temperature_rows < result.count:
+                raise InputError(
+                    f"'{path}' mixes temperatures {sorted(values)} and {result.count - result.temperature_rows:,} "
+                    "rollout(s) carry none",
+                    "give every rollout its temperature, or pass --temperature for all",
+                )
+            result.temperatures = sorted(values)
+            continue
         if len(values) > 1:
             raise InputError(
                 f"'{path}' mixes {key} values {sorted(values)}",
@@ -321,23 +291,27 @@ def _repeats(prompt: array, sample: array, digest: array, step: array | None = N
 
 def _where(src: RolloutSource, i: int) -> str:
     """The location (FILE:LINE or 'FILE row N') of row i of a rollout file, read again to name it."""
-    return next(where for j, (where, _) in enumerate(_rows(src)) if j == i)
+    return next(where for j, (where, _) in enumerate(source_rows(src)) if j == i)
 
 
 def iter_rollout_chunks(
     path: str | Path,
     mapping: dict[str, str],
     tokenizer: Any,
-    vocab_width: int,
+    vocab_width: int | None,
     size: int,
     eos_ids: frozenset[int] = frozenset(),
     strip_after_eos: bool = True,
+    unused: tuple[str, ...] = (),
 ) -> Iterator[list[Rollout]]:
-    """The file's rollouts, `size` at a time, in file order (seq ids 0, 1, ... across chunks)."""
+    """The file's rollouts, `size` at a time, in file order (seq ids 0, 1, ... across chunks); the extras named in
+    ``unused`` (kept sets, routed experts a run does not use) are dropped as each row is read."""
     chunk: list[Rollout] = []
     hints: dict[str, set] = {k: set() for k in SAMPLING_FIELDS}
-    rows = _parse(_source(path), mapping, tokenizer, vocab_width, RolloutFile([]), hints, eos_ids, strip_after_eos)
+    rows = _parse(as_source(path), mapping, tokenizer, vocab_width, RolloutFile([]), hints, eos_ids, strip_after_eos)
     for _, rollout in rows:
+        for key in unused:
+            rollout.extra.pop(key, None)
         chunk.append(rollout)
         if len(chunk) == size:
             yield chunk
@@ -350,7 +324,7 @@ def _parse(
     path: RolloutSource,
     mapping: dict[str, str],
     tokenizer: Any,
-    vocab_width: int,
+    vocab_width: int | None,
     result: RolloutFile,
     hints: dict[str, set],
     eos_ids: frozenset[int],
@@ -358,13 +332,14 @@ def _parse(
 ) -> Iterator[tuple[str, Rollout]]:
     """Each row as (where, validated Rollout); counts what was re-tokenised, empty or padded after its first
     end-of-sequence token, and which rows have top-K data, into `result` (padded tail dropped when strip_after_eos)."""
-    for i, (where, raw) in enumerate(_rows(path)):
+    for i, (where, raw) in enumerate(source_rows(path)):
         row = {mapping.get(k, k): v for k, v in raw.items()}
         if row.get("prompt_ids") is None and row.get("rollout_logprobs") is None and (text := _text_only(row)):
             raise InputError(
                 f"{where}: {text} (no token ids, no log-probs): re-tokenising decoded text is lossy",
                 "audit the pipeline with trm-diag compare, or export token ids and the engine's log-probs",
             )
+        given_ids = row.get("prompt_ids") is not None
         if row.get("prompt_ids") is None:
             if not isinstance(row.get("prompt"), str):
                 raise InputError(
@@ -381,6 +356,10 @@ def _parse(
             result.retokenized += 1
         prompt = _int_list(row["prompt_ids"], where, "prompt_ids")
         resp = _int_list(row["response_ids"], where, "response_ids")
+        if given_ids and isinstance(row.get("prompt"), str):  # the ids fed must be the text's (comparable.py)
+            check_prompt_ids(prompt, row["prompt"], tokenizer, where)
+        if isinstance(row.get("weights_fingerprint"), str):
+            result.weights.add(row["weights_fingerprint"])
         if not prompt:
             raise InputError(f"{where}: empty prompt", "every rollout needs at least one prompt token")
         lps = row.get("rollout_logprobs")
@@ -402,10 +381,11 @@ def _parse(
                 f"{where}: invalid rollout log-prob {bad} (log-probs are <= 0 and not NaN)",
                 "check the column holds log-probs, not probs or logits",
             )
-        out_of_vocab = next((t for t in prompt + resp if t < 0 or t >= vocab_width), None)
+        top = vocab_width if vocab_width is not None else 2**62  # no model (recorded log-probs): ids unchecked above
+        out_of_vocab = next((t for t in prompt + resp if t < 0 or t >= top), None)
         if out_of_vocab is not None:
             raise InputError(
-                f"{where}: token id {out_of_vocab} is outside the model's vocabulary (0..{vocab_width - 1})",
+                f"{where}: token id {out_of_vocab} is outside the model's vocabulary{_span(vocab_width)}",
                 "score with the model the rollouts came from",
             )
         extra: dict[str, Any] = {}
@@ -434,11 +414,24 @@ def _parse(
                 extra[key] = _number(row[key], where, key)
         if row.get("step") is not None:
             extra["step"] = _index(row["step"], where, "step", 0)
-        if row.get("train_logprobs") is not None:
+        extra.update(token_extras(row, resp, where, vocab_width))
+        if "train_logprobs" in extra:
             result.train_logprob_rows += 1
+        elif not result.without_train:
+            result.without_train = where
+        if "kept_ids" in extra:
+            result.kept_rows += 1
+            result.kept_ids += sum(len(a) for a in extra["kept_ids"])
+        if "routed_experts" in extra:
+            result.routed_rows += 1
+        if row.get("appended_eos"):
+            result.appended_eos += 1
         for key in SAMPLING_FIELDS:
             if row.get(key) is not None:
                 hints[key].add(_logprobs(row[key], where) if key == "logprobs" else _number(row[key], where, key))
+        if row.get("temperature") is not None:  # a rollout's own: scored at it when the input's rollouts differ
+            extra["temperature"] = _number(row["temperature"], where, "temperature")
+            result.temperature_rows += 1
         end = next((t for t, tok in enumerate(resp) if tok in eos_ids), len(resp))
         if end < len(resp) - 1:  # tokens after the first EOS: padding of a right-padded export
             result.after_eos_rollouts += 1
@@ -447,7 +440,12 @@ def _parse(
                 resp, lps = resp[: end + 1], lps[: end + 1]
                 if "topk" in extra:
                     extra["topk"] = extra["topk"][: end + 1]
+                cut_extras(extra, end + 1)
         result.empty += not resp
+        if "loss_mask" in extra:  # counted after the cut: what is left out of the scored response
+            result.masked_rollouts += 1
+            result.masked_tokens += int((~extra["loss_mask"]).sum())
+            result.unscored_rollouts += not extra["loss_mask"].any()
         if len(prompt) + len(resp) > result.longest:
             result.longest, result.longest_where = len(prompt) + len(resp), where
         reason = row.get("finish_reason") or "unknown"
@@ -485,7 +483,7 @@ def _logprobs(value: Any, where: str) -> str:
     return value
 
 
-def _rollout_rows(rollouts: list[Rollout], sampling: SamplingConfig) -> list[dict[str, Any]]:
+def _rollout_rows(rollouts: list[Rollout], sampling: SamplingConfig, weights: str | None) -> list[dict[str, Any]]:
     rows = []
     for r in rollouts:
         row: dict[str, Any] = {
@@ -494,6 +492,8 @@ def _rollout_rows(rollouts: list[Rollout], sampling: SamplingConfig) -> list[dic
             "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k, "min_p": sampling.min_p,
             "logprobs": sampling.logprobs,
         }  # fmt: skip
+        if weights is not None:  # the rollout engine's weights fingerprint (backends/fingerprint.py)
+            row["weights_fingerprint"] = weights
         if "topk" in r.extra:
             row["topk_logprobs"] = [[[int(k), float(v)] for k, v in d.items()] for d in r.extra["topk"]]
             row["topk_k"] = r.extra["topk_k"]
@@ -501,7 +501,7 @@ def _rollout_rows(rollouts: list[Rollout], sampling: SamplingConfig) -> list[dic
     return rows
 
 
-def _rollout_schema(topk: bool) -> Any:
+def _rollout_schema(topk: bool, weights: bool = False) -> Any:
     import pyarrow as pa
 
     fields = [
@@ -510,6 +510,8 @@ def _rollout_schema(topk: bool) -> Any:
         ("finish_reason", pa.string()), ("temperature", pa.float64()), ("top_p", pa.float64()), ("top_k", pa.int64()),
         ("min_p", pa.float64()), ("logprobs", pa.string()),
     ]  # fmt: skip
+    if weights:
+        fields.append(("weights_fingerprint", pa.string()))
     if topk:
         # per response token, a list of [token_id, logprob] pairs (ids are exact in float64 up to 2^53)
         fields += [("topk_logprobs", pa.list_(pa.list_(pa.list_(pa.float64())))), ("topk_k", pa.int64())]
@@ -522,8 +524,11 @@ def check_rollouts_path(path: str | Path) -> None:
         raise UsageError(f"--save-rollouts {path}: unsupported file type", "use a .jsonl or .parquet file name")
 
 
-def write_rollouts(path: str | Path, chunks: Iterable[list[Rollout]], sampling: SamplingConfig) -> None:
-    """Write rollouts, chunk by chunk, in the schema above (JSONL or Parquet by suffix), atomically."""
+def write_rollouts(
+    path: str | Path, chunks: Iterable[list[Rollout]], sampling: SamplingConfig, weights: str | None = None
+) -> None:
+    """Write rollouts, chunk by chunk, in the schema above (JSONL or Parquet by suffix), atomically; ``weights``:
+    the rollout engine's weights fingerprint, on every row."""
     from trm_diag.report.tables import atomic_write
 
     check_rollouts_path(path)
@@ -536,9 +541,10 @@ def write_rollouts(path: str | Path, chunks: Iterable[list[Rollout]], sampling: 
         writer = None
         try:
             for rollouts in chunks:
-                rows = _rollout_rows(rollouts, sampling)
+                rows = _rollout_rows(rollouts, sampling, weights)
                 if writer is None:
-                    writer = pq.ParquetWriter(tmp, _rollout_schema(any("topk_logprobs" in r for r in rows)))
+                    schema = _rollout_schema(any("topk_logprobs" in r for r in rows), weights is not None)
+                    writer = pq.ParquetWriter(tmp, schema)
                 writer.write_table(pa.Table.from_pylist(rows, schema=writer.schema))
             if writer is None:
                 pq.write_table(_rollout_schema(False).empty_table(), tmp)
@@ -549,6 +555,6 @@ def write_rollouts(path: str | Path, chunks: Iterable[list[Rollout]], sampling: 
     def jsonl(tmp: str) -> None:
         with open(tmp, "w") as f:
             for rollouts in chunks:
-                f.writelines(json.dumps(row) + "\n" for row in _rollout_rows(rollouts, sampling))
+                f.writelines(json.dumps(row) + "\n" for row in _rollout_rows(rollouts, sampling, weights))
 
     atomic_write(p, parquet if p.suffix.lower() == ".parquet" else jsonl)

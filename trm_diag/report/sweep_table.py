@@ -32,6 +32,15 @@ SWEEP_COLUMNS: dict[str, str] = {
     "indep_lp_rms": "sqrt(rms(e_roll)^2 + rms(e_arm)^2): the gap independent errors predict",
     "gap_share_roll": "rms(e_roll)^2 / (rms(e_roll)^2 + rms(e_arm)^2): the rollout side's share",
     "err_corr": "correlation of e_roll and e_arm (high: a shared cause)",
+    "against": "the side the arm's report compares it with: empty for the rollout side, else that spec's own scoring "
+    "pass (sweep --arms batch: the trainer against itself at batch size 1)",
+    "outside_band": "share of tokens whose rho = exp(lp_train - lp_roll) leaves [0.9, 1.1] "
+    "(metrics.frac_ratio_outside_10pct)",
+    "abs_log_ratio_max": "largest |log rho| over the tokens",
+    "ppo_clip_flip_pos": "share of tokens whose PPO clip status (eps 0.2) flips for a positive advantage: rho > 1.2",
+    "ppo_clip_flip_neg": "the same for a negative advantage: rho < 0.8 (DAPO's eps_low is the same 0.2)",
+    "dapo_clip_flip_pos": "DAPO (eps_high 0.28), positive advantage: rho > 1.28",
+    "route_flip_share": "MoE: share of tokens whose expert set differs at one layer at least (routing.token_any_flip_rate)",
 }
 HORIZON_4096 = 4096
 BASELINE_ARM = "trainer-baseline"  # the trainer preset's unchanged spec: the mismatch a default run sees
@@ -55,6 +64,12 @@ def headline(summary: dict[str, Any]) -> dict[str, float]:
         "b_star_T": observed,
         "b_star_4096": at.get(HORIZON_4096, math.nan),
         "accept_trm_max": m.get("accept_trm_max", math.nan),
+        "outside_band": m.get("frac_ratio_outside_10pct", math.nan),
+        "abs_log_ratio_max": m.get("abs_log_ratio_max", math.nan),
+        "ppo_clip_flip_pos": m.get("ppo_clip_flip_pos", math.nan),
+        "ppo_clip_flip_neg": m.get("ppo_clip_flip_neg", math.nan),
+        "dapo_clip_flip_pos": m.get("dapo_clip_flip_pos", math.nan),
+        "route_flip_share": (summary.get("routing") or {}).get("token_any_flip_rate", math.nan),
     }
 
 
@@ -62,14 +77,17 @@ def table_rows(rollout: dict[str, Any], arms: list[dict[str, Any]]) -> list[dict
     """Every row with every column (missing values NaN / ''), the rollout side first, then the arms ranked:
     done arms by own error against the reference (else by KL to the rollout side), then the others."""
 
-    def key(r: dict[str, Any]) -> tuple:
+    def key(ir: tuple[int, dict[str, Any]]) -> tuple:
+        i, r = ir
         own, gap = r.get("ref_kl_mean", math.nan), r.get("token_kl_mean", math.nan)
         first = own if own == own else gap
-        return (r.get("status") != "done", first if first == first else math.inf, r["arm"])
+        if r.get("against"):  # the trainer against itself: after the others, in the preset's order
+            return (r.get("status") != "done", True, i, r["arm"])
+        return (r.get("status") != "done", False, first if first == first else math.inf, r["arm"])
 
-    text = ("arm", "kind", "status", "reason", "backend", "changed", "spec")
+    text = ("arm", "kind", "status", "reason", "backend", "changed", "spec", "against")
     full = [{c: r.get(c, "" if c in text else math.nan) for c in SWEEP_COLUMNS} for r in [rollout, *arms]]
-    return [full[0], *sorted(full[1:], key=key)]
+    return [full[0], *(r for _, r in sorted(enumerate(full[1:]), key=key))]
 
 
 def _g(x: float) -> str:
@@ -83,9 +101,40 @@ def _group(arms: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
 def verdict(rows: list[dict[str, Any]], reference: str | None) -> list[str]:
     """Lines answering 'which setting causes the mismatch': which side carries the gap of the default
     trainer (else the largest gap), then the arm that lowers that side's own error most."""
-    roll, arms = rows[0], [r for r in rows[1:] if r["status"] == "done"]
+    roll = rows[0]
+    arms = [r for r in rows[1:] if r["status"] == "done" and not r.get("against")]
+    batch = batch_verdict(rows)
     if not arms:
-        return ["no arm ran: see the skipped arms' reasons"]
+        return batch or ["no arm ran: see the skipped arms' reasons"]
+    return _verdict(roll, arms, reference) + batch
+
+
+def _pct(x: float) -> str:
+    return f"{x:.1%}" if x == x else "n/a"
+
+
+def batch_verdict(rows: list[dict[str, Any]]) -> list[str]:
+    """Lines for the arms compared with the trainer itself (sweep --arms batch): the arm that moves the most tokens
+    outside the band, its clip flips, and for MoE the share of tokens regrouping re-routes."""
+    arms = [r for r in rows[1:] if r["status"] == "done" and r.get("against")]
+    if not arms:
+        return []
+    worst = max(arms, key=lambda r: (_num(r["outside_band"]), _num(r["abs_log_ratio_max"])))
+    lines = [
+        f"the trainer against itself ({worst['against']}): {worst['arm']} ({worst['changed']}) moves "
+        f"{_pct(worst['outside_band'])} of tokens outside rho in [0.9, 1.1] (largest |log rho| "
+        f"{_g(worst['abs_log_ratio_max'])}); PPO clip status flips on {_pct(worst['ppo_clip_flip_pos'])} (A > 0) / "
+        f"{_pct(worst['ppo_clip_flip_neg'])} (A < 0) of tokens, DAPO's on {_pct(worst['dapo_clip_flip_pos'])} (A > 0)"
+    ]
+    moved = [r for r in arms if r["route_flip_share"] == r["route_flip_share"]]
+    if moved:
+        most = max(moved, key=lambda r: r["route_flip_share"])
+        lines.append(f"MoE routing: {most['arm']} ({most['changed']}) changes the expert set of "
+                     f"{_pct(most['route_flip_share'])} of tokens at one layer at least")  # fmt: skip
+    return lines
+
+
+def _verdict(roll: dict[str, Any], arms: list[dict[str, Any]], reference: str | None) -> list[str]:
     if not (reference and roll["ref_kl_mean"] == roll["ref_kl_mean"]):
         close = min(arms, key=lambda r: r["token_kl_mean"])
         far = max(arms, key=lambda r: r["token_kl_mean"])

@@ -217,8 +217,52 @@ def _k3_findings(summary: dict[str, Any]) -> list[dict[str, str]]:
     }]  # fmt: skip
 
 
+def _where(first: Any) -> str:
+    return f"sequence {first['seq_id']}, position {first['pos']}" if isinstance(first, dict) else "an unknown place"
+
+
+def bitwise_line(summary: dict[str, Any]) -> str | None:
+    """The certificate in one line (summary.json `certification`, certify.py): 'BITWISE EQUAL on N tokens', or
+    'differs on N tokens, first at sequence s, position p' (full rows named too in the exact tier); None for a
+    report written before certification existed."""
+    from trm_diag.math.certify import bitwise_equal
+
+    c = summary.get("certification")
+    if not isinstance(c, dict) or not isinstance(c.get("n_tokens"), int):
+        return None
+    n = c["n_tokens"]
+    rows = c.get("n_rows_differing")
+    if bitwise_equal(c):
+        also = " (their full rows too)" if rows == 0 else ""
+        return f"BITWISE EQUAL on {n:,} tokens{also}"
+    k = c.get("n_tokens_differing") or 0
+    parts = []
+    if k:
+        parts.append(
+            f"differs on {k:,} of {n:,} tokens, first at {_where(c.get('first_token_differing'))} "
+            f"(max |log ratio| {_fmt(_num(c.get('max_abs_log_ratio')))})"
+        )
+    if rows:
+        parts.append(f"full rows differ at {rows:,} tokens, first at {_where(c.get('first_row_differing'))}")
+    elif "n_rows_differing" in c and rows is None:
+        parts.append("full rows were not compared")
+    if not parts:  # bit patterns differ only where the values are equal (0.0 against -0.0)
+        parts.append(f"differs on {k:,} of {n:,} tokens")
+    return "; ".join(parts)
+
+
+def not_comparable(summary: dict[str, Any]) -> str | None:
+    """'NOT COMPARABLE: <what differs>' when the report's comparability checks failed (summary.json
+    `comparable`, report/comparable.py), else None."""
+    c = summary.get("comparable")
+    if isinstance(c, dict) and c.get("ok") is False:
+        return "NOT COMPARABLE: " + "; ".join(str(x) for x in c.get("differs") or ["the two sides differ"])
+    return None
+
+
 def verdict(summary: dict[str, Any]) -> dict[str, Any]:
-    """{'status', 'headline', 'horizons', 'acceptance', 'findings'} for a report's summary (docs/design.md s.3-4)."""
+    """{'status', 'headline', 'horizons', 'acceptance', 'findings', 'bitwise'} for a report's summary
+    (docs/design.md s.3-4); status 'not comparable' when the two sides failed a comparability check."""
     m = summary.get("metrics") or {}
     horizons = horizon_verdicts(summary)
     observed = next((h for h in horizons if h["observed"]), None)
@@ -254,9 +298,13 @@ def verdict(summary: dict[str, Any]) -> dict[str, Any]:
         headline += " (heuristic: sampled tier)"
     elif (summary.get("estimators") or {}).get("sampler_matches_view") is False and status != "unknown":
         headline += " (estimate: the rollouts were drawn from another distribution than this view's pi_roll)"
+    refused = not_comparable(summary)
+    if refused:  # drift between unlike sides is no drift: the checks' verdict comes first
+        status, headline = "not comparable", refused
     return {
         "status": status,
         "headline": headline,
+        "bitwise": bitwise_line(summary),
         "horizons": horizons,
         "acceptance": {"combined": accept, "trm_max": _num(m.get("accept_trm_max")), "target": ACCEPTANCE_TARGET},
         "findings": findings(summary),

@@ -1,8 +1,11 @@
 """The arms of a sweep: backend specs with one setting changed, presets as data, readable names.
 
 An arm is a backend spec that re-scores the sweep's rollouts. `--arm SPEC` names one; `--arms PRESET`
-expands a preset (ARM_PRESETS) on a base spec: `engine` on the rollout spec, `trainer` on the training
-spec. Knobs a machine cannot honour are kept in the plan as skipped, with the reason (never a crash).
+expands a preset (ARM_PRESETS) on a base spec: `engine` on the rollout spec, `trainer` and `batch` on the
+training spec. An arm's report compares it with the rollout side, except in a SELF_PRESETS preset
+(`batch`): there it compares the base spec with itself, each arm against the base at the preset's
+reference batch shape (batch size 1), both sides scoring passes. Knobs a machine cannot honour are kept
+in the plan as skipped, with the reason (never a crash).
 """
 
 from __future__ import annotations
@@ -40,6 +43,17 @@ ARM_PRESETS: dict[str, tuple[Knob, ...]] = {
         Knob("kv-cache-fp8", {"kv_cache_dtype": "fp8"}, "KV cache in fp8", ("vllm",)),
         Knob("batch-invariant", {"batch_invariant": "true"}, "vLLM's batch-invariant mode", ("vllm",)),
     ),
+    # how the trainer batches (the trainer against itself, SELF_PRESETS): micro-batch size, padding, grouping
+    "batch": (
+        Knob("b1", {"batch_size": "1"}, "batch size 1 (the reference against itself)", ("hf",)),
+        Knob("b8", {"batch_size": "8"}, "batch size 8", ("hf",)),
+        Knob("b32", {"batch_size": "32"}, "batch size 32", ("hf",)),
+        Knob("padding-left", {"batch_size": "8", "padding_side": "left"}, "batch size 8, left padding", ("hf",)),
+        Knob("padding-right", {"batch_size": "8", "padding_side": "right"}, "batch size 8, right padding", ("hf",)),
+        Knob(
+            "regrouped", {"batch_size": "8", "regroup_seed": "1"}, "batch size 8, sequences regrouped (seed 1)", ("hf",)
+        ),  # fmt: skip
+    ),
     # the training side's knobs
     "trainer": (
         Knob("baseline", {}, "nothing (the training spec)"),
@@ -52,14 +66,21 @@ ARM_PRESETS: dict[str, tuple[Knob, ...]] = {
 }
 
 
+# presets that compare the base spec with itself: the batch-shape options of the side every arm is compared with
+SELF_PRESETS: dict[str, dict[str, str]] = {"batch": {"batch_size": "1"}}
+RATIO_BAND = "[0.9, 1.1]"  # the band whose outside share the batch preset reports (metrics.NARROW_BAND)
+
+
 @dataclass(frozen=True)
 class Arm:
-    """One arm of the plan: its name, its full spec, what changed, and why it is skipped (None: it runs)."""
+    """One arm of the plan: its name, its full spec, what changed, why it is skipped (None: it runs), and the
+    spec its report compares it with (None: the sweep's rollout side; else that spec's scoring pass)."""
 
     name: str
     spec: BackendSpec
     changed: str
     skip: str | None = None
+    against: BackendSpec | None = None
 
 
 def slug(text: str) -> str:
@@ -67,8 +88,8 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-.") or "arm"
 
 
-def _with(base: BackendSpec, options: dict[str, str]) -> BackendSpec:
-    opts = {**base.options, **options}
+def _with(base: BackendSpec, options: dict[str, str], drop: tuple[str, ...] = ()) -> BackendSpec:
+    opts = {**{k: v for k, v in base.options.items() if k not in drop}, **options}
     spec = BackendSpec(base.name, opts, "")
     return BackendSpec(base.name, opts, spec.describe())
 
@@ -108,14 +129,14 @@ def plan_arms(
     plan: list[Arm] = []
     seen: dict[str, str] = {}
 
-    def add(name: str, spec: BackendSpec, changed: str) -> None:
-        key = f"{spec.name}:{sorted(spec.options.items())}"
+    def add(name: str, spec: BackendSpec, changed: str, against: BackendSpec | None = None) -> None:
+        key = f"{spec.name}:{sorted(spec.options.items())}:{against and against.describe()}"
         if key in seen:
             return
         if any(a.name == name for a in plan):
             raise UsageError(f"two arms are named '{name}'", "give the arms specs that differ")
         seen[key] = name
-        plan.append(Arm(name, spec, changed, skip_reason(spec, cuda)))
+        plan.append(Arm(name, spec, changed, skip_reason(spec, cuda), against))
 
     for text in arms:
         spec = parse_spec(text)
@@ -124,13 +145,19 @@ def plan_arms(
         if preset not in ARM_PRESETS:
             raise UsageError(f"--arms {preset} is not a preset", f"use one of: {', '.join(ARM_PRESETS)}")
         base = rollout if preset == "engine" else train
+        from trm_diag.backends import BATCH_KEYS
+
+        self_ref = SELF_PRESETS.get(preset)
+        against = _with(base, self_ref, drop=BATCH_KEYS) if self_ref is not None else None
         for knob in ARM_PRESETS[preset]:
             if base.name not in knob.backends:
                 continue
-            spec = _with(base, knob.options)
-            if knob.options and spec.describe() == base.describe():
+            spec = _with(base, knob.options, drop=BATCH_KEYS if self_ref is not None else ())
+            if self_ref is None and knob.options and spec.describe() == base.describe():
                 continue  # the base already has this setting: the baseline arm covers it
-            add(f"{preset}-{knob.slug}", spec, knob.what)
+            add(f"{preset}-{knob.slug}", spec, knob.what, against)
     if not plan:
-        raise UsageError("the sweep has no arms", "pass --arm SPEC (repeatable) or --arms engine,trainer")
+        raise UsageError(
+            "the sweep has no arms", "pass --arm SPEC (repeatable) or --arms engine,trainer (batch: an hf --train)"
+        )
     return sorted(plan, key=lambda a: a.spec.options.get("batch_invariant", "false").lower() == "true")

@@ -17,7 +17,18 @@ from typing import Any
 
 from trm_diag.config import BackendSpec, SamplingConfig
 from trm_diag.errors import InputError, UsageError
-from trm_diag.math.locate_math import FLOOR, JUMP, carrier, entry_layer, expert_flip, growth, relative_error
+from trm_diag.math.locate_math import (
+    FLOOR,
+    JUMP,
+    MODULE_WORDS,
+    bits_differ,
+    carrier,
+    entry_layer,
+    expert_flip,
+    first_bit_difference,
+    growth,
+    relative_error,
+)
 from trm_diag.report.outputs import LOCATE_SUMMARY, LOCATE_TABLE
 from trm_diag.report.tables import atomic_write, complete_report, read_schema, read_table, to_json
 from trm_diag.run.pipeline import CompareResult, Engines, Reporter
@@ -34,6 +45,7 @@ class LocateConfig:
     pos: int | None = None  # None with seq: the sequence's worst token
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    bitwise: bool = False  # name the first module whose output differs by any bit (pairs meant to be identical)
 
 
 def _sides(summary: dict[str, Any], where: str) -> tuple[BackendSpec, BackendSpec]:
@@ -55,6 +67,23 @@ def _sides(summary: dict[str, Any], where: str) -> tuple[BackendSpec, BackendSpe
             )
         specs.append(spec)
     return specs[0], specs[1]
+
+
+def _same_weights_as_the_report(summary: dict[str, Any], specs: dict[str, BackendSpec]) -> None:
+    """Each side's checkpoint must hold the weights the report measured (its weights fingerprint), or locate
+    would explain another pair than the report's: NOT COMPARABLE (report/comparable.py)."""
+    from trm_diag.backends.fingerprint import weights_fingerprint
+    from trm_diag.report.comparable import NotComparable
+
+    for side, spec in specs.items():
+        recorded = (summary.get(side) or {}).get("weights_fingerprint")
+        now = weights_fingerprint(spec.model) if recorded else None
+        if recorded and now != recorded:
+            raise NotComparable(
+                f"the {side} checkpoint '{spec.model}' changed since the report (weights {recorded[:12]} then, "
+                f"{str(now)[:12]} now)",
+                "re-run compare on the checkpoints as they are, then locate",
+            )
 
 
 def choose_tokens(path: Path, summary: dict[str, Any], cfg: LocateConfig) -> list[tuple[int, int]]:
@@ -137,6 +166,35 @@ def _token_rows(sid: int, pos: int, roll: dict[str, Any], train: dict[str, Any])
     return rows
 
 
+def _steps(pos: int, roll: dict[str, Any], train: dict[str, Any]) -> list[tuple[int, str, Any, Any]]:
+    """(layer, component, rollout output, training output) of one token, in the order the network computes them:
+    per layer attention, router, MLP, residual stream; then the final norm and the logits."""
+    a_cap, b_cap = roll["capture"], train["capture"]
+    ap, bp = roll["absolute"][pos], train["absolute"][pos]
+    order = {"attn": 0, "router": 1, "mlp": 2, "layer": 3, "final_norm": 4}
+    found = [(layer, comp, a_cap.states.get((layer, comp), {}).get(ap), v.get(bp))
+             for (layer, comp), v in b_cap.states.items()]  # fmt: skip
+    found += [(layer, "router", a_cap.router.get(layer, {}).get(ap), v.get(bp)) for layer, v in b_cap.router.items()]
+    found = sorted(((la, c, a, b) for la, c, a, b in found if a is not None and b is not None),
+                   key=lambda x: (x[0], order[x[1]]))  # fmt: skip
+    last = max((la for la, *_ in found), default=0) + 1
+    steps = [(la, c, a.numpy(), b.numpy()) for la, c, a, b in found]
+    return steps + [(last, "logits", roll["logits"][pos], train["logits"][pos])]
+
+
+def bitwise_verdict(pos: int, roll: dict[str, Any], train: dict[str, Any]) -> dict[str, Any]:
+    """locate --bitwise for one token: the first module whose output differs by any bit, in data and in words."""
+    steps = _steps(pos, roll, train)
+    first = first_bit_difference(steps)
+    if first is None:
+        return {"first_differing": None, "text": f"BITWISE EQUAL through all {len(steps)} captured outputs"}
+    layer, comp = first
+    where = f"layer {layer}, {MODULE_WORDS[comp]}" if comp in ("attn", "router", "mlp", "layer") else MODULE_WORDS[comp]
+    n = sum(bits_differ(a, b) for _, _, a, b in steps)
+    return {"first_differing": {"layer": layer, "component": comp},
+            "text": f"first differs by a bit at {where} ({n} of {len(steps)} captured outputs differ)"}  # fmt: skip
+
+
 def token_verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Where one token's divergence enters (docs/design.md section 8), in data and in words."""
     by = {(r["layer"], r["component"]): r for r in rows}
@@ -184,6 +242,7 @@ def run_locate(cfg: LocateConfig, reporter: Reporter | None = None) -> CompareRe
 
     for spec in (roll_spec, train_spec):
         check_checkpoint(spec.model, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
+    _same_weights_as_the_report(summary, {"rollout": roll_spec, "train": train_spec})
     tokens = choose_tokens(path, summary, cfg)
     seq_table = read_table(path / "sequences.parquet", ["seq_id", "prompt_token_ids", "response_token_ids"]).to_pandas()
     seq_table = seq_table[seq_table["seq_id"].isin({s for s, _ in tokens})]
@@ -212,6 +271,8 @@ def run_locate(cfg: LocateConfig, reporter: Reporter | None = None) -> CompareRe
         verdicts.append(
             {"seq_id": s, "pos": p, "token_id": token_id, **{k: v[k] for k in ("enters", "component", "flips", "text")}}
         )
+        if cfg.bitwise:  # the first module whose output differs by any bit
+            verdicts[-1]["bitwise"] = bitwise_verdict(p, roll[s], train[s])
     df = pd.DataFrame(rows)
     df["growth"] = df.get("growth", pd.Series(dtype=float))
     atomic_write(path / LOCATE_TABLE, lambda tmp: df.to_parquet(tmp, index=False))
@@ -225,6 +286,7 @@ def run_locate(cfg: LocateConfig, reporter: Reporter | None = None) -> CompareRe
         "rule": f"enters at the first layer with r_l >= {JUMP:g} x max(r_0..r_(l-1), {FLOOR:g})",
         "ranked_by": locate_column(summary, str(path)),  # the token column the worst tokens are chosen by
         "tokens": verdicts,
+        "bitwise": cfg.bitwise,
         "layer_median_rel_err": {int(k): float(v) for k, v in layers.items()},
         "seconds": time.perf_counter() - t0,
     }

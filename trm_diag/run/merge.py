@@ -327,8 +327,10 @@ def run_merge(
     first = filled[0].summary
     source = ShardChunks(filled)
     from trm_diag.backends import load_tokenizer
+    from trm_diag.report.id_tokenizer import IdTokenizer
 
-    tokenizer = load_tokenizer(first["train"]["model"])
+    model = first["train"].get("model")  # None: a report of recorded log-probs, made without a model
+    tokenizer = load_tokenizer(model) if model else IdTokenizer()
     routing_info = first.get("routing") or {}
     moe = (routing_info["num_experts"], routing_info["experts_per_token"]) if "num_experts" in routing_info else None
     header = {

@@ -22,23 +22,24 @@ import numpy as np
 
 from trm_diag.backends import can_coexist, reported_logprobs
 from trm_diag.backends.base import Backend
-from trm_diag.backends.checkpoint import check_checkpoint, eos_token_ids, max_positions, read_config, vocab_size
+from trm_diag.backends.checkpoint import check_checkpoint, max_positions, read_config, vocab_size
 from trm_diag.config import DEFAULT_HORIZONS, DEFAULT_VIEW, BackendSpec, SamplingConfig, Thresholds, as_dict, check_view
 from trm_diag.errors import BackendFailure, InputError, ModelError, UsageError
+from trm_diag.math.batch_shape import from_scoring_pass
 from trm_diag.math.scoring import batch_columns
 from trm_diag.report.assemble import Assembled, MemoryChunks, assemble, model_fingerprint, report_parts
 from trm_diag.report.html_report import write_html_or_warn
 from trm_diag.report.outputs import check_out_dir, check_output_file, claim_out_dir
 from trm_diag.report.partial import PartialStore, run_fingerprint
 from trm_diag.report.prompts import Prompt, PromptIds, load_prompts
+from trm_diag.report.row_store import RowStore, check_disk, resolve_budget
 from trm_diag.report.tables import write_summary, write_tables
-from trm_diag.tiers import FIDELITIES, IMPORTABLE
+from trm_diag.tiers import FIDELITIES
 from trm_diag.types import Rollout, Scored, TokenRows
 
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "sample_data"
 DEFAULT_MODEL = SAMPLE_DIR / "tiny-llama"
 DEFAULT_PROMPTS = SAMPLE_DIR / "prompts.jsonl"
-SCORE_CHUNK = 512  # imported rollouts scored per stored chunk
 
 
 class Reporter:
@@ -65,7 +66,9 @@ class CompareConfig:
     thresholds: Thresholds = field(default_factory=Thresholds)
     num_prompts: int | None = None
     fidelity: str = "exact"
-    max_held_bytes: int = 4 << 30  # rollout rows held while two vLLM engines swap
+    # bytes of the rollout engine's rows held in RAM (exact tier); beyond it they go to disk. None:
+    # $TRM_DIAG_MEMORY_BUDGET, else row_store.DEFAULT_BUDGET. Never changes a number of the report.
+    memory_budget: int | None = None
     save_rollouts: str | None = None
     chunk_prompts: int = 64  # prompts per checkpointed chunk (see --resume)
     shard: tuple[int, int] | None = None  # (I, N): prompts with index % N == I
@@ -76,29 +79,6 @@ class CompareConfig:
     horizons: tuple[int, ...] = DEFAULT_HORIZONS
     truncate_prompts: bool = False  # cut prompts too long for the model to their last tokens (else refuse)
     view: str = DEFAULT_VIEW  # truncated sampling: the view that drives masks, bounds and metrics (views.py)
-
-
-@dataclass(frozen=True)
-class ScoreConfig:
-    """Everything `trm-diag score` needs: existing rollouts, rescored by the training backend."""
-
-    rollouts: str
-    train: BackendSpec
-    model: str = str(DEFAULT_MODEL)
-    out: str = "trm-report"
-    mapping: dict[str, str] = field(default_factory=dict)
-    sampling: SamplingConfig | None = None  # None: the file's settings, else temperature 1
-    thresholds: Thresholds = field(default_factory=Thresholds)
-    fidelity: str | None = None  # None: top-K when the file has it, else sampled
-    strip_after_eos: bool = True  # drop tokens after a response's first EOS (right padding of exports)
-    overwrite: bool = False
-    trust_remote_code: bool = False
-    allow_pickle: bool = False
-    horizons: tuple[int, ...] = DEFAULT_HORIZONS
-    view: str = DEFAULT_VIEW
-    logprobs: str | None = None  # None: the file's `logprobs` field, else processed (config.LOGPROBS)
-    allow_duplicates: bool = False  # score rows that repeat an earlier row (else refused)
-    format: str | None = None  # rollouts_io.INPUT_FORMATS; None: by suffix, else the dump detected
 
 
 @dataclass
@@ -136,6 +116,12 @@ def default_rollout_spec() -> str:
     return "vllm:dtype=bfloat16" if importlib.util.find_spec("vllm") is not None else "hf:dtype=bfloat16"
 
 
+# summary.json lp_roll_source: where the rollout side's sampled-token log-probs (lp_roll) come from
+LP_ROLL_SOURCES = {
+    "decode": "the rollout engine's decode steps (what it reported while sampling)",
+    "scoring": "the rollout spec's own scoring pass at its batch shape (the trainer against itself: the two specs "
+    "differ only in batch_size, padding_side or regroup_seed, so lp_roll is old_log_prob, not a decode step)",
+}
 RolloutRows = Callable[[int, list[tuple[list[int], list[int]]]], list[TokenRows]]
 
 
@@ -148,10 +134,12 @@ def score_rollouts(
     width: int,
     advance: Callable[[int], None],
     view: str = DEFAULT_VIEW,
+    roll_from_rows: bool = False,
 ) -> Scored:
     """Score every rollout with the training backend in batches. In the exact tier,
     rollout_rows(start, pairs) gives the rollout side's rows of the batch at ``start``; None means
-    the rollout side is the training backend itself (its rows serve both sides)."""
+    the rollout side is the training backend itself (its rows serve both sides). ``roll_from_rows``
+    (the trainer against itself): the rollout side's log-probs are its rows', not the decode steps'."""
     moe = train.moe
     columns, routing, kernels = [], [], set()
     for s in range(0, len(rollouts), train.batch_size):
@@ -165,6 +153,8 @@ def score_rollouts(
             batch, p_rows, q_rows, fidelity, width, experts_per_token=moe[1] if moe else None, kernels=kernels,
             sampling=sampling, view=view,
         )  # fmt: skip
+        if roll_from_rows and p_rows is not None:
+            done = [(from_scoring_pass(cols), comp) for cols, comp in done]
         for r, (cols, comp) in zip(batch, done):
             columns.append(cols)
             if comp is not None:
@@ -174,10 +164,13 @@ def score_rollouts(
 
 
 def side_info(backend: Backend) -> dict[str, Any]:
+    from trm_diag.backends.fingerprint import weights_fingerprint
+
     return {
         "spec": backend.description,
         "model": backend.model_path,
         "model_fingerprint": model_fingerprint(backend.model_path),
+        "weights_fingerprint": weights_fingerprint(backend.model_path),  # every byte of the weights it loaded
     }
 
 
@@ -266,7 +259,11 @@ def _compare(cfg: CompareConfig, rep: Reporter, engines: Engines, run: ExitStack
     # Chunks of prompts: each finished chunk is checkpointed, so Ctrl-C loses at most one chunk.
     n, step = len(prompts), max(1, cfg.chunk_prompts)
     chunks = [(a, min(n, a + step)) for a in range(0, n, step)]
-    settings = {k: v for k, v in as_dict(cfg).items() if k not in ("out", "overwrite", "resume", "save_rollouts")}
+    settings = {
+        k: v
+        for k, v in as_dict(cfg).items()
+        if k not in ("out", "overwrite", "resume", "save_rollouts", "memory_budget")
+    }
     settings["specs"] = [roll_spec.describe(), train_spec.describe()]
     fingerprint = run_fingerprint(settings, [cfg.prompts])
     if cfg.resume:
@@ -281,19 +278,36 @@ def _compare(cfg: CompareConfig, rep: Reporter, engines: Engines, run: ExitStack
         advance(1)
     timings["load_rollout_s"] = time.perf_counter() - t
     prompt_ids = encode_prompts(prompts, roll, train_spec, cfg, rep)  # every prompt checked before any generation
-    train = roll if same else (engines.load(train_spec, **kw) if coexist else None)
+    # specs that differ only in how the engine batches: one set of weights, the trainer against itself
+    shared = None if same else getattr(roll, "rebatched", lambda spec: None)(train_spec)
+    self_compare = shared is not None and fidelity == "exact"  # both sides' log-probs from scoring passes
+    train = roll if same else (shared or (engines.load(train_spec, **kw) if coexist else None))
     if train is not None:
         check_pair(roll, train, same)
+    budget, budget_from = resolve_budget(cfg.memory_budget)
+    held_rows = fidelity == "exact" and not same and hasattr(roll, "row_sink")  # rows kept until the other side's
+    if held_rows:  # the rows beyond the budget must fit on the disk: checked before anything is written
+        done = PartialStore.check_resumable(out_dir, fingerprint, len(chunks))["done"] if cfg.resume else []
+        left = sum(b - a for ci, (a, b) in enumerate(chunks) if ci not in done) * sampling.samples_per_prompt
+        at_once = left if train is None else min(left, train.batch_size)  # swap: every chunk's; else a batch's
+        row_bytes = roll.vocab_width * torch_itemsize(roll.rows_dtype)
+        check_disk(
+            at_once * sampling.max_new_tokens * row_bytes - budget, out_dir,
+            f"the rollout engine's rows beyond --memory-budget {budget / 2**30:.2f} GiB ({row_bytes:,} bytes per token at "
+            f"V = {roll.vocab_width:,}, up to {at_once * sampling.max_new_tokens:,} tokens at once)",
+            "raise --memory-budget, lower --max-new-tokens or --num-prompts, or write --out to a larger disk",
+        )  # fmt: skip
     run.enter_context(claim_out_dir(out_dir, overwrite=cfg.overwrite and not cfg.resume, warn=rep.warn))  # 1st write
     store = PartialStore(out_dir, fingerprint, len(chunks), cfg.resume, cfg.overwrite)
     resumed = len(store.done)
+    rows = RowStore(budget, store.spill_dir())  # a killed run's spill files are gone from here on
+    if held_rows:
+        roll.row_sink = rows
     total = n * sampling.samples_per_prompt
     with rep.phase("generate + score", 2 * total, "rollouts", steps=2) as advance:
         held: dict[int, list[TokenRows]] = {}  # exact tier, engines that swap: rollout rows by chunk
         if train is None:  # two exclusive engines, one after the other: every chunk generated, then scored
-            held = _generate_all(
-                roll, prompt_ids, indices, chunks, store, sampling, fidelity, roll.vocab_width, cfg, advance, timings
-            )
+            held = _generate_all(roll, prompt_ids, indices, chunks, store, sampling, fidelity, advance, timings)
             roll.close()
             t = time.perf_counter()
             train = engines.load(train_spec, **kw)
@@ -316,24 +330,32 @@ def _compare(cfg: CompareConfig, rep: Reporter, engines: Engines, run: ExitStack
             t = time.perf_counter()
             store.save(
                 ci,
-                score_rollouts(rollouts, train, rollout_rows, sampling, fidelity, roll.vocab_width, advance, cfg.view),
+                score_rollouts(
+                    rollouts, train, rollout_rows, sampling, fidelity, roll.vocab_width, advance, cfg.view, self_compare
+                ),
             )
             timings["score_s"] += time.perf_counter() - t
+    roll_info, train_info = side_info(roll), side_info(train)
     if cfg.save_rollouts:
         from trm_diag.report.rollouts_io import write_rollouts
 
-        write_rollouts(cfg.save_rollouts, (store.rollouts(i) for i in range(store.n_chunks)), sampling)
+        chunks_out = (store.rollouts(i) for i in range(store.n_chunks))
+        write_rollouts(cfg.save_rollouts, chunks_out, sampling, roll_info["weights_fingerprint"])
     notes = [b.routing_note for b in (roll, train)]
+    memory = _memory_profile(rows, budget_from, fidelity, held_rows, coexist, getattr(roll, "step_tokens", None))
     header = {
-        "rollout": side_info(roll),
-        "train": side_info(train),
+        "rollout": roll_info,
+        "train": train_info,
+        "comparable": compare_comparable(roll_spec, train_spec, roll_info, train_info),
         "same_backend_instance": same,
+        "shared_weights": shared is not None,
+        "lp_roll_source": LP_ROLL_SOURCES["scoring" if self_compare else "decode"],
         "engines_sequential": not coexist,
         "prompts": {"path": str(cfg.prompts), "count": len(prompts), "chat": sum(p.is_chat for p in prompts)},
         "shard": None if cfg.shard is None else f"{cfg.shard[0]}/{cfg.shard[1]}",
         "horizons": list(cfg.horizons),
         "routing_note": next((n for n in notes if n), None),
-        "run": {"chunks": len(chunks), "chunk_prompts": step, "resumed_chunks": resumed},
+        "run": {"chunks": len(chunks), "chunk_prompts": step, "resumed_chunks": resumed, "memory": memory},
     }
     if not prompts:
         rep.warn(f"shard {header['shard']} holds no prompts: its report is empty (merge accepts it)")
@@ -343,9 +365,67 @@ def _compare(cfg: CompareConfig, rep: Reporter, engines: Engines, run: ExitStack
         horizons=cfg.horizons, tokenizer=roll.tokenizer, width=roll.vocab_width, moe=train.moe,
         header=header, warn=rep.warn, view=cfg.view,
     )  # fmt: skip
+    memory["peak_rss_bytes"] = peak_rss_bytes()  # generation, scoring and assembly: where the memory peaks
     result = write_report(out_dir, assembled, timings, t_start, rep.warn)
     store.clear()
     return result
+
+
+def compare_comparable(
+    roll_spec: BackendSpec, train_spec: BackendSpec, roll_info: dict[str, Any], train_info: dict[str, Any]
+) -> dict[str, Any]:
+    """summary.json `comparable` of a compare run (report/comparable.py): both sides score the same token ids under
+    one sampling setting by construction; the weights must be one set unless the specs name two checkpoints."""
+    from trm_diag.report.comparable import NotComparable, weights_record
+
+    two = roll_spec.model != train_spec.model  # model=PATH per side: a staleness audit, asked for
+    w = weights_record(roll_info["weights_fingerprint"], train_info["weights_fingerprint"], two)
+    if w["same"] is False and not two:
+        raise NotComparable(
+            f"both sides name '{roll_spec.model}' but loaded different weights ({str(w['rollout'])[:12]} and "
+            f"{str(w['train'])[:12]}): the checkpoint changed during the run",
+            "run again on a checkpoint nobody writes to",
+        )
+    checks = ["token ids: the training side scores the rollout engine's own ids", "sampling: one setting, both sides"]
+    return {"ok": True, "weights": w, "checks": checks}
+
+
+def torch_itemsize(dtype: Any) -> int:
+    import torch
+
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+def peak_rss_bytes() -> int | None:
+    """The process's peak resident memory so far (ru_maxrss), None where the platform has no getrusage."""
+    try:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    except (ImportError, OSError):
+        return None
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
+
+
+def _memory_profile(
+    rows: RowStore, budget_from: str, fidelity: str, held_rows: bool, coexist: bool, step_tokens: int | None
+) -> dict[str, Any]:
+    """summary.json run.memory: which mode held the rollout rows and why, and what it cost."""
+    spilled = rows.spilled_bytes > 0
+    if fidelity != "exact":
+        mode, why = "no full rows", f"the {fidelity} tier compares no full rows"
+    elif not held_rows:
+        mode, why = "paired in flight", "the rollout side's rows are computed when scored: none are held"
+    elif coexist:
+        mode = "spilled" if spilled else "paired in flight"
+        why = "both engines run side by side: each batch's rollout rows are scored as soon as the engine gives them"
+    else:
+        mode = "spilled" if spilled else "in RAM"
+        why = "two exclusive engines run one after the other: every chunk's rollout rows wait for the training engine"
+    if spilled:
+        why += f"; {rows.spilled_bytes / 2**20:,.1f} MiB beyond the memory budget went to disk"
+    return {"mode": mode, "why": why, **rows.stats(), "budget_from": budget_from, "engine_step_tokens": step_tokens}
 
 
 def _held_rows(rows: list[TokenRows] | None, fidelity: str) -> RolloutRows | None:
@@ -393,16 +473,14 @@ def _generate_all(
     store: PartialStore,
     sampling: SamplingConfig,
     fidelity: str,
-    width: int,
-    cfg: CompareConfig,
     advance: Callable[[int], None],
     timings: dict[str, float],
 ) -> dict[int, list[TokenRows]]:
     """Phase one of a run whose engines cannot coexist: generate and save every chunk not yet
     scored. The exact tier also needs the rollout engine's full rows of every such chunk while
-    the engines swap: those are held (up to cfg.max_held_bytes) and returned by chunk."""
+    the engines swap: those are held (in RAM up to the memory budget, beyond it on disk: the
+    engine's row_sink) and returned by chunk."""
     held: dict[int, list[TokenRows]] = {}
-    size = 0
     for ci, (a, b) in enumerate(chunks):
         if ci in store.done:
             continue
@@ -417,12 +495,6 @@ def _generate_all(
         if fidelity != "exact":
             continue
         t = time.perf_counter()
-        size += 4 * width * sum(len(r.response_ids) for r in rollouts)
-        if size > cfg.max_held_bytes:
-            raise UsageError(
-                f"exact fidelity between two vLLM engines would hold over {size / 2**30:.1f} GiB of rollout rows",
-                "use --fidelity topk (with --overwrite), fewer prompts, or an hf training side",
-            )
         pairs = [(r.prompt_ids, r.response_ids) for r in rollouts]
         held[ci] = [row for s in range(0, len(pairs), 16) for row in roll.score(pairs[s : s + 16], sampling)]
         timings["rollout_rows_s"] += time.perf_counter() - t
@@ -438,119 +510,3 @@ def check_pair(roll: Backend, train: Backend, same: bool) -> None:
         )
     if not same:
         check_tokenizers(roll.tokenizer, train.tokenizer)
-
-
-def run_score(cfg: ScoreConfig, reporter: Reporter | None = None) -> CompareResult:
-    """Rescore rollouts from a file with the training backend and write the same report as compare."""
-    with ExitStack() as run, Engines() as engines:
-        return _score(cfg, reporter or Reporter(), engines, run)
-
-
-def _score(cfg: ScoreConfig, rep: Reporter, engines: Engines, run: ExitStack) -> CompareResult:
-    from trm_diag.report.rollouts_io import (
-        GENERATION_ONLY,
-        RolloutSource,
-        input_format,
-        iter_rollout_chunks,
-        scan_rollouts,
-        score_tier,
-    )
-
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-    if cfg.fidelity is not None and cfg.fidelity not in IMPORTABLE:
-        raise UsageError(
-            f"--fidelity {cfg.fidelity} is not available for imported rollouts",
-            "use topk (needs topk_logprobs in the file) or sampled; exact needs the rollout engine: use compare",
-        )
-    train_spec = cfg.train.with_model(cfg.model)
-    # input mistakes first, before the output folder is touched
-    check_checkpoint(train_spec.model, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
-    src = RolloutSource(Path(cfg.rollouts), cfg.format, cfg.allow_pickle)
-    fmt = input_format(src)  # a missing file or an unknown layout, before any engine loads
-    out_dir = check_out_dir(cfg.out, overwrite=cfg.overwrite, inputs=[cfg.rollouts])
-    t = time.perf_counter()
-    with rep.phase(f"load train ({train_spec.name})", 1) as advance:
-        train = engines.load(train_spec, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
-        advance(1)
-    timings["load_train_s"] = time.perf_counter() - t
-    eos = eos_token_ids(train.model_path, train.tokenizer)
-    read = {"eos_ids": eos, "strip_after_eos": cfg.strip_after_eos}
-    data = scan_rollouts(  # every row checked
-        src, cfg.mapping, train.tokenizer, train.vocab_width, **read, allow_duplicates=cfg.allow_duplicates
-    )
-    if data.train_logprob_rows:
-        rep.warn(
-            f"{data.train_logprob_rows:,} rollout(s) carry the trainer's own recorded log-probs; this version scores "
-            f"the training side with {train_spec.name} (--train) instead and does not use them yet"
-        )
-    limit = train.max_model_len
-    if limit and data.longest > limit:
-        raise InputError(
-            f"{data.longest_where}: prompt + response hold {data.longest:,} tokens, beyond the model's {limit:,} positions",
-            "score rollouts of this model's context length (the training side would run past its positions)",
-        )
-    if data.after_eos_rollouts:
-        what = f"{data.after_eos_tokens:,} token(s) after the first end-of-sequence token in {data.after_eos_rollouts:,} rollout(s)"
-        rep.warn(
-            f"dropped {what} (right padding of the export)"
-            if cfg.strip_after_eos
-            else f"{what} are scored as real tokens (--keep-after-eos)"
-        )
-    if data.retokenized:
-        rep.warn(
-            f"{data.retokenized} prompt/response field(s) had no token ids and were tokenised with the model's "
-            "tokenizer; re-tokenised text can differ from the ids the engine sampled"
-        )
-    if data.empty:
-        rep.warn(f"{data.empty} rollout(s) have empty responses; they are reported with length 0")
-    if data.duplicate_keys:
-        rep.warn(
-            f"{data.duplicate_keys:,} rollout(s) share their (prompt_idx, sample_idx) with an earlier row (first: "
-            f"{data.duplicate_where}; {data.duplicate_rows:,} repeat its response too); each is scored as a rollout"
-        )
-    fidelity, fallback = score_tier(data, src, cfg.fidelity)
-    if fallback:
-        rep.warn(fallback)
-    hints = dict(data.sampling_hints)
-    file_logprobs = hints.pop("logprobs", "processed")  # what the file's log-probs are: options never drop it
-    sampling = cfg.sampling or SamplingConfig(**{k: (int(v) if k == "top_k" else v) for k, v in hints.items()})
-    sampling = replace(sampling, logprobs=cfg.logprobs or file_logprobs)
-    check_view(cfg.view, fidelity, sampling)  # before the output folder is touched
-    t = time.perf_counter()
-    # read again and scored chunk by chunk, kept on disk like compare's (no --resume here: a new score
-    # always starts afresh), so neither the rollouts nor their token rows are ever all in memory
-    n = data.count
-    run.enter_context(claim_out_dir(out_dir, overwrite=cfg.overwrite, warn=rep.warn))  # every input passed
-    store = PartialStore(out_dir, "score", -(-n // SCORE_CHUNK), resume=False, overwrite=True)
-    with rep.phase("score", n, "rollouts") as advance:
-        chunks = iter_rollout_chunks(src, cfg.mapping, train.tokenizer, train.vocab_width, SCORE_CHUNK, **read)
-        for ci, rollouts in enumerate(chunks):
-            store.save(
-                ci, score_rollouts(rollouts, train, None, sampling, fidelity, train.vocab_width, advance, cfg.view)
-            )
-    timings["score_s"] = time.perf_counter() - t
-    header = {
-        "rollout": {"source": str(cfg.rollouts), "format": fmt, "mapping": cfg.mapping, "retokenized_fields": data.retokenized,
-                    "empty_responses": data.empty, "sampling_from": "options" if cfg.sampling else "file",
-                    "topk_rows": data.topk_rows, "duplicates": {"same_key": data.duplicate_keys,
-                                                                "same_row": data.duplicate_rows},
-                    "after_eos": {"rollouts": data.after_eos_rollouts, "tokens": data.after_eos_tokens,
-                                  "stripped": cfg.strip_after_eos, "eos_ids": sorted(eos)}},
-        "train": side_info(train),
-        "horizons": list(cfg.horizons),
-        "routing_note": "imported rollouts carry no router logits" if train.moe else None,
-    }  # fmt: skip
-    assembled = assemble(
-        store, command="score", fidelity=fidelity, sampling=sampling, thresholds=cfg.thresholds,
-        horizons=cfg.horizons, tokenizer=train.tokenizer, width=train.vocab_width, moe=train.moe,
-        header=header, warn=rep.warn, view=cfg.view,
-    )  # fmt: skip
-    # score generated nothing: no response budget, seed or samples per prompt; K is the file's (one, else null)
-    assembled.summary["sampling"].update(dict.fromkeys(GENERATION_ONLY))
-    assembled.summary["topk"] = assembled.summary["sampling"]["topk"] = (
-        next(iter(data.topk_ks)) if fidelity == "topk" and len(data.topk_ks) == 1 else None
-    )
-    result = write_report(out_dir, assembled, timings, t_start, rep.warn)
-    store.clear()
-    return result

@@ -42,7 +42,7 @@ from trm_diag.run.arms import Arm, plan_arms
 from trm_diag.run.pipeline import (
     DEFAULT_MODEL,
     DEFAULT_PROMPTS,
-    SCORE_CHUNK,
+    LP_ROLL_SOURCES,
     CompareConfig,
     CompareResult,
     Engines,
@@ -55,6 +55,7 @@ from trm_diag.run.pipeline import (
     side_info,
     write_report,
 )  # fmt: skip
+from trm_diag.run.score import SCORE_CHUNK
 from trm_diag.types import Rollout, TokenRows
 
 ERR_BLOCK = 1 << 22  # reference-error entries per step (~32 MB of float64 per temporary)
@@ -328,13 +329,13 @@ class _Sweep:
         self, arm: Arm, rollouts: list[Rollout], roll_rows: RowReader, e_roll: np.ndarray | None
     ) -> dict[str, Any]:
         """Phase 3, one arm: its report in OUT/<name>/ and its numbers (skipped or failed: the reason)."""
-        cfg = self.cfg
         row = {
             "arm": arm.name,
             "kind": "arm",
             "backend": arm.spec.name,
             "changed": arm.changed,
             "spec": arm.spec.describe(),
+            "against": _short(arm.against) if arm.against is not None else "",
         }
         if arm.skip:
             return {**row, "status": "skipped", "reason": arm.skip}
@@ -351,9 +352,7 @@ class _Sweep:
         t = time.perf_counter()
         try:
             with self.rep.phase(f"load {arm.name}"[:24], 1) as advance:
-                backend = self.engines.load(
-                    arm.spec, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle
-                )
+                backend = self._load_arm(arm)
                 advance(1)
         except (ModelError, BackendFailure, BackendUnavailable) as e:
             self.rep.warn(f"arm {arm.name} skipped: {e.problem}")
@@ -388,19 +387,25 @@ class _Sweep:
                 cursor[0] += 1
 
         tee = _Tee(backend, on_rows)
+        own = self._against(arm, backend)  # the trainer against itself: the base spec's own scoring pass
         n = len(rollouts)
         chunks = [(a, min(n, a + SCORE_CHUNK)) for a in range(0, n, SCORE_CHUNK)]
         folder.mkdir(parents=True)
         store = PartialStore(folder, self.fingerprint, len(chunks), resume=False, overwrite=True, command="sweep-arm")
         with self.rep.phase(f"score {arm.name}"[:24], n, "rollouts") as advance:
             for ci, (a, b) in enumerate(chunks):
-                held = lambda s, pairs, a=a: [roll_rows.rows(a + s + j) for j in range(len(pairs))]  # noqa: E731
+                if own is None:
+                    held = lambda s, pairs, a=a: [roll_rows.rows(a + s + j) for j in range(len(pairs))]  # noqa: E731
+                else:
+                    held = lambda s, pairs: own.score(pairs, cfg.sampling)  # noqa: E731
                 scored = score_rollouts(
-                    rollouts[a:b], tee, held, cfg.sampling, "exact", backend.vocab_width, advance, cfg.view
-                )
+                    rollouts[a:b], tee, held, cfg.sampling, "exact", backend.vocab_width, advance, cfg.view,
+                    roll_from_rows=own is not None,
+                )  # fmt: skip
                 store.save(ci, scored)
         header = {
-            "rollout": self.state["rollout"],
+            "rollout": self.state["rollout"] if own is None else side_info(own),
+            "lp_roll_source": LP_ROLL_SOURCES["decode" if own is None else "scoring"],
             "train": side_info(backend),
             "same_backend_instance": False,
             "engines_sequential": True,
@@ -411,9 +416,16 @@ class _Sweep:
             },
             "shard": None,
             "horizons": list(cfg.horizons),
-            "routing_note": "a sweep keeps no router logits of the rollout side" if backend.moe else None,
+            "routing_note": "a sweep keeps no router logits of the rollout side"
+            if backend.moe and own is None
+            else None,
             "run": {"chunks": len(chunks), "chunk_prompts": SCORE_CHUNK, "resumed_chunks": 0},
-            "sweep": {"arm": arm.name, "changed": arm.changed, "folder": str(self.out)},
+            "sweep": {
+                "arm": arm.name,
+                "changed": arm.changed,
+                "folder": str(self.out),
+                "against": None if own is None else own.description,
+            },  # fmt: skip
         }
         from trm_diag.report.assemble import assemble
 
@@ -434,6 +446,30 @@ class _Sweep:
         self.state["arms"][arm.name] = row
         self._save_state()
         return row
+
+    def _load_arm(self, arm: Arm) -> Backend:
+        """An arm's engine; the arms compared with the trainer itself share one set of weights (each a batch shape
+        of the first one loaded), so a batch preset loads the model once."""
+        kept = getattr(self, "_kept", None)
+        shared = kept.rebatched(arm.spec) if kept is not None and arm.against is not None else None
+        if shared is not None:
+            return shared
+        cfg = self.cfg
+        backend = self.engines.load(arm.spec, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
+        if arm.against is not None and hasattr(backend, "rebatched"):
+            self._kept = backend.rebatched(backend.spec)  # a handle on the weights that outlives the arm's close()
+        return backend
+
+    def _against(self, arm: Arm, backend: Backend) -> Backend | None:
+        """The engine an arm of a SELF_PRESETS preset is compared with: the base spec at the reference batch shape,
+        sharing the arm's weights where the backend can (else loaded beside it); None for other arms."""
+        if arm.against is None:
+            return None
+        shared = getattr(backend, "rebatched", lambda spec: None)(arm.against)
+        if shared is not None:
+            return shared
+        cfg = self.cfg
+        return self.engines.load(arm.against, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
 
     def _finish(self, rollouts: list[Rollout], arms: list[dict[str, Any]]) -> CompareResult:
         """Phase 4: sweep.parquet, rollouts.parquet, then summary.json (last: the sweep is complete)."""

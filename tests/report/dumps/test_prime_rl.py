@@ -303,18 +303,23 @@ def test_layouts_this_reader_does_not_know_are_refused(run, tmp_path, edit, need
     assert "289562d2e" in msg
 
 
-def test_multi_turn_and_varying_temperature_are_refused(run, tmp_path):
-    p = len(run["src"][0]["prompt_ids"])
+def test_multi_turn_tokens_come_with_their_loss_mask_and_varying_temperature_is_refused(run, tmp_path):
+    p, n = len(run["src"][0]["prompt_ids"]), len(run["src"][0]["response_ids"])
 
     def tool_token(mbs):  # a loss-mask 0 token inside the first sample's response
         mbs[0][1][p + 5] = False
 
-    _error(_one(run["src"][:1], tmp_path / "a", tool_token), "multi-turn samples are not supported yet")
+    (_, row), = rows(_one(run["src"][:1], tmp_path / "a", tool_token), allow_pickle=True)  # fmt: skip
+    assert row["response_ids"] == run["src"][0]["response_ids"]
+    assert row["loss_mask"] == [t != 5 for t in range(n)]
 
     def tail_token(mbs):  # ... or after it (a trailing context token, not padding: its position keeps counting)
-        mbs[0][1][p + len(run["src"][0]["response_ids"]) - 1] = False
+        mbs[0][1][p + n - 1] = False
 
-    _error(_one(run["src"][:1], tmp_path / "b", tail_token), "multi-turn samples are not supported yet")
+    (_, row), = rows(_one(run["src"][:1], tmp_path / "b", tail_token), allow_pickle=True)  # fmt: skip
+    assert len(row["response_ids"]) == n and row["loss_mask"] == [t != n - 1 for t in range(n)]
+    (_, row), = rows(_one(run["src"][:1], tmp_path / "e"), allow_pickle=True)  # fmt: skip
+    assert "loss_mask" not in row  # every token trained on: no mask
 
     def two_temperatures(mbs):
         mbs[0][6][p + 3] = 1.0

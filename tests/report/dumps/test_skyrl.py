@@ -349,14 +349,27 @@ def test_unknown_tensor_format(tmp_path, run):
     _one_line(e, "unknown format 'zstd'")
 
 
-def test_multi_turn_is_refused(tmp_path, run):
+def test_multi_turn_samples_carry_their_loss_mask(tmp_path, run):
     batch = layout(run["rows"], new=True)
     batch["loss_mask"][1, -3] = 0  # a tool token inside sample 1's response
     f = tmp_path / "global_step_1_training_input.pkl"
     f.write_bytes(pickle_new(batch, metadata(4)))
-    with pytest.raises(InputError) as e:
-        list(skyrl.rows(f, allow_pickle=True))
-    _one_line(e, "step 1, sample 1", "multi-turn samples (tool tokens inside the response) are not supported yet")
+    got = [r for _, r in skyrl.rows(f, allow_pickle=True)]
+    n = len(got[1]["response_ids"])
+    assert got[1]["loss_mask"] == [t != n - 3 for t in range(n)]
+    assert all("loss_mask" not in r for i, r in enumerate(got) if i != 1)
+
+
+def test_a_placeholder_log_prob_on_the_last_token_is_not_scored(tmp_path, run):
+    """SkyRL appends an EOS after a stop string with rollout log-prob 0.0 (not the engine's): that token is context."""
+    batch = layout(run["rows"], new=True)
+    batch["rollout_logprobs"][2, -1] = 0.0  # right-aligned response tensors: column -1 is the last token
+    f = tmp_path / "global_step_1_training_input.pkl"
+    f.write_bytes(pickle_new(batch, metadata(4)))
+    got = [r for _, r in skyrl.rows(f, allow_pickle=True)]
+    n = len(got[2]["response_ids"])
+    assert got[2]["appended_eos"] and got[2]["loss_mask"] == [t != n - 1 for t in range(n)]
+    assert not any(r.get("appended_eos") for i, r in enumerate(got) if i != 2)
 
 
 def test_filtered_sample_reads(tmp_path, run):

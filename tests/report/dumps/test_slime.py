@@ -217,7 +217,7 @@ def test_a_multi_step_dump_keeps_its_steps(run, capsys):
          "--temperature", "0.8", "--out", str(out)], capsys,
     )  # fmt: skip
     assert code == 0, err
-    assert "carry the trainer's own recorded log-probs" in err and "does not use them yet" in err
+    assert "carry the trainer's own recorded log-probs" in err and "--train recorded" in err
     seqs = pq.read_table(out / "sequences.parquet", columns=["seq_id", "step", "length"]).to_pydict()
     rows = [r for _, r in slime.rows(run["dump"], allow_pickle=True)]
     assert sorted(seqs["step"]) == sorted(r["step"] for r in rows)
@@ -295,8 +295,7 @@ def _rewrite(f: Path, change) -> None:
         ("train", lambda p: p["samples"].pop(1), r"step 10 sample 103 has no train sample"),
         ("train", lambda p: p["samples"][0].update(sample_index=999), r"train sample with index 999 has no rollout"),
         ("train", lambda p: p["samples"][0]["tokens"].__setitem__(-1, 7), r"holds other tokens"),
-        ("rollout", lambda p: p["samples"][0].update(loss_mask=[1] * 8 + [0] * 4 + [1] * 4),
-         r"loss_mask is 0 at 4 of its 16 response tokens \(first: 8\): multi-turn"),
+        ("rollout", lambda p: p["samples"][0].update(loss_mask=[1] * 15), r"15 loss_mask entries for 16 response tokens"),
         ("rollout", lambda p: p["samples"][0].update(rollout_top_p_token_ids=[5] * 16, rollout_top_p_token_offsets=list(range(16))),
          r"16 rollout_top_p_token_offsets for 16 response tokens \(expected 17\)"),
         ("rollout", lambda p: p["samples"][0].update(rollout_top_p_token_ids=[5] * 16,

@@ -132,6 +132,15 @@ def compare(
             rich_help_panel="Output", help="Prompts per checkpointed chunk: an interruption loses at most one chunk."
         ),
     ] = 64,
+    memory_budget: Annotated[
+        str | None,
+        typer.Option(
+            rich_help_panel="Output",
+            help="RAM for the rollout engine's full rows (exact tier), e.g. 4GiB; rows beyond it wait on disk "
+            "under --out (checked before generation). Never changes a number. Default: $TRM_DIAG_MEMORY_BUDGET, "
+            "else 1GiB.",
+        ),
+    ] = None,
     shard: Annotated[
         str | None,
         typer.Option(
@@ -168,12 +177,14 @@ def compare(
     """
     from trm_diag.backends import parse_spec
     from trm_diag.config import SamplingConfig
+    from trm_diag.report.row_store import parse_bytes
     from trm_diag.run.pipeline import DEFAULT_MODEL, DEFAULT_PROMPTS, CompareConfig, default_rollout_spec, run_compare
 
     if num_prompts is not None and num_prompts < 1:
         raise UsageError(f"--num-prompts {num_prompts} must be >= 1", "use a positive integer")
     if chunk_prompts < 1:
         raise UsageError(f"--chunk-prompts {chunk_prompts} must be >= 1", "use a positive integer (default 64)")
+    budget = None if memory_budget is None else parse_bytes(memory_budget, "--memory-budget")
     cfg = CompareConfig(
         rollout=parse_spec(rollout or default_rollout_spec()),
         train=parse_spec(train),
@@ -194,6 +205,7 @@ def compare(
         horizons=parse_horizons(horizons),
         truncate_prompts=truncate_prompts,
         view=view,
+        memory_budget=budget,
     )
     if locate_top is not None and locate_top < 1:
         raise UsageError(f"--locate {locate_top} must be >= 1", "give the number of tokens to locate, e.g. --locate 8")

@@ -10,7 +10,9 @@ from trm_diag.cli.console import RichReporter, out_console
 
 
 def gate(
-    report: Annotated[str, typer.Argument(help="Report folder written by `trm-diag compare`.")],
+    report: Annotated[
+        str, typer.Argument(help="Report folder written by `trm-diag compare`, or a run folder of trm_diag.Monitor.")
+    ],
     rule: Annotated[
         list[str] | None,
         typer.Option("--rule", "-r", help="Rule '<metric> <op> <value>', e.g. 'token.kl.p99 <= 1e-3'. Repeatable."),
@@ -38,12 +40,21 @@ def gate(
         bool,
         typer.Option(help="Refuse a --baseline of another model, tokenizer or fidelity tier (default: warn)."),
     ] = False,
+    bitwise: Annotated[
+        bool,
+        typer.Option(
+            help="Certify bit-for-bit equality: pass only when no sampled-token log-prob (and, in the exact tier, "
+            "no full row) differs by any bit between the sides; adds its rules to any --rule."
+        ),
+    ] = False,
 ) -> None:
-    """Check rules against a report: exit 0 when all hold, 1 when any fails, 2 on a usage or input error.
+    """Check rules against a report: exit 0 when all hold, 1 when any fails, 2 on a usage or input error or a
+    report whose two sides are not comparable.
 
     Metric names: token.<column>.<stat>, seq.<column>.<stat> (stat: mean p50 p90 p99 p999 max min),
     accept.<criterion>, bounds.<bound>@<T>, metrics.<name>, routing.flip_rate, views.<view>.<stat>,
-    breakdown.<bucket>.<stat> (`--list-metrics` lists them all).
+    breakdown.<bucket>.<stat> (`--list-metrics` lists them all). A run folder (trm_diag.Monitor): trend.<last|first|
+    max|min|mean>.<metric>, trend.flags, trend.flags.<spike|drift|acceptance>, trend.steps (docs/trend.md).
     Example: trm-diag gate ./trm-report -r 'token.kl.p99 <= 1e-3' -r 'accept.trm_max >= 0.7'
     """
     from pathlib import Path
@@ -53,6 +64,6 @@ def gate(
     code = run_gate(
         report=report, rules=rule or [], config=Path(config) if config else None,
         baseline=baseline, fmt=fmt, output=output, list_metrics=list_metrics,
-        out_console=out_console, strict=strict, warn=RichReporter(quiet=True).warn,
+        out_console=out_console, strict=strict, warn=RichReporter(quiet=True).warn, bitwise=bitwise,
     )  # fmt: skip
     raise typer.Exit(code)

@@ -16,7 +16,6 @@ from trm_diag.cli.options import (
     InputFormatOpt,
     JsonOpt,
     LnTrmOpt,
-    ModelOpt,
     OutOpt,
     OverwriteOpt,
     QuietOpt,
@@ -24,7 +23,6 @@ from trm_diag.cli.options import (
     ScorePickleOpt,
     ScoreViewOpt,
     SerOpt,
-    TrainOpt,
     TrmAvgOpt,
     TrmMaxOpt,
     thresholds,
@@ -34,13 +32,23 @@ from trm_diag.config import DEFAULT_VIEW, parse_horizons
 
 def score(
     rollouts: Annotated[
-        str,
+        list[str],
         typer.Argument(
             help="Rollouts with token ids and rollout log-probs (.jsonl or .parquet), or a training run's dump "
-            "(slime, SkyRL, prime-rl: see --format)."
+            "(slime, SkyRL, prime-rl: see --format): a folder, one step's file, or a quoted glob of steps "
+            "('DIR/rollout_data/*.pt').",
+            show_default=False,
         ),
     ],
-    model: ModelOpt = "",
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            rich_help_panel="Inputs",
+            help="Model folder of the training side. Default: none when the input carries the trainer's recorded "
+            "log-probs (a slime or SkyRL dump), else the bundled sample model.",
+        ),
+    ] = None,
     mapping: Annotated[
         list[str] | None,
         typer.Option(
@@ -67,7 +75,16 @@ def score(
             "refusing the file; each copy then counts as a rollout.",
         ),
     ] = False,
-    train: TrainOpt = "hf:dtype=float32",
+    train: Annotated[
+        str | None,
+        typer.Option(
+            "--train",
+            rich_help_panel="Backends",
+            help="Training side: a backend spec that re-scores the token ids (e.g. 'hf:dtype=float32'), or 'recorded' "
+            "(the trainer's log-probs in the input, no model: sampled tier). Default: recorded when the input "
+            "carries them and no --model is given, else hf:dtype=float32.",
+        ),
+    ] = None,
     fidelity: Annotated[
         str | None,
         typer.Option(
@@ -108,21 +125,39 @@ def score(
     trust_remote_code: RemoteCodeOpt = False,
     allow_pickle: ScorePickleOpt = False,
     input_format: InputFormatOpt = None,
+    other_checkpoint: Annotated[
+        bool,
+        typer.Option(
+            "--other-checkpoint",
+            help="The training side loads another checkpoint than the one the rollouts record (a staleness audit): "
+            "score instead of refusing them as NOT COMPARABLE.",
+        ),
+    ] = False,
     out: OutOpt = "trm-report",
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Audit rollouts you already have: rescore their token ids with the training backend.
+    """Audit rollouts you already have, or a training run's dump, against the training side.
 
-    The file needs prompt_ids, response_ids and rollout_logprobs per row (docs/rollout-schema.md);
-    map other column names with --map. Writes the same report as compare (sampled or top-K tier).
-    Example: trm-diag score rollouts.parquet --model ./Qwen3-8B --map rollout_logprobs=old_logprobs
+    A rollout file needs prompt_ids, response_ids and rollout_logprobs per row (docs/rollout-schema.md);
+    map other column names with --map. A slime or SkyRL dump also holds the trainer's log-probs: scored as
+    they are, with no model (sampled tier); --model re-scores the ids instead (entropy, the replay view
+    from the engine's kept set, router flips). Writes the same report as compare.
+    Examples: trm-diag score runs/slime-dump --allow-pickle;
+    trm-diag score rollouts.parquet --model ./Qwen3-8B --map rollout_logprobs=old_logprobs
     """
     from trm_diag.backends import parse_spec
+    from trm_diag.errors import UsageError
+
+    if len(rollouts) != 1:  # a glob the shell expanded
+        raise UsageError(
+            f"score reads one input, got {len(rollouts)} paths ({', '.join(rollouts[:2])}, ...; a glob the shell expanded)",
+            "quote the pattern so trm-diag expands it, e.g. 'DIR/rollout_data/*.pt', or pass the dump folder",
+        )
     from trm_diag.config import SamplingConfig
     from trm_diag.report.rollouts_io import parse_mapping
-    from trm_diag.run.pipeline import DEFAULT_MODEL, ScoreConfig, run_score
+    from trm_diag.run.score import RECORDED, ScoreConfig, run_score
 
     given = {
         k: v
@@ -130,12 +165,15 @@ def score(
         if v is not None
     }
     cfg = ScoreConfig(
-        rollouts=rollouts,
-        train=parse_spec(train),
-        model=model or str(DEFAULT_MODEL),
+        rollouts=rollouts[0],
+        train=None if train in (None, RECORDED) else parse_spec(train),
+        model=model or None,
+        recorded=train == RECORDED,
+        other_checkpoint=other_checkpoint,
         out=out,
         mapping=parse_mapping(mapping or []),
         sampling=SamplingConfig(**given) if given else None,
+        sampling_given=tuple(given),
         thresholds=thresholds(trm_max, trm_avg, ln_trm, ser, dppo_tv, dppo_kl),
         fidelity=fidelity,
         strip_after_eos=strip_after_eos,

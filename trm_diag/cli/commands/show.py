@@ -14,7 +14,9 @@ SHOW_FORMATS = ("text", "json", "markdown")
 
 
 def show(
-    report: Annotated[str, typer.Argument(help="Report folder (compare, score or merge), or a sweep folder.")],
+    report: Annotated[
+        str, typer.Argument(help="Report folder (compare, score or merge), a sweep folder, or a Monitor run folder.")
+    ],
     fmt: Annotated[str, typer.Option("--format", help="text (the tables compare prints), json or markdown.")] = "text",
     top: Annotated[int, typer.Option(help="How many of the worst sequences to list.")] = 5,
     write_html: Annotated[
@@ -22,7 +24,8 @@ def show(
         typer.Option("--html", help="(Re)write REPORT/report.html (figures and shaded worst sequences) and say where."),
     ] = False,
 ) -> None:
-    """Show a saved report again: the verdict first, then the tables `compare` printed.
+    """Show a saved report again: the verdict first, then the tables `compare` printed. A run folder of
+    trm_diag.Monitor shows as `trm-diag trend` does (the metrics versus step and the flags).
 
     Example: trm-diag show ./trm-report --format markdown > report.md
     """
@@ -35,6 +38,11 @@ def show(
         raise UsageError(f"--format {fmt} is unknown", f"use one of: {', '.join(SHOW_FORMATS)}")
     if top < 0:
         raise UsageError(f"--top {top} is negative", "use 0 or more")
+    from trm_diag.report.run_log import is_run
+
+    if is_run(report):  # a Monitor run folder: what `trend` prints, with the default rules
+        show_run(report, fmt, write_html)
+        return
     swept = read_sweep(report)
     if swept is not None:  # a sweep folder: its verdict and ranked table
         from trm_diag.cli.sweep import render_sweep, sweep_markdown
@@ -76,3 +84,26 @@ def show(
             from trm_diag.cli.render import worst_table
 
             out_console.print(worst_table(worst_rows(path, summary, top)))
+
+
+def show_run(run: str, fmt: str, write_html: bool) -> None:
+    """A run folder: the text, JSON or page of `trm-diag trend RUN` (default rules), or its Markdown."""
+    from trm_diag.report.trend_report import run_trend
+
+    res = run_trend(run)
+    if write_html:
+        from trm_diag.cli.commands.trend import write_page
+
+        write_page(res)
+    elif fmt == "json":
+        from trm_diag.report.tables import to_json
+
+        print(to_json(res.as_dict()))
+    elif fmt == "markdown":
+        from trm_diag.cli.trend import trend_markdown
+
+        print(trend_markdown(res), end="")
+    else:
+        from trm_diag.cli.trend import render_trend
+
+        render_trend(out_console, res)

@@ -59,7 +59,7 @@ def sweep(
         ),
     ] = "",
     train: Annotated[
-        str, typer.Option("--train", rich_help_panel="Arms", help="The base of --arms trainer.")
+        str, typer.Option("--train", rich_help_panel="Arms", help="The base of --arms trainer and --arms batch.")
     ] = "hf:dtype=float32",
     arm: Annotated[
         list[str] | None,
@@ -74,7 +74,9 @@ def sweep(
             rich_help_panel="Arms",
             help="Presets, comma-separated: engine (the rollout spec, one knob at a time: dtype, eager, batch 1, "
             "chunked prefill, prefix caching, fp8 KV cache, batch-invariant mode) and trainer (the --train spec: "
-            "dtype, attention, batch 1, fp32 LM head). Default: engine,trainer when no --arm is given.",
+            "dtype, attention, batch 1, fp32 LM head) and batch (the --train spec against itself at batch size 1: "
+            "batch 1, 8, 32, left/right padding, regrouped; reports the share of tokens with rho outside [0.9, 1.1], "
+            "PPO/DAPO clip flips and MoE route flips). Default: engine,trainer when no --arm is given.",
         ),
     ] = None,
     reference: Annotated[

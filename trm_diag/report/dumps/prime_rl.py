@@ -273,14 +273,6 @@ def _file_rows(
             sample_idx = counter[0]
             counter[0] += 1
             where = f"{file}: step {step}, sample {sample_idx} (micro-batch {m}, sequence {s})"
-            inside = int((~f["loss_mask"][first:stop]).sum())
-            if inside:
-                raise InputError(
-                    f"{where}: {inside} response token(s) the trainer does not train on (loss_mask 0 after the first "
-                    "trained token: tool or template tokens of a multi-turn sample); multi-turn samples are not "
-                    "supported yet",
-                    "score single-turn runs, or export each turn as a row of a rollout file (docs/rollout-schema.md)",
-                )
             temps = f["temperatures"][first:stop]
             if not np.all(temps == temps[0]):
                 raise InputError(
@@ -298,6 +290,9 @@ def _file_rows(
                 "step": step,
                 "temperature": float(temps[0]),
             }
+            trained = f["loss_mask"][first:stop]  # 0 after the first trained token: a tool's output, not scored
+            if not trained.all():
+                row["loss_mask"] = trained.tolist()
             adv = f["advantages"][first:stop]
             if np.all(adv == adv[0]):
                 row["advantage"] = float(adv[0])

@@ -274,13 +274,7 @@ def _step_rows(file: Path, step: int, state: dict[str, Any]) -> Iterator[tuple[s
                 f"{where}: attention_mask and response_mask do not lay out one prompt followed by its response",
                 "dump the step again",
             )
-        trained = t["loss_mask"][r, cols] > 0
-        if 0 < int(trained.sum()) < n_resp:
-            raise InputError(
-                f"{where}: multi-turn samples (tool tokens inside the response) are not supported yet: its loss "
-                "mask is 0 on some response tokens",
-                "audit single-turn runs, or save the engine's own turns with compare/score's rollout schema",
-            )
+        trained = t["loss_mask"][r, cols] > 0  # 0: context inside the response (a tool's output): not scored
         row: dict[str, Any] = {
             "prompt_ids": seq[r, prompt_pos].tolist(),
             "response_ids": seq[r, pos].tolist(),
@@ -289,6 +283,14 @@ def _step_rows(file: Path, step: int, state: dict[str, Any]) -> Iterator[tuple[s
             "sample_idx": sample_idx,
             "step": step,
         }
+        if n_resp and trained[-1] and row["rollout_logprobs"][-1] == 0.0:
+            # the EOS SkyRL appends after a stop string carries a placeholder log-prob 0.0, not the engine's:
+            # kept as context, not scored (a sampled token of probability exactly 1 is lost with it, and counted)
+            trained = trained.copy()
+            trained[-1] = False
+            row["appended_eos"] = True
+        if not trained.all():
+            row["loss_mask"] = trained.tolist()
         if t["action_log_probs"] is not None:
             row["train_logprobs"] = t["action_log_probs"][r, cols].tolist()
         if t["advantages"] is not None and n_resp:

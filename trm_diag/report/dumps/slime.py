@@ -207,7 +207,7 @@ def _row(sample: dict, where: str, step: int, pos: int, index: int | None) -> di
         raise InputError(
             f"{where}: {n} response tokens but {len(lps)} rollout_log_probs", "pass an unmodified slime dump"
         )
-    _check_loss_mask(sample.get("loss_mask"), n, where)
+    mask = _loss_mask(sample.get("loss_mask"), n, where)
     row: dict[str, Any] = {
         "prompt_ids": tokens[:cut],
         "response_ids": tokens[cut:],
@@ -226,6 +226,8 @@ def _row(sample: dict, where: str, step: int, pos: int, index: int | None) -> di
     status = sample.get("status")
     if isinstance(status, str):
         row["finish_reason"] = _STATUS.get(status, status)
+    if mask is not None and not all(mask):
+        row["loss_mask"] = mask  # 0: a tool's output or an older policy's tokens inside the response: not scored
     kept = _kept(sample, n, where)
     if kept is not None:
         row["kept_ids"] = kept
@@ -235,23 +237,15 @@ def _row(sample: dict, where: str, step: int, pos: int, index: int | None) -> di
     return row
 
 
-def _check_loss_mask(mask: Any, n: int, where: str) -> None:
-    """Every response token trained on: a 0 marks a token the engine did not sample under this policy (a tool's
-    output in a multi-turn sample, an older policy's tokens of a masked partial rollout), whose log-prob is not the
-    engine's."""
+def _loss_mask(mask: Any, n: int, where: str) -> list[int] | None:
+    """The response's loss mask: 0 marks a token the policy did not sample under this policy (a tool's output in
+    a multi-turn sample, an older policy's tokens of a masked partial rollout), whose log-prob is not the engine's."""
     if mask is None:
-        return
+        return None
     mask = _ints(mask, where, "loss_mask")
     if len(mask) != n:
         raise InputError(f"{where}: {len(mask)} loss_mask entries for {n} response tokens", "pass an unmodified dump")
-    zeros = [t for t, m in enumerate(mask) if m == 0]
-    if zeros:
-        raise InputError(
-            f"{where}: loss_mask is 0 at {len(zeros)} of its {n} response tokens (first: {zeros[0]}): multi-turn "
-            "samples (tool tokens inside the response) and masked partial rollouts are not supported yet",
-            "score single-turn runs (all response tokens trained on), or export each model turn as its own rollout "
-            "(docs/rollout-schema.md)",
-        )
+    return mask
 
 
 def _kept(sample: dict, n: int, where: str) -> list[list[int]] | None:
