@@ -396,3 +396,24 @@ def test_empty_folder(tmp_path):
     with pytest.raises(InputError) as e:
         list(skyrl.rows(tmp_path, allow_pickle=True))
     _one_line(e, "trainer.dump_data_batch=true")
+
+
+def test_score_without_a_model_uses_the_trainers_action_log_probs(run, capsys):
+    """SkyRL dumps carry action_log_probs: with no --model the report is the engine's log-probs against those
+    (float32 as stored), and equals a re-score by the same fp32 trainer to float32 rounding."""
+    f = run["export"] / "dumped_data" / "global_step_2_training_input.pkl"
+    out, ref = run["dir"] / "free", run["dir"] / "free_ref"
+    code, _, err = run_cli(["score", str(f), "--allow-pickle", "-q", "--out", str(out)], capsys)
+    assert code == 0, err
+    assert json.loads((out / "summary.json").read_text())["train"]["spec"] == "recorded"
+    common = ["--model", MODEL, "--fidelity", "sampled", "--temperature", "0.8", "-q"]
+    assert main_exit(["score", str(run["plain"]), *common, "--out", str(ref)]) == 0
+    a, b = (pd.read_parquet(o / "tokens.parquet").sort_values(["seq_id", "pos"]) for o in (out, ref))
+    assert len(a) == len(b) == sum(len(r["response_ids"]) for r in run["rows"])
+    np.testing.assert_array_equal(a["lp_roll"].to_numpy(), b["lp_roll"].to_numpy())
+    for s, r in enumerate(run["rows"]):  # the stored float32 values, exactly
+        got = a[a.seq_id == s]["lp_train"].tolist()
+        assert got == [float(np.float32(x)) for x in r["train_logprobs"]]
+    # sample 0 keeps the prompt its trainer log-probs were computed with (the fixture shortens the others' prompts)
+    x, y = (t[t.seq_id == 0]["lp_train"].to_numpy() for t in (a, b))
+    assert len(x) == 16 and np.all(np.abs(x - y) <= 2.0**-24 * np.maximum(np.abs(x), np.abs(y)) + 2.0**-24)
