@@ -178,3 +178,20 @@ def test_a_token_the_rollout_gave_probability_zero_leaves_no_kl_estimate(rollout
     inp = bound_inputs(tok, seqs, "sampled")
     assert inp.kl_seq is None and inp.source["kl_seq"].startswith("unknown: a sampled token has probability 0")
     assert np.isnan(seqs["k1_mean"][0]) and not seqs["accept_trm_avg"][0] and seqs["accept_trm_avg"][1]
+
+
+def test_a_negative_k1_mean_is_clamped_and_says_it_is_below_noise(rollouts):
+    """The true D_KL^seq is >= 0; a negative k1 mean is noise: 0, and the source says so (B* is then small)."""
+    _, tok = rollouts
+    tok = {k: v[: 4 * T].copy() for k, v in tok.items()}
+    lp_train = tok["lp_roll"] + 1e-3  # the trainer a hair above the engine everywhere: every k1 = -1e-3
+    fixed = sampled_token_metrics(torch.tensor(tok["lp_roll"]), torch.tensor(lp_train))
+    tok.update({k: v.numpy() for k, v in fixed.items()}, lp_train=lp_train)
+    seqs = sequence_stats(tok, np.full(4, T), Thresholds(), basis="sampled")
+    inp = bound_inputs(tok, seqs, "sampled")
+    assert inp.kl_seq == 0.0 and "below the estimate's noise" in inp.source["kl_seq"]
+    tok2 = {k: v.copy() for k, v in tok.items()}
+    fixed = sampled_token_metrics(torch.tensor(tok2["lp_roll"]), torch.tensor(tok2["lp_roll"] - 1e-3))
+    tok2.update({k: v.numpy() for k, v in fixed.items()})
+    inp2 = bound_inputs(tok2, sequence_stats(tok2, np.full(4, T), Thresholds(), basis="sampled"), "sampled")
+    assert inp2.kl_seq > 0 and "below" not in inp2.source["kl_seq"]

@@ -287,11 +287,14 @@ def bound_inputs(tokens: Any, seqs: Any, fidelity: str, sampler_note: str | None
             )
             return inp
         total = float(np.sum(k1))  # +inf where the trainer gives a sampled token probability 0: KL is infinite
-        inp.kl_seq = max(0.0, total / n_seq)  # clamped at 0 (a mean of noisy k1 can dip below): conservative
+        # clamped at 0 (a mean of noisy k1 can dip below; the true value cannot): a below-noise estimate, which
+        # makes B* small, so the source says so
+        inp.kl_seq = max(0.0, total / n_seq)
         inp.kl_rate = max(0.0, total / n_tok)
         why = f"under another sampler: {sampler_note}" if sampler_note else "unbiased under any truncation"
         inp.source.update(
             delta="heuristic (k2 max; exact KL needs full logits)",
-            kl_seq=f"estimate (k1 mean over {n_seq} rollouts, {why}; clamped at 0)",
+            kl_seq=f"estimate (k1 mean over {n_seq} rollouts, {why}; clamped at 0"
+            + (": the mean was negative, below the estimate's noise)" if total < 0 else ")"),
         )
     return inp
