@@ -98,6 +98,7 @@ def test_a_dump_with_both_sides_needs_no_model(dense, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["train"]["spec"] == "recorded" and summary["train"]["model"] is None
     assert summary["fidelity"] == "sampled" and summary["rollout"]["recorded"]["train_logprobs"] == len(dense["rows"])
+    assert summary["views"]["truncated"] is None and "as the run computed it" in summary["views"]["note"]
     got, want = _tokens(out, "lp_train", "lp_roll", "token_id"), _tokens(ref, "lp_train", "lp_roll", "token_id")
     assert got["token_id"] == want["token_id"] and got["lp_roll"] == want["lp_roll"]
     for s, lps in _by_seq(got, "lp_train").items():  # exactly the stored float32 values

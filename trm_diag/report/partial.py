@@ -25,6 +25,7 @@ from trm_diag.math.moe import RoutingComparison
 from trm_diag.report.outputs import PARTIAL_DIR
 from trm_diag.report.row_store import clear_spill
 from trm_diag.report.tables import atomic_write
+from trm_diag.report.token_extras import TOKEN_EXTRAS
 from trm_diag.types import Rollout, Scored
 
 MANIFEST = "manifest.json"
@@ -207,7 +208,7 @@ class PartialStore:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-SPENT = ("train_logprobs", "kept_ids", "routed_experts")  # per-token extras scoring consumed
+SPENT = tuple(k for k in TOKEN_EXTRAS if k != "loss_mask")  # per-token extras scoring consumed
 
 
 def _rollout_frame(rollouts: list[Rollout]) -> pd.DataFrame:

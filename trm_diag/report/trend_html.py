@@ -21,8 +21,29 @@ def html_path(res: TrendResult) -> Path:
     return res.data.path / (SCORE_TREND_HTML if res.data.source == "score" else RUN_HTML)
 
 
-def _series(steps: Any, cols: dict[str, str]) -> dict[str, list[Any]]:
-    return {label: steps[c].tolist() for c, label in cols.items() if c in steps}
+# the figures of a run's page: (columns -> legend, title, y label, caption, marks, reference line, percent);
+# marks: "gaps" (spikes dotted, drifts shaded) or "acceptance" (the first step under target); a reference line
+# "target" (the acceptance target) or "vacuous" (B* = 1). "{horizons}" stands for B* at each horizon.
+FIGURES: tuple[tuple[Any, ...], ...] = (
+    ({"abs_log_ratio_mean": "mean", "token_abs_log_ratio_p99": "p99", "abs_log_ratio_max": "max"},
+     "|log ratio| per token versus step", "|log pi_train - log pi_roll| (nats)",
+     "Mean, p99 and max of the sampled tokens' |log ratio| per step. Red: a spike (dotted; check weight "
+     "sync / staleness) or a drift (shaded), flagged on the mean (docs/trend.md).", "gaps", None, False),
+    ({"kl": "k1 (verl kl)", "k3_kl": "k3 (verl k3_kl)"}, "KL estimates versus step", "KL per token (nats)",
+     "Token means of the k1 and k3 estimators of KL(pi_roll || pi_train); k1 is signed.", "gaps", None, False),
+    ({"accept_trm_max": "TRM-Max", "accept_trm_avg": "TRM-Avg"}, "Sequences the masks keep versus step",
+     "sequences accepted (%)",
+     "Share of each step's sequences that TRM-Max and TRM-Avg keep; the dotted line is the paper's 70%.",
+     "acceptance", "target", True),
+    ("{horizons}", "B* versus step", "B* (bound on the surrogate error)",
+     "The smallest of the paper's bounds from each step's inputs, at each horizon; at or above 1 it says nothing.",
+     "gaps", "vacuous", False),
+    ({"route_token_flip_rate": "tokens with a flip", "route_flip_rate": "layer flips"},
+     "MoE router flips versus step", "flipped (%)",
+     "Share of tokens whose top-k expert set differs in some layer, and of (token, layer) pairs.", "gaps", None, True),
+    ({"kept_mass_mean": "mean", "kept_mass_min": "min"}, "Sampler's kept mass versus step", "kept mass M_t",
+     "The probability mass the sampler kept under top-p / top-k, per step (1: untruncated).", "gaps", None, False),
+)  # fmt: skip
 
 
 def _figures(res: TrendResult) -> list[str]:
@@ -30,56 +51,20 @@ def _figures(res: TrendResult) -> list[str]:
 
     steps, flags = res.data.steps, res.flags
     x = [int(s) for s in steps["step"]]
-    gap_marks = [(f.step, f.last_step, f.kind) for f in flags if f.kind in ("spike", "drift")]
+    marks = {
+        "gaps": [(f.step, f.last_step, f.kind) for f in flags if f.kind in ("spike", "drift")],
+        "acceptance": [(f.step, f.step, "acceptance below target") for f in flags if f.kind == "acceptance"],
+    }
+    lines = {None: None, "target": (res.config.acceptance, f"target {res.config.acceptance:.0%}"),
+             "vacuous": (1.0, "vacuous (>= 1)")}  # fmt: skip
     out = []
-    lr = _series(steps, {"abs_log_ratio_mean": "mean", "token_abs_log_ratio_p99": "p99", "abs_log_ratio_max": "max"})
-    if lr:
-        out.append(_figure(
-            plots.steps_png(x, lr, "|log ratio| per token versus step", "|log pi_train - log pi_roll| (nats)",
-                            gap_marks),
-            "log ratio versus step",
-            "Mean, p99 and max of the sampled tokens' |log ratio| per step. Red: a spike (dotted; check weight "
-            "sync / staleness) or a drift (shaded), flagged on the mean (docs/trend.md).",
-        ))  # fmt: skip
-    kl = _series(steps, {"kl": "k1 (verl kl)", "k3_kl": "k3 (verl k3_kl)"})
-    if kl:
-        out.append(_figure(
-            plots.steps_png(x, kl, "KL estimates versus step", "KL per token (nats)", gap_marks),
-            "KL estimates versus step",
-            "Token means of the k1 and k3 estimators of KL(pi_roll || pi_train); k1 is signed.",
-        ))  # fmt: skip
-    acc = _series(steps, {"accept_trm_max": "TRM-Max", "accept_trm_avg": "TRM-Avg"})
-    if acc:
-        first = [(f.step, f.step, "acceptance below target") for f in flags if f.kind == "acceptance"]
-        out.append(_figure(
-            plots.steps_png(x, acc, "Sequences the masks keep versus step", "sequences accepted (%)", first,
-                            (res.config.acceptance, f"target {res.config.acceptance:.0%}"), percent=True),
-            "acceptance versus step",
-            "Share of each step's sequences that TRM-Max and TRM-Avg keep; the dotted line is the paper's 70%.",
-        ))  # fmt: skip
-    bs = _series(steps, {f"bstar@{T}": f"B* at T = {T:,}" for T in res.data.horizons})
-    if bs:
-        out.append(_figure(
-            plots.steps_png(x, bs, "B* versus step", "B* (bound on the surrogate error)", gap_marks,
-                            (1.0, "vacuous (>= 1)")),
-            "B* versus step",
-            "The smallest of the paper's bounds from each step's inputs, at each horizon; at or above 1 it says "
-            "nothing.",
-        ))  # fmt: skip
-    routing = _series(steps, {"route_token_flip_rate": "tokens with a flip", "route_flip_rate": "layer flips"})
-    if routing:
-        out.append(_figure(
-            plots.steps_png(x, routing, "MoE router flips versus step", "flipped (%)", gap_marks, percent=True),
-            "router flips versus step",
-            "Share of tokens whose top-k expert set differs in some layer, and of (token, layer) pairs.",
-        ))  # fmt: skip
-    kept = _series(steps, {"kept_mass_mean": "mean", "kept_mass_min": "min"})
-    if kept:
-        out.append(_figure(
-            plots.steps_png(x, kept, "Sampler's kept mass versus step", "kept mass M_t", gap_marks),
-            "kept mass versus step",
-            "The probability mass the sampler kept under top-p / top-k, per step (1: untruncated).",
-        ))  # fmt: skip
+    for cols, title, ylabel, caption, mark, line, percent in FIGURES:
+        if cols == "{horizons}":
+            cols = {f"bstar@{T}": f"B* at T = {T:,}" for T in res.data.horizons}
+        series = {label: steps[c].tolist() for c, label in cols.items() if c in steps}
+        if series:
+            png = plots.steps_png(x, series, title, ylabel, marks[mark], lines[line], percent=percent)
+            out.append(_figure(png, title, caption))
     return out
 
 

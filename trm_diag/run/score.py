@@ -363,6 +363,9 @@ def _label_sources(summary: dict[str, Any], side: TrainSide, data: RolloutFile, 
         summary["compared_distribution"] = (
             "the engine's log-probs against the trainer's recorded ones (each with its own temperature and processing)"
         )
+        summary["views"] = {"truncated": None, "view": "pipeline",
+                            "note": "the pipeline view as the run computed it: the engine's log-probs against the "
+                                    "trainer's recorded ones, whatever the run's sampler (not recorded in the dump)"}  # fmt: skip
     if kept_set is not None:
         summary["views"] = {"truncated": True, "view": "replay", "kept_set": kept_set,
                             "note": "replay view from the engine's kept set: lp_train = log q(y) - log sum_K q; the "
