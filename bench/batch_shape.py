@@ -7,6 +7,7 @@ models, the share of tokens whose expert set changes. The machine and the date g
 
     .venv/bin/python bench/batch_shape.py                        # both sample models, bf16 and fp32
     .venv/bin/python bench/batch_shape.py --num-prompts 16 --max-new-tokens 32 --models tiny-llama
+    .venv/bin/python bench/batch_shape.py --samples 8 --max-new-tokens 128 --dtypes bfloat16   # ~45k tokens a model
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def run_one(model: str, dtype: str, args: argparse.Namespace, out: Path) -> list
     cfg = SweepConfig(
         rollout=parse_spec(spec), train=parse_spec(spec), presets=("batch",), reference=None,
         model=str(SAMPLE / model), prompts=str(SAMPLE / "prompts.jsonl"), out=str(out), overwrite=True,
-        sampling=SamplingConfig(max_new_tokens=args.max_new_tokens, seed=args.seed), num_prompts=args.num_prompts,
+        sampling=SamplingConfig(max_new_tokens=args.max_new_tokens, seed=args.seed, samples_per_prompt=args.samples),
+        num_prompts=args.num_prompts,
     )  # fmt: skip
     result = run_sweep(cfg)
     rows = []
@@ -69,6 +71,7 @@ def main() -> None:
     ap.add_argument("--dtypes", default="bfloat16,float32")
     ap.add_argument("--num-prompts", type=int, default=48)
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--samples", type=int, default=1, help="rollouts sampled per prompt (more tokens, same prompts)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     print(f"machine: {machine()}; torch CPU threads as configured")

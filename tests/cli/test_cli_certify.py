@@ -156,9 +156,15 @@ def test_score_refuses_token_ids_that_are_not_the_prompt_text(same, dense_model,
     f.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
     code, _, err = run_cli(["score", str(f), "--model", str(dense_model), "--out", str(tmp_path / "s"), "-q",
                             "--allow-duplicates"], capsys)  # fmt: skip
-    assert code == 2 and "NOT COMPARABLE" in err and f"{f}:2" in err and "prompt_ids differ" in err
+    assert code == 2 and "NOT COMPARABLE" in err and f"{f}:2" in err and "not its prompt text's tokens" in err
     f.write_text(json.dumps(good) + "\n")
     code, _, err = run_cli(["score", str(f), "--model", str(dense_model), "--out", str(tmp_path / "s"), "-q"], capsys)
+    assert code == 0, err
+    user = "What is 2+2?"  # a raw user message whose ids went through the chat template: comparable too
+    ids = tok.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True)
+    chat = {**row, "prompt": user, "prompt_ids": list(ids["input_ids"] if hasattr(ids, "keys") else ids)}
+    f.write_text(json.dumps(chat) + "\n")
+    code, _, err = run_cli(["score", str(f), "--model", str(dense_model), "--out", str(tmp_path / "c"), "-q"], capsys)
     assert code == 0, err
 
 

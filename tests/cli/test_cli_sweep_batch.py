@@ -45,12 +45,13 @@ def test_sweep_batch_preset_compares_the_trainer_with_itself(tmp_path, dense_mod
 
 def test_compare_of_two_batch_sizes_shares_the_weights_and_scores_both_sides(tmp_path, dense_model, capsys):
     out = tmp_path / "cmp"
-    code, _, err = run_cli(
+    code, stdout, err = run_cli(
         ["compare", "--model", str(dense_model), "--rollout", "hf:dtype=bfloat16,batch_size=1",
-         "--train", "hf:dtype=bfloat16,batch_size=8", "--out", str(out), "-q", *FAST],
+         "--train", "hf:dtype=bfloat16,batch_size=8", "--out", str(out), *FAST],
         capsys,
     )  # fmt: skip
     assert code == 0, err
+    assert "the trainer against itself: lp_roll is the rollout spec's scoring pass" in " ".join(stdout.split())
     summary = json.loads((out / "summary.json").read_text())
     assert summary["shared_weights"] is True and summary["same_backend_instance"] is False
     assert summary["lp_roll_source"].startswith("the rollout spec's own scoring pass")

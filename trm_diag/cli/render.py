@@ -69,6 +69,9 @@ def render_compare(console: Console, summary: dict[str, Any]) -> None:
     )
     if shared:
         console.print(f"[dim]model {escape(str(model))}[/dim]")
+    if summary.get("lp_roll_source", "").startswith("the rollout spec's own scoring pass"):
+        console.print("[dim]the trainer against itself: lp_roll is the rollout spec's scoring pass (old_log_prob), "
+                      "not its decode steps[/dim]")  # fmt: skip
     render_verdict(console, summary)
     render_views(console, summary.get("views"))
     head = Table(title="Token-level mismatch", title_justify="left")

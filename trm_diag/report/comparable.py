@@ -8,7 +8,7 @@ summary.json `comparable` records what was checked: {"ok", "weights": {"rollout"
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from trm_diag.errors import ModelError
@@ -75,17 +75,42 @@ def check_sampling(recorded: dict[str, Any], given: dict[str, Any]) -> None:
         )
 
 
+def _encodings(text: str, tokenizer: Any) -> Iterator[list[int]]:
+    """The ways an engine is fed a prompt text, cheapest first: its tokenisation with and without special tokens,
+    then the chat template applied to it as one user turn (with and without the generation prompt) where the
+    tokenizer has one."""
+    yield [int(x) for x in tokenizer(text)["input_ids"]]
+    yield [int(x) for x in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    if getattr(tokenizer, "chat_template", None):
+        for gen in (True, False):
+            try:
+                ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=gen)
+            except Exception:  # a template that needs more than one user turn (a system turn, tools): not this form
+                continue
+            yield [int(x) for x in (ids["input_ids"] if hasattr(ids, "keys") else ids)]
+
+
+def _squeeze(s: str) -> str:
+    return " ".join(s.split())
+
+
 def prompt_ids_mismatch(ids: list[int], text: str, tokenizer: Any) -> str | None:
-    """Where a row's prompt_ids part from its prompt text's tokenisation (with or without the tokenizer's
-    special tokens); None when they agree."""
-    forms = [tokenizer(text)["input_ids"], tokenizer(text, add_special_tokens=False)["input_ids"]]
-    if any(list(f) == list(ids) for f in forms):
+    """Where a row's prompt_ids part from its prompt text; None when they agree: the ids are one of the text's
+    encodings (plain, chat template) or, for a template with a system prompt or earlier turns, their decoding
+    contains the text (whitespace runs read as one space). Another tokenizer's ids decode to other text."""
+    ids = [int(x) for x in ids]
+    if any(f == ids for f in _encodings(text, tokenizer)):
         return None
-    f = list(forms[0])
+    if text.strip() and _squeeze(text) in _squeeze(tokenizer.decode(ids, skip_special_tokens=False)):
+        return None
+    f = next(_encodings(text, tokenizer))
     k = next((i for i, (x, y) in enumerate(zip(ids, f)) if x != y), min(len(ids), len(f)))
     a = ids[k] if k < len(ids) else "end"
     b = f[k] if k < len(f) else "end"
-    return f"its prompt_ids differ from the tokenisation of its prompt text at position {k} (id {a} against {b})"
+    return (
+        f"its prompt_ids are not its prompt text's tokens (at position {k}: id {a} against {b}; nor the chat "
+        "template applied to it) and do not decode to a text that contains it"
+    )
 
 
 def check_prompt_ids(ids: list[int], text: str, tokenizer: Any, where: str) -> None:
