@@ -257,7 +257,7 @@ def bound_inputs(tokens: Any, seqs: Any, fidelity: str, sampler_note: str | None
         terms = np.maximum(0.0, 1.0 - np.exp(seq_lr))  # NaN where a sequence's log ratio is inf - inf
     inp.tv_seq = None if np.isnan(terms).any() else float(np.mean(terms))
     inp.source["tv_seq"] = (
-        f"{mc} (Monte-Carlo over {n_seq} rollouts{under})"
+        f"{mc} (Monte-Carlo over {n_seq:,} rollouts{under})"
         if inp.tv_seq is not None
         else ("unknown: a rollout's log ratio is undefined (probability 0 on both sides of a ratio)")
     )
@@ -272,10 +272,10 @@ def bound_inputs(tokens: Any, seqs: Any, fidelity: str, sampler_note: str | None
         pos = np.asarray(tokens["pos"], dtype=np.int64)
         inp.dbar = np.bincount(pos, weights=tv, minlength=inp.seq_T) / n_seq
         inp.source.update(
-            delta=f"measured (empirical max over {n_tok} tokens{how})",
-            eps=f"measured (empirical max over {n_tok} tokens{how})",
-            kl_seq=f"{mc} (mean over {n_seq} rollouts{how}{under})",
-            dbar=f"{mc} (mean over {n_seq} rollouts{how}{under})",
+            delta=f"measured (empirical max over {n_tok:,} tokens{how})",
+            eps=f"measured (empirical max over {n_tok:,} tokens{how})",
+            kl_seq=f"{mc} (mean over {n_seq:,} rollouts{how}{under})",
+            dbar=f"{mc} (mean over {n_seq:,} rollouts{how}{under})",
         )
     else:
         k1, k2 = col(tokens, "k1"), col(tokens, "k2")
@@ -294,7 +294,7 @@ def bound_inputs(tokens: Any, seqs: Any, fidelity: str, sampler_note: str | None
         why = f"under another sampler: {sampler_note}" if sampler_note else "unbiased under any truncation"
         inp.source.update(
             delta="heuristic (k2 max; exact KL needs full logits)",
-            kl_seq=f"estimate (k1 mean over {n_seq} rollouts, {why}; clamped at 0"
+            kl_seq=f"estimate (k1 mean over {n_seq:,} rollouts, {why}; clamped at 0"
             + (": the mean was negative, below the estimate's noise)" if total < 0 else ")"),
         )
     return inp
