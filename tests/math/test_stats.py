@@ -32,3 +32,29 @@ def test_an_infinite_value_is_a_value_and_nan_is_skipped():
     assert math.isnan(describe(np.array([np.inf, -np.inf]))["mean"])
     empty = describe(np.array([np.nan]))
     assert all(math.isnan(empty[s]) for s in STATS) and empty["n_nan"] == 1
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_upper_mean_matches_statistics_on_random_values(seed):
+    """mean + 1.645 s / sqrt(n) from sums and sums of squares, against the statistics module (exact fractions)."""
+    import statistics
+
+    from trm_diag.math.stats import upper_mean
+
+    rng = np.random.default_rng(seed)
+    x = [
+        float(v) for v in rng.normal(loc=rng.uniform(-1, 1), scale=rng.uniform(0.01, 2), size=int(rng.integers(2, 300)))
+    ]
+    want = statistics.fmean(x) + 1.645 * statistics.stdev(x) / math.sqrt(len(x))
+    got = upper_mean(len(x), math.fsum(x), math.fsum(v * v for v in x))
+    assert math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-15)
+
+
+def test_upper_mean_edges():
+    from trm_diag.math.stats import upper_mean
+
+    assert upper_mean(1, -0.25, 0.0625) == -0.25  # one value: no spread, the value itself
+    # three equal values: the mean, up to the sum of squares' cancellation (a spread of sqrt(eps) x the mean)
+    assert upper_mean(3, 0.3, 0.03) == pytest.approx(0.1, abs=2 * 0.1 * math.sqrt(2**-52))
+    assert math.isnan(upper_mean(0, 0.0, 0.0))
+    assert upper_mean(2, math.inf, math.inf) == math.inf

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import statistics
 
 import numpy as np
 import pytest
@@ -119,9 +120,17 @@ def test_sampled_tier_bound_inputs_are_unbiased_under_top_p(pair, rollouts):
     inp = bound_inputs(tok, seqs, "sampled")
     # D_KL^seq = E sum_t KL_t; its per-rollout terms are the k1 sums
     k1_sums = tok["k1"].reshape(N, T).sum(1)
-    ok, _, se = _within(k1_sums, sum(p["kl"] for p in pair))
-    assert ok and math.isclose(inp.kl_seq, float(k1_sums.mean()), rel_tol=1e-12)
-    assert "estimate" in inp.source["kl_seq"] and "heuristic" in inp.source["delta"]
+    true_kl_seq = sum(p["kl"] for p in pair)
+    ok, _, se = _within(k1_sums, true_kl_seq)
+    assert ok and math.isclose(inp.kl_seq_mean, float(k1_sums.mean()), rel_tol=1e-12)
+    # the bounds take the mean's upper one-sided 95% value: mean + 1.645 s / sqrt(N), s the sample deviation
+    # (statistics computes it in exact fractions, unlike the code's sums of squares)
+    values = [float(v) for v in k1_sums]
+    upper = statistics.fmean(values) + 1.645 * statistics.stdev(values) / math.sqrt(len(values))
+    assert math.isclose(inp.kl_seq, upper, rel_tol=1e-9) and inp.kl_seq > inp.kl_seq_mean
+    assert inp.kl_seq >= true_kl_seq  # an upper value, as a bound's input must be (this seed: it covers)
+    assert math.isclose(inp.kl_rate, upper / T, rel_tol=1e-9)
+    assert "estimate (upper" in inp.source["kl_seq"] and "heuristic" in inp.source["delta"]
     # D_TV^seq: the trajectory TV by enumeration of all V^T responses, against mean_i (1 - prod_t rho_t)^+
     tv_seq = 0.5 * sum(
         abs(

@@ -33,3 +33,11 @@ def test_a_byte_order_mark_is_not_part_of_the_first_prompt(tmp_path, name, body)
     f = tmp_path / name
     f.write_bytes(b"\xef\xbb\xbf" + body.encode())
     assert load_prompts(f) == [Prompt(text="2+2="), Prompt(text="3+3=")]
+
+
+def test_a_number_beyond_json_limits_is_a_one_line_error_with_its_line(tmp_path):
+    """json refuses integers of over 4,300 digits with a plain ValueError, not a JSONDecodeError."""
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "a"}\n{"prompt": "b", "n": 1' + "0" * 5000 + "}\n")
+    with pytest.raises(InputError, match=r"p\.jsonl:2: not valid JSON \(Exceeds the limit"):
+        load_prompts(str(f))

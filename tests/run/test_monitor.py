@@ -152,7 +152,7 @@ def test_ranks_write_their_own_parts_and_readers_merge_them(tmp_path):
     assert sorted(data.by_rank["rank"]) == [0, 1] and len(data.steps) == 1
     row = data.steps.iloc[0]
     for k in ("n_tokens", "n_sequences", "kl", "k3_kl", "abs_log_ratio_mean", "abs_log_ratio_max", "accept_trm_max",
-              "accept_combined", "rollout_log_ppl", "delta", "kl_seq", "tv_seq", "kl_rate", "token_k2_max"):  # fmt: skip
+              "accept_combined", "rollout_log_ppl", "delta", "kl_seq", "kl_seq_mean", "tv_seq", "kl_rate", "token_k2_max"):  # fmt: skip
         assert row[k] == pytest.approx(whole[k], rel=1e-12), k
     assert row["bstar@1024"] == pytest.approx(whole["bstar@1024"], rel=1e-9)
     assert row["token_k1_p99"] >= min(whole["token_k1_p99"], row["token_k1_p99"])  # quantiles: the larger rank's

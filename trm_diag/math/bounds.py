@@ -167,7 +167,9 @@ class BoundInputs:
 
     kl_rate / tv_rate: mean per-token KL and TV, used to model D_KL^seq(T) = T * kl_rate
     and Dbar_t beyond the observed positions. seq_T: the horizon at which kl_seq and
-    tv_seq were measured (they are used as measured only at that horizon).
+    tv_seq were measured (they are used as measured only at that horizon). kl_seq_mean: in
+    the sampled tier, the k1 mean itself (unbiased, may be negative), of which kl_seq is the
+    upper 95% confidence value the bounds take; None elsewhere (kl_seq is the mean there).
     """
 
     delta: float | None = None
@@ -180,8 +182,9 @@ class BoundInputs:
     seq_T: int | None = None
     source: dict[str, str] = field(default_factory=dict)
     samples: dict[str, int] = field(default_factory=dict)
+    kl_seq_mean: float | None = None
 
-    SAVED = ("delta", "eps", "kl_seq", "tv_seq", "kl_rate", "tv_rate", "seq_T", "source", "samples")
+    SAVED = ("delta", "eps", "kl_seq", "tv_seq", "kl_rate", "tv_rate", "seq_T", "source", "samples", "kl_seq_mean")
 
     def as_dict(self) -> dict[str, object]:
         """The inputs as summary.json keeps them (dbar as a list), so readers need not recompute them."""
@@ -201,6 +204,7 @@ class BoundInputs:
         dbar, seq_t = d["dbar"], d.get("seq_T")
         if (
             not all(number(d.get(k)) for k in cls.SAVED[:6])
+            or not (d.get("kl_seq_mean") is None or type(d["kl_seq_mean"]) in (int, float))  # signed: a k1 mean
             or not (seq_t is None or (isinstance(seq_t, int) and not isinstance(seq_t, bool) and seq_t >= 1))
             or not (dbar is None or (isinstance(dbar, list) and all(number(v) and v is not None for v in dbar)))
         ):

@@ -16,7 +16,7 @@ from trm_diag.config import CLIP_BANDS, Thresholds
 from trm_diag.criteria import CRITERIA
 from trm_diag.math.bounds import BoundInputs
 from trm_diag.math.sequences import mc_tv
-from trm_diag.math.stats import describe
+from trm_diag.math.stats import UPPER_Z, describe, upper_mean
 from trm_diag.tiers import TIERS
 
 if TYPE_CHECKING:
@@ -224,9 +224,10 @@ def bound_inputs(tokens: Any, seqs: Any, fidelity: str, sampler_note: str | None
     exact: delta = max kl, eps = max tv (empirical maxima over the sampled positions),
     D_KL^seq = mean_i sum_t kl, Dbar_t = mean_i tv_{i,t} (0 after a response ended).
     topk: the same from the certified upper ends kl_hi / tv_hi (upper-valid).
-    sampled: the k2 max stands in for delta ('heuristic') and the k1 sums for D_KL^seq (an unbiased
-    estimate under any truncation, where k3 is low by the trainer's mass outside the kept set); no TV
-    input: binary and lower-end values never feed a bound.
+    sampled: the k2 max stands in for delta ('heuristic') and the k1 sums for D_KL^seq (their mean is an
+    unbiased estimate under any truncation, where k3 is low by the trainer's mass outside the kept set; the
+    bounds take its upper 95% confidence value, kl_seq_mean keeps the mean); no TV input: binary and
+    lower-end values never feed a bound.
     D_TV^seq is always the unbiased Monte-Carlo mean_i max(0, 1 - prod_t rho_t).
     Every input is unknown (None) when a scored token is NaN (nobody could score it), and every
     Monte-Carlo input is labelled an estimate when ``sampler_note`` says the rollouts were drawn from
@@ -286,15 +287,26 @@ def bound_inputs(tokens: Any, seqs: Any, fidelity: str, sampler_note: str | None
                 kl_seq="unknown: a sampled token has probability 0 under the rollout's log-probs (k1 = -inf)",
             )
             return inp
-        total = float(np.sum(k1))  # +inf where the trainer gives a sampled token probability 0: KL is infinite
-        # clamped at 0 (a mean of noisy k1 can dip below; the true value cannot): a below-noise estimate, which
-        # makes B* small, so the source says so
-        inp.kl_seq = max(0.0, total / n_seq)
-        inp.kl_rate = max(0.0, total / n_tok)
+        # D_KL^seq: the rollouts' k1 sums (= -log prod rho) have the unbiased mean; a bound takes only upper-valid
+        # inputs, so it gets that mean's upper 95% confidence value (a small mismatch's noisy mean dips below 0,
+        # where the true value cannot go, and B* would drop to 0 with it)
+        sums = -seq_lr  # +inf where the trainer gives a sampled token probability 0: KL is infinite
+        total = float(np.sum(sums))
+        with np.errstate(over="ignore", invalid="ignore"):
+            upper = upper_mean(n_seq, total, float(np.sum(sums * sums)))
+        inp.kl_seq_mean = total / n_seq
+        inp.kl_seq = max(0.0, upper)
+        inp.kl_rate = inp.kl_seq * n_seq / n_tok
         why = f"under another sampler: {sampler_note}" if sampler_note else "unbiased under any truncation"
+        spread = (
+            f"upper {UPPER_Z}-standard-error (one-sided 95%) value of the k1 mean {inp.kl_seq_mean:.4g} over "
+            f"{n_seq:,} rollouts"
+            if n_seq > 1
+            else "the k1 sum of the one rollout (no spread to bound it by)"
+        )
         inp.source.update(
             delta="heuristic (k2 max; exact KL needs full logits)",
-            kl_seq=f"estimate (k1 mean over {n_seq:,} rollouts, {why}; clamped at 0"
-            + (": the mean was negative, below the estimate's noise)" if total < 0 else ")"),
+            kl_seq=f"estimate ({spread}; the mean is {why}"
+            + ("; clamped at 0: the value was negative, below the estimate's noise)" if upper < 0 else ")"),
         )
     return inp

@@ -52,3 +52,19 @@ def describe(x: np.ndarray, stats: tuple[str, ...] = tuple(STATS)) -> dict[str, 
 def statistic(x: np.ndarray, stat: str) -> float:
     """One statistic of x, as :func:`describe` computes it."""
     return describe(x, (stat,))[stat]
+
+
+UPPER_Z = 1.645  # one-sided 95%: the normal quantile an upper confidence value of a mean adds standard errors at
+
+
+def upper_mean(n: int, total: float, total_sq: float, z: float = UPPER_Z) -> float:
+    """Upper one-sided confidence value of a mean, mean + z s / sqrt(n), from n values' sum and sum of squares
+    (s: their sample standard deviation), so ranks can add their sums; the mean itself when n < 2 (no spread).
+    An infinite sum gives +-inf."""
+    if n < 1:
+        return math.nan
+    mean = total / n
+    if n < 2 or not math.isfinite(total) or not math.isfinite(total_sq):
+        return mean
+    var = max(0.0, (total_sq - total * mean) / (n - 1))  # rounding can take a zero spread a hair below 0
+    return mean + z * math.sqrt(var / n)

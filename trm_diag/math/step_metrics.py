@@ -21,7 +21,7 @@ from trm_diag.math.bounds import UNIFIED, BoundInputs, all_bounds
 from trm_diag.math.divergence import sampled_token_metrics
 from trm_diag.math.metrics import SUMMARY_STATS, batch_metrics, bound_inputs
 from trm_diag.math.sequences import sequence_stats
-from trm_diag.math.stats import describe
+from trm_diag.math.stats import describe, upper_mean
 
 FIDELITY = "sampled"  # a training loop has the sampled token's log-probs only
 # sequence-length buckets of the per-step length rows: lower edges, the last bucket open above (fixed, so a
@@ -125,6 +125,10 @@ def step_metrics(
     for k in INPUTS:
         v = getattr(inp, k)
         row[k] = math.nan if v is None else float(v)
+    # the k1 mean D_KL^seq's upper value is taken from, and the rollouts' squared k1 sums: ranks add both up
+    row["kl_seq_mean"] = math.nan if inp.kl_seq_mean is None else inp.kl_seq_mean
+    with np.errstate(over="ignore"):
+        row["k1_seq_sumsq"] = float(np.sum(np.square(seqs["log_seq_ratio"])))
     row.update({k: math.nan if v is None else v for k, v in bstar(inp, horizons).items()})
     if kept_mass is not None:
         km = np.asarray(kept_mass, dtype=np.float64)
@@ -167,10 +171,10 @@ def dppo_token_mask(
 
 # ------------------------------------------------------------------ merging ranks
 # a step logged by several ranks: each number combined by what it is (the reader merges the ranks' rows)
-SUMS = ("n_tokens", "n_sequences")
+SUMS = ("n_tokens", "n_sequences", "k1_seq_sumsq")
 SEQ_WEIGHTED = (
     "training_ppl", "training_log_ppl", "rollout_ppl", "rollout_log_ppl", "log_ppl_diff", "log_ppl_abs_diff",
-    "ppl_ratio", "kl_seq", "tv_seq",
+    "ppl_ratio", "kl_seq", "kl_seq_mean", "tv_seq",
 )  # fmt: skip
 MAXIMA = ("log_ppl_diff_max", "abs_log_ratio_max", "delta", "eps", "seq_T", "kept_mass_min_neg")
 MINIMA = ("log_ppl_diff_min", "kept_mass_min")
@@ -221,11 +225,16 @@ def merge_ranks(rows: list[dict[str, Any]], horizons: tuple[int, ...]) -> dict[s
         elif rule != "bstar":
             w = w_seq if rule == "sequences" else w_tok
             out[k] = float(np.sum(vals * w) / w.sum()) if w.sum() > 0 else math.nan
-    # D_KL^seq and the KL rate from the ranks' k1 sums (each rank's own is clamped at 0, their mean would not be)
+    # D_KL^seq and the KL rate from the ranks' k1 sums and squared sums: the upper 95% value of the whole step's
+    # k1 mean, as one rank with the whole batch computes it (each rank's own is a wider value, clamped at 0)
     k1_total = float(np.sum([r["kl"] * r["n_tokens"] for r in rows]))
-    if not any(_none(r.get("kl_seq")) is None for r in rows) and out.get("n_sequences"):
-        out["kl_seq"] = max(0.0, k1_total / out["n_sequences"])
-        out["kl_rate"] = max(0.0, k1_total / out["n_tokens"])
+    n_seq = int(out.get("n_sequences") or 0)
+    if not any(_none(r.get("kl_seq")) is None for r in rows) and n_seq:
+        squares = [_none(r.get("k1_seq_sumsq")) for r in rows]  # None: a row written before they were kept
+        upper = k1_total / n_seq if None in squares else upper_mean(n_seq, k1_total, float(np.sum(squares)))
+        out["kl_seq_mean"] = k1_total / n_seq
+        out["kl_seq"] = max(0.0, upper)
+        out["kl_rate"] = out["kl_seq"] * n_seq / out["n_tokens"]
     inp = BoundInputs(
         delta=_none(out.get("delta")), eps=_none(out.get("eps")), kl_seq=_none(out.get("kl_seq")),
         tv_seq=_none(out.get("tv_seq")), kl_rate=_none(out.get("kl_rate")), tv_rate=_none(out.get("tv_rate")),

@@ -45,6 +45,7 @@ def _natural(path: Path) -> list:
     return [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", str(path))]
 
 
+COMPRESSED = {".gz": "gunzip -k", ".bz2": "bunzip2 -k", ".xz": "unxz -k", ".zst": "unzstd", ".zip": "unzip"}
 MAX_MATCHES = 100_000  # a glob matching more is a mistake ('/**/*'), not a run's steps
 
 
@@ -103,7 +104,19 @@ def input_format(src: RolloutSource) -> str:
         return "parquet"
     if not src.path.exists():
         raise InputError(f"rollout file '{src.path}' does not exist", "pass a .jsonl or .parquet file, or a dump")
+    if suffix in COMPRESSED:
+        raise InputError(
+            f"'{src.path}' is a compressed file ({suffix}): trm-diag reads plain .jsonl or .parquet",
+            f"decompress it first (e.g. {COMPRESSED[suffix]} '{src.path}'), or export Parquet (compressed inside)",
+        )
     found = detect_dump(src.path)
+    if found is None and src.path.is_dir():
+        kinds = sorted({p.suffix.lower() for p in src.path.iterdir() if p.suffix.lower() in (".jsonl", ".parquet")})
+        if kinds:
+            raise InputError(
+                f"'{src.path}' is a folder of rollout files, not a dump trm-diag knows",
+                f"pass its files as a quoted glob, e.g. '{src.path / ('*' + kinds[0])}'",
+            )
     if found is None:
         what = "a folder" if src.path.is_dir() else f"a '{suffix}' file"
         raise InputError(
@@ -129,6 +142,11 @@ def source_rows(src: RolloutSource) -> Iterator[tuple[str, dict[str, Any]]]:
         raise InputError(f"rollout file '{path}' does not exist", "pass a .jsonl or .parquet file")
     suffix = ".parquet" if fmt == "parquet" else ".jsonl"
     if suffix in (".jsonl", ".json"):
+        if _starts_with_array(path):
+            raise InputError(
+                f"'{path}' holds a JSON array: rollout files are JSONL, one object per line",
+                f"convert it, e.g. jq -c '.[]' '{path}' > rollouts.jsonl",
+            )
         for where, obj in iter_jsonl(path):
             if not isinstance(obj, dict):
                 raise InputError(f"{where}: expected a JSON object", "write one object per rollout")
@@ -139,9 +157,27 @@ def source_rows(src: RolloutSource) -> Iterator[tuple[str, dict[str, Any]]]:
         raise InputError(f"unsupported rollout file type '{suffix}' ({path})", "use .jsonl or .parquet")
 
 
+def _starts_with_array(path: Path) -> bool:
+    """Whether a JSON file's first character (past a byte-order mark and whitespace) opens an array."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False  # iter_jsonl names the problem
+    return head.removeprefix(b"\xef\xbb\xbf").lstrip()[:1] == b"["
+
+
+def rename(raw: dict[str, Any], mapping: dict[str, str]) -> dict[str, Any]:
+    """A row with ``mapping`` ({source: canonical}) applied: a field --map names comes from its mapped column only,
+    so a column of the file that already has the field's name (a padded ``response_ids`` next to ``output_ids``)
+    never wins over the one asked for."""
+    targets = set(mapping.values())
+    return {mapping.get(k, k): v for k, v in raw.items() if k in mapping or k not in targets}
+
+
 def first_row(src: RolloutSource, mapping: dict[str, str]) -> dict[str, Any] | None:
     """The input's first row with ``mapping`` applied, unchecked (None for an empty input): enough to tell what
     the input carries before choosing how to score it."""
     for _, raw in source_rows(src):
-        return {mapping.get(k, k): v for k, v in raw.items()}
+        return rename(raw, mapping)
     return None

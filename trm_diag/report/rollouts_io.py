@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import struct
 from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from trm_diag.report.rollout_source import (  # noqa: F401 (score and tests read
     forget_globs,
     input_format,
     matches,
+    rename,
     source_rows,
 )
 from trm_diag.report.token_extras import TOKEN_EXTRAS, cut_extras, token_extras
@@ -76,6 +78,8 @@ class RolloutFile:
     duplicate_where: str = ""  # where the first of them is
     after_eos_rollouts: int = 0  # rollouts with tokens after their first end-of-sequence token (padding)
     after_eos_tokens: int = 0
+    left_pad_rollouts: int = 0  # rollouts whose prompt_ids start with the pad token (left padding of a batch)
+    left_pad_tokens: int = 0
     train_logprob_rows: int = 0  # rows that carry the trainer's own recorded log-probs (a dump's)
     kept_rows: int = 0  # rows that carry the engine's kept set per token
     kept_ids: int = 0  # ids in all those kept sets (what a chunk holds of them)
@@ -89,12 +93,13 @@ class RolloutFile:
     unscored_rollouts: int = 0  # rows whose loss_mask leaves no token of the policy to score
     longest: int = 0  # most tokens of prompt + response in one rollout
     weights: set[str] = field(default_factory=set)  # weights fingerprints the rows record (compare --save-rollouts)
+    mapped_columns: set[str] = field(default_factory=set)  # the --map source columns some row has
     longest_where: str = ""
 
 
 def parse_mapping(items: list[str]) -> dict[str, str]:
     """``canonical=source`` pairs -> {source: canonical}."""
-    out = {}
+    out: dict[str, str] = {}
     for item in items:
         canon, eq, src = item.partition("=")
         canon, src = canon.strip(), src.strip()
@@ -102,6 +107,9 @@ def parse_mapping(items: list[str]) -> dict[str, str]:
             raise UsageError(f"--map '{item}' is not canonical=source", "write e.g. --map response_ids=output_ids")
         if canon not in FIELDS:
             raise UsageError(f"--map: unknown field '{canon}'", f"fields: {', '.join(FIELDS)}")
+        if src in out or canon in out.values():  # one column per field, one field per column
+            clash = f"column '{src}' is mapped twice" if src in out else f"field '{canon}' is mapped twice"
+            raise UsageError(f"--map {item}: {clash}", "give each field one column, and each column one field")
         out[src] = canon
     return out
 
@@ -166,11 +174,39 @@ def _topk(v: Any, where: str, vocab_width: int | None) -> list[dict[int, float]]
 
 
 def _number(v: Any, where: str, name: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    try:
+        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+    except OverflowError:  # an integer beyond any float (JSON ints have no size limit)
+        ok, v = False, f"an integer of {len(str(abs(v)))} digits"
+    if not ok:
+        shown = v if isinstance(v, str) else repr(v)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
         raise InputError(
-            f"{where}: '{name}' must be a finite number, not {v!r}", f"write {name} as a number or drop it"
+            f"{where}: '{name}' must be a finite number, not {shown}", f"write {name} as a number or drop it"
         )
     return float(v)
+
+
+def _setting(v: Any, where: str, name: str) -> float:
+    """A row's sampling setting. A float32 column's value reads as the decimal it was written as (0.7, not
+    0.699999988), so it matches the option and the other files of a glob; top_k -1 is vLLM's "off" (0 here)."""
+    x = _number(v, where, name)
+    if name == "top_k":
+        if not x.is_integer() or x < -1:
+            raise InputError(
+                f"{where}: 'top_k' must be an integer >= -1 (-1 or 0: off), not {v!r}", "write top_k as the engine's"
+            )
+        return max(x, 0.0)
+    try:
+        if _f32(x) != x:
+            return x
+    except OverflowError:  # beyond float32: not a float32 column's value
+        return x
+    return next(y for d in range(1, 10) if _f32(y := float(f"{x:.{d}g}")) == x)  # 9 digits always round-trip
+
+
+def _f32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 def _index(v: Any, where: str, name: str, default: int) -> int:
@@ -215,6 +251,12 @@ def scan_rollouts(
         steps.append(int(rollout.extra.get("step", 0)))
         if keep:
             result.rollouts.append(rollout)
+    unmatched = [f"{canon}={src}" for src, canon in mapping.items() if src not in result.mapped_columns]
+    if unmatched and result.count:
+        raise UsageError(
+            f"--map {', '.join(unmatched)}: no row of '{path}' has that column",
+            "check the column name (a typo maps nothing), or drop the --map",
+        )
     same_key, same_row = _repeats(*keys, step=steps)
     if len(same_row) and not allow_duplicates:
         i = int(same_row[0])
@@ -330,10 +372,13 @@ def _parse(
     eos_ids: frozenset[int],
     strip_after_eos: bool,
 ) -> Iterator[tuple[str, Rollout]]:
-    """Each row as (where, validated Rollout); counts what was re-tokenised, empty or padded after its first
-    end-of-sequence token, and which rows have top-K data, into `result` (padded tail dropped when strip_after_eos)."""
+    """Each row as (where, validated Rollout); counts what was re-tokenised, empty, left-padded or padded after its
+    first end-of-sequence token, and which rows have top-K data, into `result` (padding dropped when
+    strip_after_eos)."""
+    pad = _left_pad_id(tokenizer)
     for i, (where, raw) in enumerate(source_rows(path)):
-        row = {mapping.get(k, k): v for k, v in raw.items()}
+        row = rename(raw, mapping)
+        result.mapped_columns.update(k for k in mapping if k in raw)
         if row.get("prompt_ids") is None and row.get("rollout_logprobs") is None and (text := _text_only(row)):
             raise InputError(
                 f"{where}: {text} (no token ids, no log-probs): re-tokenising decoded text is lossy",
@@ -342,29 +387,34 @@ def _parse(
         given_ids = row.get("prompt_ids") is not None
         if row.get("prompt_ids") is None:
             if not isinstance(row.get("prompt"), str):
-                raise InputError(
-                    f"{where}: no 'prompt_ids' (or 'prompt' text)", "map your column with --map prompt_ids=COLUMN"
-                )
+                raise InputError(f"{where}: no 'prompt_ids' (or 'prompt' text)", _map_fix("prompt_ids", mapping, raw))
             row["prompt_ids"] = tokenizer(row["prompt"])["input_ids"]
             result.retokenized += 1
         if row.get("response_ids") is None:
             if not isinstance(row.get("response"), str):
                 raise InputError(
-                    f"{where}: no 'response_ids' (or 'response' text)", "map your column with --map response_ids=COLUMN"
+                    f"{where}: no 'response_ids' (or 'response' text)", _map_fix("response_ids", mapping, raw)
                 )
             row["response_ids"] = tokenizer(row["response"], add_special_tokens=False)["input_ids"]
             result.retokenized += 1
         prompt = _int_list(row["prompt_ids"], where, "prompt_ids")
         resp = _int_list(row["response_ids"], where, "response_ids")
+        lead = next((t for t, tok in enumerate(prompt) if tok != pad), len(prompt)) if pad is not None else 0
+        if lead:  # a batch's left padding: the engine was fed the prompt without it
+            result.left_pad_rollouts += 1
+            result.left_pad_tokens += lead
+            if strip_after_eos:
+                prompt = prompt[lead:]
         if given_ids and isinstance(row.get("prompt"), str):  # the ids fed must be the text's (comparable.py)
             check_prompt_ids(prompt, row["prompt"], tokenizer, where)
         if isinstance(row.get("weights_fingerprint"), str):
             result.weights.add(row["weights_fingerprint"])
         if not prompt:
-            raise InputError(f"{where}: empty prompt", "every rollout needs at least one prompt token")
+            what = f"prompt_ids hold only pad tokens (id {pad})" if lead else "empty prompt"
+            raise InputError(f"{where}: {what}", "every rollout needs at least one prompt token")
         lps = row.get("rollout_logprobs")
         if lps is None:
-            raise InputError(f"{where}: no 'rollout_logprobs'", "map your column with --map rollout_logprobs=COLUMN")
+            raise InputError(f"{where}: no 'rollout_logprobs'", _map_fix("rollout_logprobs", mapping, raw))
         if not isinstance(lps, (list, tuple)) or not all(isinstance(x, (int, float)) for x in lps):
             raise InputError(
                 f"{where}: 'rollout_logprobs' must be a list of numbers", "one log-prob per response token"
@@ -410,8 +460,9 @@ def _parse(
         elif not result.without_topk:
             result.without_topk = where
         for key in ("reward", "advantage"):
-            if row.get(key) is not None:
-                extra[key] = _number(row[key], where, key)
+            if row.get(key) is not None:  # a verifier's true / false reads as 1 / 0
+                v = row[key]
+                extra[key] = float(v) if isinstance(v, bool) else _number(v, where, key)
         if row.get("step") is not None:
             extra["step"] = _index(row["step"], where, "step", 0)
         extra.update(token_extras(row, resp, where, vocab_width))
@@ -428,9 +479,9 @@ def _parse(
             result.appended_eos += 1
         for key in SAMPLING_FIELDS:
             if row.get(key) is not None:
-                hints[key].add(_logprobs(row[key], where) if key == "logprobs" else _number(row[key], where, key))
+                hints[key].add(_logprobs(row[key], where) if key == "logprobs" else _setting(row[key], where, key))
         if row.get("temperature") is not None:  # a rollout's own: scored at it when the input's rollouts differ
-            extra["temperature"] = _number(row["temperature"], where, "temperature")
+            extra["temperature"] = _setting(row["temperature"], where, "temperature")
             result.temperature_rows += 1
         end = next((t for t, tok in enumerate(resp) if tok in eos_ids), len(resp))
         if end < len(resp) - 1:  # tokens after the first EOS: padding of a right-padded export
@@ -462,6 +513,24 @@ def _parse(
                 extra,
             ),
         )
+
+
+def _left_pad_id(tokenizer: Any) -> int | None:
+    """The pad id a left-padded prompt starts with; None without one, or when it is also the BOS (GPT-2's
+    <|endoftext|>), which a prompt may rightly start with."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    ok = isinstance(pad, int) and not isinstance(pad, bool) and pad != getattr(tokenizer, "bos_token_id", None)
+    return pad if ok else None
+
+
+def _map_fix(name: str, mapping: dict[str, str], raw: dict[str, Any]) -> str:
+    """The fix for a row without a required field: the --map that names it (and the column the row lacks), or
+    the mapping to write, with the columns the row has."""
+    columns = ", ".join(sorted(map(str, raw))[:20]) or "none"
+    given = next((src for src, canon in mapping.items() if canon == name), None)
+    if given is not None:
+        return f"--map {name}={given} names a column this row does not have (its columns: {columns})"
+    return f"map your column with --map {name}=COLUMN (the row's columns: {columns})"
 
 
 def _text_only(row: dict[str, Any]) -> str | None:

@@ -24,10 +24,9 @@ def iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
                     continue
                 try:
                     value = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(
-                        f"{path}:{n}: not valid JSON ({e.msg})", "write one JSON object per line"
-                    ) from None
+                except ValueError as e:  # JSONDecodeError, or json's own limits (an integer of over 4,300 digits)
+                    why = getattr(e, "msg", str(e).split(";")[0])
+                    raise InputError(f"{path}:{n}: not valid JSON ({why})", "write one JSON object per line") from None
                 yield f"{path}:{n}", value
         except UnicodeDecodeError as e:
             raise InputError(f"cannot read '{path}': {e}", fix) from None

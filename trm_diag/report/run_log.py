@@ -79,6 +79,7 @@ class RunWriter:
     def __init__(self, out: str | Path, rank: int, meta: dict[str, Any]) -> None:
         self.root, self.rank = Path(out), rank
         self._open(meta)
+        self._lock = _hold_rank(self.root, rank)
         n = [int(m["n"] or m["last"]) for _, m in _parts(self.root / STEPS, rank)]
         n += [int(m["n"] or m["last"]) for _, m in _parts(self.root / BUCKETS, rank)]
         self.next = max(n, default=0) + 1  # a restarted writer never reuses a name
@@ -133,6 +134,12 @@ class RunWriter:
         if len(self.small) >= COMPACT_EVERY:
             self.compact()
 
+    def release(self) -> None:
+        """Let another writer of this rank continue the run (the lock also goes when the process ends)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
     def compact(self) -> None:
         """This rank's single-step parts as one file per table (written whole, then the parts removed)."""
         import pandas as pd
@@ -147,6 +154,25 @@ class RunWriter:
             for f, _ in parts:
                 f.unlink(missing_ok=True)
         self.small = []
+
+
+def _hold_rank(root: Path, rank: int) -> Any:
+    """An exclusive lock on this rank's writing, held while the writer lives: two writers of one rank would pick
+    the same part names and the second's rename would replace the first's steps."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): one writer per rank is the caller's to keep
+        return None
+    f = open(root / f".r{rank:05d}.lock", "a")  # noqa: SIM115 (held open for the writer's life)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise UsageError(
+            f"rank {rank} of run '{root}' is being written by another Monitor",
+            "give each process its own rank (rank=, torch.distributed's or $RANK), or close the other Monitor first",
+        ) from None
+    return f
 
 
 def _write(path: Path, frame: pd.DataFrame) -> None:
@@ -245,7 +271,8 @@ def read_run(path: str | Path) -> RunData:
     run writes is safe: parts are renamed into place whole."""
     p = Path(path)
     if not p.is_dir():
-        raise InputError(f"run folder '{path}' does not exist", "pass the out= folder of trm_diag.Monitor")
+        what = "is a file, not a folder" if p.exists() else "does not exist"
+        raise InputError(f"run folder '{path}' {what}", "pass the out= folder of trm_diag.Monitor")
     if (p / RUN_MARKER).is_file():
         meta = _read_meta(p)
         by_rank = _read_table(p / STEPS)

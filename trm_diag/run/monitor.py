@@ -59,12 +59,25 @@ class MonitorResult:
 
 
 def _rank(rank: int | None) -> int:
-    if rank is not None:
-        return int(rank)
-    dist = getattr(torch, "distributed", None)
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        return int(dist.get_rank())
-    return int(os.environ.get("RANK", "0") or 0)
+    """rank=, else torch.distributed's, else $RANK, else 0; a non-negative integer (a part named for rank -1, e.g.
+    HF's local_rank outside distributed runs, would not be read back)."""
+    where = "rank="
+    if rank is None:
+        dist = getattr(torch, "distributed", None)
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            rank, where = dist.get_rank(), "torch.distributed's rank"
+        else:
+            rank, where = os.environ.get("RANK", "0") or "0", "$RANK"
+    try:
+        r = int(rank)
+    except (TypeError, ValueError):
+        r = -1
+    if r < 0 or isinstance(rank, bool) or (isinstance(rank, float) and rank != r):
+        raise UsageError(
+            f"Monitor: {where} {rank!r} is not a non-negative integer",
+            "pass rank= this process's rank (0 when it is the only one)",
+        )
+    return r
 
 
 def _as_2d(x: Any, name: str) -> torch.Tensor:
@@ -121,6 +134,9 @@ class Monitor:
         self.writer = None
         self.attempt = 1
         self.closed = False
+        # the step being logged: (step, n_layers, lengths, token columns) of its updates so far, so that consecutive
+        # updates of one step (micro-batches, gradient accumulation) log the whole step, not the last piece
+        self._current: tuple[int, int, np.ndarray, dict[str, np.ndarray]] | None = None
         if out is not None:
             from trm_diag.report.run_log import RunWriter, read_run
 
@@ -162,14 +178,28 @@ class Monitor:
             device = lp_roll[0].device
             parts = {"lp_roll": torch.cat(list(lp_roll)), "lp_train": torch.cat(list(lp_train))}
             if kept_mass is not None:
+                if (
+                    not isinstance(kept_mass, (list, tuple))
+                    or len(kept_mass) != len(lengths)
+                    or any(
+                        not isinstance(k, torch.Tensor) or tuple(k.shape) != (n,) for k, n in zip(kept_mass, lengths)
+                    )
+                ):
+                    raise UsageError(
+                        "Monitor.update: kept_mass is not a list of 1-D tensors of the log-probs' lengths",
+                        "pass the sampler's kept mass per token, one 1-D tensor per sequence",
+                    )
                 parts["kept_mass"] = torch.cat(list(kept_mass))
             flips = _flips(*routed, ragged=True)
             if flips is not None:
                 parts["route_flips"] = flips
             names = list(parts)
-            host = torch.cat([parts[k].reshape(-1).to(device=device, dtype=torch.float64) for k in names]).cpu()
+            host = _to_host(parts, names, device)
             n = sum(lengths)
             cols = {k: host[i * n : (i + 1) * n].numpy() for i, k in enumerate(names)}
+            offsets = np.concatenate([[0], np.cumsum(lengths)])
+            for k in ("lp_roll", "lp_train"):
+                _refuse_bad_logprobs(k, cols[k], offsets=offsets)
             return np.asarray(lengths, dtype=np.int64), cols, ("ragged", lengths, device)
         lp_roll, lp_train = _as_2d(lp_roll, "logp_rollout"), _as_2d(lp_train, "logp_train")
         if lp_roll.shape != lp_train.shape:
@@ -190,9 +220,10 @@ class Monitor:
             )
         parts = {"lp_roll": lp_roll, "lp_train": lp_train, "mask": mask}
         if kept_mass is not None:
-            if tuple(kept_mass.shape) != (B, T):
+            if not isinstance(kept_mass, torch.Tensor) or tuple(kept_mass.shape) != (B, T):
+                shape = tuple(kept_mass.shape) if isinstance(kept_mass, torch.Tensor) else type(kept_mass).__name__
                 raise UsageError(
-                    f"Monitor.update: kept_mass {tuple(kept_mass.shape)} is not [B, T] = {(B, T)}",
+                    f"Monitor.update: kept_mass {shape} is not [B, T] = {(B, T)}",
                     "pass the sampler's kept mass per token, [B, T]",
                 )
             parts["kept_mass"] = kept_mass
@@ -201,10 +232,12 @@ class Monitor:
             parts["route_flips"] = flips
         names = list(parts)
         device = lp_roll.device
-        host = torch.cat([parts[k].reshape(-1).to(device=device, dtype=torch.float64) for k in names]).cpu()
+        host = _to_host(parts, names, device)
         full = host.numpy().reshape(len(names), B, T)
         keep = full[names.index("mask")] != 0
         lengths = keep.sum(axis=1).astype(np.int64)
+        for k in ("lp_roll", "lp_train"):  # padding may hold anything; the response's tokens may not
+            _refuse_bad_logprobs(k, full[names.index(k)], keep=keep)
         cols = {k: full[i][keep] for i, k in enumerate(names) if k != "mask"}  # row-major: sequence after sequence
         return lengths, cols, ("padded", keep, device)
 
@@ -240,14 +273,25 @@ class Monitor:
                 f"Monitor.update: {len(seq_ids)} seq_ids for {len(lengths)} sequences", "pass one id per sequence"
             )
         n_layers = _n_layers(routed_rollout)
+        all_lengths, all_cols = lengths, cols
+        prev = self._current
+        again = prev is not None and prev[0] == step and prev[1] == n_layers and set(prev[3]) == set(cols)
+        if again:  # another piece of the step just logged: the row is the step's batch so far
+            all_lengths = np.concatenate([prev[2], lengths])
+            all_cols = {k: np.concatenate([prev[3][k], cols[k]]) for k in cols}
+        self._current = (step, n_layers, all_lengths, all_cols)
         with _cpu_threads(self.cpu_threads):
             row, seqs, tok, buckets = step_metrics(
-                cols["lp_roll"], cols["lp_train"], lengths, self.thresholds, self.horizons,
-                kept_mass=cols.get("kept_mass"), route_flips=cols.get("route_flips"), n_layers=n_layers,
+                all_cols["lp_roll"], all_cols["lp_train"], all_lengths, self.thresholds, self.horizons,
+                kept_mass=all_cols.get("kept_mass"), route_flips=all_cols.get("route_flips"), n_layers=n_layers,
             )  # fmt: skip
+        if again:  # this piece's sequences and tokens are the last ones: its mask is theirs
+            n_seq, n_tok = len(lengths), int(lengths.sum())
+            seqs = {k: v[len(v) - n_seq :] for k, v in seqs.items() if len(v) == len(all_lengths)}
+            tok = {k: v[len(v) - n_tok :] for k, v in tok.items() if len(v) == int(all_lengths.sum())}
         row = {"step": step, "attempt": self.attempt, "time": time.time(), **row}
         keep = self._mask(seqs, tok, layout, advantages, lengths)
-        flags = self._flags(row)
+        flags = self._flags(row, replace=again)
         if self.writer is not None:
             self.writer.append(row, buckets)
         inputs = {k: row[k] for k in INPUTS}
@@ -267,13 +311,18 @@ class Monitor:
                 if isinstance(advantages, torch.Tensor)
                 else np.asarray(advantages, np.float64)
             )
-            if a.ndim == 1:
+            B = len(lengths)
+            if a.ndim == 2 and a.shape[1] == 1:  # [B, 1], as a loss broadcasts it
+                a = a[:, 0]
+            if a.ndim == 1 and a.shape[0] == B:
                 adv = np.repeat(a, lengths)
-            elif kind == "padded":
+            elif kind == "padded" and a.shape == shape.shape:
                 adv = a[shape]
             else:
+                want = f"[B] = [{B}]" if kind == "ragged" else f"[B] = [{B}] or [B, T] = {list(shape.shape)}"
                 raise UsageError(
-                    "Monitor.update: ragged inputs take advantages per sequence [B]", "pass one advantage per sequence"
+                    f"Monitor.update: advantages {tuple(a.shape)} are not {want}",
+                    "pass one advantage per sequence (or per token for [B, T] inputs)",
                 )
         flat = dppo_token_mask(tok, self.thresholds, self.criterion, adv)
         if kind == "padded":
@@ -283,9 +332,12 @@ class Monitor:
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         return [torch.from_numpy(flat[a:b].copy()).to(device) for a, b in zip(offsets[:-1], offsets[1:])]
 
-    def _flags(self, row: dict[str, Any]) -> list[Flag]:
-        """The trend rules at this step, against this rank's earlier steps (docs/trend.md)."""
+    def _flags(self, row: dict[str, Any], replace: bool = False) -> list[Flag]:
+        """The trend rules at this step, against this rank's earlier steps (docs/trend.md); replace: the row is
+        the step of the last update, grown by another piece."""
         for k in HISTORY:
+            if replace:
+                self.history[k].pop()
             self.history[k].append(float(row.get(k, float("nan"))))
         steps = np.asarray(self.history["step"], dtype=np.int64)
         i = len(steps) - 1
@@ -313,6 +365,7 @@ class Monitor:
         """Compact this rank's parts; later updates are refused. Safe to call twice."""
         if not self.closed and self.writer is not None:
             self.writer.compact()
+            self.writer.release()
         self.closed = True
 
     def __enter__(self) -> Monitor:
@@ -362,3 +415,35 @@ def _flips(rr: Any, rt: Any, *, ragged: bool, shape: tuple[int, int] | None = No
     a = rr.sort(dim=-1).values
     b = rt.to(rr.device).sort(dim=-1).values
     return (a != b).any(dim=-1).sum(dim=-1)  # (..., ) layers flipped per token
+
+
+def _to_host(parts: dict[str, torch.Tensor], names: list[str], device: Any) -> torch.Tensor:
+    """The inputs as one flat float64 host tensor: one device-to-host copy. Detached: a loop passes the trainer's
+    log-probs with their graph, and the Monitor only reads them."""
+    return torch.cat([parts[k].detach().reshape(-1).to(device=device, dtype=torch.float64) for k in names]).cpu()
+
+
+def _bad_logprob(x: np.ndarray) -> np.ndarray:
+    """A log-prob no sampled token can have: NaN or +inf (-inf is a token one side gives probability 0)."""
+    return np.isnan(x) | (x == np.inf)
+
+
+def _refuse_bad_logprobs(name: str, x: np.ndarray, *, keep: Any = None, offsets: Any = None) -> None:
+    """UsageError when a response token's log-prob is NaN or +inf (its numbers would be dropped from the row or
+    make it infinite). x: [B, T] with the response mask ``keep``, or flat [N] with the sequences' ``offsets``."""
+    bad = _bad_logprob(x) if keep is None else _bad_logprob(x) & keep
+    if not bad.any():
+        return
+    if keep is not None:
+        seq, pos = (int(v) for v in np.argwhere(bad)[0])
+        value = x[seq, pos]
+    else:
+        i = int(np.flatnonzero(bad)[0])
+        seq = int(np.searchsorted(offsets, i, "right")) - 1
+        pos, value = i - int(offsets[seq]), x[i]
+    side = "logp_rollout" if name == "lp_roll" else "logp_train"
+    raise UsageError(
+        f"Monitor.update: {side} is {value} at {int(bad.sum())} response token(s) (first: sequence {seq}, "
+        f"position {pos})",
+        "mask those positions out (mask = 0), or find where the NaN / inf comes from",
+    )

@@ -197,6 +197,13 @@ def _input_warnings(data: RolloutFile, cfg: ScoreConfig, side: TrainSide, rep: R
             if cfg.strip_after_eos
             else f"{what} are scored as real tokens (--keep-after-eos)"
         )
+    if data.left_pad_rollouts:
+        what = f"{data.left_pad_tokens:,} pad token(s) at the start of {data.left_pad_rollouts:,} prompt(s)"
+        rep.warn(
+            f"dropped {what} (left padding of a batched export: the engine was fed the prompt without it)"
+            if cfg.strip_after_eos
+            else f"{what} are scored as prompt tokens (--keep-after-eos)"
+        )
     if data.retokenized:
         rep.warn(
             f"{data.retokenized} prompt/response field(s) had no token ids and were tokenised with the model's "
@@ -329,6 +336,8 @@ def _score(cfg: ScoreConfig, rep: Reporter, engines: Engines, run: ExitStack) ->
                                                                 "same_row": data.duplicate_rows},
                     "after_eos": {"rollouts": data.after_eos_rollouts, "tokens": data.after_eos_tokens,
                                   "stripped": cfg.strip_after_eos, "eos_ids": sorted(side.eos)},
+                    "left_padding": {"rollouts": data.left_pad_rollouts, "tokens": data.left_pad_tokens,
+                                     "stripped": cfg.strip_after_eos},
                     "recorded": {"train_logprobs": data.train_logprob_rows, "kept_ids": data.kept_rows,
                                  "routed_experts": data.routed_rows},
                     "kept_set": kept_set,

@@ -63,7 +63,8 @@ def score(
             "--strip-after-eos/--keep-after-eos",
             rich_help_panel="Inputs",
             help="Drop tokens after a response's first end-of-sequence token (the right padding of verl-style "
-            "exports, scored as real tokens otherwise); the summary says how many.",
+            "exports, scored as real tokens otherwise) and pad tokens before a prompt (a batch's left padding); "
+            "the summary says how many.",
         ),
     ] = True,
     allow_duplicates: Annotated[
