@@ -190,3 +190,22 @@ def test_micro_batches_of_one_step_log_the_whole_step(tmp_path, criterion):
     with Monitor(out=tmp_path / "run", criterion=criterion) as mon:
         mon.update(2, *pieces[2][0])
     assert list(read_run(tmp_path / "run").steps["n_sequences"]) == [8, 8, 2]
+
+
+def test_a_step_whose_mask_is_all_zero_has_no_acceptance_and_fails_an_acceptance_gate(tmp_path, capsys):
+    """No token tested by any criterion: acceptance unknown (NaN), never a vacuous 100% that passes a gate."""
+    from tests.helpers import run_cli
+    from trm_diag import Monitor
+
+    lp_r, lp_t, mask = padded(3)
+    with Monitor(out=tmp_path / "run") as mon:
+        mon.update(0, lp_r, lp_t, mask)
+        res = mon.update(1, lp_r, lp_t, torch.zeros_like(mask))
+    assert res.metrics["n_tokens"] == 0
+    assert all(np.isnan(v) for k, v in res.metrics.items() if k.startswith("accept_"))
+    code, _, _ = run_cli(["gate", str(tmp_path / "run"), "-r", "trend.last.accept_trm_max >= 0.7"], capsys)
+    assert code == 1  # the last step's acceptance is unknown: the rule does not pass
+    code, _, err = run_cli(["gate", str(tmp_path / "run"), "-r", "trend.max.accept_trm_max >= 0.7"], capsys)
+    assert code == 0, err  # step 0's acceptance is there
+    code, out, err = run_cli(["trend", str(tmp_path / "run")], capsys)
+    assert code == 0 and "nan" not in out.lower(), out  # the empty step reads as n/a, not a number

@@ -210,8 +210,8 @@ def batch_metrics(tokens: pd.DataFrame, seqs: pd.DataFrame, fidelity: str, thres
         gap = np.abs(tokens["prefill_gap"].to_numpy(dtype=np.float64))
         m["prefill_gap_abs_mean"] = _nanmean(gap)
         m["prefill_gap_abs_max"] = float(np.nanmax(gap)) if (~np.isnan(gap)).any() else math.nan
-    for name in CRITERIA:
-        m[f"accept_{name}"] = float(seqs[f"accept_{name}"].mean()) if len(seqs) else math.nan
+    for name in CRITERIA:  # no token at all (a step whose mask is all zero): no criterion was tested, not 100%
+        m[f"accept_{name}"] = float(seqs[f"accept_{name}"].mean()) if len(seqs) and lr.size else math.nan
     # DPPO (no rewards here): fraction of tokens whose binary divergence exceeds its threshold
     m["dppo_tv_token_frac"] = float(np.mean(tokens["tv_bin"] > thresholds.dppo_tv)) if lr.size else math.nan
     m["dppo_kl_token_frac"] = float(np.mean(tokens["kl_bin"] > thresholds.dppo_kl)) if lr.size else math.nan

@@ -170,7 +170,7 @@ def trend_flags(series: dict[str, np.ndarray], cfg: TrendConfig | None = None) -
             below = np.flatnonzero(v < cfg.acceptance)
             msg = (
                 f"step {steps[i]}: {m} {v[i]:.1%} is below {cfg.acceptance:.0%} ({len(below)} of {len(v)} steps "
-                f"below; last step {v[-1]:.1%})"
+                f"below; last step {'unknown (no tokens)' if np.isnan(v[-1]) else format(v[-1], '.1%')})"
             )
             out.append(Flag("acceptance", m, int(steps[i]), int(steps[below[-1]]), float(v[i]),
                             {"steps_below": float(len(below))}, msg))  # fmt: skip
