@@ -209,3 +209,22 @@ def test_a_step_whose_mask_is_all_zero_has_no_acceptance_and_fails_an_acceptance
     assert code == 0, err  # step 0's acceptance is there
     code, out, err = run_cli(["trend", str(tmp_path / "run")], capsys)
     assert code == 0 and "nan" not in out.lower(), out  # the empty step reads as n/a, not a number
+
+
+def test_a_step_that_a_rank_did_not_log_is_named(tmp_path, capsys):
+    """Two ranks, one of which skips step 1: the merged step 1 holds one rank's batch, and trend says so."""
+    from tests.helpers import run_cli
+    from trm_diag import Monitor
+    from trm_diag.report.run_log import read_run
+
+    for rank in (0, 1):
+        with Monitor(out=tmp_path / "run", rank=rank) as mon:
+            for step in (0, 1, 2):
+                if rank == 1 and step == 1:
+                    continue
+                mon.update(step, *padded(10 * rank + step))
+    data = read_run(tmp_path / "run")
+    assert list(data.steps["n_sequences"]) == [12, 6, 12]
+    assert len(data.notes) == 1 and "1 step(s) logged by fewer ranks than the run's 2 (steps 1)" in data.notes[0]
+    code, out, _ = run_cli(["trend", str(tmp_path / "run")], capsys)
+    assert code == 0 and "fewer ranks than the run's 2" in " ".join(out.split())

@@ -243,6 +243,22 @@ def _merge_steps(by_rank: pd.DataFrame, horizons: tuple[int, ...]) -> pd.DataFra
     return pd.DataFrame(rows)
 
 
+def _rank_gaps(by_rank: pd.DataFrame) -> list[str]:
+    """A note naming the steps that fewer ranks logged than the run has (a rank that crashed or lags): their rows
+    hold only the ranks present, so their counts and means are of a part of the batch."""
+    if by_rank.empty or by_rank["rank"].nunique() < 2:
+        return []
+    ranks = by_rank.groupby("step")["rank"].nunique()
+    short = ranks[ranks < by_rank["rank"].nunique()]
+    if short.empty:
+        return []
+    shown = ", ".join(str(int(s)) for s in short.index[:10]) + (", ..." if len(short) > 10 else "")
+    return [
+        f"{len(short)} step(s) logged by fewer ranks than the run's {by_rank['rank'].nunique()} (steps {shown}): "
+        "their rows hold only the ranks present (a rank that crashed, lags or is still writing)"
+    ]
+
+
 def _merge_buckets(b: pd.DataFrame) -> pd.DataFrame:
     """Length-bucket rows of several ranks per (step, bucket): counts summed, means weighted by them."""
     if b.empty or b["rank"].nunique() == 1:
@@ -282,7 +298,7 @@ def read_run(path: str | Path) -> RunData:
             buckets = buckets[[k in done for k in zip(buckets["rank"], buckets["written"])]]
         horizons = tuple(int(h) for h in meta.get("horizons", ()))
         steps = _merge_steps(by_rank, horizons)
-        return RunData(p, meta, steps, by_rank, _merge_buckets(buckets))
+        return RunData(p, meta, steps, by_rank, _merge_buckets(buckets), notes=_rank_gaps(by_rank))
     if (p / "summary.json").is_file():
         return _read_score_report(p)
     raise InputError(
