@@ -30,3 +30,12 @@ def token_columns(r, p_rows, q_rows, fidelity, vocab_width, chunk_elements=None,
     p = None if p_rows is None else [p_rows]
     chunk = chunk_elements or DEFAULT_CHUNK_ELEMENTS
     return batch_columns([r], p, [q_rows], fidelity, vocab_width, chunk, experts_per_token)[0]
+
+
+def t95_reference(df: int) -> float:
+    """Student's t one-sided 95% quantile by root-finding on its CDF (mpmath's regularised incomplete beta)."""
+    import mpmath as mp
+
+    mp.mp.dps = 30
+    cdf = lambda t: 1 - 0.5 * mp.betainc(df / 2, 0.5, 0, df / (df + t * t), regularized=True)  # noqa: E731
+    return float(mp.findroot(lambda t: cdf(t) - 0.95, 1.7))

@@ -113,8 +113,8 @@ TIERS: dict[str, Tier] = {
                 "under any truncation, while E|rho - 1| = 2 TV - (1 - Q_t)",
                 "ln_trm": "unbiased estimate: the weighted mean of 2 (1 - rho_t)^+ (the same reason as SER)",
                 "delta": "heuristic: max_t k2 (exact KL needs full logits)",
-                "kl_seq": "unbiased estimate: k1 summed over each rollout, mean over rollouts (clamped at 0, which "
-                "errs high)",
+                "kl_seq": "estimate: k1 summed over each rollout (unbiased), the bounds take the mean's upper "
+                "one-sided 95% Student-t value over the rollouts (bound_inputs.kl_seq_mean: the mean)",
             },
         ),
     )

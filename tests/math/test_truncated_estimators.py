@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import t95_reference
 from trm_diag.config import Thresholds
 from trm_diag.criteria import CRITERIA, SCORED
 from trm_diag.math.divergence import sampled_token_metrics, topk_intervals
@@ -123,11 +124,12 @@ def test_sampled_tier_bound_inputs_are_unbiased_under_top_p(pair, rollouts):
     true_kl_seq = sum(p["kl"] for p in pair)
     ok, _, se = _within(k1_sums, true_kl_seq)
     assert ok and math.isclose(inp.kl_seq_mean, float(k1_sums.mean()), rel_tol=1e-12)
-    # the bounds take the mean's upper one-sided 95% value: mean + 1.645 s / sqrt(N), s the sample deviation
-    # (statistics computes it in exact fractions, unlike the code's sums of squares)
+    # the bounds take the mean's upper one-sided 95% value: mean + t_{N-1} s / sqrt(N), s the sample deviation
+    # (statistics computes it in exact fractions, unlike the code's sums of squares; t by root-finding)
     values = [float(v) for v in k1_sums]
-    upper = statistics.fmean(values) + 1.645 * statistics.stdev(values) / math.sqrt(len(values))
-    assert math.isclose(inp.kl_seq, upper, rel_tol=1e-9) and inp.kl_seq > inp.kl_seq_mean
+    se = statistics.stdev(values) / math.sqrt(len(values))
+    upper = statistics.fmean(values) + t95_reference(len(values) - 1) * se
+    assert abs(inp.kl_seq - upper) <= 5e-5 * se and inp.kl_seq > inp.kl_seq_mean  # t95's 4 decimals
     assert inp.kl_seq >= true_kl_seq  # an upper value, as a bound's input must be (this seed: it covers)
     assert math.isclose(inp.kl_rate, upper / T, rel_tol=1e-9)
     assert "estimate (upper" in inp.source["kl_seq"] and "heuristic" in inp.source["delta"]
@@ -187,6 +189,30 @@ def test_a_token_the_rollout_gave_probability_zero_leaves_no_kl_estimate(rollout
     inp = bound_inputs(tok, seqs, "sampled")
     assert inp.kl_seq is None and inp.source["kl_seq"].startswith("unknown: a sampled token has probability 0")
     assert np.isnan(seqs["k1_mean"][0]) and not seqs["accept_trm_avg"][0] and seqs["accept_trm_avg"][1]
+
+
+def test_rollouts_with_no_token_are_left_out_and_one_rollout_has_no_upper_value():
+    """Sampled tier, lengths 3, 0, 5, 2 (an all-masked row second): D_KL^seq's mean and upper value over the
+    three rollouts with tokens, the rate per token, D_TV^seq known; a single rollout leaves D_KL^seq unknown."""
+    rng = np.random.default_rng(7)
+    lengths = np.array([3, 0, 5, 2])
+    lp_roll = -rng.uniform(0.05, 3.0, lengths.sum())
+    lp_train = lp_roll + rng.normal(0.0, 0.2, lengths.sum())
+    tok = {k: v.numpy() for k, v in sampled_token_metrics(torch.tensor(lp_roll), torch.tensor(lp_train)).items()}
+    tok.update(lp_roll=lp_roll, lp_train=lp_train)
+    inp = bound_inputs(tok, sequence_stats(tok, lengths, Thresholds(), basis="sampled"), "sampled")
+    k1 = lp_roll - lp_train
+    sums = [math.fsum(k1[0:3]), math.fsum(k1[3:8]), math.fsum(k1[8:10])]  # the three rollouts with tokens
+    se = statistics.stdev(sums) / math.sqrt(3)
+    assert math.isclose(inp.kl_seq_mean, statistics.fmean(sums), rel_tol=1e-12)
+    assert abs(inp.kl_seq - max(0.0, statistics.fmean(sums) + t95_reference(2) * se)) <= 5e-5 * se
+    assert math.isclose(inp.kl_rate, inp.kl_seq * 3 / 10, rel_tol=1e-12)  # per token: 10 tokens in 3 rollouts
+    tv = statistics.fmean([max(0.0, 1 - math.exp(-s)) for s in sums])
+    assert math.isclose(inp.tv_seq, tv, rel_tol=1e-12) and inp.samples["empty_sequences"] == 1
+    assert "1 rollout(s) with no token left out" in inp.source["kl_seq"]
+    one = {k: v[:3] for k, v in tok.items()}
+    inp1 = bound_inputs(one, sequence_stats(one, lengths[:1], Thresholds(), basis="sampled"), "sampled")
+    assert inp1.kl_seq is None and inp1.kl_rate is None and inp1.source["kl_seq"].startswith("unknown: one rollout")
 
 
 def test_a_negative_k1_mean_is_clamped_and_says_it_is_below_noise(rollouts):

@@ -55,3 +55,14 @@ def test_ids_of_another_text_or_another_tokenizer_are_refused(tok):
     assert prompt_ids_mismatch(longer, text + " and more", tok) is None
     with pytest.raises(NotComparable, match=r"NOT COMPARABLE: f\.jsonl:3: .*not the prompt's"):
         check_prompt_ids(other, text, tok, "f.jsonl:3")
+
+
+def test_a_short_text_inside_another_prompt_is_refused(tok):
+    """The text must be the prompt's last user message, not any part of it: "4" or "2+2" found inside another
+    prompt's ids, and a blank text, are refused."""
+    ids = _chat(tok, [{"role": "user", "content": "What is 2+2? Answer with 4 digits"}])
+    assert prompt_ids_mismatch(ids, "4", tok) is not None
+    assert prompt_ids_mismatch(ids, "2+2", tok) is not None
+    assert prompt_ids_mismatch(_chat(tok, [{"role": "user", "content": "Solve 2+2 and 3+3"}]), "2+2", tok)
+    assert prompt_ids_mismatch(ids, "   ", tok) is not None
+    assert prompt_ids_mismatch(ids, "What is 2+2? Answer with 4 digits", tok) is None

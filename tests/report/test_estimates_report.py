@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.helpers import main_exit, run_cli
+from tests.helpers import main_exit, run_cli, t95_reference
 from trm_diag.report.verdict import verdict
 
 
@@ -94,10 +94,13 @@ def test_score_of_a_truncated_file_uses_k1_and_says_so(reports, dense_model, tmp
     assert code == 0, err
     s = _summary(tmp_path / "s")
     assert s["estimators"]["trm_avg"].startswith("unbiased estimate: mean_t k1")
-    assert s["bound_inputs"]["source"]["kl_seq"].startswith("estimate (upper 1.645-standard-error")
+    assert s["bound_inputs"]["source"]["kl_seq"].startswith("estimate (upper one-sided 95% Student-t value")
     tokens = pd.read_parquet(tmp_path / "s" / "tokens.parquet")
     k1_sums = (tokens["lp_roll"] - tokens["lp_train"]).groupby(tokens["seq_id"]).sum()  # k1 = -log rho
     assert s["bound_inputs"]["kl_seq_mean"] == pytest.approx(k1_sums.mean(), rel=1e-9, abs=1e-12)
+    se = k1_sums.std(ddof=1) / np.sqrt(len(k1_sums))
+    upper = max(0.0, k1_sums.mean() + t95_reference(len(k1_sums) - 1) * se)
+    assert abs(s["bound_inputs"]["kl_seq"] - upper) <= 5e-5 * se + 1e-12  # t95's table: 4 decimals
     seqs = pd.read_parquet(tmp_path / "s" / "sequences.parquet")
     th = s["thresholds"]["trm_avg"]
     assert list(seqs["accept_trm_avg"]) == [bool(x <= th) for x in seqs["k1_mean"]]

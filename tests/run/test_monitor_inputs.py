@@ -228,3 +228,29 @@ def test_a_step_that_a_rank_did_not_log_is_named(tmp_path, capsys):
     assert len(data.notes) == 1 and "1 step(s) logged by fewer ranks than the run's 2 (steps 1)" in data.notes[0]
     code, out, _ = run_cli(["trend", str(tmp_path / "run")], capsys)
     assert code == 0 and "fewer ranks than the run's 2" in " ".join(out.split())
+
+
+def test_an_all_masked_row_or_rank_changes_no_bound_input(tmp_path):
+    """A row whose mask is all zero (an overlong-filtered sample) samples no trajectory: D_KL^seq, D_TV^seq and B*
+    are those of the batch without it; a rank whose whole batch is masked leaves the merged step the other's."""
+    from trm_diag import Monitor
+    from trm_diag.report.run_log import read_run
+
+    lp_r, lp_t, mask = padded(11)
+    base = Monitor(horizons=(1024,)).update(0, lp_r, lp_t, mask).metrics
+    masked = mask.clone()  # padded() masks row 2 whole already; row 3 too now
+    masked[3] = 0
+    keep = [i for i in range(len(mask)) if i != 3]
+    with_row = Monitor(horizons=(1024,)).update(0, lp_r, lp_t, masked).metrics
+    without = Monitor(horizons=(1024,)).update(0, lp_r[keep], lp_t[keep], mask[keep]).metrics
+    assert with_row["n_sequences"] == len(mask) and without["n_sequences"] == len(mask) - 1
+    for k in ("kl_seq", "kl_seq_mean", "tv_seq", "kl_rate", "bstar_obs", "bstar@1024"):
+        assert with_row[k] == pytest.approx(without[k], rel=1e-12), k
+    assert with_row["kl_seq"] != base["kl_seq"]  # the row did carry tokens before it was masked
+    for rank in (0, 1):
+        with Monitor(out=tmp_path / "run", horizons=(1024,), rank=rank) as mon:
+            mon.update(0, lp_r, lp_t, mask if rank == 0 else torch.zeros_like(mask))
+    row = read_run(tmp_path / "run").steps.iloc[0]
+    assert row["n_sequences"] == 2 * len(mask) and row["n_tokens"] == base["n_tokens"]
+    for k in ("kl_seq", "tv_seq", "accept_trm_max", "kl", "bstar@1024"):
+        assert row[k] == pytest.approx(base[k], rel=1e-12), k

@@ -360,7 +360,7 @@ def delta_for_budget(T: int, budget: float = 1.0, kl_rate: float | None = None) 
     if rate is None:
         assumption = "D_KL^seq = T * delta (worst case: no per-token KL rate known)"
     else:
-        assumption = f"D_KL^seq = T * min({rate:.3g}, delta), {rate:.3g} the per-token KL rate"
+        assumption = f"D_KL^seq = T * min({rate:.3g}, delta), {rate:.3g} the measured per-token KL rate"
 
     def result(delta: float | None) -> BudgetDelta:
         eps = None if delta is None else min(1.0, math.sqrt(delta / 2.0))

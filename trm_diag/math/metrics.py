@@ -16,7 +16,7 @@ from trm_diag.config import CLIP_BANDS, Thresholds
 from trm_diag.criteria import CRITERIA
 from trm_diag.math.bounds import BoundInputs
 from trm_diag.math.sequences import mc_tv
-from trm_diag.math.stats import UPPER_Z, describe, upper_mean
+from trm_diag.math.stats import describe, upper_mean
 from trm_diag.tiers import TIERS
 
 if TYPE_CHECKING:
@@ -251,8 +251,15 @@ def bound_inputs(tokens: Any, seqs: Any, fidelity: str, sampler_note: str | None
         return inp
     lengths = np.asarray(seqs["length"])
     inp.seq_T = int(lengths.max())
-    seq_lr = col(seqs, "log_seq_ratio")
+    # a rollout with no scored token (all masked out, an empty response) samples no trajectory: the Monte-Carlo
+    # means run over the others, and the count of those left out is kept
+    scored = lengths > 0
+    n_seq = int(scored.sum())
     under = f" under another sampler: {sampler_note}" if sampler_note else ""
+    if n_seq < len(lengths):
+        inp.samples["empty_sequences"] = len(lengths) - n_seq
+        under += f"; {len(lengths) - n_seq:,} rollout(s) with no token left out"
+    seq_lr = col(seqs, "log_seq_ratio")[scored]
     mc = "estimate" if sampler_note else "measured"  # a Monte-Carlo mean is unbiased only under its sampler
     with np.errstate(over="ignore"):
         terms = np.maximum(0.0, 1.0 - np.exp(seq_lr))  # NaN where a sequence's log ratio is inf - inf
@@ -295,18 +302,16 @@ def bound_inputs(tokens: Any, seqs: Any, fidelity: str, sampler_note: str | None
         with np.errstate(over="ignore", invalid="ignore"):
             upper = upper_mean(n_seq, total, float(np.sum(sums * sums)))
         inp.kl_seq_mean = total / n_seq
+        why = f"under another sampler: {sampler_note}" if sampler_note else "unbiased under any truncation"
+        inp.source["delta"] = "heuristic (k2 max; exact KL needs full logits)"
+        if math.isnan(upper):  # one rollout: no spread to bound its sum by
+            inp.source["kl_seq"] = f"unknown: one rollout's k1 sum {total:.4g} has no spread to bound the mean by"
+            return inp
         inp.kl_seq = max(0.0, upper)
         inp.kl_rate = inp.kl_seq * n_seq / n_tok
-        why = f"under another sampler: {sampler_note}" if sampler_note else "unbiased under any truncation"
-        spread = (
-            f"upper {UPPER_Z}-standard-error (one-sided 95%) value of the k1 mean {inp.kl_seq_mean:.4g} over "
-            f"{n_seq:,} rollouts"
-            if n_seq > 1
-            else "the k1 sum of the one rollout (no spread to bound it by)"
-        )
-        inp.source.update(
-            delta="heuristic (k2 max; exact KL needs full logits)",
-            kl_seq=f"estimate ({spread}; the mean is {why}"
-            + ("; clamped at 0: the value was negative, below the estimate's noise)" if upper < 0 else ")"),
+        inp.source["kl_seq"] = (
+            f"estimate (upper one-sided 95% Student-t value of the k1 mean {inp.kl_seq_mean:.4g} over {n_seq:,} "
+            f"rollouts; the mean is {why}{under}"
+            + ("; clamped at 0: the value was negative, below the estimate's noise)" if upper < 0 else ")")
         )
     return inp

@@ -125,10 +125,12 @@ def step_metrics(
     for k in INPUTS:
         v = getattr(inp, k)
         row[k] = math.nan if v is None else float(v)
-    # the k1 mean D_KL^seq's upper value is taken from, and the rollouts' squared k1 sums: ranks add both up
+    # the k1 mean D_KL^seq's upper value is taken from, and the rollouts' squared k1 sums and count (those with
+    # a token): ranks add them up
     row["kl_seq_mean"] = math.nan if inp.kl_seq_mean is None else inp.kl_seq_mean
     with np.errstate(over="ignore"):
-        row["k1_seq_sumsq"] = float(np.sum(np.square(seqs["log_seq_ratio"])))
+        row["k1_seq_sumsq"] = float(np.sum(np.square(seqs["log_seq_ratio"][lengths > 0])))
+    row["k1_seq_n"] = int(np.sum(lengths > 0))
     row.update({k: math.nan if v is None else v for k, v in bstar(inp, horizons).items()})
     if kept_mass is not None:
         km = np.asarray(kept_mass, dtype=np.float64)
@@ -171,7 +173,7 @@ def dppo_token_mask(
 
 # ------------------------------------------------------------------ merging ranks
 # a step logged by several ranks: each number combined by what it is (the reader merges the ranks' rows)
-SUMS = ("n_tokens", "n_sequences", "k1_seq_sumsq")
+SUMS = ("n_tokens", "n_sequences", "k1_seq_sumsq", "k1_seq_n")
 SEQ_WEIGHTED = (
     "training_ppl", "training_log_ppl", "rollout_ppl", "rollout_log_ppl", "log_ppl_diff", "log_ppl_abs_diff",
     "ppl_ratio", "kl_seq", "kl_seq_mean", "tv_seq",
@@ -207,6 +209,12 @@ def merge_ranks(rows: list[dict[str, Any]], horizons: tuple[int, ...]) -> dict[s
     from the merged inputs by the bounds' own code."""
     if len(rows) == 1:
         return dict(rows[0])
+    scored = [r for r in rows if (_none(r.get("n_tokens")) or 0) > 0]
+    if 0 < len(scored) < len(rows):  # a rank whose batch had no token: its counts only (its values are NaN)
+        out = merge_ranks(scored, horizons)
+        out["n_sequences"] = float(np.nansum([r.get("n_sequences", 0) for r in rows]))
+        out["n_ranks"] = len(rows)
+        return out
     out: dict[str, Any] = {"n_ranks": len(rows)}
     names = [k for k in rows[0] if k not in ("rank",)]
     w_tok = np.array([r.get("n_tokens", 0) for r in rows], dtype=np.float64)
@@ -228,12 +236,16 @@ def merge_ranks(rows: list[dict[str, Any]], horizons: tuple[int, ...]) -> dict[s
     # D_KL^seq and the KL rate from the ranks' k1 sums and squared sums: the upper 95% value of the whole step's
     # k1 mean, as one rank with the whole batch computes it (each rank's own is a wider value, clamped at 0)
     k1_total = float(np.sum([r["kl"] * r["n_tokens"] for r in rows]))
-    n_seq = int(out.get("n_sequences") or 0)
-    if not any(_none(r.get("kl_seq")) is None for r in rows) and n_seq:
-        squares = [_none(r.get("k1_seq_sumsq")) for r in rows]  # None: a row written before they were kept
-        upper = k1_total / n_seq if None in squares else upper_mean(n_seq, k1_total, float(np.sum(squares)))
+    squares = [_none(r.get("k1_seq_sumsq")) for r in rows]  # None: a row written before they were kept
+    counts = [_none(r.get("k1_seq_n")) for r in rows]
+    n_seq = int(sum(counts)) if None not in counts else int(out.get("n_sequences") or 0)
+    if n_seq and None not in squares:
+        upper = upper_mean(n_seq, k1_total, float(np.sum(squares)))
         out["kl_seq_mean"] = k1_total / n_seq
-        out["kl_seq"] = max(0.0, upper)
+        out["kl_seq"] = math.nan if math.isnan(upper) else max(0.0, upper)
+        out["kl_rate"] = out["kl_seq"] * n_seq / out["n_tokens"]
+    elif n_seq and not any(_none(r.get("kl_seq")) is None for r in rows):  # rows of an older version: the mean
+        out["kl_seq"] = max(0.0, k1_total / n_seq)
         out["kl_rate"] = out["kl_seq"] * n_seq / out["n_tokens"]
     inp = BoundInputs(
         delta=_none(out.get("delta")), eps=_none(out.get("eps")), kl_seq=_none(out.get("kl_seq")),

@@ -75,19 +75,28 @@ def check_sampling(recorded: dict[str, Any], given: dict[str, Any]) -> None:
         )
 
 
-def _encodings(text: str, tokenizer: Any) -> Iterator[list[int]]:
-    """The ways an engine is fed a prompt text, cheapest first: its tokenisation with and without special tokens,
-    then the chat template applied to it as one user turn (with and without the generation prompt) where the
-    tokenizer has one."""
+def _plain(text: str, tokenizer: Any) -> Iterator[list[int]]:
+    """The text's own tokenisation, with and then without the tokenizer's special tokens."""
     yield [int(x) for x in tokenizer(text)["input_ids"]]
     yield [int(x) for x in tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+
+def _template_tails(tokenizer: Any) -> list[str]:
+    """What follows the last user message in a prompt: nothing (a plain prompt), or the chat template's end of
+    a user turn, with and without the generation prompt (found by rendering a marker message)."""
+    tails = [""]
     if getattr(tokenizer, "chat_template", None):
+        mark = "\u2063trm-diag-marker\u2063"
         for gen in (True, False):
             try:
-                ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=gen)
-            except Exception:  # a template that needs more than one user turn (a system turn, tools): not this form
+                rendered = tokenizer.apply_chat_template(
+                    [{"role": "user", "content": mark}], add_generation_prompt=gen, tokenize=False
+                )
+            except Exception:  # a template that needs more than one user turn (a system turn, tools)
                 continue
-            yield [int(x) for x in (ids["input_ids"] if hasattr(ids, "keys") else ids)]
+            if isinstance(rendered, str) and mark in rendered:
+                tails.append(rendered.rsplit(mark, 1)[1])
+    return tails
 
 
 def _squeeze(s: str) -> str:
@@ -95,21 +104,24 @@ def _squeeze(s: str) -> str:
 
 
 def prompt_ids_mismatch(ids: list[int], text: str, tokenizer: Any) -> str | None:
-    """Where a row's prompt_ids part from its prompt text; None when they agree: the ids are one of the text's
-    encodings (plain, chat template) or, for a template with a system prompt or earlier turns, their decoding
-    contains the text (whitespace runs read as one space). Another tokenizer's ids decode to other text."""
+    """Where a row's prompt_ids part from its prompt text; None when they agree: the ids are the text's
+    tokenisation, or they decode to a prompt that ends with the text as its last user message (the chat template's
+    end of turn and generation prompt after it; earlier turns and system prompts before it). Whitespace runs read
+    as one space. Another tokenizer's ids, or another text's, decode to something else."""
     ids = [int(x) for x in ids]
-    if any(f == ids for f in _encodings(text, tokenizer)):
+    if any(f == ids for f in _plain(text, tokenizer)):
         return None
-    if text.strip() and _squeeze(text) in _squeeze(tokenizer.decode(ids, skip_special_tokens=False)):
-        return None
-    f = next(_encodings(text, tokenizer))
+    if text.strip():
+        decoded = _squeeze(tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False))
+        if any(decoded.endswith(_squeeze(text + tail)) for tail in _template_tails(tokenizer)):
+            return None
+    f = next(_plain(text, tokenizer))
     k = next((i for i, (x, y) in enumerate(zip(ids, f)) if x != y), min(len(ids), len(f)))
     a = ids[k] if k < len(ids) else "end"
     b = f[k] if k < len(f) else "end"
     return (
-        f"its prompt_ids are not its prompt text's tokens (at position {k}: id {a} against {b}; nor the chat "
-        "template applied to it) and do not decode to a text that contains it"
+        f"its prompt_ids are not its prompt text's tokens (at position {k}: id {a} against {b}) and do not decode "
+        "to a prompt ending with it (its chat template's last user turn)"
     )
 
 
