@@ -248,3 +248,18 @@ def test_reports_of_other_models_warn_or_are_refused(reports, moe_model, tmp_pat
     assert code == 0 and "warning" in err and "differ in" in err
     code, _, err = run_cli(["diff", str(reports[0]), str(other), "--strict"], capsys)
     assert code == 2 and "differ in" in err
+
+
+def test_b_star_rows_say_when_d_kl_seq_was_estimated_another_way(scored):
+    """Two sampled-tier summaries of one run, one written when D_KL^seq was the plain k1 mean: B* differs with
+    no change of the run, and each B* row says why; two summaries estimated alike get no such note."""
+    from trm_diag.report.diff import diff_summaries
+
+    s = json.loads((scored["base"] / "summary.json").read_text())
+    new = {**s, "fidelity": "sampled"}
+    new["bound_inputs"] = {**s["bound_inputs"], "source": {"kl_seq": "estimate (upper one-sided 95% Student-t ..."}}
+    old = {**new, "bound_inputs": {**new["bound_inputs"], "source": {"kl_seq": "estimate (k1 mean over 8 ..."}}}
+    rows = [r for r in diff_summaries(old, new)["rows"] if r["metric"].startswith("B*")]
+    assert rows and all("D_KL^seq is the k1 mean in A, its upper 95% value in B" in r["note"] for r in rows)
+    same = [r for r in diff_summaries(new, new)["rows"] if r["metric"].startswith("B*")]
+    assert not any("D_KL^seq" in (r["note"] or "") for r in same)

@@ -108,11 +108,24 @@ def _b_star_rows(a: dict[str, Any], b: dict[str, Any], same_below: float) -> lis
     return rows
 
 
+def _kl_seq_kind(summary: dict[str, Any]) -> str | None:
+    """How a sampled-tier report's D_KL^seq was estimated: its k1 mean (reports before the upper value), the
+    mean's upper 95% value, or None (another tier, or not said)."""
+    if summary.get("fidelity") != "sampled":
+        return None
+    source = str(((summary.get("bound_inputs") or {}).get("source") or {}).get("kl_seq", ""))
+    return "the k1 mean" if "k1 mean over" in source else "its upper 95% value" if "upper one-sided" in source else None
+
+
 def diff_summaries(a: dict[str, Any], b: dict[str, Any], same_below: float = SAME_BELOW) -> dict[str, Any]:
     """{'verdicts': (a, b), 'rows': [...], 'changes': [...], 'same_below'}: B is the newer report, A the baseline."""
     ma, mb = a.get("metrics") or {}, b.get("metrics") or {}
     va, vb = a.get("verdict") or verdict(a), b.get("verdict") or verdict(b)
     rows = _b_star_rows(a, b, same_below)
+    ka, kb = _kl_seq_kind(a), _kl_seq_kind(b)
+    if ka and kb and ka != kb:  # one set of rollouts gives another B*: not a change of the run
+        for row in rows:
+            row["note"] = row["note"] or f"D_KL^seq is {ka} in A, {kb} in B (another trm-diag version)"
     columns = dict.fromkeys((*TIERS.get(a.get("fidelity"), TIERS["exact"]).columns,
                              *TIERS.get(b.get("fidelity"), TIERS["exact"]).columns, *TOKEN_EXTRA))  # fmt: skip
     for col in columns:
