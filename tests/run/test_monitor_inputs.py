@@ -254,3 +254,24 @@ def test_an_all_masked_row_or_rank_changes_no_bound_input(tmp_path):
     assert row["n_sequences"] == 2 * len(mask) and row["n_tokens"] == base["n_tokens"]
     for k in ("kl_seq", "tv_seq", "accept_trm_max", "kl", "bstar@1024"):
         assert row[k] == pytest.approx(base[k], rel=1e-12), k
+
+
+def test_a_job_resumed_from_an_earlier_checkpoint_drops_the_abandoned_steps_from_its_history(tmp_path):
+    """Steps 0-9 logged, the job restarts from step 5: the online rules compare step 5 with steps 0-4, not with
+    the abandoned 5-9 (the reader, too, keeps each step's latest row)."""
+    from trm_diag import Monitor
+    from trm_diag.report.run_log import read_run
+
+    with Monitor(out=tmp_path / "run") as mon:
+        for step in range(10):
+            mon.update(step, *padded(step))
+    with Monitor(out=tmp_path / "run") as mon:
+        assert mon.history["step"] == list(range(10))
+        mon.update(5, *padded(50))
+        assert mon.history["step"] == [0, 1, 2, 3, 4, 5]
+        mon.update(6, *padded(60))
+        assert mon.history["step"] == [0, 1, 2, 3, 4, 5, 6]
+    with Monitor(out=tmp_path / "run") as mon:  # one row per step: the latest of each
+        assert mon.history["step"] == list(range(10))
+        steps = read_run(tmp_path / "run").steps.set_index("step")
+        assert mon.history["abs_log_ratio_mean"][5] == pytest.approx(steps.loc[5, "abs_log_ratio_mean"], rel=1e-12)

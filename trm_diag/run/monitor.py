@@ -145,7 +145,9 @@ class Monitor:
             self.writer = RunWriter(out, self.rank, meta)
             self.out = self.writer.root
             mine = read_run(self.out).by_rank
-            mine = mine[mine["rank"] == self.rank].sort_values("step") if not mine.empty else mine
+            if not mine.empty:  # this rank's rows, one per step (a step written twice: its latest row)
+                mine = mine[mine["rank"] == self.rank].sort_values(["step", "written"], kind="stable")
+                mine = mine.drop_duplicates("step", keep="last")
             if not mine.empty:  # a continued run: the trend rules see its earlier steps
                 self.attempt = int(mine["attempt"].max()) + 1 if "attempt" in mine else 2
                 for k in HISTORY:
@@ -335,9 +337,14 @@ class Monitor:
     def _flags(self, row: dict[str, Any], replace: bool = False) -> list[Flag]:
         """The trend rules at this step, against this rank's earlier steps (docs/trend.md); replace: the row is
         the step of the last update, grown by another piece."""
-        for k in HISTORY:
-            if replace:
+        if replace:
+            for k in HISTORY:
                 self.history[k].pop()
+        elif self.history["step"] and self.history["step"][-1] >= row["step"]:
+            # a job resumed from an earlier checkpoint: the steps from here on were abandoned, they are no history
+            kept = [i for i, s in enumerate(self.history["step"]) if s < row["step"]]
+            self.history = {k: [v[i] for i in kept] for k, v in self.history.items()}
+        for k in HISTORY:
             self.history[k].append(float(row.get(k, float("nan"))))
         steps = np.asarray(self.history["step"], dtype=np.int64)
         i = len(steps) - 1
