@@ -35,7 +35,7 @@ def parse_horizons(
     if max(floats) > MAX_HORIZON:
         big = items[floats.index(max(floats))]
         raise UsageError(f"{what}: {big} is beyond {MAX_HORIZON:,} tokens", f"use horizons up to {MAX_HORIZON}")
-    return tuple(int(v) for v in floats)
+    return tuple(dict.fromkeys(int(v) for v in floats))  # one T once: '8,8' is T = 8
 
 
 DTYPES = ("float32", "bfloat16", "float16", "float64", "auto")  # float64: transformers only (a sweep's reference)
@@ -116,6 +116,10 @@ def parse_backend_spec(text: str, known: dict[str, tuple[str, ...]]) -> BackendS
             raise UsageError(
                 f"backend spec '{text}': unknown key '{key}' for backend '{name}'",
                 f"valid keys: {', '.join(accepted)}",
+            )
+        if key in options:  # the last one would win silently: hf:dtype=bfloat16,dtype=float32 is float32
+            raise UsageError(
+                f"backend spec '{text}': key '{key}' is given twice", f"keep one {key}= (each key once per spec)"
             )
         if key in ("dtype", "lm_head_dtype"):
             value = DTYPE_ALIASES.get(value.lower(), value.lower())

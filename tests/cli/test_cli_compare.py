@@ -125,6 +125,7 @@ def test_wide_vocabulary_model(tmp_path, wide_vocab_model, capsys):
     [
         (["--model", "/nonexistent/model"], "does not exist"),
         (["--rollout", "hf:dtyp=bf16"], "unknown key 'dtyp'"),
+        (["--rollout", "hf:dtype=bfloat16,dtype=float32"], "key 'dtype' is given twice"),
         (["--rollout", "sglang"], "unknown backend 'sglang'"),
         (["--rollout", "hf:dtype=int3"], "dtype=int3 is not supported"),
         (["--train", "hf:batch_size=0"], "batch_size=0 is below 1"),

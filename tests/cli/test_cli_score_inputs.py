@@ -143,3 +143,21 @@ def test_inputs_it_cannot_read_are_named_in_one_line(chat_ids, dense_model, tmp_
         code, err = _score(tmp_path / name, dense_model, tmp_path / "o", capsys)
         assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, (name, err)
         assert not (tmp_path / "o" / "summary.json").exists()
+
+
+def test_out_inside_the_model_folder_is_refused(chat_ids, dense_model, tmp_path, capsys):
+    """The report would sit among the checkpoint's files (and change its fingerprint): refused, nothing written."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(dense_model, model)
+    before = sorted(p.name for p in model.iterdir())
+    f = _jsonl(tmp_path / "r.jsonl", [_row(chat_ids)])
+    code, err = _score(f, model, model / "report", capsys)
+    assert code == 2 and "lies in the model folder" in err and sorted(p.name for p in model.iterdir()) == before
+
+
+def test_a_horizon_given_twice_is_one_horizon():
+    from trm_diag.config import parse_horizons
+
+    assert parse_horizons("8,8,1e3,8") == (8, 1000)

@@ -114,6 +114,19 @@ def test_greedy_decoding_is_not_a_monte_carlo_sample():
     assert sampler_differs("replay", SamplingConfig(temperature=0.8, top_p=0.9)) is None
 
 
+def test_greedy_advice_asks_for_sampling_not_for_the_view_in_use(reports):
+    """Greedy rollouts are no draws under any view: the advice is to sample, not to pick the pipeline view."""
+    from trm_diag.config import SamplingConfig, sampler_differs
+
+    s = _summary(reports["pipeline"])
+    est = {**s["estimators"], "sampler_matches_view": False}
+    greedy = dict(s, estimators={**est, "sampler": sampler_differs("pipeline", SamplingConfig(temperature=0))})
+    (f,) = [f for f in verdict(greedy)["findings"] if f["id"] == "other_sampler"]
+    assert "--temperature > 0" in f["action"] and "--view pipeline" not in f["action"]
+    (g,) = [f for f in verdict(dict(s, estimators=est))["findings"] if f["id"] == "other_sampler"]
+    assert "--view pipeline" in g["action"]
+
+
 def test_k3_finding_only_where_k1_is_unbiased_and_k3_is_not(reports):
     s = _summary(reports["pipeline"])
     assert [f for f in verdict(s)["findings"] if f["id"] == "k3_truncation"]

@@ -108,3 +108,26 @@ def test_not_comparable_replaces_the_drift_verdict():
     v = verdict(s)
     assert v["status"] == "not comparable" and v["headline"] == "NOT COMPARABLE: the weights differ"
     assert verdict({**summary(), "comparable": {"ok": True}})["status"] == "inside"
+
+
+def test_inside_from_few_rollouts_is_said_so():
+    """B* < 1 from a handful of rollouts: the Monte-Carlo inputs can read low by chance (D_TV^seq 0 when every
+    rollout has prod rho >= 1), so the headline and a finding say how many; 30 or more: nothing added."""
+    from trm_diag.report.verdict import FEW_ROLLOUTS
+
+    def with_samples(**samples):
+        s = summary()
+        s["bound_inputs"]["samples"] = samples
+        return verdict(s)
+
+    v = with_samples(sequences=4, tokens=256)
+    assert v["status"] == "inside" and "(from 4 rollouts only: see findings)" in v["headline"]
+    (f,) = [f for f in v["findings"] if f["id"] == "few_rollouts"]
+    assert "averaged over 4 rollout(s)" in f["finding"] and f"at least {FEW_ROLLOUTS} rollouts" in f["action"]
+    v = with_samples(sequences=40, empty_sequences=12)  # 28 with a scored token
+    assert "from 28 rollouts only" in v["headline"] and [f for f in v["findings"] if f["id"] == "few_rollouts"]
+    v = with_samples(sequences=FEW_ROLLOUTS)
+    assert "rollouts only" not in v["headline"] and not v["findings"]
+    v = verdict({**summary(delta=0.05, eps=0.15), "bound_inputs": {**summary(delta=0.05, eps=0.15)["bound_inputs"],
+                                                                   "samples": {"sequences": 2}}})  # fmt: skip
+    assert v["status"] == "outside" and not [f for f in v["findings"] if f["id"] == "few_rollouts"]

@@ -71,6 +71,25 @@ def _check_loading_info(path: str, info: dict[str, Any]) -> None:
             )  # fmt: skip
 
 
+def check_spec(spec: BackendSpec) -> str:
+    """The spec's device (cpu, cuda, cuda:N, auto; default cuda when torch sees one) and seed, refused in one line
+    before any weights load or any output is written (torch would raise mid-load, the seed at the first sample)."""
+    spec.get_int("seed", 0)
+    dev = spec.options.get("device")
+    if dev is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind, colon, index = dev.lower().partition(":")
+    if kind not in ("cpu", "cuda", "auto") or (colon and (kind != "cuda" or not index.isdigit())):
+        raise UsageError(f"backend spec '{spec.text}': device={dev} is unknown", "use device=cpu, cuda, cuda:N or auto")
+    if kind == "cuda" and int(index or 0) >= torch.cuda.device_count():
+        seen = torch.cuda.device_count()
+        raise UsageError(
+            f"backend spec '{spec.text}': device={dev}, but torch sees {seen or 'no'} CUDA GPU{'s' if seen != 1 else ''}",
+            "use device=cpu, or a GPU torch can see",
+        )
+    return dev.lower()
+
+
 class _CastHead(torch.nn.Module):
     """An output head in its own dtype: casts the hidden states to it (spec key lm_head_dtype)."""
 
@@ -130,8 +149,8 @@ class HFBackend:
 
         hf_logging.disable_progress_bar()  # trm-diag shows its own progress
 
-        self._batching(spec)  # checked before the weights load
-        device = spec.options.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = check_spec(spec)  # checked before the weights load
+        self._batching(spec)
         kwargs: dict[str, Any] = {
             "dtype": TORCH_DTYPES.get(spec.dtype, "auto"),
             "trust_remote_code": trust_remote_code,

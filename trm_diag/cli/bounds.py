@@ -106,7 +106,8 @@ def run_bounds(
         if not rows:
             raise UsageError("--plot has no bounds to draw (--budget alone gives the inverse view only)",
                              "add --delta and/or --eps, or drop --plot")  # fmt: skip
-        check_output_file(plot, "--plot")
+        inputs = [f for f in Path(report).iterdir()] if report is not None else []  # the report never overwritten
+        check_output_file(plot, "--plot", inputs=inputs)
     if write and not rows:
         raise UsageError(f"--write: the report '{report}' has no delta or eps, so no bound to add", "drop --write")
     inverse = None if budget is None else {T: delta_for_budget(T, budget, inp.kl_rate) for T in ts}

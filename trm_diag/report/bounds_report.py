@@ -126,4 +126,6 @@ def plot_bounds(rows: list[dict], path: str, observed_T: int | None = None) -> N
         png = bounds_png(rows, LABEL, UNIFIED, observed_T)
     except ImportError:
         raise UsageError("--plot needs matplotlib", "pip install matplotlib (install.sh installs it)") from None
-    Path(path).write_bytes(png)
+    from trm_diag.report.tables import atomic_write
+
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_bytes(png))  # never a half-written file

@@ -53,10 +53,13 @@ CERTIFY_KEYS = ("n_tokens_differing", "max_abs_log_ratio", "n_rows_differing")
 
 
 def defined_by(name: str) -> str:
-    """'verl' for a metrics.<name> that has verl's name and definition (docs/metrics.md), else 'trm-diag'."""
+    """'verl' for a metrics.<name> (or a run's trend.<aggregate>.<name>) that has verl's name and definition
+    (docs/metrics.md), else 'trm-diag'."""
     from trm_diag.math.metrics import METRICS
 
     parts = name.split(".")
+    if parts[0] == "trend" and len(parts) == 3:  # trend.<aggregate>.<metric> of a run: the step rows' metric
+        parts = ["metrics", parts[2]]
     verl = parts[0] == "metrics" and len(parts) == 2 and METRICS.get(parts[1], ("", ""))[1] == "verl"
     return "verl" if verl else "trm-diag"
 
@@ -362,11 +365,38 @@ class ReportMetrics:
                     )
         except ValueError:
             pass
+        other_tier = self._exact_only(parts)
+        if other_tier is not None:
+            raise other_tier
         close = difflib.get_close_matches(name, self.names(), n=3)
         hint = (
             f"did you mean {', '.join(close)}?" if close else "list the names with `trm-diag gate --list-metrics DIR`"
         )
         raise UsageError(f"unknown metric '{name}' for report '{self.path}'", hint)
+
+    def _exact_only(self, parts: list[str]) -> UsageError | None:
+        """Why token.<column>.<stat> of a column only the exact tier fills has no value here, and this tier's
+        nearest names (the top-K tier brackets kl and tv; the sampled tier estimates from the sampled tokens)."""
+        from trm_diag.tiers import TIERS
+
+        exact = TIERS["exact"]
+        if parts[0] != "token" or len(parts) != 3 or self.fidelity == "exact" or parts[1] not in exact.columns:
+            return None
+        name, col, stat = ".".join(parts), parts[1], parts[2]
+        if self.fidelity == "topk" and f"{col}_hi" in TIERS["topk"].columns:
+            use = f"token.{col}_hi.{stat} (its certified upper end; token.{col}_lo.{stat} the lower)"
+            why = f"the topk tier brackets the per-token {col}"
+        elif self.fidelity == "sampled":
+            k3 = f"token.k3.{stat} or " if col.startswith("kl") else ""
+            use = f"{k3}token.abs_log_ratio.{stat} (estimates from the sampled tokens)"
+            why = f"the sampled tier has no per-token {col} (no full rows)"
+        else:
+            use = f"a name `trm-diag gate --list-metrics {self.path}` lists"
+            why = f"the {self.fidelity} tier has no {col}"
+        return UsageError(
+            f"'{name}' needs the exact tier: {why}; '{self.path}' is {self.fidelity}",
+            f"use {use}, or gate a report of `compare --fidelity exact`",
+        )
 
     def _certify(self, name: str, key: str) -> float:
         """certify.<key> from summary.json `certification` (bit-for-bit comparison of the two sides)."""

@@ -201,6 +201,8 @@ def complete_report(path: str | Path, tables: bool = True) -> tuple[Path, dict[s
     tables=False: the tables are only checked to be whole Parquet files (their footer), without
     importing the Parquet stack, for readers of summary.json alone; call check_tables before reading one."""
     p = Path(path)
+    if p.is_file():  # a file of a report (its summary.json) given for the report
+        raise InputError(f"'{path}' is a file, not a report folder", f"pass the folder that holds it: '{p.parent}'")
     if not p.is_dir():
         raise InputError(f"report folder '{path}' does not exist", "run `trm-diag compare --out DIR` first")
     marker = p / MARKER

@@ -18,6 +18,7 @@ ROUTING_SHARE = 0.5  # more than half the KL on tokens whose expert set flipped
 PREFILL_GAP = 1e-3  # decode-time and prefill log-probs of the rollout engine differ by more than this
 WIDE_INTERVALS = 10.0  # mean certified upper end KL over 10x its lower end: the top-K tier cannot decide
 SAMPLER_SHARE = 10.0  # the pipeline view's KL mean over 10x the numerical one: the sampler's side causes it
+FEW_ROLLOUTS = 30  # D_TV^seq, D_KL^seq and Dbar_t are Monte-Carlo means: fewer rollouts and INSIDE is said so
 
 
 def _num(x: Any) -> float | None:
@@ -50,6 +51,13 @@ def horizon_verdicts(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _rollouts(summary: dict[str, Any]) -> int | None:
+    """How many rollouts with a scored token the sequence-level bound inputs average over (None: not said)."""
+    samples = (summary.get("bound_inputs") or {}).get("samples") or {}
+    n = samples.get("sequences")
+    return None if not isinstance(n, int) else n - int(samples.get("empty_sequences") or 0)
+
+
 def findings(summary: dict[str, Any]) -> list[dict[str, str]]:
     """What explains the verdict, most important first: {'id', 'finding', 'action'}."""
     m = summary.get("metrics") or {}
@@ -58,6 +66,15 @@ def findings(summary: dict[str, Any]) -> list[dict[str, str]]:
     out: list[dict[str, str]] = []
     horizons = horizon_verdicts(summary)
     observed = next((h for h in horizons if h["observed"]), None)
+    n = _rollouts(summary)
+    if observed and observed["B_star"] is not None and observed["B_star"] < 1 and n is not None and n < FEW_ROLLOUTS:
+        out.append({
+            "id": "few_rollouts",
+            "finding": f"B* rests on D_TV^seq, D_KL^seq and Dbar_t averaged over {n} rollout(s): a Monte-Carlo mean "
+            f"this small can read far below the true value (D_TV^seq is 0 whenever every sampled rollout has "
+            f"prod rho >= 1), so INSIDE is not yet established",
+            "action": f"score at least {FEW_ROLLOUTS} rollouts (--num-prompts, --samples) before trusting INSIDE",
+        })  # fmt: skip
     if observed and observed["B_star"] is not None and observed["B_star"] >= 1:
         T = observed["T"]
         inv = delta_for_budget(T, 1.0, _num((summary.get("bound_inputs") or {}).get("kl_rate")))
@@ -140,10 +157,13 @@ def findings(summary: dict[str, Any]) -> list[dict[str, str]]:
         })  # fmt: skip
     est = summary.get("estimators") or {}
     if est.get("sampler_matches_view") is False:
+        greedy = str(est.get("sampler", "")).startswith("greedy")  # no view makes the argmax path a draw
         out.append({
             "id": "other_sampler",
             "finding": f"the bound inputs D_KL^seq, D_TV^seq and Dbar_t are estimates: {est.get('sampler', '')}",
-            "action": "read the bounds of the pipeline view (the distribution the rollouts were drawn from: "
+            "action": "sample with --temperature > 0 for bounds over draws of pi_roll, or treat these as estimates"
+            if greedy
+            else "read the bounds of the pipeline view (the distribution the rollouts were drawn from: "
             "--view pipeline with processed log-probs), or treat these as estimates",
         })  # fmt: skip
     if fidelity == "sampled":
@@ -294,6 +314,9 @@ def verdict(summary: dict[str, Any]) -> dict[str, Any]:
     later = [h for h in horizons if not h["observed"] and h["inside"] is False]
     if status.startswith("inside") and later:
         headline += f"; outside from T = {later[0]['T']:,} on"
+    n = _rollouts(summary)
+    if status.startswith("inside") and n is not None and n < FEW_ROLLOUTS:
+        headline += f" (from {n} rollout{'s' if n != 1 else ''} only: see findings)"
     if summary.get("fidelity") == "sampled" and status != "unknown":
         headline += " (heuristic: sampled tier)"
     elif (summary.get("estimators") or {}).get("sampler_matches_view") is False and status != "unknown":

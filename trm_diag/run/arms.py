@@ -123,19 +123,20 @@ def plan_arms(
     arms: list[str], presets: list[str], rollout: BackendSpec, train: BackendSpec, cuda: bool, model: str
 ) -> list[Arm]:
     """The arms of a sweep, in run order: explicit specs first (``model`` filled in), then presets; a spec
-    already planned is dropped; arms that switch process-wide modes (batch-invariant) go last."""
+    already planned as an explicit arm or in the same preset is dropped (one planned by another preset is kept:
+    the verdict reads each side's preset whole); arms that switch process-wide modes (batch-invariant) go last."""
     from trm_diag.backends import parse_spec
 
     plan: list[Arm] = []
-    seen: dict[str, str] = {}
+    seen: dict[str, set[str]] = {}  # spec key -> the presets that planned it ("" for an explicit --arm)
 
-    def add(name: str, spec: BackendSpec, changed: str, against: BackendSpec | None = None) -> None:
+    def add(name: str, spec: BackendSpec, changed: str, against: BackendSpec | None = None, preset: str = "") -> None:
         key = f"{spec.name}:{sorted(spec.options.items())}:{against and against.describe()}"
-        if key in seen:
+        if seen.get(key, set()) & {"", preset}:
             return
         if any(a.name == name for a in plan):
             raise UsageError(f"two arms are named '{name}'", "give the arms specs that differ")
-        seen[key] = name
+        seen.setdefault(key, set()).add(preset)
         plan.append(Arm(name, spec, changed, skip_reason(spec, cuda), against))
 
     for text in arms:
@@ -155,7 +156,7 @@ def plan_arms(
             spec = _with(base, knob.options, drop=BATCH_KEYS if self_ref is not None else ())
             if self_ref is None and knob.options and spec.describe() == base.describe():
                 continue  # the base already has this setting: the baseline arm covers it
-            add(f"{preset}-{knob.slug}", spec, knob.what, against)
+            add(f"{preset}-{knob.slug}", spec, knob.what, against, preset)
     if not plan:
         raise UsageError(
             "the sweep has no arms", "pass --arm SPEC (repeatable) or --arms engine,trainer (batch: an hf --train)"

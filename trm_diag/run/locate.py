@@ -215,6 +215,9 @@ def token_verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
         out["component"] = comp
         if enters == 0:
             words = f"enters at layer 0, {comp} (error {layer_err[0]:.2g}: the sides differ from the first layer on)"
+        elif max(layer_err[:enters]) < FLOOR:  # the growth is against FLOOR, not against a measured error
+            agree = "bit-equal" if max(layer_err[:enters]) == 0 else f"below {FLOOR:g}, float32 rounding"
+            words = f"enters at layer {enters}, {comp} (error {layer_err[enters]:.2g}; the layers before are {agree})"
         else:
             words = (
                 f"enters at layer {enters}, {comp} (error {layer_err[enters]:.2g}, {g[enters]:.3g}x the layer before)"

@@ -256,6 +256,13 @@ def shard_coverage(shards: list[tuple[str, dict[str, Any]]], partial: bool = Fal
         return {"split": None, "shards": [], "missing": [], "complete": None, "partial": partial}
     plain = next((path for path, pair in split if pair is None), None)
     first, (i0, n) = sharded[0]
+    made = next((s.get("merged_from") for path, s in shards if path == plain), None)
+    if plain is not None and isinstance(made, list):  # a merged report has no --shard of its own
+        was = ", ".join(str(m.get("report")) for m in made if isinstance(m, dict))
+        raise UsageError(
+            f"'{plain}' is a merged report (of {was}), not a shard of the split '{first}' belongs to",
+            "merge the shard reports it was made from together with the others",
+        )
     if plain is not None:
         raise UsageError(
             f"'{plain}' was run without --shard, while '{first}' is shard {i0}/{n}",
@@ -330,7 +337,15 @@ def run_merge(
     from trm_diag.report.id_tokenizer import IdTokenizer
 
     model = first["train"].get("model")  # None: a report of recorded log-probs, made without a model
-    tokenizer = load_tokenizer(model) if model else IdTokenizer()
+    try:
+        tokenizer = load_tokenizer(model) if model else IdTokenizer()
+    except (OSError, ValueError) as e:  # a moved model, or a relative path read from another folder
+        where = "" if Path(model).is_absolute() else "; a relative path is read from the folder merge runs in"
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise InputError(
+            f"cannot load the tokenizer of the shards' model '{model}' ({reason}){where}",
+            "run merge where the model path the shards record resolves (for a relative one: the folder compare ran in)",
+        ) from None
     routing_info = first.get("routing") or {}
     moe = (routing_info["num_experts"], routing_info["experts_per_token"]) if "num_experts" in routing_info else None
     header = {

@@ -33,6 +33,8 @@ from trm_diag.report.outputs import (
     SWEEP_TABLE,
     check_out_dir,
     claim_out_dir,
+    clear_owned,
+    owned_paths,
 )
 from trm_diag.report.partial import PartialStore, run_fingerprint
 from trm_diag.report.row_file import RowReader, RowWriter, bytes_needed
@@ -47,6 +49,7 @@ from trm_diag.run.pipeline import (
     CompareResult,
     Engines,
     Reporter,
+    check_out_outside_models,
     check_tokenizers,
     check_vocab_compatible,
     encode_prompts,
@@ -149,7 +152,9 @@ class _Sweep:
         for spec in sides:
             check_checkpoint(spec.model, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
             check_vocab_compatible(cfg.rollout, spec)
+        check_out_outside_models(cfg.out, [spec.model for spec in sides])
         self.out = check_out_dir(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume, inputs=[cfg.prompts])
+        self._check_arm_folders()
         # the rollouts depend on neither the arms nor the reference: a sweep resumes with others (_check_reference)
         settings = {
             k: v
@@ -159,6 +164,23 @@ class _Sweep:
         self.fingerprint = run_fingerprint(settings, [cfg.prompts])
         if cfg.resume:
             PartialStore.check_resumable(self.out, self.fingerprint, 1)
+
+    def _check_arm_folders(self) -> None:
+        """An arm writes OUT/<arm>/: a folder of that name that is not a sweep's own arm folder (a user's) is
+        refused, so that nothing in it is replaced; hf sides' device and seed are checked before any work."""
+        from trm_diag.backends.hf import check_spec
+
+        for spec in (self.cfg.rollout, self.cfg.reference, *(a.spec for a in self.plan if not a.skip)):
+            if spec is not None and spec.name == "hf":
+                check_spec(spec)
+        owned = set(owned_paths(self.out))
+        for arm in self.plan:
+            folder = self.out / arm.name
+            if not arm.skip and folder.exists() and folder not in owned:
+                raise UsageError(
+                    f"'{folder}' exists and is not an arm folder of a sweep: the arm {arm.name} would write its report "
+                    "there", "move that folder away, or choose another --out folder",
+                )  # fmt: skip
 
     # ------------------------------------------------------------------ the run
     def run(self) -> CompareResult:
@@ -347,8 +369,7 @@ class _Sweep:
                 return done
             except InputError:
                 pass  # its report is gone or damaged: run the arm again
-        if folder.exists():
-            shutil.rmtree(folder)  # an arm this sweep started and did not finish
+        _clear_arm_folder(folder)  # an arm this sweep started and did not finish
         t = time.perf_counter()
         try:
             with self.rep.phase(f"load {arm.name}"[:24], 1) as advance:
@@ -363,7 +384,7 @@ class _Sweep:
             problem = e.problem if isinstance(e, BackendFailure) else first_line(e)
             self.rep.warn(f"arm {arm.name} failed while scoring: {problem}")
             backend.close()
-            shutil.rmtree(folder, ignore_errors=True)
+            _clear_arm_folder(folder)
             return {**row, "status": "failed", "reason": problem}
 
     def _run_arm(
@@ -390,7 +411,7 @@ class _Sweep:
         own = self._against(arm, backend)  # the trainer against itself: the base spec's own scoring pass
         n = len(rollouts)
         chunks = [(a, min(n, a + SCORE_CHUNK)) for a in range(0, n, SCORE_CHUNK)]
-        folder.mkdir(parents=True)
+        folder.mkdir(parents=True, exist_ok=True)
         store = PartialStore(folder, self.fingerprint, len(chunks), resume=False, overwrite=True, command="sweep-arm")
         with self.rep.phase(f"score {arm.name}"[:24], n, "rollouts") as advance:
             for ci, (a, b) in enumerate(chunks):
@@ -509,6 +530,20 @@ class _Sweep:
         atomic_write(self.out / "summary.json", lambda tmp: Path(tmp).write_text(to_json(summary) + "\n"))
         self.store.clear()
         return CompareResult(self.out, summary)
+
+
+def _clear_arm_folder(folder: Path) -> None:
+    """Remove what trm-diag owns in an arm's folder (a partial or failed report) and the folder once empty; a file
+    someone else put there stays."""
+    if not folder.is_dir():
+        return
+    clear_owned(folder)
+    for tmp in folder.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:  # it holds files trm-diag does not own
+        pass
 
 
 def _short(spec: BackendSpec) -> str:

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from trm_diag.cli.console import err_console, out_console
+from trm_diag.cli.console import RichReporter, err_console, out_console
 from trm_diag.errors import UsageError
 
 SHOW_FORMATS = ("text", "json", "markdown")
@@ -61,6 +61,11 @@ def show(
             render_sweep(out_console, swept)
         return
     path, summary = complete_report(report, tables=False)  # tables are read (and checked) only when shown
+    from trm_diag.report.gate import partial_coverage
+
+    part = partial_coverage(summary)
+    if part:  # on stderr in every format: a partial report must not read as the whole run
+        RichReporter(quiet=True).warn(f"'{report}' {part}: its numbers cover those prompts only")
     if "verdict" not in summary:  # reports written before verdicts existed
         summary["verdict"] = verdict(summary)
     if write_html:
@@ -74,8 +79,8 @@ def show(
     more = top > WORST_K and len(saved) == WORST_K  # beyond what summary.json keeps: read sequences.parquet
     if more:
         check_tables(path, summary)
-    if fmt == "json":
-        print(to_json(summary))
+    if fmt == "json":  # --top beyond summary.json's worst sequences: the rest from the table, as text shows them
+        print(to_json({**summary, "worst_rows": worst_rows(path, summary, top)} if more else summary))
     elif fmt == "markdown":
         print(to_markdown(summary, worst_rows(path, summary, top) if more else None))
     else:

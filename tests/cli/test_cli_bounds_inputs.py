@@ -1,0 +1,26 @@
+"""`trm-diag bounds` on hostile inputs: an output path that is one of the report's own files."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import main_exit, run_cli
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, dense_model):
+    out = tmp_path_factory.mktemp("bounds-inputs") / "r"
+    assert main_exit(["compare", "--model", str(dense_model), "--rollout", "hf:dtype=bfloat16", "--num-prompts", "2",
+                      "--max-new-tokens", "6", "--out", str(out), "-q"]) == 0  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("name", ["summary.json", "bounds.parquet", "tokens.parquet"])
+def test_plot_onto_a_file_of_the_report_is_refused_and_the_file_kept(report, name, capsys):
+    """`bounds --report` never changes the report (README): --plot naming one of its files would overwrite it."""
+    before = (report / name).read_bytes()
+    code, _, err = run_cli(
+        ["bounds", "--report", str(report), "--horizons", "64", "--plot", str(report / name)], capsys
+    )
+    assert code == 2 and "is also an input" in err and "Traceback" not in err
+    assert (report / name).read_bytes() == before
