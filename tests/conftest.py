@@ -80,3 +80,15 @@ def mixtral_model(tmp_path_factory, dense_model) -> Path:
     model.save_pretrained(path, safe_serialization=True)
     AutoTokenizer.from_pretrained(dense_model).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def small_report(tmp_path_factory, dense_model) -> Path:
+    """A small exact-tier compare report (hf bf16 vs fp32, 4 prompts x 2 samples x 6 tokens: 8 rollouts) for
+    tests that only read a report; a test that changes one works on a copy."""
+    from tests.helpers import main_exit
+
+    out = tmp_path_factory.mktemp("small-report") / "r"
+    assert main_exit(["compare", "--model", str(dense_model), "--rollout", "hf:dtype=bfloat16", "--num-prompts", "4",
+                      "--samples", "2", "--max-new-tokens", "6", "--out", str(out), "-q"]) == 0  # fmt: skip
+    return out

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import main_exit, run_cli
+from tests.helpers import run_cli
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory, dense_model):
-    out = tmp_path_factory.mktemp("bounds-inputs") / "r"
-    assert main_exit(["compare", "--model", str(dense_model), "--rollout", "hf:dtype=bfloat16", "--num-prompts", "2",
-                      "--max-new-tokens", "6", "--out", str(out), "-q"]) == 0  # fmt: skip
-    return out
+def report(small_report):
+    return small_report
 
 
 @pytest.mark.parametrize("name", ["summary.json", "bounds.parquet", "tokens.parquet"])

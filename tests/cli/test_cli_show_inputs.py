@@ -7,15 +7,12 @@ import json
 import pandas as pd
 import pytest
 
-from tests.helpers import main_exit, run_cli
+from tests.helpers import run_cli
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory, dense_model):
-    out = tmp_path_factory.mktemp("show-inputs") / "r"
-    assert main_exit(["compare", "--model", str(dense_model), "--rollout", "hf:dtype=bfloat16", "--num-prompts", "4",
-                      "--samples", "2", "--max-new-tokens", "6", "--out", str(out), "-q"]) == 0  # fmt: skip
-    return out
+def report(small_report):
+    return small_report
 
 
 def test_top_beyond_the_summary_lists_as_many_sequences_in_json_as_in_text(report, capsys):
