@@ -57,3 +57,18 @@ def test_headline_reads_an_arm_report():
     h = headline(summary)
     assert h["b_star_T"] == 0.1 and h["b_star_4096"] == 3.0 and math.isclose(h["abs_log_ratio_rms"], 0.02)
     assert math.isnan(headline({})["token_kl_mean"])
+
+
+def test_verdict_with_trainer_arms_only_when_the_rollout_side_carries_the_gap():
+    """No trainer knob can lower the rollout side's own error: the verdict asks for engine arms instead of crediting
+    a trainer arm whose own error is float64 noise."""
+    rows = table_rows(
+        ROLL, [_arm("trainer-baseline", 2.7e-13, 0.01, 1.0), _arm("trainer-attn-eager", 1.7e-13, 0.01, 1.0)]
+    )
+    lines = verdict(rows, "hf:dtype=float64")
+    assert lines[0].startswith("the rollout side carries the gap, and no arm changes the rollout spec")
+    assert not any("largest reduction" in line for line in lines)
+    explicit = table_rows(
+        ROLL, [_arm("trainer-baseline", 1e-12, 0.01, 1.0), _arm("hf-dtype-float32", 1e-12, 0.01, 1.0)]
+    )
+    assert verdict(explicit, "hf:dtype=float64")[0].startswith("the largest reduction comes from dtype-float32")

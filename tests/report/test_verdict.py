@@ -101,6 +101,9 @@ def test_bitwise_line_certifies_or_names_the_first_differing_token():
     v = verdict({**summary(), "certification": _cert(0, 2, {"seq_id": 0, "pos": 4})})
     assert not v["bitwise"].startswith("BITWISE") and "sequence 0, position 4" in v["bitwise"]
     assert verdict(summary())["bitwise"] is None  # a report written before certification
+    damaged = {**_cert(), "n_tokens_differing": None}  # a damaged summary.json: never "differs on 0 tokens"
+    line = verdict({**summary(), "certification": damaged})["bitwise"]
+    assert line.startswith("not certified") and "differs on 0" not in line
 
 
 def test_not_comparable_replaces_the_drift_verdict():

@@ -156,9 +156,15 @@ def _verdict(roll: dict[str, Any], arms: list[dict[str, Any]], reference: str | 
             f"{max(share, 1 - share):.0%} of it"
         )
     # the side that carries the gap: its preset's arms, measured against that side's own error
-    group, base, who = (_group(arms, "engine-"), roll, "the rollout side") if engine_side else (
-        _group(arms, "trainer-"), gap, gap["arm"])  # fmt: skip
-    group = group or arms
+    if engine_side:  # a trainer knob cannot lower the rollout side's error: the engine preset's or explicit arms
+        group = _group(arms, "engine-") or [r for r in arms if not r["arm"].startswith("trainer-")]
+        base, who = roll, "the rollout side"
+        if not group:
+            lines.insert(0, "the rollout side carries the gap, and no arm changes the rollout spec: add --arms engine "
+                         "(or --arm SPEC) to find the setting that lowers it")  # fmt: skip
+            return lines
+    else:
+        group, base, who = _group(arms, "trainer-") or arms, gap, gap["arm"]
     best = min(group, key=lambda r: r["ref_kl_mean"])
     own, was = best["ref_kl_mean"], base["ref_kl_mean"]
     if own < was:

@@ -252,6 +252,8 @@ def bitwise_line(summary: dict[str, Any]) -> str | None:
         return None
     n = c["n_tokens"]
     rows = c.get("n_rows_differing")
+    if not isinstance(c.get("n_tokens_differing"), int) or isinstance(c.get("n_tokens_differing"), bool):
+        return f"not certified: the certification's token count is missing or damaged (on {n:,} tokens)"
     if bitwise_equal(c):
         also = " (their full rows too)" if rows == 0 else ""
         return f"BITWISE EQUAL on {n:,} tokens{also}"
