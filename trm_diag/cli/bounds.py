@@ -106,7 +106,7 @@ def run_bounds(
         if not rows:
             raise UsageError("--plot has no bounds to draw (--budget alone gives the inverse view only)",
                              "add --delta and/or --eps, or drop --plot")  # fmt: skip
-        inputs = [f for f in Path(report).iterdir()] if report is not None else []  # the report never overwritten
+        inputs = list(Path(report).iterdir()) if report is not None else []  # the report is never overwritten
         check_output_file(plot, "--plot", inputs=inputs)
     if write and not rows:
         raise UsageError(f"--write: the report '{report}' has no delta or eps, so no bound to add", "drop --write")

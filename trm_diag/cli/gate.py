@@ -60,9 +60,9 @@ def run_gate(
         from trm_diag.report.comparable import require_gateable
 
         require_gateable(rep.summary, report, bitwise)
-        part = partial_coverage(rep.summary)
+        part = partial_coverage(rep.summary, f"'{report}'")
         if part:  # the exit code stands; the numbers are those of the shards' prompts alone
-            warn(f"'{report}' {part}: its numbers cover those prompts only")
+            warn(part)
     if output:  # checked before any work: a passing gate must not fail on its output path
         inputs = [f for d in (report, baseline) if d for f in Path(d).iterdir()] + ([config] if config else [])
         check_output_file(output, "--output", inputs=inputs)
@@ -89,9 +89,9 @@ def run_gate(
     if base is not None:
         names = (f"baseline {baseline}", str(report))
         require_comparable(base.summary, rep.summary, names, strict, warn, "relative rules compare unlike things")
-        part = partial_coverage(base.summary)
+        part = partial_coverage(base.summary, f"baseline '{baseline}'")
         if part:
-            warn(f"baseline '{baseline}' {part}: its numbers cover those prompts only")
+            warn(part)
     results = evaluate(parsed, rep, base)
     text = {
         "json": lambda: to_json(results, report, baseline),

@@ -299,14 +299,19 @@ def bitwise_rules(summary: dict) -> list[str]:
     return rules + (["certify.n_rows_differing == 0"] if summary.get("fidelity") == "exact" else [])
 
 
-def partial_coverage(summary: dict) -> str | None:
-    """How a report covers only part of its run's prompts, in words (one shard, or a --partial merge), else None."""
+def partial_coverage(summary: dict, name: str) -> str | None:
+    """The warning for a report (called ``name``) that covers only part of its run's prompts (one shard, or a
+    --partial merge), else None."""
     cov = summary.get("coverage")
+    shard = summary.get("shard")
     if isinstance(cov, dict) and cov.get("complete") is False:
         missing = ", ".join(str(m) for m in cov.get("missing") or ())
-        return f"merges {len(cov.get('shards') or ())} of {cov.get('split')} shards (missing {missing}, --partial)"
-    shard = summary.get("shard")
-    return f"is shard {shard} of a --shard split" if shard else None
+        what = f"merges {len(cov.get('shards') or ())} of {cov.get('split')} shards (missing {missing}, --partial)"
+    elif shard:
+        what = f"is shard {shard} of a --shard split"
+    else:
+        return None
+    return f"{name} {what}: its numbers cover those prompts only"
 
 
 def comparability(a: dict, b: dict) -> list[str]:

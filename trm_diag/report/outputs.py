@@ -170,10 +170,19 @@ def clear_owned(folder: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def check_out_dir(out: str | Path, *, overwrite: bool, resume: bool = False, inputs: Iterable[str | Path] = ()) -> Path:
+def check_out_dir(
+    out: str | Path,
+    *,
+    overwrite: bool,
+    resume: bool = False,
+    inputs: Iterable[str | Path] = (),
+    models: Iterable[str | Path | None] = (),
+) -> Path:
     """Check a report folder before any work, without touching it: returns its path.
 
-    Refuses a file, a path below a file, an unwritable place, a folder used by a live run, an
+    Refuses a file, a path below a file, an unwritable place, a folder that is or lies inside one of the run's
+    model folders (the report would land among the checkpoint's files and change its fingerprint), a folder
+    used by a live run, an
     input among what --overwrite would clear there (owned_paths), a finished report or sweep (without
     --overwrite, or with --resume) and --resume where there is nothing to resume. --resume wins over
     --overwrite: "the same command with --resume" finishes an interrupted run even when that command
@@ -189,6 +198,12 @@ def check_out_dir(out: str | Path, *, overwrite: bool, resume: bool = False, inp
         raise UsageError(f"--out '{out}' {what}", "pass --out with a folder name")
     if _exists(ancestor) and not os.access(ancestor, os.W_OK | os.X_OK):
         raise UsageError(f"--out '{out}': '{ancestor}' is not writable", "choose a writable location")
+    for model in models:
+        if model and Path(model).is_dir() and p.resolve().is_relative_to(Path(model).resolve()):
+            raise UsageError(
+                f"--out '{out}' lies in the model folder '{model}', an input of this run",
+                "choose an --out folder outside the checkpoint",
+            )
     owned = owned_paths(p) if p.is_dir() else []
     for src in inputs:
         if _exists(Path(src)) and any(_within(path, Path(src)) for path in owned):

@@ -243,20 +243,8 @@ def check_compare_inputs(cfg: CompareConfig, roll_spec: BackendSpec, train_spec:
 
         check_rollouts_path(cfg.save_rollouts)
         check_output_file(cfg.save_rollouts, "--save-rollouts", inputs=[cfg.prompts])
-    check_out_outside_models(cfg.out, [roll_spec.model, train_spec.model])
-    return check_out_dir(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume, inputs=[cfg.prompts])
-
-
-def check_out_outside_models(out: str, models: list[str | None]) -> None:
-    """--out may not be a checkpoint folder or lie inside one: the report would land among the model's files (and
-    its summary.json would change the model's fingerprint)."""
-    target = Path(out).resolve()
-    for model in models:
-        if model and Path(model).is_dir() and target.is_relative_to(Path(model).resolve()):
-            raise UsageError(
-                f"--out '{out}' lies in the model folder '{model}', an input of this run",
-                "choose an --out folder outside the checkpoint",
-            )
+    models = [roll_spec.model, train_spec.model]
+    return check_out_dir(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume, inputs=[cfg.prompts], models=models)
 
 
 def _compare(cfg: CompareConfig, rep: Reporter, engines: Engines, run: ExitStack) -> CompareResult:

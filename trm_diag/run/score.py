@@ -42,7 +42,6 @@ from trm_diag.run.pipeline import (
     CompareResult,
     Engines,
     Reporter,
-    check_out_outside_models,
     score_rollouts,
     side_info,
     write_report,
@@ -269,8 +268,8 @@ def _score(cfg: ScoreConfig, rep: Reporter, engines: Engines, run: ExitStack) ->
     if not recorded:
         model = cfg.model or str(DEFAULT_MODEL)
         check_checkpoint(model, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
-        check_out_outside_models(cfg.out, [model])
-    out_dir = check_out_dir(cfg.out, overwrite=cfg.overwrite, inputs=matches(src))
+    models = [cfg.model] if recorded else [model]  # the report never lands among a checkpoint's files
+    out_dir = check_out_dir(cfg.out, overwrite=cfg.overwrite, inputs=matches(src), models=models)
     side = _recorded_side(cfg) if recorded else _backend_side(cfg, engines, rep, timings)
     read = {"eos_ids": side.eos, "strip_after_eos": cfg.strip_after_eos}
     data = scan_rollouts(  # every row checked

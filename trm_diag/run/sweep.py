@@ -49,7 +49,6 @@ from trm_diag.run.pipeline import (
     CompareResult,
     Engines,
     Reporter,
-    check_out_outside_models,
     check_tokenizers,
     check_vocab_compatible,
     encode_prompts,
@@ -152,8 +151,8 @@ class _Sweep:
         for spec in sides:
             check_checkpoint(spec.model, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
             check_vocab_compatible(cfg.rollout, spec)
-        check_out_outside_models(cfg.out, [spec.model for spec in sides])
-        self.out = check_out_dir(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume, inputs=[cfg.prompts])
+        self.out = check_out_dir(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume, inputs=[cfg.prompts],
+                                 models=[spec.model for spec in sides])  # fmt: skip
         self._check_arm_folders()
         # the rollouts depend on neither the arms nor the reference: a sweep resumes with others (_check_reference)
         settings = {

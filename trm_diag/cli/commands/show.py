@@ -63,9 +63,9 @@ def show(
     path, summary = complete_report(report, tables=False)  # tables are read (and checked) only when shown
     from trm_diag.report.gate import partial_coverage
 
-    part = partial_coverage(summary)
+    part = partial_coverage(summary, f"'{report}'")
     if part:  # on stderr in every format: a partial report must not read as the whole run
-        RichReporter(quiet=True).warn(f"'{report}' {part}: its numbers cover those prompts only")
+        RichReporter(quiet=True).warn(part)
     if "verdict" not in summary:  # reports written before verdicts existed
         summary["verdict"] = verdict(summary)
     if write_html:
